@@ -1,0 +1,39 @@
+# Quickstart: `make bench` (parity check + benchmark table) and `make test`.
+# Each target installs only what is missing. An importable torch is never
+# replaced (a GPU machine's CUDA build must stay); without one we install the
+# CPU wheel torch==2.13.0.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+BUILT := build/.fused_bn_built
+NVCC ?= $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+
+.PHONY: deps test-deps bench-deps build test bench cuda-check clean
+
+deps:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	@$(PYTHON) -c "import ninja" 2>/dev/null || $(PIP) install ninja || true
+
+test-deps: deps
+	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install pytest hypothesis
+
+bench-deps: deps
+	@$(PYTHON) -c "import matplotlib, tqdm" 2>/dev/null || $(PIP) install matplotlib tqdm
+
+$(BUILT): $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	@mkdir -p build && touch $@
+
+# Rebuild when a source changed or when the installed extension does not import.
+build: deps
+	@$(PYTHON) -c "import fused_bn" 2>/dev/null || rm -f $(BUILT)
+	@$(MAKE) --no-print-directory $(BUILT)
+
+test: test-deps build
+	$(PYTHON) -m pytest -q tests
+
+bench: bench-deps build
+	$(PYTHON) -m bench.run
+
+clean:
+	rm -rf build fused_bn/*.so *.egg-info

@@ -1,0 +1,111 @@
+// Argument checks and layout rules shared by the CPU and CUDA glue, so both
+// devices reject bad input with nn.BatchNorm2d's messages and pick the same
+// output layout. All checks run before any state is touched.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <initializer_list>
+#include <utility>
+
+namespace fused_bn {
+
+inline bool is_reduced_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16;
+}
+
+// float32 for float32/float16/bfloat16 input, float64 for float64 input: the
+// dtype of the saved statistics and of every accumulation.
+inline at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// nn.BatchNorm2d keeps the input's memory format (channels_last in,
+// channels_last out); anything else comes out contiguous.
+inline at::MemoryFormat batch_norm_memory_format(const at::Tensor& input) {
+  if (input.dim() == 4 && input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+inline void check_channel_tensor(const c10::optional<at::Tensor>& t, const char* name,
+                                 const at::Tensor& input) {
+  if (!t.has_value() || !t->defined()) return;
+  const int64_t channels = input.size(1);
+  TORCH_CHECK(t->numel() == channels, name, " should contain ", channels, " elements not ",
+              t->numel());
+  TORCH_CHECK(t->device() == input.device(), "Expected all tensors to be on the same device, but ",
+              name, " is on ", t->device(), " and input is on ", input.device());
+}
+
+// Same rule and messages as PyTorch's batch norm: parameters and running
+// statistics share the input's dtype, except that float16/bfloat16 input may
+// come with float32 parameters (the AMP case).
+inline void check_parameter_dtypes(const at::Tensor& input,
+                                   std::initializer_list<const c10::optional<at::Tensor>*> params) {
+  const char* device = input.is_cuda() ? "CUDA" : "CPU";
+  const at::Tensor* first = nullptr;
+  for (auto* p : params) {
+    if (p->has_value() && (*p)->defined()) {
+      first = &**p;
+      break;
+    }
+  }
+  if (first == nullptr) return;
+  const bool mixed = is_reduced_float(input.scalar_type()) && first->scalar_type() == at::kFloat;
+  for (auto* p : params) {
+    if (!p->has_value() || !(*p)->defined()) continue;
+    const at::ScalarType t = (*p)->scalar_type();
+    if (mixed || t != input.scalar_type()) {
+      const bool share_message = !mixed && input.scalar_type() == at::kDouble && t == at::kFloat;
+      TORCH_CHECK(mixed ? t == at::kFloat : false, "mixed dtype (", device, "): ",
+                  share_message ? "all inputs must share same datatype."
+                                : "expect parameter to have scalar type of Float");
+    }
+  }
+}
+
+inline void check_input_tensor(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() >= 2, "batch_norm: expected input with at least 2 dimensions (got ",
+              input.dim(), "D input)");
+}
+
+inline void check_forward_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias,
+                               const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var) {
+  check_input_tensor(input);
+  check_channel_tensor(weight, "weight", input);
+  check_channel_tensor(bias, "bias", input);
+  check_channel_tensor(running_mean, "running_mean", input);
+  check_channel_tensor(running_var, "running_var", input);
+  check_parameter_dtypes(input, {&weight, &bias, &running_mean, &running_var});
+}
+
+inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                const at::Tensor& invstd) {
+  check_input_tensor(input);
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "batch_norm_backward: grad_output of shape ",
+              grad_output.sizes(), " does not match input of shape ", input.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
+              "batch_norm_backward: grad_output dtype ", grad_output.scalar_type(),
+              " does not match input dtype ", input.scalar_type());
+  check_channel_tensor(weight, "weight", input);
+  check_channel_tensor(mean, "mean", input);
+  check_channel_tensor(invstd, "invstd", input);
+  check_parameter_dtypes(input, {&weight});
+}
+
+// The momentum actually applied to the running statistics: nn.BatchNorm2d's
+// cumulative average (1/num_batches_tracked, after the increment) when
+// momentum is None. `batches_tracked` is the counter's value after increment.
+inline double running_average_factor(c10::optional<double> momentum, int64_t batches_tracked) {
+  if (momentum.has_value()) return *momentum;
+  return batches_tracked > 0 ? 1.0 / static_cast<double>(batches_tracked) : 0.0;
+}
+
+}  // namespace fused_bn

@@ -1,0 +1,39 @@
+// Operator schemas for every fused_bn op. Device kernels register elsewhere
+// (csrc/cpu/, csrc/cuda/) with TORCH_LIBRARY_IMPL; fake kernels and autograd
+// are registered from Python (fused_bn/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fused_bn._C loads this shared object, which runs the static
+// registrations below; the module itself exposes nothing.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fused_bn, m) {
+  // Training forward: batch statistics, normalize + affine, and (when given)
+  // the running-statistics update and num_batches_tracked increment, all in one
+  // op. momentum=None means the cumulative average 1/num_batches_tracked.
+  // Returns (output, save_mean, save_invstd); the saved statistics are float32
+  // (float64 for float64 input) and feed batch_norm_backward.
+  m.def(
+      "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Inference forward with the running statistics: one pass over memory.
+  m.def(
+      "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor running_mean, Tensor running_var, float eps) -> Tensor");
+  // Backward of either forward. `mean`/`invstd` are the saved batch statistics
+  // (training=True) or the running mean and 1/sqrt(running_var + eps)
+  // (training=False). An output whose mask entry is false comes back as an
+  // empty tensor of shape [0].
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
+      "Tensor mean, Tensor invstd, bool training, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+}
