@@ -31,13 +31,13 @@ def want_cuda():
 
 def extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"] + cpu_isa_flags()
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"] + cpu_isa_flags()
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         return CUDAExtension(
             "fused_bn._C", sources,
             extra_compile_args={"cxx": cxx_flags + ["-DFUSED_BN_WITH_CUDA"],
-                                "nvcc": ["-O3", "-lineinfo", "-std=c++17", "-DFUSED_BN_WITH_CUDA"]},
+                                "nvcc": ["-O3", "-lineinfo", "-DFUSED_BN_WITH_CUDA"]},
             extra_link_args=["-fopenmp"])
     return CppExtension("fused_bn._C", sources, extra_compile_args={"cxx": cxx_flags},
                         extra_link_args=["-fopenmp"])

@@ -64,20 +64,38 @@ def _grads_for_inputs(mask, grads, bias_dtype, n_inputs):
     return (grad_input, grad_weight, grad_bias) + (None,) * (n_inputs - 3)
 
 
-def _train_setup_context(ctx, inputs, output):
-    input, weight, bias = inputs[:3]
-    _, save_mean, save_invstd = output
-    ctx.mask = _grad_mask(ctx, weight, bias)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(input, weight, save_mean, save_invstd)
+class _BatchNormTrain(torch.autograd.Function):
+    """Autograd for batch_norm_train.
+
+    torch.library.register_autograd accepts only functional ops, and this op
+    mutates the running statistics and the counter (buffers, never differentiated).
+    So it gets an Autograd-key kernel of its own, built the way register_autograd
+    builds one: run the op below autograd, save what the backward op needs.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                momentum, eps):
+        with torch._C._AutoDispatchBelowAutograd():
+            output, save_mean, save_invstd = ops.batch_norm_train(
+                input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+        ctx.mask = _grad_mask(ctx, weight, bias)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(input, weight, save_mean, save_invstd)
+        ctx.mark_non_differentiable(save_mean, save_invstd)
+        return output, save_mean, save_invstd
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        if grad_output is None or not any(ctx.mask):
+            return (None,) * 8
+        grads = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, True, ctx.mask)
+        return _grads_for_inputs(ctx.mask, grads, ctx.bias_dtype, 8)
 
 
-def _train_backward(ctx, grad_output, _grad_mean, _grad_invstd):
-    input, weight, mean, invstd = ctx.saved_tensors
-    if grad_output is None or not any(ctx.mask):
-        return (None,) * 8
-    grads = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, True, ctx.mask)
-    return _grads_for_inputs(ctx.mask, grads, ctx.bias_dtype, 8)
+_autograd_lib = torch.library.Library("fused_bn", "IMPL")
+_autograd_lib.impl("batch_norm_train", _BatchNormTrain.apply, "Autograd")
 
 
 def _eval_setup_context(ctx, inputs, output):
@@ -99,7 +117,5 @@ def _eval_backward(ctx, grad_output):
     return _grads_for_inputs(ctx.mask, grads, ctx.bias_dtype, 6)
 
 
-torch.library.register_autograd(
-    "fused_bn::batch_norm_train", _train_backward, setup_context=_train_setup_context)
 torch.library.register_autograd(
     "fused_bn::batch_norm_eval", _eval_backward, setup_context=_eval_setup_context)

@@ -1,0 +1,190 @@
+// Torch glue for the CPU kernels: argument checks, layout and dtype dispatch,
+// allocation, and registration for the CPU dispatch key. The arithmetic lives
+// in batch_norm_kernels.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../batch_norm_checks.h"
+#include "batch_norm_kernels.h"
+
+namespace fused_bn {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+// The input in a layout the kernels handle natively (one copy otherwise) and
+// its geometry.
+struct PreparedInput {
+  Tensor tensor;
+  cpu::Geometry geometry;
+  at::MemoryFormat format;
+};
+
+PreparedInput prepare(const Tensor& input) {
+  const at::MemoryFormat format = batch_norm_memory_format(input);
+  Tensor x = input.contiguous(format);
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
+  return {x, {x.size(0), x.size(1), spatial, format == at::MemoryFormat::ChannelsLast}, format};
+}
+
+// Per-channel tensors are read through raw pointers: make them dense first
+// (a no-op for the usual contiguous parameters).
+Tensor dense_or_undefined(const optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+}
+
+template <typename T>
+const T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// Running statistics are updated in place, so they cannot go through a copy.
+void check_updatable(const optional<Tensor>& t, const char* name) {
+  TORCH_CHECK(!t.has_value() || !t->defined() || t->is_contiguous(), "batch_norm: ", name,
+              " must be contiguous to be updated in place");
+}
+
+template <typename T>
+T* mutable_data_or_null(const optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->mutable_data_ptr<T>() : nullptr;
+}
+
+// Parameters come in the input's dtype, or float32 for float16/bfloat16 input.
+bool has_float_params(const Tensor& input, std::initializer_list<const optional<Tensor>*> params) {
+  if (!is_reduced_float(input.scalar_type())) return false;
+  for (auto* p : params) {
+    if (p->has_value() && (*p)->defined()) return (*p)->scalar_type() == at::kFloat;
+  }
+  return false;
+}
+
+// Calls f.template operator()<scalar_t, param_t>() for the input's dtype.
+template <typename F>
+void dispatch_input_and_params(const Tensor& input, bool float_params, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      if (float_params) {
+        f.template operator()<scalar_t, float>();
+        return;
+      }
+    }
+    f.template operator()<scalar_t, scalar_t>();
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps) {
+  check_forward_args(input, weight, bias, running_mean, running_var);
+  check_updatable(running_mean, "running_mean");
+  check_updatable(running_var, "running_var");
+  const bool float_params = has_float_params(input, {&weight, &bias, &running_mean, &running_var});
+  PreparedInput in = prepare(input);
+  const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
+  Tensor output = at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format));
+  const auto stats_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
+  Tensor save_mean = at::empty({in.geometry.C}, stats_options);
+  Tensor save_invstd = at::empty({in.geometry.C}, stats_options);
+
+  // Every check has passed: from here on, state may change.
+  int64_t batches_tracked = 0;
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    num_batches_tracked->add_(1);
+    batches_tracked = num_batches_tracked->item<int64_t>();
+  }
+  const double factor = running_average_factor(momentum, batches_tracked);
+
+  dispatch_input_and_params(input, float_params, [&]<typename scalar_t, typename param_t>() {
+    using Acc = cpu::acc_t<scalar_t>;
+    cpu::ChannelTensors<param_t> t{data_or_null<param_t>(w), data_or_null<param_t>(b),
+                                   mutable_data_or_null<param_t>(running_mean),
+                                   mutable_data_or_null<param_t>(running_var)};
+    cpu::train_forward<scalar_t, param_t>(in.tensor.const_data_ptr<scalar_t>(),
+                                          output.mutable_data_ptr<scalar_t>(), in.geometry, t, factor,
+                                          eps, save_mean.mutable_data_ptr<Acc>(),
+                                          save_invstd.mutable_data_ptr<Acc>());
+  });
+  return {output, save_mean, save_invstd};
+}
+
+Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight,
+                           const optional<Tensor>& bias, const Tensor& running_mean,
+                           const Tensor& running_var, double eps) {
+  const optional<Tensor> mean_opt(running_mean), var_opt(running_var);
+  check_forward_args(input, weight, bias, mean_opt, var_opt);
+  const bool float_params = has_float_params(input, {&weight, &bias, &mean_opt, &var_opt});
+  PreparedInput in = prepare(input);
+  Tensor output = at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format));
+  const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
+  const Tensor mean = running_mean.contiguous(), var = running_var.contiguous();
+  dispatch_input_and_params(input, float_params, [&]<typename scalar_t, typename param_t>() {
+    cpu::ChannelTensors<param_t> t{data_or_null<param_t>(w), data_or_null<param_t>(b),
+                                   const_cast<param_t*>(mean.const_data_ptr<param_t>()),
+                                   const_cast<param_t*>(var.const_data_ptr<param_t>())};
+    cpu::eval_forward<scalar_t, param_t>(in.tensor.const_data_ptr<scalar_t>(),
+                                         output.mutable_data_ptr<scalar_t>(), in.geometry, t, eps);
+  });
+  return output;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
+  check_backward_args(grad_output, input, weight, mean, invstd);
+  const at::ScalarType acc_dtype = accumulate_dtype(input.scalar_type());
+  TORCH_CHECK(mean.scalar_type() == acc_dtype && invstd.scalar_type() == acc_dtype,
+              "batch_norm_backward: mean and invstd must be ", acc_dtype, " for ",
+              input.scalar_type(), " input");
+  const bool float_params = has_float_params(input, {&weight});
+  PreparedInput in = prepare(input);
+  const Tensor dy = grad_output.contiguous(in.format);
+  const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
+  const Tensor w = dense_or_undefined(weight);
+  const int64_t C = in.geometry.C;
+  const auto param_options =
+      input.options().dtype(weight.has_value() && weight->defined() ? weight->scalar_type() : acc_dtype);
+
+  Tensor grad_input = output_mask[0]
+                          ? at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format))
+                          : at::empty({0}, input.options());
+  Tensor grad_weight = at::empty({output_mask[1] ? C : 0}, param_options);
+  Tensor grad_bias = at::empty({output_mask[2] ? C : 0}, param_options);
+
+  dispatch_input_and_params(input, float_params, [&]<typename scalar_t, typename param_t>() {
+    using Acc = cpu::acc_t<scalar_t>;
+    // Without a weight the parameter grads are in the accumulation dtype.
+    using grad_param_t = std::conditional_t<std::is_same_v<param_t, scalar_t>, Acc, param_t>;
+    auto run = [&]<typename out_param_t>() {
+      cpu::BackwardOutputs<scalar_t, out_param_t> out{
+          output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+          output_mask[1] ? grad_weight.mutable_data_ptr<out_param_t>() : nullptr,
+          output_mask[2] ? grad_bias.mutable_data_ptr<out_param_t>() : nullptr};
+      cpu::backward<scalar_t, out_param_t>(
+          dy.const_data_ptr<scalar_t>(), in.tensor.const_data_ptr<scalar_t>(), in.geometry,
+          data_or_null<out_param_t>(w), mean_c.const_data_ptr<Acc>(),
+          invstd_c.const_data_ptr<Acc>(), training, out);
+    };
+    if (w.defined()) {
+      run.template operator()<param_t>();
+    } else {
+      run.template operator()<grad_param_t>();
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_bn, CPU, m) {
+  m.impl("batch_norm_train", &batch_norm_train_cpu);
+  m.impl("batch_norm_eval", &batch_norm_eval_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+}
+
+}  // namespace fused_bn
