@@ -37,3 +37,18 @@ bench: bench-deps build
 
 clean:
 	rm -rf build fused_bn/*.so *.egg-info
+
+# Compile the CUDA kernel layer for sm_80 and sm_90 (no GPU needed) with the
+# flags torch.utils.cpp_extension builds extensions with, print ptxas's
+# resource report per kernel, and fail on any spill or on a stack frame in a
+# hot kernel (tools/cuda_check.py).
+CUDA_CHECK_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	-Xptxas -v -O3 -std=c++17 -DFUSED_BN_WITH_CUDA \
+	-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+	-D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
+
+cuda-check:
+	@test -n "$(NVCC)" || { echo "cuda-check: nvcc not found (PATH or /usr/local/cuda/bin)" >&2; exit 1; }
+	@mkdir -p build/cuda-check
+	$(PYTHON) tools/cuda_check.py --nvcc "$(NVCC)" --source csrc/cuda/batch_norm_kernels.cu \
+		--output build/cuda-check/batch_norm_kernels.o -- $(CUDA_CHECK_FLAGS)

@@ -1,0 +1,360 @@
+// Torch glue for the CUDA kernels: argument checks (shared with the CPU glue),
+// layout and dtype dispatch, allocation of outputs and workspace, and
+// registration for the CUDA dispatch key. The arithmetic lives in
+// batch_norm_kernels.cu and never sees a torch type.
+// CPU-only torch wheels ship the c10/cuda headers without their generated
+// configuration header, which only carries Windows export settings: skipping
+// it when absent lets this file be syntax-checked without a CUDA torch, and
+// changes nothing where it exists.
+#if defined(__has_include)
+#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>) && !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE)
+#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
+#endif
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <array>
+#include <tuple>
+#include <type_traits>
+
+#include "../batch_norm_checks.h"
+#include "batch_norm_kernels.cuh"
+
+namespace fused_bn {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+// at::Half / at::BFloat16 have the bit layout of CUDA's __half / __nv_bfloat16.
+template <typename T>
+struct DeviceScalar {
+  using type = T;
+};
+template <>
+struct DeviceScalar<at::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceScalar<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <typename T>
+using device_t = typename DeviceScalar<T>::type;
+
+template <typename T>
+const device_t<T>* device_data(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<const device_t<T>*>(t.const_data_ptr<T>()) : nullptr;
+}
+
+template <typename T>
+device_t<T>* mutable_device_data(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<device_t<T>*>(t.mutable_data_ptr<T>()) : nullptr;
+}
+
+bool defined(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+Tensor dense_or_undefined(const optional<Tensor>& t) { return defined(t) ? t->contiguous() : Tensor(); }
+
+Tensor as_tensor_or_undefined(const optional<Tensor>& t) { return defined(t) ? *t : Tensor(); }
+
+// Running statistics are updated in place, so they cannot go through a copy
+// (same rule and message as the CPU glue).
+void check_updatable(const optional<Tensor>& t, const char* name) {
+  TORCH_CHECK(!defined(t) || t->is_contiguous(), "batch_norm: ", name,
+              " must be contiguous to be updated in place");
+}
+
+void check_on_input_device(const Tensor& t, const char* name, const Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), "Expected all tensors to be on the same device, but ", name,
+              " is on ", t.device(), " and input is on ", input.device());
+}
+
+void check_batches_tracked(const optional<Tensor>& t, const Tensor& input) {
+  if (!defined(t)) return;
+  check_on_input_device(*t, "num_batches_tracked", input);
+  TORCH_CHECK(t->scalar_type() == at::kLong && t->numel() == 1,
+              "batch_norm: num_batches_tracked must be an int64 tensor with one element, got ",
+              t->scalar_type(), " of shape ", t->sizes());
+}
+
+// Parameters come in the input's dtype, or float32 for float16/bfloat16 input.
+bool has_float_params(const Tensor& input, std::initializer_list<const optional<Tensor>*> params) {
+  if (!is_reduced_float(input.scalar_type())) return false;
+  for (auto* p : params) {
+    if (defined(*p)) return (*p)->scalar_type() == at::kFloat;
+  }
+  return false;
+}
+
+// The input in a layout the kernels read natively (one copy otherwise), the
+// memory format of every output, and the kernels' view of the shape.
+struct PreparedInput {
+  Tensor tensor;
+  at::MemoryFormat format;
+  cuda::Geometry geometry;
+};
+
+PreparedInput prepare(const Tensor& input) {
+  const at::MemoryFormat format = batch_norm_memory_format(input);
+  Tensor x = input.contiguous(format);
+  cuda::Geometry g;
+  g.batch = x.size(0);
+  g.channels = x.size(1);
+  g.spatial = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) g.spatial *= x.size(d);
+  // With HW == 1 (or C == 1) both layouts address memory identically: take
+  // the one whose contiguous run is longer, so loads vectorize and coalesce.
+  if (g.spatial == 1) {
+    g.layout = cuda::Layout::kChannelsLast;
+  } else if (g.channels == 1) {
+    g.layout = cuda::Layout::kChannelsFirst;
+  } else {
+    g.layout = format == at::MemoryFormat::ChannelsLast ? cuda::Layout::kChannelsLast
+                                                        : cuda::Layout::kChannelsFirst;
+  }
+  int device_index = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device_index));
+  int multiprocessors = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device_index));
+  g.multiprocessor_count = multiprocessors;
+  return {x, format, g};
+}
+
+Tensor empty_like_input(const PreparedInput& in) {
+  return at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format));
+}
+
+Tensor allocate_workspace(size_t bytes, const Tensor& input) {
+  // The caching allocator's blocks are at least 512-byte aligned.
+  return at::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
+}
+
+// Calls F::template run<scalar_t, param_t>(args...) for the input's dtype;
+// integer input raises NotImplementedError: "batch_norm" not implemented for 'Long'.
+template <typename F, typename... Args>
+void dispatch_input_and_params(const Tensor& input, bool float_params, Args&&... args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      if (float_params) {
+        F::template run<scalar_t, float>(args...);
+        return;
+      }
+    }
+    F::template run<scalar_t, scalar_t>(args...);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Training forward.
+
+struct TrainForwardTensors {
+  const PreparedInput& in;
+  const Tensor& weight;
+  const Tensor& bias;
+  const Tensor& running_mean;
+  const Tensor& running_var;
+  const Tensor& num_batches_tracked;
+  optional<double> momentum;
+  double eps;
+  Tensor& output;
+  Tensor& save_mean;
+  Tensor& save_invstd;
+};
+
+struct RunTrainForward {
+  template <typename scalar_t, typename param_t>
+  static void run(const TrainForwardTensors& t) {
+    using kernel_scalar_t = device_t<scalar_t>;
+    using kernel_param_t = device_t<param_t>;
+    using acc_t = cuda::acc_type<kernel_scalar_t>;
+    cuda::TrainForwardParams<kernel_scalar_t, kernel_param_t> p;
+    p.geometry = t.in.geometry;
+    p.input = device_data<scalar_t>(t.in.tensor);
+    p.output = mutable_device_data<scalar_t>(t.output);
+    p.weight = device_data<param_t>(t.weight);
+    p.bias = device_data<param_t>(t.bias);
+    p.running_mean = mutable_device_data<param_t>(t.running_mean);
+    p.running_var = mutable_device_data<param_t>(t.running_var);
+    p.num_batches_tracked =
+        t.num_batches_tracked.defined() ? t.num_batches_tracked.mutable_data_ptr<int64_t>() : nullptr;
+    p.save_mean = t.save_mean.mutable_data_ptr<acc_t>();
+    p.save_invstd = t.save_invstd.mutable_data_ptr<acc_t>();
+    p.eps = t.eps;
+    p.cumulative_momentum = !t.momentum.has_value();
+    p.momentum = t.momentum.value_or(0.0);
+    Tensor workspace = allocate_workspace(cuda::train_forward_workspace_bytes(p), t.in.tensor);
+    p.workspace = workspace.mutable_data_ptr();
+    C10_CUDA_CHECK(cuda::launch_batch_norm_train_forward(p, c10::cuda::getCurrentCUDAStream()));
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps) {
+  check_forward_args(input, weight, bias, running_mean, running_var);
+  check_updatable(running_mean, "running_mean");
+  check_updatable(running_var, "running_var");
+  check_batches_tracked(num_batches_tracked, input);
+  TORCH_CHECK(input.is_cuda(), "batch_norm: expected a CUDA input, got one on ", input.device());
+  const bool float_params = has_float_params(input, {&weight, &bias, &running_mean, &running_var});
+  const c10::cuda::CUDAGuard device_guard(input.device());
+
+  PreparedInput in = prepare(input);
+  const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
+  const Tensor rm = as_tensor_or_undefined(running_mean), rv = as_tensor_or_undefined(running_var);
+  const Tensor counter = as_tensor_or_undefined(num_batches_tracked);
+  Tensor output = empty_like_input(in);
+  const auto stats_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
+  Tensor save_mean = at::empty({in.geometry.channels}, stats_options);
+  Tensor save_invstd = at::empty({in.geometry.channels}, stats_options);
+
+  // Every check has passed: from here on, the kernels may change state.
+  const TrainForwardTensors tensors{in, w, b, rm, rv, counter, momentum, eps, output, save_mean, save_invstd};
+  dispatch_input_and_params<RunTrainForward>(input, float_params, tensors);
+  return {output, save_mean, save_invstd};
+}
+
+// ---------------------------------------------------------------------------
+// Eval forward.
+
+struct EvalForwardTensors {
+  const PreparedInput& in;
+  const Tensor& weight;
+  const Tensor& bias;
+  const Tensor& running_mean;
+  const Tensor& running_var;
+  double eps;
+  Tensor& output;
+};
+
+struct RunEvalForward {
+  template <typename scalar_t, typename param_t>
+  static void run(const EvalForwardTensors& t) {
+    cuda::EvalForwardParams<device_t<scalar_t>, device_t<param_t>> p;
+    p.geometry = t.in.geometry;
+    p.input = device_data<scalar_t>(t.in.tensor);
+    p.output = mutable_device_data<scalar_t>(t.output);
+    p.weight = device_data<param_t>(t.weight);
+    p.bias = device_data<param_t>(t.bias);
+    p.running_mean = device_data<param_t>(t.running_mean);
+    p.running_var = device_data<param_t>(t.running_var);
+    p.eps = t.eps;
+    C10_CUDA_CHECK(cuda::launch_batch_norm_eval_forward(p, c10::cuda::getCurrentCUDAStream()));
+  }
+};
+
+Tensor batch_norm_eval_cuda(const Tensor& input, const optional<Tensor>& weight,
+                            const optional<Tensor>& bias, const Tensor& running_mean,
+                            const Tensor& running_var, double eps) {
+  const optional<Tensor> mean_opt(running_mean), var_opt(running_var);
+  check_forward_args(input, weight, bias, mean_opt, var_opt);
+  TORCH_CHECK(input.is_cuda(), "batch_norm: expected a CUDA input, got one on ", input.device());
+  const bool float_params = has_float_params(input, {&weight, &bias, &mean_opt, &var_opt});
+  const c10::cuda::CUDAGuard device_guard(input.device());
+
+  PreparedInput in = prepare(input);
+  Tensor output = empty_like_input(in);
+  const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
+  const Tensor mean = running_mean.contiguous(), var = running_var.contiguous();
+  const EvalForwardTensors tensors{in, w, b, mean, var, eps, output};
+  dispatch_input_and_params<RunEvalForward>(input, float_params, tensors);
+  return output;
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+
+struct BackwardTensors {
+  const PreparedInput& in;
+  const Tensor& grad_output;
+  const Tensor& weight;
+  const Tensor& mean;
+  const Tensor& invstd;
+  bool training;
+  std::array<bool, 3> output_mask;
+  Tensor& grad_input;
+  Tensor& grad_weight;
+  Tensor& grad_bias;
+};
+
+struct RunBackward {
+  // grad_param_t: the weight's dtype, or the accumulation dtype without a weight.
+  template <typename scalar_t, typename grad_param_t>
+  static void run_with(const BackwardTensors& t) {
+    using kernel_scalar_t = device_t<scalar_t>;
+    using acc_t = cuda::acc_type<kernel_scalar_t>;
+    cuda::BackwardParams<kernel_scalar_t, device_t<grad_param_t>> p;
+    p.geometry = t.in.geometry;
+    p.grad_output = device_data<scalar_t>(t.grad_output);
+    p.input = device_data<scalar_t>(t.in.tensor);
+    p.weight = device_data<grad_param_t>(t.weight);
+    p.mean = t.mean.const_data_ptr<acc_t>();
+    p.invstd = t.invstd.const_data_ptr<acc_t>();
+    p.training = t.training;
+    p.grad_input = t.output_mask[0] ? mutable_device_data<scalar_t>(t.grad_input) : nullptr;
+    p.grad_weight = t.output_mask[1] ? mutable_device_data<grad_param_t>(t.grad_weight) : nullptr;
+    p.grad_bias = t.output_mask[2] ? mutable_device_data<grad_param_t>(t.grad_bias) : nullptr;
+    Tensor workspace = allocate_workspace(cuda::backward_workspace_bytes(p), t.in.tensor);
+    p.workspace = workspace.mutable_data_ptr();
+    C10_CUDA_CHECK(cuda::launch_batch_norm_backward(p, c10::cuda::getCurrentCUDAStream()));
+  }
+
+  template <typename scalar_t, typename param_t>
+  static void run(const BackwardTensors& t) {
+    using acc_scalar_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    if (t.weight.defined()) {
+      run_with<scalar_t, param_t>(t);
+    } else {
+      run_with<scalar_t, acc_scalar_t>(t);
+    }
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
+    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
+  check_backward_args(grad_output, input, weight, mean, invstd);
+  const at::ScalarType acc_dtype = accumulate_dtype(input.scalar_type());
+  TORCH_CHECK(mean.scalar_type() == acc_dtype && invstd.scalar_type() == acc_dtype,
+              "batch_norm_backward: mean and invstd must be ", acc_dtype, " for ", input.scalar_type(),
+              " input");
+  check_on_input_device(grad_output, "grad_output", input);
+  TORCH_CHECK(input.is_cuda(), "batch_norm: expected a CUDA input, got one on ", input.device());
+  const bool float_params = has_float_params(input, {&weight});
+  const c10::cuda::CUDAGuard device_guard(input.device());
+
+  PreparedInput in = prepare(input);
+  const Tensor dy = grad_output.contiguous(in.format);
+  const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
+  const Tensor w = dense_or_undefined(weight);
+  const int64_t channels = in.geometry.channels;
+  const auto param_options = input.options().dtype(defined(weight) ? weight->scalar_type() : acc_dtype);
+  Tensor grad_input = output_mask[0] ? empty_like_input(in) : at::empty({0}, input.options());
+  Tensor grad_weight = at::empty({output_mask[1] ? channels : 0}, param_options);
+  Tensor grad_bias = at::empty({output_mask[2] ? channels : 0}, param_options);
+
+  const BackwardTensors tensors{in, dy, w, mean_c, invstd_c, training, output_mask,
+                                grad_input, grad_weight, grad_bias};
+  dispatch_input_and_params<RunBackward>(input, float_params, tensors);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_bn, CUDA, m) {
+  m.impl("batch_norm_train", &batch_norm_train_cuda);
+  m.impl("batch_norm_eval", &batch_norm_eval_cuda);
+  m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+}
+
+}  // namespace fused_bn

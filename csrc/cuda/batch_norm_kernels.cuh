@@ -1,0 +1,161 @@
+// Batch-norm CUDA kernels on raw pointers: no torch headers, so this layer
+// compiles (and is checked with ptxas, `make cuda-check`) on its own. The torch
+// glue (batch_norm_cuda.cpp) validates, allocates and fills the params below.
+//
+// Layouts. Every input is seen as N x C x HW, either channels-first (NCHW
+// contiguous, also 3-D/5-D contiguous input) or channels-last (NHWC: N*HW rows
+// of C channels; also any input with HW == 1). Each layout has its own kernels.
+//
+// Memory traffic per op (x, dy read; y, dx written), three launches each:
+//   training forward : moments   reads x once (Welford, per-block partials)
+//                      finalize  per-channel only (partials, running stats)
+//                      normalize reads x, writes y
+//                      => 2 reads of x + 1 write of y.
+//   eval forward     : normalize reads x, writes y (coefficients computed
+//                      per thread from the running statistics): 1 read + 1 write.
+//   backward         : grad sums reads x and dy once (only when dx in training
+//                      mode, grad_weight or grad_bias is wanted)
+//                      finalize  per-channel only (grad_weight, grad_bias, dx
+//                                coefficients)
+//                      grad input reads dy (and x in training mode), writes dx
+//                      (only when output_mask[0])
+//                      => training: 2 reads of x and dy + 1 write of dx;
+//                         eval dx only: 1 read of dy + 1 write of dx.
+//
+// Determinism (no floating-point atomics anywhere). A reduction is split over a
+// grid fixed by the shape, the dtype's vector width and the multiprocessor
+// count. Each thread folds its elements in a fixed order, a warp merges with a
+// fixed shuffle tree (channels-first) or the block with a fixed shared-memory
+// tree (channels-last), and each block writes its partial to the workspace at
+// [split][channel]. The finalize kernel then merges a channel's partials in a
+// fixed order (lane l takes splits l, l+32, ... in order, then a shuffle tree),
+// in double. Same GPU (same multiprocessor count) => bitwise identical results.
+//
+// Grids. Channels-first: grid (C, splits), 1-D blocks of 32..256 threads over
+// one channel's N x HW/vec vector positions. Channels-last: grid (column tiles,
+// splits), blocks of up to 32 vector columns x rows (256 threads), splits
+// cutting the N*HW rows. splits fills the chip with ~1024 threads per
+// multiprocessor for any C, without giving a block fewer than 4 unrolled
+// iterations per thread. Loads and stores are 16-byte vectors when every
+// pointer involved is 16-byte aligned and HW (channels-first) or C
+// (channels-last) is a multiple of 16 / sizeof(scalar); scalar otherwise.
+// All element offsets are 64-bit. C == 0 launches only a counter increment.
+//
+// Numerics. Welford/Chan moments are taken of x - K, with K the channel's first
+// element: for data far from zero (mean 1e4, std 1 in float32) the shifted
+// values are exact and their mean keeps full precision; the normalize pass uses
+// (x - K) - mean_shifted rather than x - rounded_mean.
+//
+// num_batches_tracked. The moments kernel snapshots counter + 1 into the
+// workspace; the finalize kernel (a later launch in the same stream) derives
+// the cumulative momentum 1/count from the snapshot and stores it back, so no
+// block ever reads the counter while another writes it, and the host never
+// synchronizes.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fused_bn {
+namespace cuda {
+
+enum class Layout : int {
+  kChannelsFirst = 0,  // NCHW contiguous: element (n, c, s) at (n * C + c) * HW + s
+  kChannelsLast = 1,   // NHWC contiguous: element (n, c, s) at (n * HW + s) * C + c
+};
+
+// float for float/half/bfloat16 input, double for double input.
+template <typename scalar_t>
+struct AccumulateType {
+  using type = float;
+};
+template <>
+struct AccumulateType<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using acc_type = typename AccumulateType<scalar_t>::type;
+
+struct Geometry {
+  int64_t batch = 0;     // N
+  int64_t channels = 0;  // C
+  int64_t spatial = 0;   // HW: product of the sizes after the channel dimension
+  Layout layout = Layout::kChannelsFirst;
+  int multiprocessor_count = 1;  // sizes the grids; part of the determinism key
+};
+
+// param_t is the dtype of weight/bias/running stats: scalar_t, or float for
+// half/bfloat16 input (mixed precision). Nullable pointers are marked.
+template <typename scalar_t, typename param_t>
+struct TrainForwardParams {
+  using acc_t = acc_type<scalar_t>;
+  Geometry geometry;
+  const scalar_t* input = nullptr;
+  scalar_t* output = nullptr;
+  const param_t* weight = nullptr;   // nullable: 1
+  const param_t* bias = nullptr;     // nullable: 0
+  param_t* running_mean = nullptr;   // nullable: not updated
+  param_t* running_var = nullptr;    // nullable: not updated
+  int64_t* num_batches_tracked = nullptr;  // nullable: device scalar, incremented
+  acc_t* save_mean = nullptr;        // [C]
+  acc_t* save_invstd = nullptr;      // [C]
+  void* workspace = nullptr;         // train_forward_workspace_bytes(), 16-byte aligned
+  double eps = 1e-5;
+  double momentum = 0.1;
+  bool cumulative_momentum = false;  // momentum=None: 1 / num_batches_tracked
+};
+
+template <typename scalar_t, typename param_t>
+struct EvalForwardParams {
+  Geometry geometry;
+  const scalar_t* input = nullptr;
+  scalar_t* output = nullptr;
+  const param_t* weight = nullptr;  // nullable
+  const param_t* bias = nullptr;    // nullable
+  const param_t* running_mean = nullptr;
+  const param_t* running_var = nullptr;
+  double eps = 1e-5;
+};
+
+// param_t: the weight's dtype, or acc_t when there is no weight; grad_weight
+// and grad_bias are written in it.
+template <typename scalar_t, typename param_t>
+struct BackwardParams {
+  using acc_t = acc_type<scalar_t>;
+  Geometry geometry;
+  const scalar_t* grad_output = nullptr;
+  const scalar_t* input = nullptr;
+  const param_t* weight = nullptr;  // nullable: 1
+  const acc_t* mean = nullptr;      // [C] saved mean (training) or running mean
+  const acc_t* invstd = nullptr;    // [C]
+  bool training = true;
+  scalar_t* grad_input = nullptr;   // nullable: output_mask[0] false
+  param_t* grad_weight = nullptr;   // nullable: output_mask[1] false
+  param_t* grad_bias = nullptr;     // nullable: output_mask[2] false
+  void* workspace = nullptr;        // backward_workspace_bytes(), 16-byte aligned
+};
+
+template <typename scalar_t, typename param_t>
+size_t train_forward_workspace_bytes(const TrainForwardParams<scalar_t, param_t>& params);
+
+template <typename scalar_t, typename param_t>
+cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, param_t>& params,
+                                            cudaStream_t stream);
+
+template <typename scalar_t, typename param_t>
+cudaError_t launch_batch_norm_eval_forward(const EvalForwardParams<scalar_t, param_t>& params,
+                                           cudaStream_t stream);
+
+template <typename scalar_t, typename param_t>
+size_t backward_workspace_bytes(const BackwardParams<scalar_t, param_t>& params);
+
+template <typename scalar_t, typename param_t>
+cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& params,
+                                       cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fused_bn
