@@ -22,13 +22,16 @@ inline at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// nn.BatchNorm2d keeps the input's memory format (channels_last in,
-// channels_last out); anything else comes out contiguous.
+// PyTorch's CPU batch norm rule (suggest_memory_format_contig): contiguous
+// stays contiguous, a channels_last-contiguous input (also one torch's stride
+// heuristic would not call channels_last, e.g. a permuted HWC image) gives
+// channels_last output, anything else follows suggest_memory_format().
 inline at::MemoryFormat batch_norm_memory_format(const at::Tensor& input) {
-  if (input.dim() == 4 && input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  return at::MemoryFormat::Contiguous;
+  if (input.dim() != 4 || input.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
 }
 
 inline void check_channel_tensor(const c10::optional<at::Tensor>& t, const char* name,
@@ -59,6 +62,8 @@ inline void check_parameter_dtypes(const at::Tensor& input,
   for (auto* p : params) {
     if (!p->has_value() || !(*p)->defined()) continue;
     const at::ScalarType t = (*p)->scalar_type();
+    TORCH_CHECK(first->scalar_type() != input.scalar_type() || t == input.scalar_type(),
+                "expected scalar type ", input.scalar_type(), " but found ", t);
     if (mixed || t != input.scalar_type()) {
       const bool share_message = !mixed && input.scalar_type() == at::kDouble && t == at::kFloat;
       TORCH_CHECK(mixed ? t == at::kFloat : false, "mixed dtype (", device, "): ",
@@ -69,6 +74,8 @@ inline void check_parameter_dtypes(const at::Tensor& input,
 }
 
 inline void check_input_tensor(const at::Tensor& input) {
+  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(input.scalar_type()), "\"batch_norm\" not implemented for '",
+                              c10::toString(input.scalar_type()), "'");
   TORCH_CHECK(input.dim() >= 2, "batch_norm: expected input with at least 2 dimensions (got ",
               input.dim(), "D input)");
 }
@@ -78,10 +85,11 @@ inline void check_forward_args(const at::Tensor& input, const c10::optional<at::
                                const c10::optional<at::Tensor>& running_mean,
                                const c10::optional<at::Tensor>& running_var) {
   check_input_tensor(input);
-  check_channel_tensor(weight, "weight", input);
-  check_channel_tensor(bias, "bias", input);
+  // nn's order, so the first mismatch reported is the one nn reports.
   check_channel_tensor(running_mean, "running_mean", input);
   check_channel_tensor(running_var, "running_var", input);
+  check_channel_tensor(weight, "weight", input);
+  check_channel_tensor(bias, "bias", input);
   check_parameter_dtypes(input, {&weight, &bias, &running_mean, &running_var});
 }
 

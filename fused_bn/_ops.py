@@ -20,8 +20,10 @@ def _accumulate_dtype(dtype):
 def _output_like(input):
     # Mirrors batch_norm_memory_format() in csrc/batch_norm_checks.h.
     fmt = torch.contiguous_format
-    if input.dim() == 4 and suggest_memory_format(input) == torch.channels_last:
-        fmt = torch.channels_last
+    if input.dim() == 4 and not input.is_contiguous():
+        if (input.is_contiguous(memory_format=torch.channels_last)
+                or suggest_memory_format(input) == torch.channels_last):
+            fmt = torch.channels_last
     return torch.empty_like(input, memory_format=fmt)
 
 
@@ -55,6 +57,37 @@ def _grad_mask(ctx, weight, bias):
     ]
 
 
+def _differentiable_backward(grad_output, input, weight, mean, invstd, training, eps, mask):
+    """First-order grads from differentiable aten ops, for double backward.
+
+    Used only when autograd records the backward (create_graph=True, e.g. a
+    gradient penalty). In training the batch statistics are recomputed from the
+    input so that their dependence on it is differentiated too."""
+    acc = _accumulate_dtype(input.dtype)
+    x, dy = input.to(acc), grad_output.to(acc)
+    dims = [0] + list(range(2, input.dim()))
+    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
+    if training:
+        mean = x.mean(dims, keepdim=True)
+        invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    else:
+        mean, invstd = mean.view(shape), invstd.view(shape)
+    w = weight.to(acc).view(shape) if weight is not None else None
+    x_hat = (x - mean) * invstd
+    grad_weight = (dy * x_hat).sum(dims) if mask[1] else None
+    grad_bias = dy.sum(dims) if mask[2] else None
+    grad_input = None
+    if mask[0]:
+        scale = invstd if w is None else w * invstd
+        if training:
+            dy = dy - dy.mean(dims, keepdim=True) - x_hat * (dy * x_hat).mean(dims, keepdim=True)
+        grad_input = (dy * scale).to(input.dtype)
+    param_dtype = weight.dtype if weight is not None else acc
+    return (grad_input,
+            None if grad_weight is None else grad_weight.to(param_dtype),
+            None if grad_bias is None else grad_bias.to(param_dtype))
+
+
 def _grads_for_inputs(mask, grads, bias_dtype, n_inputs):
     grad_input, grad_weight, grad_bias = (g if m else None for g, m in zip(grads, mask))
     # The backward op returns parameter grads in the weight's dtype; F.batch_norm
@@ -81,6 +114,7 @@ class _BatchNormTrain(torch.autograd.Function):
                 input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
         ctx.mask = _grad_mask(ctx, weight, bias)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.eps = eps
         ctx.save_for_backward(input, weight, save_mean, save_invstd)
         ctx.mark_non_differentiable(save_mean, save_invstd)
         return output, save_mean, save_invstd
@@ -90,7 +124,11 @@ class _BatchNormTrain(torch.autograd.Function):
         input, weight, mean, invstd = ctx.saved_tensors
         if grad_output is None or not any(ctx.mask):
             return (None,) * 8
-        grads = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, True, ctx.mask)
+        if torch.is_grad_enabled():
+            grads = _differentiable_backward(
+                grad_output, input, weight, mean, invstd, True, ctx.eps, ctx.mask)
+        else:
+            grads = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, True, ctx.mask)
         return _grads_for_inputs(ctx.mask, grads, ctx.bias_dtype, 8)
 
 
@@ -105,7 +143,7 @@ def _eval_setup_context(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
     # Snapshots: a later training step may update the running buffers in place.
     mean = running_mean.to(acc, copy=True)
-    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    invstd = torch.rsqrt(running_var.to(torch.float64) + eps).to(acc)
     ctx.save_for_backward(input, weight, mean, invstd)
 
 
@@ -113,7 +151,11 @@ def _eval_backward(ctx, grad_output):
     input, weight, mean, invstd = ctx.saved_tensors
     if grad_output is None or not any(ctx.mask):
         return (None,) * 6
-    grads = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, False, ctx.mask)
+    if torch.is_grad_enabled():
+        grads = _differentiable_backward(
+            grad_output, input, weight, mean, invstd, False, None, ctx.mask)
+    else:
+        grads = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, False, ctx.mask)
     return _grads_for_inputs(ctx.mask, grads, ctx.bias_dtype, 6)
 
 

@@ -38,11 +38,15 @@ def batch_norm(
     ``1 / num_batches_tracked``, as in ``nn.BatchNorm2d``.
     """
     if training:
+        if (running_mean is None) != (running_var is None):
+            raise ValueError(
+                "running_mean and running_var must either both be None or neither be None")
         if input.dim() >= 2:
             _verify_batch_size(input.size())
         output, _, _ = ops.batch_norm_train(
             input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
         return output
-    if running_mean is None or running_var is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is None:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
     return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)

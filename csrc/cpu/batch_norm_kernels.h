@@ -72,9 +72,13 @@ struct LaneSum {
   Vectorized<Acc> lo{Acc(0)}, hi{Acc(0)};
   double total = 0.0;
 
+  // Lane by lane in double: a float tree-sum of the lanes would round at the
+  // scale of the whole fold and cost the mean its last bit.
   void fold() {
-    auto add = [](Vectorized<Acc>& a, Vectorized<Acc>& b) { return a + b; };
-    total += static_cast<double>(at::vec::vec_reduce_all<Acc>(add, lo + hi));
+    Acc lanes[2 * Vectorized<Acc>::size()];
+    lo.store(lanes);
+    hi.store(lanes + Vectorized<Acc>::size());
+    for (Acc lane : lanes) total += static_cast<double>(lane);
     lo = hi = Vectorized<Acc>(Acc(0));
   }
 };
@@ -309,7 +313,38 @@ void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, acc_t<scalar_t> 
   }
 }
 
-// dx = dy · dy_coef + (x − mean) · x_coef + shift   (x_coef = shift = 0 in eval)
+// Eval's dx = dy · scale: x plays no part (a NaN in x must not reach dx).
+template <typename scalar_t>
+void scale_run(const scalar_t* dy, scalar_t* dx, int64_t len, acc_t<scalar_t> scale) {
+  using Acc = acc_t<scalar_t>;
+  using IO = VecPair<scalar_t>;
+  using AccVec = Vectorized<Acc>;
+  const AccVec sc(scale);
+  int64_t i = 0;
+  for (; i + IO::kWidth <= len; i += IO::kWidth) {
+    AccVec lo, hi;
+    IO::load(dy + i, lo, hi);
+    IO::store(dx + i, lo * sc, hi * sc);
+  }
+  for (; i < len; ++i) dx[i] = static_cast<scalar_t>(static_cast<Acc>(dy[i]) * scale);
+}
+
+template <typename scalar_t>
+void scale_row(const scalar_t* dy, scalar_t* dx, int64_t C, const acc_t<scalar_t>* scale) {
+  using Acc = acc_t<scalar_t>;
+  using IO = VecPair<scalar_t>;
+  using AccVec = Vectorized<Acc>;
+  constexpr int64_t W = AccVec::size();
+  int64_t c = 0;
+  for (; c + IO::kWidth <= C; c += IO::kWidth) {
+    AccVec lo, hi;
+    IO::load(dy + c, lo, hi);
+    IO::store(dx + c, lo * AccVec::loadu(scale + c), hi * AccVec::loadu(scale + c + W));
+  }
+  for (; c < C; ++c) dx[c] = static_cast<scalar_t>(static_cast<Acc>(dy[c]) * scale[c]);
+}
+
+// Training's dx = dy · dy_coef + (x − mean) · x_coef + shift
 template <typename scalar_t>
 void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
                     acc_t<scalar_t> mean, acc_t<scalar_t> dy_coef, acc_t<scalar_t> x_coef,
@@ -678,8 +713,13 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     if (out.grad_input) {
       at::parallel_for(0, rows, std::max<int64_t>(1, kBlockElements / std::max<int64_t>(C, 1)),
                        [&](int64_t begin, int64_t end) {
-                         for (int64_t r = begin; r < end; ++r)
-                           grad_input_row(x + r * C, dy + r * C, out.grad_input + r * C, C, k);
+                         for (int64_t r = begin; r < end; ++r) {
+                           if (training) {
+                             grad_input_row(x + r * C, dy + r * C, out.grad_input + r * C, C, k);
+                           } else {
+                             scale_row(dy + r * C, out.grad_input + r * C, C, k.scale.data());
+                           }
+                         }
                        });
     }
     return;
@@ -695,8 +735,12 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
   auto grad_input_planes = [&](int64_t c, int64_t n_begin, int64_t n_end) {
     for (int64_t n = n_begin; n < n_end; ++n) {
       const int64_t offset = n * plane_stride + c * HW;
-      grad_input_run(x + offset, dy + offset, out.grad_input + offset, HW, k.mean_hi[c], k.scale[c],
-                     k.x_coef[c], k.shift[c]);
+      if (training) {
+        grad_input_run(x + offset, dy + offset, out.grad_input + offset, HW, k.mean_hi[c],
+                       k.scale[c], k.x_coef[c], k.shift[c]);
+      } else {
+        scale_run(dy + offset, out.grad_input + offset, HW, k.scale[c]);
+      }
     }
   };
 

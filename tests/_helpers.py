@@ -1,0 +1,197 @@
+"""Helpers shared by the test files: precisions, layouts, inputs, and the
+three-way (ours / nn / float64 nn) parity runner built on tests/_accuracy.py."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import fused_bn
+from _accuracy import assert_accurate
+
+CL = torch.channels_last
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    input_dtype: torch.dtype
+    param_dtype: torch.dtype  # module parameters and running statistics
+
+    def __str__(self):
+        return self.name
+
+
+F32 = Precision("float32", torch.float32, torch.float32)
+F64 = Precision("float64", torch.float64, torch.float64)
+BF16 = Precision("bfloat16", torch.bfloat16, torch.bfloat16)        # fully-bf16 module
+F16 = Precision("float16", torch.float16, torch.float16)            # fully-fp16 module
+BF16_AMP = Precision("bfloat16-amp", torch.bfloat16, torch.float32)  # bf16 input, fp32 module
+F16_AMP = Precision("float16-amp", torch.float16, torch.float32)     # fp16 input, fp32 module
+PRECISIONS = (F32, F64, BF16, F16, BF16_AMP, F16_AMP)
+
+LAYOUTS = ("contiguous", "channels_last", "strided", "permuted")
+
+
+def to_layout(t, layout):
+    """``t``'s values in the requested memory layout. ``strided`` is a view that
+    skips every other element along W (the gaps hold NaN, so a kernel that ignores
+    strides produces NaN); ``permuted`` is a dense view that is neither contiguous
+    nor channels_last (strides ordered C < W < N < H)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=CL)
+    n, c, h, w = t.shape
+    if layout == "strided":
+        base = torch.full((n, c, h, 2 * w), float("nan"), dtype=t.dtype, device=t.device)
+        base[..., ::2] = t
+        return base[..., ::2]
+    if layout == "permuted":
+        return t.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+    raise ValueError(layout)
+
+
+def sample(shape, dtype=torch.float32, device="cpu", *, mean=2.0, std=2.0, layout="contiguous"):
+    """Random input with a different mean (in [-mean, mean]) and std (in [std/4, std])
+    per channel, drawn in float32 on the CPU (so CPU and CUDA see identical values),
+    then cast and laid out."""
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    shift = (torch.rand(c) * 2 - 1) * mean
+    scale = std * (0.25 + 0.75 * torch.rand(c))
+    x = torch.randn(shape) * scale.view(view) + shift.view(view)
+    x = x.to(dtype=dtype, device=device)
+    return to_layout(x, layout) if len(shape) == 4 else x
+
+
+def memory_formats(t):
+    return (t.is_contiguous(), t.is_contiguous(memory_format=CL))
+
+
+def make_trio(num_features, precision=F32, device="cpu", *, momentum=0.1, affine=True,
+              track_running_stats=True, eps=1e-5):
+    """(ours, nn, float64 nn reference) with identical, non-default state.
+
+    ours and nn live on ``device`` with ``precision.param_dtype`` parameters; the
+    reference lives on the CPU in float64 with the very same values upcast."""
+    kwargs = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
+    nn_bn = nn.BatchNorm2d(num_features, **kwargs)
+    with torch.no_grad():
+        if affine:
+            nn_bn.weight.uniform_(0.5, 1.5)
+            nn_bn.bias.uniform_(-0.5, 0.5)
+        if track_running_stats:
+            nn_bn.running_mean.uniform_(-0.5, 0.5)
+            nn_bn.running_var.uniform_(0.5, 1.5)
+    nn_bn = nn_bn.to(device=device, dtype=precision.param_dtype)
+    ours = fused_bn.FusedBatchNorm2d(num_features, **kwargs).to(device=device, dtype=precision.param_dtype)
+    ours.load_state_dict(nn_bn.state_dict())
+    ref = nn.BatchNorm2d(num_features, **kwargs).to(torch.float64)
+    ref.load_state_dict(nn_bn.state_dict())
+    return ours, nn_bn, ref
+
+
+def forward_backward(module, x, grad_output):
+    """Run ``module`` on a fresh leaf sharing ``x``'s storage and strides; backprop
+    ``grad_output``. Returns the output and the gradients."""
+    module.zero_grad(set_to_none=True)
+    leaf = x.detach().requires_grad_()
+    y = module(leaf)
+    y.backward(grad_output)
+    affine = module.weight is not None
+    return {
+        "output": y.detach(),
+        "grad_input": leaf.grad,
+        "grad_weight": module.weight.grad if affine else None,
+        "grad_bias": module.bias.grad if affine else None,
+    }
+
+
+def state_of(module):
+    return {k: (None if v is None else v.detach().clone())
+            for k, v in (("running_mean", module.running_mean), ("running_var", module.running_var),
+                         ("num_batches_tracked", module.num_batches_tracked),
+                         ("weight", module.weight), ("bias", module.bias))}
+
+
+def assert_bitwise_equal(a, b, name):
+    if a is None or b is None:
+        assert a is None and b is None, f"{name}: one is None: {a} vs {b}"
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+    assert torch.equal(a.cpu().reshape(-1).view(torch.uint8) if a.is_floating_point() else a.cpu(),
+                       b.cpu().reshape(-1).view(torch.uint8) if b.is_floating_point() else b.cpu()), \
+        f"{name}: not bitwise identical (max abs diff {float((a.double() - b.double()).abs().max())})"
+
+
+def assert_state_unchanged(module, before, label=""):
+    after = state_of(module)
+    for k in before:
+        assert_bitwise_equal(after[k], before[k], f"{label} {k} changed")
+
+
+def compare_results(r_ours, r_nn, r_ref, label, floor_dtype=None):
+    for key in ("output", "grad_input", "grad_weight", "grad_bias"):
+        o, n, r = r_ours[key], r_nn[key], r_ref[key]
+        if n is None:
+            assert o is None, f"{label} {key}: nn gives None, ours {type(o)}"
+            continue
+        assert o is not None, f"{label} {key}: ours is None, nn is not"
+        assert o.dtype == n.dtype, f"{label} {key}: dtype {o.dtype}, nn {n.dtype}"
+        assert o.device == n.device, f"{label} {key}: device {o.device}, nn {n.device}"
+        assert_accurate(o, n, r, floor_dtype, name=f"{label} {key}")
+    for key in ("output", "grad_input"):
+        assert memory_formats(r_ours[key]) == memory_formats(r_nn[key]), (
+            f"{label} {key}: layout (contiguous, channels_last) = {memory_formats(r_ours[key])}, "
+            f"nn {memory_formats(r_nn[key])}; strides {r_ours[key].stride()} vs {r_nn[key].stride()}")
+
+
+def compare_states(ours, nn_bn, ref, label, floor_dtype=None):
+    for key in ("running_mean", "running_var"):
+        o, n, r = getattr(ours, key), getattr(nn_bn, key), getattr(ref, key)
+        if n is None:
+            assert o is None, f"{label} {key}: nn has None, ours {o}"
+            continue
+        assert o.dtype == n.dtype, f"{label} {key}: dtype {o.dtype}, nn {n.dtype}"
+        assert_accurate(o, n, r, floor_dtype, name=f"{label} {key}")
+    o, n = ours.num_batches_tracked, nn_bn.num_batches_tracked
+    if n is None:
+        assert o is None
+    else:
+        assert o.dtype == torch.int64 and o.shape == n.shape
+        assert int(o) == int(n) == int(ref.num_batches_tracked), (
+            f"{label} num_batches_tracked: ours {int(o)}, nn {int(n)}")
+
+
+def check_step(trio, x, grad_output, label, floor_dtype=None):
+    """One forward+backward of all three modules on the same input; checks every
+    quantity under the accuracy rule and that ``x`` is left untouched."""
+    ours, nn_bn, ref = trio
+    x_before = x.detach().clone()
+    r_ours = forward_backward(ours, x, grad_output)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0, equal_nan=True,
+                               msg=f"{label}: our forward/backward modified its input")
+    r_nn = forward_backward(nn_bn, x, grad_output)
+    r_ref = forward_backward(ref, x.detach().cpu().double(), grad_output.detach().cpu().double())
+    compare_results(r_ours, r_nn, r_ref, label, floor_dtype)
+    compare_states(ours, nn_bn, ref, label, floor_dtype)
+    return r_ours, r_nn, r_ref
+
+
+def run_parity(shape, precision=F32, layout="contiguous", device="cpu", *, train_steps=3,
+               eval_steps=1, train_after_eval=0, mean=2.0, std=2.0, **module_kwargs):
+    """Several training steps, then eval steps (then optionally training again), all
+    checked against nn.BatchNorm2d and a float64 reference."""
+    trio = make_trio(shape[1], precision, device, **module_kwargs)
+    phases = [True] * train_steps + [False] * eval_steps + [True] * train_after_eval
+    for step, training in enumerate(phases):
+        for m in trio:
+            m.train(training)
+        x = sample(shape, precision.input_dtype, device, mean=mean, std=std, layout=layout)
+        gy = sample(shape, precision.input_dtype, device, mean=0.5, std=1.0, layout=layout)
+        label = (f"[{'train' if training else 'eval'} step {step}; shape {tuple(shape)} "
+                 f"{precision} {layout} {device} {module_kwargs}]")
+        check_step(trio, x, gy, label)
+    return trio
+
+

@@ -1,0 +1,36 @@
+"""Shared pytest configuration: the device list, seeding, and marker handling.
+
+* ``device`` fixture: every test taking it runs on ``cpu`` and on ``cuda``; the
+  cuda case carries the ``cuda`` marker and is skipped cleanly without a GPU.
+* ``slow`` tests are deselected unless the ``-m`` expression names ``slow``.
+"""
+import pytest
+import torch
+
+DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.cuda))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    markexpr = config.getoption("markexpr") or ""
+    if "slow" not in markexpr:
+        kept = [item for item in items if item.get_closest_marker("slow") is None]
+        dropped = [item for item in items if item.get_closest_marker("slow") is not None]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = kept
+    if not torch.cuda.is_available():
+        skip_cuda = pytest.mark.skip(reason="CUDA is not available")
+        for item in items:
+            if item.get_closest_marker("cuda") is not None:
+                item.add_marker(skip_cuda)

@@ -1,0 +1,182 @@
+"""CUDA-only checks (marked ``cuda``; skipped cleanly without a GPU).
+
+The parity, module, error, gradcheck, opcheck and compile tests elsewhere already
+run on CUDA through the ``device`` fixture. Here: CUDA kernels against our CPU
+kernels, autocast with a convolution before the BatchNorm, and (``slow``) a
+tensor of more than 2**31 elements."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fused_bn
+from _accuracy import assert_accurate, assert_consistent, assert_same_nonfinite, check_bound
+from _helpers import BF16, BF16_AMP, CL, F16, F16_AMP, F32, F64, check_step, forward_backward, make_trio, sample
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("precision", [F32, F64, BF16, F16, BF16_AMP, F16_AMP], ids=str)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7), (2, 13, 1, 17), (4, 1, 33, 31), (8, 64, 14, 14)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_matches_cpu_kernels(shape, precision, layout):
+    """Our CUDA and CPU results on identical inputs and state disagree by at most
+    twice what nn's CUDA and CPU results disagree by (plus the floor), for every
+    quantity, over two training steps and an eval step."""
+    ours_cpu, nn_cpu, _ = make_trio(shape[1], precision, "cpu")
+    ours_cuda, nn_cuda = copy.deepcopy(ours_cpu).cuda(), copy.deepcopy(nn_cpu).cuda()
+    for step, training in enumerate([True, True, False]):
+        for m in (ours_cpu, nn_cpu, ours_cuda, nn_cuda):
+            m.train(training)
+        x = sample(shape, precision.input_dtype, "cpu", layout=layout)
+        gy = sample(shape, precision.input_dtype, "cpu", layout=layout)
+        xc = x.cuda().contiguous(memory_format=CL) if layout == "channels_last" else x.cuda()
+        gyc = gy.cuda().contiguous(memory_format=CL) if layout == "channels_last" else gy.cuda()
+        r = [forward_backward(m, xx, gg) for m, xx, gg in
+             ((ours_cuda, xc, gyc), (ours_cpu, x, gy), (nn_cuda, xc, gyc), (nn_cpu, x, gy))]
+        label = f"[cuda vs cpu, {tuple(shape)} {precision} {layout} step {step} training={training}]"
+        for key in r[0]:
+            if r[2][key] is None:
+                continue
+            assert_consistent(r[0][key], r[1][key], r[2][key], r[3][key], name=f"{label} {key}")
+        for key in ("running_mean", "running_var"):
+            assert_consistent(getattr(ours_cuda, key), getattr(ours_cpu, key), getattr(nn_cuda, key),
+                              getattr(nn_cpu, key), name=f"{label} {key}")
+        assert int(ours_cuda.num_batches_tracked) == int(ours_cpu.num_batches_tracked) == int(nn_cpu.num_batches_tracked)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_conv_then_batchnorm(dtype, layout):
+    """Under torch.autocast("cuda") a convolution hands the BatchNorm a low-precision
+    tensor with fp32 parameters: same output dtype as nn, every quantity within
+    the accuracy rule, for two training steps and an eval step."""
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False).cuda()
+    if layout == "channels_last":
+        conv = conv.to(memory_format=CL)
+    trio = make_trio(8, F32, "cuda")
+    for step, training in enumerate([True, True, False]):
+        for m in trio:
+            m.train(training)
+        x = sample((4, 3, 16, 16), torch.float32, "cuda", layout=layout)
+        with torch.autocast("cuda", dtype=dtype):
+            h = conv(x)
+            assert h.dtype == dtype
+            gy = sample((4, 8, 16, 16), dtype, "cuda", layout=layout)
+            r_ours, r_nn, _ = check_step(trio, h.detach(), gy, f"[autocast {dtype} {layout} step {step}]")
+        assert r_ours["output"].dtype == r_nn["output"].dtype
+        assert trio[0].running_mean.dtype == torch.float32 and trio[0].weight.grad.dtype == torch.float32
+
+
+def test_autocast_whole_model_runs_like_nn():
+    """A whole Conv -> BN -> ReLU model under autocast: output dtype and the
+    parameters' grad dtypes as with nn.BatchNorm2d."""
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()).cuda()
+    ours = fused_bn.convert_model(copy.deepcopy(base))
+    x = sample((4, 3, 16, 16), torch.float32, "cuda")
+    outs = []
+    for model in (ours, base):
+        with torch.autocast("cuda", dtype=torch.float16):
+            y = model(x)
+        y.float().sum().backward()
+        outs.append((y.dtype, [p.grad.dtype for p in model.parameters()]))
+    assert outs[0] == outs[1]
+
+
+# ---------------------------------------------------------------- > 2**31 elements
+
+def _chunks(t, rows):
+    for h0 in range(0, t.shape[2], rows):
+        yield t[:, :, h0:h0 + rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,layout", [((2, 1, 32768, 32769), "contiguous"),
+                                          ((1, 3, 32768, 21846), "channels_last")], ids=str)
+def test_more_than_2_pow_31_elements(shape, layout):
+    """fp16 input with an fp32 module, numel > 2**31 (and, for C = 1, more than
+    2**31 values in one channel): training forward + backward and an eval forward
+    within the accuracy rule against a chunked float64 reference."""
+    numel = math.prod(shape)
+    assert numel > 2 ** 31
+    n, c = shape[0], shape[1]
+    count = numel // c
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    torch.manual_seed(0)
+    x = torch.empty(shape, dtype=torch.float16, device="cuda", memory_format=fmt).normal_()
+    x.add_(torch.linspace(-2, 2, c, device="cuda", dtype=torch.float16).view(1, c, 1, 1))
+    gy = torch.empty_like(x).normal_()
+
+    theirs = nn.BatchNorm2d(c).cuda()
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-0.5, 0.5)
+    ours = fused_bn.FusedBatchNorm2d(c).cuda()
+    ours.load_state_dict(theirs.state_dict())
+    w, b = theirs.weight.detach().double(), theirs.bias.detach().double()
+    rows = max(1, (1 << 27) // (n * shape[3]))  # about 1 GiB of float64 per chunk
+
+    # float64 statistics, two passes
+    s = torch.zeros(c, dtype=torch.float64, device="cuda")
+    for xs in _chunks(x, rows):
+        s += xs.double().sum(dim=(0, 2, 3))
+    mean = s / count
+    m2 = torch.zeros_like(s)
+    for xs in _chunks(x, rows):
+        m2 += (xs.double() - mean.view(1, c, 1, 1)).square().sum(dim=(0, 2, 3))
+    var = m2 / count
+    invstd = torch.rsqrt(var + ours.eps)
+    view = lambda t: t.view(1, c, 1, 1)  # noqa: E731
+
+    def xhat(xs):
+        return (xs.double() - view(mean)) * view(invstd)
+
+    sum_dy = torch.zeros_like(s)
+    sum_dy_xhat = torch.zeros_like(s)
+    for xs, gs in zip(_chunks(x, rows), _chunks(gy, rows)):
+        sum_dy += gs.double().sum(dim=(0, 2, 3))
+        sum_dy_xhat += (gs.double() * xhat(xs)).sum(dim=(0, 2, 3))
+
+    def chunked_errors(name, ours_t, nn_t, ref_fn, dtype):
+        err_o = err_n = scale = 0.0
+        for h0 in range(0, shape[2], rows):
+            sl = (slice(None), slice(None), slice(h0, h0 + rows))
+            o, nn_ = ours_t[sl].double(), nn_t[sl].double()
+            assert_same_nonfinite(o, nn_, f"{name} rows {h0}+")
+            ref = ref_fn(sl)
+            err_o = max(err_o, float((o - ref).abs().max()))
+            err_n = max(err_n, float((nn_ - ref).abs().max()))
+            scale = max(scale, float(ref.abs().max()))
+        check_bound(err_o, err_n, scale, dtype, name, f"; shape {shape} {layout}")
+
+    results = {}
+    for name, m in (("ours", ours), ("nn", theirs)):
+        leaf = x.detach().requires_grad_()
+        y = m(leaf)
+        y.backward(gy)
+        results[name] = (y.detach(), leaf.grad)
+        del y, leaf
+    chunked_errors("train output", results["ours"][0], results["nn"][0],
+                   lambda sl: xhat(x[sl]) * view(w) + view(b), torch.float16)
+    chunked_errors("grad_input", results["ours"][1], results["nn"][1],
+                   lambda sl: view(w * invstd) * (gy[sl].double() - view(sum_dy / count)
+                                                 - xhat(x[sl]) * view(sum_dy_xhat / count)),
+                   torch.float16)
+    del results
+    assert_accurate(ours.weight.grad, theirs.weight.grad, sum_dy_xhat, name="grad_weight")
+    assert_accurate(ours.bias.grad, theirs.bias.grad, sum_dy, name="grad_bias")
+    assert_accurate(ours.running_mean, theirs.running_mean, 0.1 * mean, name="running_mean")
+    assert_accurate(ours.running_var, theirs.running_var, 0.9 + 0.1 * var * count / (count - 1),
+                    name="running_var")
+    assert int(ours.num_batches_tracked) == 1
+
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        y_ours, y_nn = ours(x), theirs(x)
+    rm, rv = theirs.running_mean.double(), theirs.running_var.double()
+    chunked_errors("eval output", y_ours, y_nn,
+                   lambda sl: (x[sl].double() - view(rm)) * view(torch.rsqrt(rv + ours.eps) * w) + view(b),
+                   torch.float16)

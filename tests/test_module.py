@@ -1,0 +1,221 @@
+"""FusedBatchNorm2d as a drop-in nn.BatchNorm2d: type, constructor, state_dict
+compatibility in both directions, and fused_bn.convert_model."""
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from fused_bn import FusedBatchNorm2d, convert_model
+from _accuracy import assert_accurate
+from _helpers import sample
+
+VARIANTS = list(itertools.product([True, False], [True, False]))
+VARIANT_IDS = [f"affine={a}-track={t}" for a, t in VARIANTS]
+
+
+def test_is_a_batchnorm2d():
+    m = FusedBatchNorm2d(3)
+    assert isinstance(m, nn.BatchNorm2d)
+    assert isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+@pytest.mark.parametrize("affine,track", VARIANTS, ids=VARIANT_IDS)
+def test_constructor_matches_nn(affine, track):
+    kwargs = dict(eps=1e-3, momentum=None, affine=affine, track_running_stats=track,
+                  dtype=torch.float64)
+    ours, theirs = FusedBatchNorm2d(5, **kwargs), nn.BatchNorm2d(5, **kwargs)
+    for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
+    for (n, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), n
+
+
+def _trained(module_cls, affine, track, steps=2):
+    m = module_cls(4, affine=affine, track_running_stats=track)
+    with torch.no_grad():
+        if affine:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    for _ in range(steps):
+        m(sample((3, 4, 5, 5)))
+    return m
+
+
+@pytest.mark.parametrize("affine,track", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("direction", ["nn_to_ours", "ours_to_nn"])
+def test_state_dict_round_trip(direction, affine, track):
+    src_cls, dst_cls = (nn.BatchNorm2d, FusedBatchNorm2d) if direction == "nn_to_ours" else (FusedBatchNorm2d, nn.BatchNorm2d)
+    src = _trained(src_cls, affine, track)
+    dst = dst_cls(4, affine=affine, track_running_stats=track)
+    sd = src.state_dict()
+    assert list(sd.keys()) == list(dst.state_dict().keys())
+    expected = (["weight", "bias"] if affine else []) + (
+        ["running_mean", "running_var", "num_batches_tracked"] if track else [])
+    assert list(sd.keys()) == expected
+    result = dst.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for key, value in dst.state_dict().items():
+        assert value.dtype == sd[key].dtype and torch.equal(value, sd[key]), key
+    if track:
+        assert int(dst.num_batches_tracked) == 2
+    # and both now compute the same thing (eval, running statistics) within the rule
+    src.eval(), dst.eval()
+    ref = nn.BatchNorm2d(4, affine=affine, track_running_stats=track).double().eval()
+    ref.load_state_dict(sd)
+    x = sample((3, 4, 5, 5))
+    ours, theirs = (dst, src) if direction == "nn_to_ours" else (src, dst)
+    assert_accurate(ours(x).detach(), theirs(x).detach(), ref(x.double()).detach(), name="after load")
+
+
+def test_state_dict_loads_into_nn_model_and_back():
+    """A whole converted model's checkpoint loads into the unconverted model."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False)))
+    plain = copy.deepcopy(model)
+    converted = convert_model(model)
+    converted(sample((2, 3, 8, 8)))
+    plain.load_state_dict(converted.state_dict(), strict=True)
+    assert converted.state_dict().keys() == plain.state_dict().keys()
+    for (k, a), (_, b) in zip(converted.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), k
+    copy.deepcopy(converted).load_state_dict(plain.state_dict(), strict=True)
+
+
+class _CustomBN(nn.BatchNorm2d):
+    pass
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, momentum=0.3, eps=1e-3)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False),
+                                   nn.ReLU(), _CustomBN(4))
+        self.bn_notrack = nn.BatchNorm2d(4, track_running_stats=False)
+        self.bn1d = nn.BatchNorm1d(4)
+        self.bn3d = nn.BatchNorm3d(4)
+        self.already = FusedBatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        x = self.bn_notrack(self.block(x))
+        return self.already(x)
+
+
+def test_convert_model_replaces_exactly_batchnorm2d():
+    net = _Net()
+    already = net.already
+    result = convert_model(net)
+    assert result is net
+    assert type(net.bn) is FusedBatchNorm2d
+    assert type(net.block[1]) is FusedBatchNorm2d
+    assert type(net.bn_notrack) is FusedBatchNorm2d
+    assert type(net.block[3]) is _CustomBN, "subclasses must be left alone"
+    assert type(net.bn1d) is nn.BatchNorm1d and type(net.bn3d) is nn.BatchNorm3d
+    assert net.already is already
+    assert (net.bn.momentum, net.bn.eps, net.bn.num_features) == (0.3, 1e-3, 4)
+    assert net.block[1].affine is False and net.block[1].weight is None
+    assert net.bn_notrack.track_running_stats is False and net.bn_notrack.running_mean is None
+
+
+def test_convert_model_shares_parameters_and_buffers():
+    net = _Net()
+    old = {name: t for name, t in itertools.chain(net.named_parameters(), net.named_buffers())}
+    convert_model(net)
+    new = {name: t for name, t in itertools.chain(net.named_parameters(), net.named_buffers())}
+    assert old.keys() == new.keys()
+    for name in old:
+        assert new[name] is old[name], f"{name} is not the same object after conversion"
+
+
+def test_convert_model_optimizer_built_before_conversion_still_updates():
+    net = _Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    convert_model(net)
+    w_before = net.bn.weight.detach().clone()
+    b_before = net.bn.bias.detach().clone()
+    net(sample((2, 3, 6, 6))).square().sum().backward()
+    grad_w = net.bn.weight.grad.clone()
+    assert bool(grad_w.abs().sum() > 0)
+    opt.step()
+    torch.testing.assert_close(net.bn.weight.detach(), w_before - 0.5 * grad_w, rtol=0, atol=0)
+    assert not torch.equal(net.bn.bias.detach(), b_before)
+
+
+def test_convert_model_keeps_training_flag():
+    net = _Net()
+    net.train()
+    net.block[1].eval()
+    convert_model(net)
+    assert net.bn.training is True and net.block[1].training is False
+    net2 = _Net().eval()
+    convert_model(net2)
+    assert net2.bn.training is False and net2.bn_notrack.training is False
+
+
+def test_convert_model_top_level_batchnorm():
+    bn = nn.BatchNorm2d(3, momentum=None).eval()
+    fused = convert_model(bn)
+    assert type(fused) is FusedBatchNorm2d and fused.training is False and fused.momentum is None
+    assert fused.weight is bn.weight and fused.running_var is bn.running_var
+    assert fused.num_batches_tracked is bn.num_batches_tracked
+
+
+def test_convert_model_leaves_other_modules_and_returns_same():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), _CustomBN(3))
+    assert convert_model(model) is model
+    assert type(model[1]) is _CustomBN
+
+
+def _plain_net():
+    # Convolutions feeding a BatchNorm have no bias and BatchNorms are separated by
+    # ReLU + conv: otherwise some gradients are exactly zero in exact arithmetic
+    # (a batch-normalized channel is invariant to a per-channel shift or scale
+    # upstream) and comparing their rounding noise would be meaningless.
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, momentum=0.3, eps=1e-3), nn.ReLU(),
+        nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+        nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, momentum=None))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_converted_model_matches_original(device, training):
+    """End to end: the converted model's outputs, input grad, every parameter grad
+    and every buffer after two steps are within the accuracy rule of the original,
+    against the original run in float64."""
+    original = _plain_net().to(device).train(training)
+    with torch.no_grad():
+        for m in original.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    converted = convert_model(copy.deepcopy(original))
+    assert sum(type(m) is FusedBatchNorm2d for m in converted.modules()) == 4
+    reference = copy.deepcopy(original).cpu().double()
+    for step in range(2):
+        x = sample((2, 3, 6, 6), device=device)
+        gy = sample((2, 4, 6, 6), device=device)
+        results = []
+        for model, xx, gg in ((converted, x, gy), (original, x, gy),
+                              (reference, x.cpu().double(), gy.cpu().double())):
+            model.zero_grad(set_to_none=True)
+            leaf = xx.detach().requires_grad_()
+            y = model(leaf)
+            y.backward(gg)
+            results.append({"output": y.detach(), "grad_input": leaf.grad,
+                            **{f"grad {n}": p.grad for n, p in model.named_parameters()},
+                            **{n: b for n, b in model.named_buffers()}})
+        ours, theirs, ref = results
+        assert ours.keys() == theirs.keys() == ref.keys()
+        for key in ours:
+            label = f"[converted model, training={training}, step {step}] {key}"
+            if key.endswith("num_batches_tracked"):
+                assert int(ours[key]) == int(theirs[key]), label
+            else:
+                assert_accurate(ours[key], theirs[key], ref[key], name=label)
