@@ -158,11 +158,12 @@ def write_markdown(path, meta, parity, records, summary):
         f"# fused_bn benchmark: {meta['device_name']}",
         "",
         f"- device: {meta['device_description']}; threads: {meta['num_threads']}",
-        f"- torch {meta['torch_version']}, CUDA {meta['cuda_version']}, "
+        f"- torch {meta['torch_version']}, CUDA {meta['cuda_version'] or 'n/a'}, "
         f"fused_bn {meta['fused_bn_version']}, commit `{meta['git_commit']}`"
         + (" (uncommitted changes)" if meta.get("git_dirty") else ""),
         f"- date: {meta['date']}; run took {meta['run_seconds']:.0f} s; timer: {meta['timer']}",
-        f"- parity: **{'PASS' if parity['passed'] else 'FAIL'}** ({parity['rule']})",
+        f"- parity: **{'SKIPPED' if parity.get('skipped') else 'PASS' if parity['passed'] else 'FAIL'}**"
+        f" ({parity['rule']})",
         f"- bytes model for GB/s: {BYTES_MODEL}",
     ]
     if copy_bw:
@@ -189,7 +190,7 @@ def write_plot(path, meta, records):
     all_speedups = [r[k] for r in records for k in ("speedup_vs_eager", "speedup_vs_compiled")
                     if r[k] and math.isfinite(r[k])]
     # Symmetric log2 range around 1x, so "2x faster" and "2x slower" look equally big.
-    span = max([1.0] + [abs(math.log2(v)) for v in all_speedups]) + 0.35
+    span = max([1.0] + [abs(math.log2(v)) for v in all_speedups]) + 0.6
     ticks = [2.0 ** k for k in range(-math.ceil(span), math.ceil(span) + 1)
              if abs(k) <= span]
     bar = 0.4
@@ -222,10 +223,13 @@ def write_plot(path, meta, records):
         ax.set_xticklabels([case_label(r) for r in rs], rotation=60, ha="right", fontsize=7)
         ax.set_xlim(-0.6, len(rs) - 0.4)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+    # One legend for all panels, above them, where it cannot hide a bar.
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=2, fontsize=9, frameon=False)
     fig.suptitle(f"fused_bn speedup, {meta['device_name']} "
-                 f"(torch {meta['torch_version']}, commit {meta['git_commit'][:10]})", fontsize=11)
-    fig.tight_layout()
+                 f"(torch {meta['torch_version']}, commit {meta['git_commit'][:10]})", fontsize=11,
+                 x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -270,7 +270,7 @@ def measure_case(case, modules, timer, copy_bw_gbps):
         s = record[f"speedup_vs_{other}"]
         if s is not None and s < report.SLOWER_THAN:
             record["notes"].append(f"SLOWER than {other} ({s:.2f}x)")
-    for impl, err in record["errors"].items():
+    for impl in record["errors"]:
         record["notes"].append(f"{impl} failed")
     return record
 
@@ -417,7 +417,9 @@ def main(argv=None):
     failures = [r["key"] for r in records if r["errors"]]
     if failures:
         print_loud(f"{len(failures)} case(s) had an implementation fail: {', '.join(failures)}")
-    if not parity["passed"]:
+    if parity.get("skipped"):
+        print_loud("PARITY CHECK SKIPPED (--skip-parity)")
+    elif not parity["passed"]:
         print_loud("PARITY FAILED (see above)")
     contended = [r["key"] for r in records if any("contended" in n for n in r["notes"])]
     if contended:
