@@ -28,7 +28,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace fused_bn::cpu {
 
@@ -37,41 +45,155 @@ using at::vec::Vectorized;
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;
 
-// Loads and stores two accumulation-type vectors' worth of elements, so
-// float16/bfloat16 data converts in whole native vectors.
+// ---------------------------------------------------------------------------
+// Tuning constants (measured on a 2-core AMD EPYC with 1 MB L2 per core and a
+// 32 MB shared L3; see bench/NOTES.md)
+// ---------------------------------------------------------------------------
+
+// Target elements per reduction block: large enough to amortize the per-block
+// merge, small enough that float partial sums stay accurate.
+constexpr int64_t kBlockElements = 4096;
+
+// Rows (NHWC) or vector steps (NCHW) summed in the accumulation type before
+// folding into double: short float runs keep each lane's rounding tiny even when
+// the data sit far from the block's shift.
+constexpr int64_t kRowsPerFold = 16;
+
+// Tensors (one of x, y, dy, dx) up to this size stay in the shared 32 MB L3
+// next to their partner; larger ones go to and from DRAM, where two things pay:
+//  - streaming (non-temporal) stores of the output: they skip the read for
+//    ownership an ordinary store of a missing line costs, and they no longer
+//    evict the input a second pass re-reads. A smaller output stays in cache
+//    for the next layer, so it is stored normally.
+//  - software prefetch in the NCHW passes: the hardware prefetcher stops at
+//    every 4 KB page and restarts on every plane (one channel's planes lie
+//    C·H·W elements apart), which left the statistics pass stalled on loads.
+//    On cache-resident data the prefetches only cost instructions.
+constexpr int64_t kCacheResidentBytes = int64_t{16} << 20;
+
+// How far ahead of the loads the NCHW passes prefetch.
+constexpr int64_t kPrefetchBytes = 4096;
+
+// Channels per task when merging NHWC block partials: below this the merge
+// runs on the calling thread, cheaper than waking the pool.
+constexpr int64_t kMergeGrain = 256;
+
+// Granularity of the NHWC passes that walk their rows backwards (nhwc_walk).
+constexpr int64_t kReverseSpanBytes = int64_t{256} << 10;
+
+// ---------------------------------------------------------------------------
+// Vector loads and stores
+// ---------------------------------------------------------------------------
+
+constexpr int64_t kStreamAlignment = sizeof(Vectorized<float>);
+
+inline bool stream_aligned(const void* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % kStreamAlignment == 0;
+}
+
+template <typename V>
+inline void stream_vector(void* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+    _mm512_stream_ps(static_cast<float*>(p), v);
+  } else if constexpr (std::is_same_v<V, Vectorized<double>>) {
+    _mm512_stream_pd(static_cast<double*>(p), v);
+  } else {
+    _mm512_stream_si512(static_cast<__m512i*>(p), v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+    _mm256_stream_ps(static_cast<float*>(p), v);
+  } else if constexpr (std::is_same_v<V, Vectorized<double>>) {
+    _mm256_stream_pd(static_cast<double*>(p), v);
+  } else {
+    _mm256_stream_si256(static_cast<__m256i*>(p), v);
+  }
+#else
+  v.store(p);
+#endif
+}
+
+// Streaming stores are weakly ordered: each thread fences its own before the
+// parallel region ends, so the output is complete when the op returns.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+
+// Two accumulation-type vectors' worth of elements, so float16/bfloat16 data
+// converts in whole native vectors.
 template <typename scalar_t>
 struct VecPair {
   using Acc = acc_t<scalar_t>;
   using AccVec = Vectorized<Acc>;
-  static constexpr int64_t kWidth = 2 * AccVec::size();
+  using Pair = std::pair<AccVec, AccVec>;
+  static constexpr int64_t kHalf = AccVec::size();
+  static constexpr int64_t kWidth = 2 * kHalf;
+  static constexpr int64_t kBytes = kWidth * sizeof(scalar_t);
+  static constexpr bool kNative = std::is_same_v<scalar_t, Acc>;
 
-  static inline void load(const scalar_t* p, AccVec& lo, AccVec& hi) {
-    if constexpr (std::is_same_v<scalar_t, Acc>) {
-      lo = AccVec::loadu(p);
-      hi = AccVec::loadu(p + AccVec::size());
+  // The first n elements (0 <= n <= kWidth); the other lanes read as zero and
+  // their memory is not touched.
+  static inline Pair load(const scalar_t* p, int64_t n = kWidth) {
+    if constexpr (kNative) {
+      if (n == kWidth) return {AccVec::loadu(p), AccVec::loadu(p + kHalf)};
+      return {AccVec::loadu(p, std::min(n, kHalf)),
+              n > kHalf ? AccVec::loadu(p + kHalf, n - kHalf) : AccVec(Acc(0))};
     } else {
-      at::vec::load_to_float<scalar_t>(p, lo, hi);
+      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(
+          n == kWidth ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n));
+      return {lo, hi};
     }
   }
-  static inline void store(scalar_t* p, const AccVec& lo, const AccVec& hi) {
-    if constexpr (std::is_same_v<scalar_t, Acc>) {
-      lo.store(p);
-      hi.store(p + AccVec::size());
+  // The first n elements. A partial pair goes through a buffer: masked vector
+  // stores are microcoded and slow on AMD's AVX-512 cores.
+  static inline void store(scalar_t* p, const Pair& v, int64_t n = kWidth) {
+    if constexpr (kNative) {
+      if (n == kWidth) {
+        v.first.store(p);
+        v.second.store(p + kHalf);
+      } else {
+        v.first.store(p, std::min(n, kHalf));
+        if (n > kHalf) v.second.store(p + kHalf, n - kHalf);
+      }
     } else {
-      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+      at::vec::convert_from_float<scalar_t>(v.first, v.second).store(p, n);
     }
+  }
+  // A whole pair with streaming stores; p must be stream_aligned.
+  static inline void stream(scalar_t* p, const Pair& v) {
+    if constexpr (kNative) {
+      stream_vector(p, v.first);
+      stream_vector(p + kHalf, v.second);
+    } else {
+      stream_vector(p, at::vec::convert_from_float<scalar_t>(v.first, v.second));
+    }
+  }
+  static inline void prefetch_pair(const scalar_t* p) {
+    for (int64_t b = 0; b < kBytes; b += 64) prefetch(reinterpret_cast<const char*>(p) + b);
   }
 };
 
 // Vector-lane sums in the accumulation type, folded into one double every
-// kFoldSteps additions. Short float runs keep the rounding of each lane tiny even
-// when the data sit far from the block's shift; the fold costs a few percent.
+// kRowsPerFold additions (see kRowsPerFold).
 template <typename Acc>
 struct LaneSum {
-  static constexpr int kFoldSteps = 16;
   Vectorized<Acc> lo{Acc(0)}, hi{Acc(0)};
   double total = 0.0;
 
+  void add(const Vectorized<Acc>& a, const Vectorized<Acc>& b) {
+    lo = lo + a;
+    hi = hi + b;
+  }
+  void add_product(const Vectorized<Acc>& a, const Vectorized<Acc>& b, const Vectorized<Acc>& c,
+                   const Vectorized<Acc>& d) {
+    lo = at::vec::fmadd(a, b, lo);
+    hi = at::vec::fmadd(c, d, hi);
+  }
   // Lane by lane in double: a float tree-sum of the lanes would round at the
   // scale of the whole fold and cost the mean its last bit.
   void fold() {
@@ -121,15 +243,31 @@ struct GradSums {
   }
 };
 
-// Per-channel coefficients of the element passes, all in the accumulation type:
-//   forward : y  = ((x − mean_hi) − mean_lo) · scale + shift
-//   backward: dx = dy · scale + (x − mean_hi) · x_coef + shift
-// mean_hi + mean_lo carries the double-precision mean through float arithmetic.
-template <typename Acc>
+// Channels per NHWC tile: two pairs, so a tile's per-channel coefficients and
+// accumulators fit the vector registers (4 vectors each).
+template <typename scalar_t>
+constexpr int64_t kTileWidth = 2 * VecPair<scalar_t>::kWidth;
+
+template <typename scalar_t>
+constexpr int64_t padded_channels(int64_t C) {
+  return (C + kTileWidth<scalar_t> - 1) / kTileWidth<scalar_t> * kTileWidth<scalar_t>;
+}
+
+// Per-channel coefficients of the element passes, in the accumulation type,
+// zero-padded to whole NHWC tiles so tile loads of them never need a mask:
+//   forward : y  = (x − mean) · scale + shift
+//   backward: dx = dy · scale + (x − mean) · x_coef + shift
+// The forward's mean is the double mean rounded to Acc; the rounding error times
+// scale is folded into shift, so the output keeps the double mean's accuracy.
+template <typename scalar_t>
 struct ChannelCoefs {
-  std::vector<Acc> mean_hi, mean_lo, scale, x_coef, shift;
+  using Acc = acc_t<scalar_t>;
+  std::vector<Acc> mean, scale, x_coef, shift;
   explicit ChannelCoefs(int64_t channels)
-      : mean_hi(channels), mean_lo(channels), scale(channels), x_coef(channels), shift(channels) {}
+      : mean(padded_channels<scalar_t>(channels)),
+        scale(mean.size()),
+        x_coef(mean.size()),
+        shift(mean.size()) {}
 };
 
 // ---------------------------------------------------------------------------
@@ -142,11 +280,8 @@ struct Geometry {
   int64_t N, C, HW;
   bool channels_last;
   int64_t per_channel() const { return N * HW; }
+  int64_t numel() const { return N * C * HW; }
 };
-
-// Target elements per reduction block: large enough to amortize the per-block
-// merge, small enough that float partial sums stay accurate.
-constexpr int64_t kBlockElements = 4096;
 
 // NCHW blocks of one channel: either a chunk of one plane (large planes) or a
 // group of whole planes (small planes).
@@ -185,10 +320,9 @@ struct RowBlocking {
     rows_per_block = (rows + blocks - 1) / blocks;
     blocks = rows == 0 ? 0 : (rows + rows_per_block - 1) / rows_per_block;
   }
+  int64_t begin(int64_t b) const { return b * rows_per_block; }
+  int64_t end(int64_t b, int64_t rows) const { return std::min(rows, (b + 1) * rows_per_block); }
 };
-
-// Rows summed in the accumulation type before folding into double (see LaneSum).
-constexpr int64_t kRowsPerFold = 16;
 
 // Channels handled whole by one thread (statistics, then the element pass while
 // the channel is still in cache) when there are enough of them to keep every
@@ -197,321 +331,438 @@ inline bool split_channels_across_threads(const Geometry& g) {
   return g.C < 4 * static_cast<int64_t>(at::get_num_threads());
 }
 
+// f(i) for i in [0, n), spread over threads; each thread fences its streaming
+// stores before the region ends.
 template <typename F>
-inline void parallel_over(int64_t n, F&& f) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+inline void parallel_over(int64_t n, F&& f, int64_t grain = 1) {
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) f(i);
+    stream_fence();
   });
 }
 
+// Whether a tensor of this many elements lives in DRAM (see kCacheResidentBytes).
+template <typename scalar_t>
+inline bool exceeds_cache(int64_t numel) {
+  return numel * static_cast<int64_t>(sizeof(scalar_t)) > kCacheResidentBytes;
+}
+
 // ---------------------------------------------------------------------------
-// NCHW reductions over one block
+// NCHW: reductions over one block and element passes over one plane
 // ---------------------------------------------------------------------------
 
+// Prefetches kPrefetchBytes ahead in a channel's plane order.
 template <typename scalar_t>
-Moments nchw_block_moments(const scalar_t* x_channel, int64_t plane_stride, int64_t n_begin,
-                           int64_t n_end, int64_t hw_begin, int64_t hw_end) {
+struct PlanePrefetch {
+  static constexpr int64_t kAhead = kPrefetchBytes / sizeof(scalar_t);
+  int64_t HW, plane_stride;
+  bool enabled;
+
+  // Planes shorter than the distance: at each plane's start, all of a later plane.
+  void at_plane_start(const scalar_t* plane) const {
+    if (!enabled || HW >= kAhead || HW == 0) return;
+    const char* ahead = reinterpret_cast<const char*>(plane + (kAhead + HW - 1) / HW * plane_stride);
+    const int64_t bytes = HW * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t b = 0; b < bytes; b += 64) prefetch(ahead + b);
+  }
+  // Longer planes: the pair kAhead elements on, in this plane or the next.
+  void at_position(const scalar_t* plane, int64_t i) const {
+    if (!enabled || HW < kAhead) return;
+    VecPair<scalar_t>::prefetch_pair(i + kAhead < HW ? plane + i + kAhead
+                                                     : plane + plane_stride + (i + kAhead - HW));
+  }
+};
+
+// Calls step(p, i, n) over the positions [hw_begin, hw_end) of planes
+// [n_begin, n_end) of one channel, n = VecPair width except at a plane's tail,
+// with prefetching of every stream in `streams` (the planes' base pointers
+// differ per stream by the same offset as p).
+template <typename scalar_t, typename Step>
+inline void nchw_walk(int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end,
+                      const PlanePrefetch<scalar_t>& ahead,
+                      std::initializer_list<const scalar_t*> streams, Step&& step) {
+  constexpr int64_t kWidth = VecPair<scalar_t>::kWidth;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int64_t plane = n * ahead.plane_stride;
+    for (const scalar_t* s : streams) ahead.at_plane_start(s + plane);
+    int64_t i = hw_begin;
+    for (; i + kWidth <= hw_end; i += kWidth) {
+      for (const scalar_t* s : streams) ahead.at_position(s + plane, i);
+      step(plane + i, kWidth);
+    }
+    if (i < hw_end) step(plane + i, hw_end - i);
+  }
+}
+
+// Bit masks keeping the first n lanes of a pair (0 < n <= kWidth): a plane's
+// tail has the same length in every plane, so the masks are made once per block.
+template <typename scalar_t>
+struct TailMask {
+  using IO = VecPair<scalar_t>;
+  using AccVec = typename IO::AccVec;
+  AccVec lo, hi;
+  explicit TailMask(int64_t n) {
+    const AccVec lane = AccVec::arange(0, 1);
+    lo = lane < AccVec(static_cast<acc_t<scalar_t>>(n));
+    hi = (lane + AccVec(static_cast<acc_t<scalar_t>>(IO::kHalf))) < AccVec(static_cast<acc_t<scalar_t>>(n));
+  }
+  typename IO::Pair apply(const AccVec& a, const AccVec& b) const { return {a & lo, b & hi}; }
+};
+
+template <typename scalar_t>
+Moments nchw_block_moments(const scalar_t* x_channel, const PlanePrefetch<scalar_t>& ahead,
+                           int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end) {
   using Acc = acc_t<scalar_t>;
   using IO = VecPair<scalar_t>;
   using AccVec = Vectorized<Acc>;
   if (n_end <= n_begin || hw_end <= hw_begin) return {};
-  const Acc shift = static_cast<Acc>(x_channel[n_begin * plane_stride + hw_begin]);
+  const Acc shift = static_cast<Acc>(x_channel[n_begin * ahead.plane_stride + hw_begin]);
   const AccVec shift_vec(shift);
+  const TailMask<scalar_t> tail((hw_end - hw_begin) % IO::kWidth);
   LaneSum<Acc> sum, sum_sq;
-  double tail_sum = 0, tail_sum_sq = 0;
-  int steps = 0;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const scalar_t* p = x_channel + n * plane_stride;
-    int64_t i = hw_begin;
-    for (; i + IO::kWidth <= hw_end; i += IO::kWidth) {
-      AccVec lo, hi;
-      IO::load(p + i, lo, hi);
-      lo = lo - shift_vec;
-      hi = hi - shift_vec;
-      sum.lo = sum.lo + lo;
-      sum.hi = sum.hi + hi;
-      sum_sq.lo = at::vec::fmadd(lo, lo, sum_sq.lo);
-      sum_sq.hi = at::vec::fmadd(hi, hi, sum_sq.hi);
-      if (++steps == LaneSum<Acc>::kFoldSteps) {
-        sum.fold();
-        sum_sq.fold();
-        steps = 0;
-      }
+  int64_t steps = 0;
+  nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, ahead, {x_channel}, [&](int64_t at, int64_t n) {
+    auto [lo, hi] = IO::load(x_channel + at, n);
+    lo = lo - shift_vec;
+    hi = hi - shift_vec;
+    if (n != IO::kWidth) std::tie(lo, hi) = tail.apply(lo, hi);
+    sum.add(lo, hi);
+    sum_sq.add_product(lo, lo, hi, hi);
+    if (++steps == kRowsPerFold) {
+      sum.fold();
+      sum_sq.fold();
+      steps = 0;
     }
-    for (; i < hw_end; ++i) {
-      const double d = static_cast<double>(static_cast<Acc>(p[i]) - shift);
-      tail_sum += d;
-      tail_sum_sq += d * d;
-    }
-  }
+  });
   sum.fold();
   sum_sq.fold();
-  return Moments::from_shifted_sums((n_end - n_begin) * (hw_end - hw_begin), shift,
-                                    sum.total + tail_sum, sum_sq.total + tail_sum_sq);
+  return Moments::from_shifted_sums((n_end - n_begin) * (hw_end - hw_begin), shift, sum.total,
+                                    sum_sq.total);
 }
 
 template <typename scalar_t>
 GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_channel,
-                              int64_t plane_stride, acc_t<scalar_t> mean, int64_t n_begin,
-                              int64_t n_end, int64_t hw_begin, int64_t hw_end) {
+                              const PlanePrefetch<scalar_t>& ahead, acc_t<scalar_t> mean,
+                              int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end) {
   using Acc = acc_t<scalar_t>;
   using IO = VecPair<scalar_t>;
   using AccVec = Vectorized<Acc>;
   const AccVec mean_vec(mean);
+  const TailMask<scalar_t> tail((hw_end - hw_begin) % IO::kWidth);
   LaneSum<Acc> sum_dy, sum_dy_xmu;
-  GradSums tail;
-  int steps = 0;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const scalar_t* xp = x_channel + n * plane_stride;
-    const scalar_t* gp = dy_channel + n * plane_stride;
-    int64_t i = hw_begin;
-    for (; i + IO::kWidth <= hw_end; i += IO::kWidth) {
-      AccVec x_lo, x_hi, g_lo, g_hi;
-      IO::load(xp + i, x_lo, x_hi);
-      IO::load(gp + i, g_lo, g_hi);
-      sum_dy.lo = sum_dy.lo + g_lo;
-      sum_dy.hi = sum_dy.hi + g_hi;
-      sum_dy_xmu.lo = at::vec::fmadd(g_lo, x_lo - mean_vec, sum_dy_xmu.lo);
-      sum_dy_xmu.hi = at::vec::fmadd(g_hi, x_hi - mean_vec, sum_dy_xmu.hi);
-      if (++steps == LaneSum<Acc>::kFoldSteps) {
-        sum_dy.fold();
-        sum_dy_xmu.fold();
-        steps = 0;
-      }
+  int64_t steps = 0;
+  nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, ahead, {x_channel, dy_channel},
+                      [&](int64_t at, int64_t n) {
+    const auto [x_lo, x_hi] = IO::load(x_channel + at, n);
+    const auto [g_lo, g_hi] = IO::load(dy_channel + at, n);
+    // Lanes past a tail load as zero: dy = 0 adds nothing, and the mask guards
+    // the product against an infinite or NaN mean.
+    auto [xm_lo, xm_hi] = std::pair{x_lo - mean_vec, x_hi - mean_vec};
+    if (n != IO::kWidth) std::tie(xm_lo, xm_hi) = tail.apply(xm_lo, xm_hi);
+    sum_dy.add(g_lo, g_hi);
+    sum_dy_xmu.add_product(g_lo, xm_lo, g_hi, xm_hi);
+    if (++steps == kRowsPerFold) {
+      sum_dy.fold();
+      sum_dy_xmu.fold();
+      steps = 0;
     }
-    for (; i < hw_end; ++i) {
-      const double g = static_cast<double>(static_cast<Acc>(gp[i]));
-      tail.sum_dy += g;
-      tail.sum_dy_xmu += g * static_cast<double>(static_cast<Acc>(xp[i]) - mean);
-    }
-  }
+  });
   sum_dy.fold();
   sum_dy_xmu.fold();
-  return {sum_dy.total + tail.sum_dy, sum_dy_xmu.total + tail.sum_dy_xmu};
+  return {sum_dy.total, sum_dy_xmu.total};
 }
 
-// ---------------------------------------------------------------------------
-// Element passes over a contiguous run of one channel (NCHW)
-// ---------------------------------------------------------------------------
-
-// y = ((x − mean_hi) − mean_lo) · scale + shift
-template <typename scalar_t>
-void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, acc_t<scalar_t> mean_hi,
-                   acc_t<scalar_t> mean_lo, acc_t<scalar_t> scale, acc_t<scalar_t> shift) {
-  using Acc = acc_t<scalar_t>;
+// out[i] = f(i, n) for a contiguous run of len elements; f returns the pair for
+// elements [i, i + n). Full pairs are streamed when asked and out is aligned.
+template <typename scalar_t, typename F>
+inline void map_run(scalar_t* out, int64_t len, bool stream, F&& f) {
   using IO = VecPair<scalar_t>;
-  using AccVec = Vectorized<Acc>;
-  const AccVec mh(mean_hi), ml(mean_lo), sc(scale), sh(shift);
+  stream = stream && stream_aligned(out);
   int64_t i = 0;
   for (; i + IO::kWidth <= len; i += IO::kWidth) {
-    AccVec lo, hi;
-    IO::load(x + i, lo, hi);
-    IO::store(y + i, at::vec::fmadd((lo - mh) - ml, sc, sh), at::vec::fmadd((hi - mh) - ml, sc, sh));
+    if (stream) {
+      IO::stream(out + i, f(i, IO::kWidth));
+    } else {
+      IO::store(out + i, f(i, IO::kWidth));
+    }
   }
-  for (; i < len; ++i) {
-    y[i] = static_cast<scalar_t>(((static_cast<Acc>(x[i]) - mean_hi) - mean_lo) * scale + shift);
-  }
+  if (i < len) IO::store(out + i, f(i, len - i), len - i);
+}
+
+// Training forward and eval: y = (x − mean) · scale + shift
+template <typename scalar_t>
+void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, acc_t<scalar_t> mean,
+                   acc_t<scalar_t> scale, acc_t<scalar_t> shift, bool stream) {
+  using IO = VecPair<scalar_t>;
+  using AccVec = typename IO::AccVec;
+  const AccVec m(mean), sc(scale), sh(shift);
+  map_run(y, len, stream, [&](int64_t i, int64_t n) -> typename IO::Pair {
+    const auto [lo, hi] = IO::load(x + i, n);
+    return {at::vec::fmadd(lo - m, sc, sh), at::vec::fmadd(hi - m, sc, sh)};
+  });
 }
 
 // Eval's dx = dy · scale: x plays no part (a NaN in x must not reach dx).
 template <typename scalar_t>
-void scale_run(const scalar_t* dy, scalar_t* dx, int64_t len, acc_t<scalar_t> scale) {
-  using Acc = acc_t<scalar_t>;
+void scale_run(const scalar_t* dy, scalar_t* dx, int64_t len, acc_t<scalar_t> scale, bool stream) {
   using IO = VecPair<scalar_t>;
-  using AccVec = Vectorized<Acc>;
+  using AccVec = typename IO::AccVec;
   const AccVec sc(scale);
-  int64_t i = 0;
-  for (; i + IO::kWidth <= len; i += IO::kWidth) {
-    AccVec lo, hi;
-    IO::load(dy + i, lo, hi);
-    IO::store(dx + i, lo * sc, hi * sc);
-  }
-  for (; i < len; ++i) dx[i] = static_cast<scalar_t>(static_cast<Acc>(dy[i]) * scale);
+  map_run(dx, len, stream, [&](int64_t i, int64_t n) -> typename IO::Pair {
+    const auto [lo, hi] = IO::load(dy + i, n);
+    return {lo * sc, hi * sc};
+  });
 }
 
-template <typename scalar_t>
-void scale_row(const scalar_t* dy, scalar_t* dx, int64_t C, const acc_t<scalar_t>* scale) {
-  using Acc = acc_t<scalar_t>;
-  using IO = VecPair<scalar_t>;
-  using AccVec = Vectorized<Acc>;
-  constexpr int64_t W = AccVec::size();
-  int64_t c = 0;
-  for (; c + IO::kWidth <= C; c += IO::kWidth) {
-    AccVec lo, hi;
-    IO::load(dy + c, lo, hi);
-    IO::store(dx + c, lo * AccVec::loadu(scale + c), hi * AccVec::loadu(scale + c + W));
-  }
-  for (; c < C; ++c) dx[c] = static_cast<scalar_t>(static_cast<Acc>(dy[c]) * scale[c]);
-}
-
-// Training's dx = dy · dy_coef + (x − mean) · x_coef + shift
+// Training's dx = dy · scale + (x − mean) · x_coef + shift
 template <typename scalar_t>
 void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
-                    acc_t<scalar_t> mean, acc_t<scalar_t> dy_coef, acc_t<scalar_t> x_coef,
-                    acc_t<scalar_t> shift) {
-  using Acc = acc_t<scalar_t>;
+                    acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> x_coef,
+                    acc_t<scalar_t> shift, bool stream) {
   using IO = VecPair<scalar_t>;
-  using AccVec = Vectorized<Acc>;
-  const AccVec mv(mean), gc(dy_coef), xc(x_coef), sh(shift);
-  int64_t i = 0;
-  for (; i + IO::kWidth <= len; i += IO::kWidth) {
-    AccVec x_lo, x_hi, g_lo, g_hi;
-    IO::load(x + i, x_lo, x_hi);
-    IO::load(dy + i, g_lo, g_hi);
-    IO::store(dx + i, at::vec::fmadd(g_lo, gc, at::vec::fmadd(x_lo - mv, xc, sh)),
-              at::vec::fmadd(g_hi, gc, at::vec::fmadd(x_hi - mv, xc, sh)));
-  }
-  for (; i < len; ++i) {
-    dx[i] = static_cast<scalar_t>(static_cast<Acc>(dy[i]) * dy_coef +
-                                  ((static_cast<Acc>(x[i]) - mean) * x_coef + shift));
-  }
+  using AccVec = typename IO::AccVec;
+  const AccVec mv(mean), sc(scale), xc(x_coef), sh(shift);
+  map_run(dx, len, stream, [&](int64_t i, int64_t n) -> typename IO::Pair {
+    const auto [x_lo, x_hi] = IO::load(x + i, n);
+    const auto [g_lo, g_hi] = IO::load(dy + i, n);
+    return {at::vec::fmadd(g_lo, sc, at::vec::fmadd(x_lo - mv, xc, sh)),
+            at::vec::fmadd(g_hi, sc, at::vec::fmadd(x_hi - mv, xc, sh))};
+  });
 }
 
 // ---------------------------------------------------------------------------
-// Element passes over one row of channels (NHWC)
+// NHWC: rows of C channels, walked tile by tile
 // ---------------------------------------------------------------------------
 
+// kTileWidth consecutive channels of one row as accumulation-type vectors.
+// Named members, not an array: gcc keeps a struct of vectors in registers but
+// spills an array of them to the stack on every access.
 template <typename scalar_t>
-void normalize_row(const scalar_t* x, scalar_t* y, int64_t C, const ChannelCoefs<acc_t<scalar_t>>& k) {
-  using Acc = acc_t<scalar_t>;
+struct Tile {
   using IO = VecPair<scalar_t>;
-  using AccVec = Vectorized<Acc>;
-  constexpr int64_t W = AccVec::size();
-  const Acc *mh = k.mean_hi.data(), *ml = k.mean_lo.data(), *sc = k.scale.data(),
-            *sh = k.shift.data();
-  int64_t c = 0;
-  for (; c + IO::kWidth <= C; c += IO::kWidth) {
-    AccVec lo, hi;
-    IO::load(x + c, lo, hi);
-    lo = at::vec::fmadd((lo - AccVec::loadu(mh + c)) - AccVec::loadu(ml + c), AccVec::loadu(sc + c),
-                        AccVec::loadu(sh + c));
-    hi = at::vec::fmadd((hi - AccVec::loadu(mh + c + W)) - AccVec::loadu(ml + c + W),
-                        AccVec::loadu(sc + c + W), AccVec::loadu(sh + c + W));
-    IO::store(y + c, lo, hi);
+  using AccVec = typename IO::AccVec;
+  static constexpr int64_t kWidth = kTileWidth<scalar_t>;
+  AccVec v0, v1, v2, v3;
+
+  // Tile of f applied lane-wise to the tiles' vectors.
+  template <typename F, typename... Tiles>
+  static inline Tile zip(F&& f, const Tiles&... t) {
+    return {f(t.v0...), f(t.v1...), f(t.v2...), f(t.v3...)};
   }
-  for (; c < C; ++c) {
-    y[c] = static_cast<scalar_t>(((static_cast<Acc>(x[c]) - mh[c]) - ml[c]) * sc[c] + sh[c]);
+  static inline Tile zero() {
+    const AccVec z(acc_t<scalar_t>(0));
+    return {z, z, z, z};
+  }
+  // The first n channels (n <= kWidth); the rest read as zero, and a second
+  // pair with no channels is not loaded at all.
+  static inline Tile load(const scalar_t* p, int64_t n) {
+    Tile t;
+    if (n == kWidth) {
+      std::tie(t.v0, t.v1) = IO::load(p);
+      std::tie(t.v2, t.v3) = IO::load(p + IO::kWidth);
+    } else {
+      std::tie(t.v0, t.v1) = IO::load(p, std::min(n, IO::kWidth));
+      if (n > IO::kWidth) {
+        std::tie(t.v2, t.v3) = IO::load(p + IO::kWidth, n - IO::kWidth);
+      } else {
+        t.v2 = t.v3 = AccVec(acc_t<scalar_t>(0));
+      }
+    }
+    return t;
+  }
+  // Per-channel coefficients from a padded array.
+  static inline Tile coefs(const acc_t<scalar_t>* p) {
+    constexpr int64_t W = AccVec::size();
+    return {AccVec::loadu(p), AccVec::loadu(p + W), AccVec::loadu(p + 2 * W), AccVec::loadu(p + 3 * W)};
+  }
+  inline void store(scalar_t* p, int64_t n, bool stream) const {
+    if (n == kWidth) {
+      if (stream) {
+        IO::stream(p, {v0, v1});
+        IO::stream(p + IO::kWidth, {v2, v3});
+      } else {
+        IO::store(p, {v0, v1});
+        IO::store(p + IO::kWidth, {v2, v3});
+      }
+      return;
+    }
+    if (n >= IO::kWidth && stream) {
+      IO::stream(p, {v0, v1});
+    } else {
+      IO::store(p, {v0, v1}, std::min(n, IO::kWidth));
+    }
+    if (n > IO::kWidth) IO::store(p + IO::kWidth, {v2, v3}, n - IO::kWidth);
+  }
+  // Adds the lanes into totals[0..kWidth) in double (see LaneSum::fold).
+  inline void fold_into(double* totals) const {
+    constexpr int64_t W = AccVec::size();
+    acc_t<scalar_t> lanes[kWidth];
+    v0.store(lanes);
+    v1.store(lanes + W);
+    v2.store(lanes + 2 * W);
+    v3.store(lanes + 3 * W);
+    for (int64_t i = 0; i < kWidth; ++i) totals[i] += static_cast<double>(lanes[i]);
+  }
+};
+
+// Visits rows [row_begin, row_end) as pieces (at most kRowsPerFold rows × one
+// channel tile), tiles innermost: a piece's per-channel vectors stay in
+// registers while its rows stay in L1. f(r0, r1, c0, n): rows [r0, r1),
+// channels [c0, c0 + n). With reversed, spans of about kReverseSpanBytes go
+// from the end of the range (rows within a span still go forward, which the
+// hardware prefetcher needs): a pass that follows a reduction over the same
+// rows starts on what the reduction read last, still in the last-level cache.
+template <typename scalar_t, typename F>
+inline void nhwc_walk(int64_t C, int64_t row_begin, int64_t row_end, bool reversed, F&& f) {
+  const int64_t row_bytes = std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(scalar_t)));
+  const int64_t span = reversed ? std::max<int64_t>(1, kReverseSpanBytes / row_bytes / kRowsPerFold) * kRowsPerFold
+                                : row_end - row_begin;
+  const int64_t spans = span > 0 ? (row_end - row_begin + span - 1) / span : 0;
+  for (int64_t k = 0; k < spans; ++k) {
+    const int64_t s0 = row_begin + (reversed ? spans - 1 - k : k) * span;
+    const int64_t s1 = std::min(row_end, s0 + span);
+    for (int64_t r0 = s0; r0 < s1; r0 += kRowsPerFold) {
+      const int64_t r1 = std::min(s1, r0 + kRowsPerFold);
+      for (int64_t c0 = 0; c0 < C; c0 += kTileWidth<scalar_t>) {
+        f(r0, r1, c0, std::min(kTileWidth<scalar_t>, C - c0));
+      }
+    }
   }
 }
 
-template <typename scalar_t>
-void grad_input_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t C,
-                    const ChannelCoefs<acc_t<scalar_t>>& k) {
-  using Acc = acc_t<scalar_t>;
-  using IO = VecPair<scalar_t>;
-  using AccVec = Vectorized<Acc>;
-  constexpr int64_t W = AccVec::size();
-  const Acc *mv = k.mean_hi.data(), *gc = k.scale.data(), *xc = k.x_coef.data(),
-            *sh = k.shift.data();
-  int64_t c = 0;
-  for (; c + IO::kWidth <= C; c += IO::kWidth) {
-    AccVec x_lo, x_hi, g_lo, g_hi;
-    IO::load(x + c, x_lo, x_hi);
-    IO::load(dy + c, g_lo, g_hi);
-    const AccVec lo = at::vec::fmadd(
-        g_lo, AccVec::loadu(gc + c),
-        at::vec::fmadd(x_lo - AccVec::loadu(mv + c), AccVec::loadu(xc + c), AccVec::loadu(sh + c)));
-    const AccVec hi = at::vec::fmadd(
-        g_hi, AccVec::loadu(gc + c + W),
-        at::vec::fmadd(x_hi - AccVec::loadu(mv + c + W), AccVec::loadu(xc + c + W),
-                       AccVec::loadu(sh + c + W)));
-    IO::store(dx + c, lo, hi);
-  }
-  for (; c < C; ++c) {
-    dx[c] = static_cast<scalar_t>(static_cast<Acc>(dy[c]) * gc[c] +
-                                  ((static_cast<Acc>(x[c]) - mv[c]) * xc[c] + sh[c]));
-  }
-}
-
-// ---------------------------------------------------------------------------
-// NHWC reductions over one block of rows
-// ---------------------------------------------------------------------------
-
-// Per-channel moments of rows [row_begin, row_end), written to out[0..C).
+// Per-channel mean and M2 of rows [row_begin, row_end), written to
+// mean_out[0..C) and m2_out[0..C) (structure of arrays: see merge_row_blocks).
 template <typename scalar_t>
 void nhwc_block_moments(const scalar_t* x, int64_t C, int64_t row_begin, int64_t row_end,
-                        Moments* out) {
+                        double* mean_out, double* m2_out) {
   using Acc = acc_t<scalar_t>;
-  using IO = VecPair<scalar_t>;
-  using AccVec = Vectorized<Acc>;
-  constexpr int64_t W = AccVec::size();
-  std::vector<Acc> shift(C), sum(C), sum_sq(C);
-  std::vector<double> total(C, 0.0), total_sq(C, 0.0);
+  using T = Tile<scalar_t>;
+  const int64_t padded = padded_channels<scalar_t>(C);
+  std::vector<Acc> shift(padded, Acc(0));
+  std::vector<double> total(padded, 0.0), total_sq(padded, 0.0);
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<Acc>(x[row_begin * C + c]);
-  for (int64_t fold_begin = row_begin; fold_begin < row_end; fold_begin += kRowsPerFold) {
-    const int64_t fold_end = std::min(row_end, fold_begin + kRowsPerFold);
-    std::fill(sum.begin(), sum.end(), Acc(0));
-    std::fill(sum_sq.begin(), sum_sq.end(), Acc(0));
-    for (int64_t r = fold_begin; r < fold_end; ++r) {
-      const scalar_t* row = x + r * C;
-      int64_t c = 0;
-      for (; c + IO::kWidth <= C; c += IO::kWidth) {
-        AccVec lo, hi;
-        IO::load(row + c, lo, hi);
-        lo = lo - AccVec::loadu(shift.data() + c);
-        hi = hi - AccVec::loadu(shift.data() + c + W);
-        (AccVec::loadu(sum.data() + c) + lo).store(sum.data() + c);
-        (AccVec::loadu(sum.data() + c + W) + hi).store(sum.data() + c + W);
-        at::vec::fmadd(lo, lo, AccVec::loadu(sum_sq.data() + c)).store(sum_sq.data() + c);
-        at::vec::fmadd(hi, hi, AccVec::loadu(sum_sq.data() + c + W)).store(sum_sq.data() + c + W);
-      }
-      for (; c < C; ++c) {
-        const Acc d = static_cast<Acc>(row[c]) - shift[c];
-        sum[c] += d;
-        sum_sq[c] += d * d;
-      }
+  nhwc_walk<scalar_t>(C, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+    // Lanes past n load as zero from both x and the padded shift: they add nothing.
+    const T k = T::coefs(shift.data() + c0);
+    T sum = T::zero(), sum_sq = T::zero();
+    for (int64_t r = r0; r < r1; ++r) {
+      const T d = T::zip([](auto x, auto kk) { return x - kk; }, T::load(x + r * C + c0, n), k);
+      sum = T::zip([](auto s_, auto d_) { return s_ + d_; }, sum, d);
+      sum_sq = T::zip([](auto q, auto d_) { return at::vec::fmadd(d_, d_, q); }, sum_sq, d);
     }
-    for (int64_t c = 0; c < C; ++c) {
-      total[c] += sum[c];
-      total_sq[c] += sum_sq[c];
-    }
-  }
+    sum.fold_into(total.data() + c0);
+    sum_sq.fold_into(total_sq.data() + c0);
+  });
+  const double n = static_cast<double>(row_end - row_begin);
   for (int64_t c = 0; c < C; ++c) {
-    out[c] = Moments::from_shifted_sums(row_end - row_begin, shift[c], total[c], total_sq[c]);
+    mean_out[c] = static_cast<double>(shift[c]) + total[c] / n;
+    m2_out[c] = std::max(total_sq[c] - total[c] * total[c] / n, 0.0);
   }
 }
 
+// Merges the row blocks' per-channel moments in block order (Chan's formula,
+// as Moments::merge) for channels [c_begin, c_end). Every channel of a block
+// has the same count, so the weights are per block and the loop over channels
+// vectorizes: with many channels and 64 blocks, merging Moments one channel at
+// a time took a tenth of the training forward.
+inline void merge_row_blocks(const RowBlocking& rb, int64_t rows, int64_t C, const double* block_mean,
+                             const double* block_m2, int64_t c_begin, int64_t c_end, double* mean,
+                             double* m2) {
+  std::copy(block_mean + c_begin, block_mean + c_end, mean + c_begin);
+  std::copy(block_m2 + c_begin, block_m2 + c_end, m2 + c_begin);
+  double count = static_cast<double>(rb.end(0, rows) - rb.begin(0));
+  for (int64_t b = 1; b < rb.blocks; ++b) {
+    const double block_count = static_cast<double>(rb.end(b, rows) - rb.begin(b));
+    const double fraction = block_count / (count + block_count);
+    const double weight = count * fraction;
+    const double* bm = block_mean + b * C;
+    const double* bm2 = block_m2 + b * C;
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const double delta = bm[c] - mean[c];
+      mean[c] += delta * fraction;
+      m2[c] += bm2[c] + delta * delta * weight;
+    }
+    count += block_count;
+  }
+}
+
+// mean: padded to whole tiles.
 template <typename scalar_t>
 void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
                           const acc_t<scalar_t>* mean, int64_t row_begin, int64_t row_end,
                           GradSums* out) {
   using Acc = acc_t<scalar_t>;
-  using IO = VecPair<scalar_t>;
-  using AccVec = Vectorized<Acc>;
-  constexpr int64_t W = AccVec::size();
-  std::vector<Acc> sum_dy(C), sum_dy_xmu(C);
-  for (int64_t c = 0; c < C; ++c) out[c] = GradSums{};
-  for (int64_t fold_begin = row_begin; fold_begin < row_end; fold_begin += kRowsPerFold) {
-    const int64_t fold_end = std::min(row_end, fold_begin + kRowsPerFold);
-    std::fill(sum_dy.begin(), sum_dy.end(), Acc(0));
-    std::fill(sum_dy_xmu.begin(), sum_dy_xmu.end(), Acc(0));
-    for (int64_t r = fold_begin; r < fold_end; ++r) {
-      const scalar_t* xr = x + r * C;
-      const scalar_t* gr = dy + r * C;
-      int64_t c = 0;
-      for (; c + IO::kWidth <= C; c += IO::kWidth) {
-        AccVec x_lo, x_hi, g_lo, g_hi;
-        IO::load(xr + c, x_lo, x_hi);
-        IO::load(gr + c, g_lo, g_hi);
-        (AccVec::loadu(sum_dy.data() + c) + g_lo).store(sum_dy.data() + c);
-        (AccVec::loadu(sum_dy.data() + c + W) + g_hi).store(sum_dy.data() + c + W);
-        at::vec::fmadd(g_lo, x_lo - AccVec::loadu(mean + c), AccVec::loadu(sum_dy_xmu.data() + c))
-            .store(sum_dy_xmu.data() + c);
-        at::vec::fmadd(g_hi, x_hi - AccVec::loadu(mean + c + W),
-                       AccVec::loadu(sum_dy_xmu.data() + c + W))
-            .store(sum_dy_xmu.data() + c + W);
-      }
-      for (; c < C; ++c) {
-        const Acc g = static_cast<Acc>(gr[c]);
-        sum_dy[c] += g;
-        sum_dy_xmu[c] += g * (static_cast<Acc>(xr[c]) - mean[c]);
-      }
+  using T = Tile<scalar_t>;
+  const int64_t padded = padded_channels<scalar_t>(C);
+  std::vector<double> sum_dy(padded, 0.0), sum_dy_xmu(padded, 0.0);
+  nhwc_walk<scalar_t>(C, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+    const T m = T::coefs(mean + c0);
+    T s_dy = T::zero(), s_dy_xmu = T::zero();
+    for (int64_t r = r0; r < r1; ++r) {
+      const T tx = T::load(x + r * C + c0, n);
+      const T tg = T::load(dy + r * C + c0, n);
+      s_dy = T::zip([](auto s_, auto g) { return s_ + g; }, s_dy, tg);
+      s_dy_xmu = T::zip([](auto s_, auto g, auto xx, auto mm) { return at::vec::fmadd(g, xx - mm, s_); },
+                        s_dy_xmu, tg, tx, m);
     }
-    for (int64_t c = 0; c < C; ++c) {
-      out[c].sum_dy += sum_dy[c];
-      out[c].sum_dy_xmu += sum_dy_xmu[c];
+    s_dy.fold_into(sum_dy.data() + c0);
+    s_dy_xmu.fold_into(sum_dy_xmu.data() + c0);
+  });
+  for (int64_t c = 0; c < C; ++c) out[c] = GradSums{sum_dy[c], sum_dy_xmu[c]};
+}
+
+// y = (x − mean) · scale + shift over rows [row_begin, row_end).
+template <typename scalar_t>
+void normalize_rows(const scalar_t* x, scalar_t* y, int64_t C, int64_t row_begin, int64_t row_end,
+                    const ChannelCoefs<scalar_t>& k, bool stream, bool reversed) {
+  using T = Tile<scalar_t>;
+  nhwc_walk<scalar_t>(C, row_begin, row_end, reversed, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+    const T m = T::coefs(k.mean.data() + c0), sc = T::coefs(k.scale.data() + c0),
+            sh = T::coefs(k.shift.data() + c0);
+    for (int64_t r = r0; r < r1; ++r) {
+      T::zip([](auto xx, auto mm, auto s_, auto h) { return at::vec::fmadd(xx - mm, s_, h); },
+             T::load(x + r * C + c0, n), m, sc, sh)
+          .store(y + r * C + c0, n, stream);
     }
-  }
+  });
+}
+
+// Training's dx = dy · scale + (x − mean) · x_coef + shift, or eval's dy · scale.
+template <typename scalar_t>
+void grad_input_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t C,
+                     int64_t row_begin, int64_t row_end, const ChannelCoefs<scalar_t>& k,
+                     bool training, bool stream, bool reversed) {
+  using T = Tile<scalar_t>;
+  nhwc_walk<scalar_t>(C, row_begin, row_end, reversed, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+    const T sc = T::coefs(k.scale.data() + c0);
+    if (!training) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T::zip([](auto g, auto s_) { return g * s_; }, T::load(dy + r * C + c0, n), sc)
+            .store(dx + r * C + c0, n, stream);
+      }
+      return;
+    }
+    const T m = T::coefs(k.mean.data() + c0), xc = T::coefs(k.x_coef.data() + c0),
+            sh = T::coefs(k.shift.data() + c0);
+    for (int64_t r = r0; r < r1; ++r) {
+      T::zip([](auto g, auto s_, auto xx, auto mm, auto c, auto h) {
+               return at::vec::fmadd(g, s_, at::vec::fmadd(xx - mm, c, h));
+             },
+             T::load(dy + r * C + c0, n), sc, T::load(x + r * C + c0, n), m, xc, sh)
+          .store(dx + r * C + c0, n, stream);
+    }
+  });
+}
+
+// Streaming stores of NHWC tiles need every row to start aligned.
+template <typename scalar_t>
+inline bool rows_stream_aligned(const scalar_t* out, int64_t C) {
+  return stream_aligned(out) && (C * static_cast<int64_t>(sizeof(scalar_t))) % kStreamAlignment == 0;
+}
+
+// Rows per parallel task of an NHWC element pass.
+inline int64_t row_grain(int64_t C) {
+  return std::max<int64_t>(kRowsPerFold, kBlockElements / std::max<int64_t>(C, 1));
 }
 
 // ---------------------------------------------------------------------------
@@ -532,12 +783,25 @@ inline double param_or(const param_t* p, int64_t c, double fallback) {
   return p ? static_cast<double>(p[c]) : fallback;
 }
 
+// Normalize coefficients of channel c from a double mean and invstd.
+template <typename scalar_t, typename param_t>
+void set_normalize_coefs(int64_t c, double mean, double invstd, const ChannelTensors<param_t>& t,
+                         ChannelCoefs<scalar_t>& k) {
+  using Acc = acc_t<scalar_t>;
+  const double scale = invstd * param_or(t.weight, c, 1.0);
+  const Acc mean_rounded = static_cast<Acc>(mean);
+  k.mean[c] = mean_rounded;
+  k.scale[c] = static_cast<Acc>(scale);
+  k.shift[c] = static_cast<Acc>(param_or(t.bias, c, 0.0) -
+                                (mean - static_cast<double>(mean_rounded)) * scale);
+}
+
 // Finalizes channel c from its moments: saved statistics, running-statistics
 // update, and the normalize coefficients.
 template <typename scalar_t, typename param_t>
 void finalize_channel_stats(int64_t c, const Moments& m, const ChannelTensors<param_t>& t,
                             double factor, double eps, acc_t<scalar_t>* save_mean,
-                            acc_t<scalar_t>* save_invstd, ChannelCoefs<acc_t<scalar_t>>& k) {
+                            acc_t<scalar_t>* save_invstd, ChannelCoefs<scalar_t>& k) {
   using Acc = acc_t<scalar_t>;
   const double n = static_cast<double>(m.count);
   const double var = m.count > 0 ? m.m2 / n : 0.0;
@@ -554,53 +818,51 @@ void finalize_channel_stats(int64_t c, const Moments& m, const ChannelTensors<pa
     t.running_var[c] =
         static_cast<param_t>((1.0 - factor) * static_cast<double>(t.running_var[c]) + factor * unbiased);
   }
-  const Acc mean_hi = static_cast<Acc>(m.mean);
-  k.mean_hi[c] = mean_hi;
-  k.mean_lo[c] = static_cast<Acc>(m.mean - static_cast<double>(mean_hi));
-  k.scale[c] = static_cast<Acc>(invstd * param_or(t.weight, c, 1.0));
-  k.shift[c] = static_cast<Acc>(param_or(t.bias, c, 0.0));
+  set_normalize_coefs<scalar_t>(c, m.mean, invstd, t, k);
 }
 
 template <typename scalar_t, typename param_t>
 void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const ChannelTensors<param_t>& t,
                    double factor, double eps, acc_t<scalar_t>* save_mean,
                    acc_t<scalar_t>* save_invstd) {
-  using Acc = acc_t<scalar_t>;
   const int64_t N = g.N, C = g.C, HW = g.HW;
-  ChannelCoefs<Acc> k(C);
+  ChannelCoefs<scalar_t> k(C);
+  const bool stream = exceeds_cache<scalar_t>(g.numel());
 
   if (g.channels_last) {
     const int64_t rows = N * HW;
     const RowBlocking rb(rows, C);
-    std::vector<Moments> partial(rb.blocks * C);
+    std::vector<double> block_mean(rb.blocks * C), block_m2(rb.blocks * C), mean(C), m2(C);
     parallel_over(rb.blocks, [&](int64_t b) {
-      nhwc_block_moments(x, C, b * rb.rows_per_block, std::min(rows, (b + 1) * rb.rows_per_block),
-                         partial.data() + b * C);
+      nhwc_block_moments(x, C, rb.begin(b), rb.end(b, rows), block_mean.data() + b * C,
+                         block_m2.data() + b * C);
     });
-    parallel_over(C, [&](int64_t c) {
-      Moments m;
-      for (int64_t b = 0; b < rb.blocks; ++b) m.merge(partial[b * C + c]);
-      finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, k);
+    at::parallel_for(0, C, kMergeGrain, [&](int64_t c_begin, int64_t c_end) {
+      merge_row_blocks(rb, rows, C, block_mean.data(), block_m2.data(), c_begin, c_end, mean.data(),
+                       m2.data());
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        finalize_channel_stats<scalar_t>(c, Moments{rows, mean[c], m2[c]}, t, factor, eps, save_mean,
+                                         save_invstd, k);
+      }
     });
-    at::parallel_for(0, rows, std::max<int64_t>(1, kBlockElements / std::max<int64_t>(C, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t r = begin; r < end; ++r) normalize_row(x + r * C, y + r * C, C, k);
-                     });
+    const bool stream_rows = stream && rows_stream_aligned(y, C);
+    at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+      normalize_rows(x, y, C, begin, end, k, stream_rows, /*reversed=*/true);
+      stream_fence();
+    });
     return;
   }
 
   const PlaneBlocking pb(N, HW);
-  const int64_t plane_stride = C * HW;
+  const PlanePrefetch<scalar_t> ahead{HW, C * HW, exceeds_cache<scalar_t>(g.numel())};
   auto block_moments = [&](int64_t c, int64_t b) {
     int64_t n0, n1, h0, h1;
     pb.range(b, N, HW, n0, n1, h0, h1);
-    return nchw_block_moments(x + c * HW, plane_stride, n0, n1, h0, h1);
+    return nchw_block_moments(x + c * HW, ahead, n0, n1, h0, h1);
   };
-  auto normalize_planes = [&](int64_t c, int64_t n_begin, int64_t n_end) {
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      const int64_t offset = n * plane_stride + c * HW;
-      normalize_run(x + offset, y + offset, HW, k.mean_hi[c], k.mean_lo[c], k.scale[c], k.shift[c]);
-    }
+  auto normalize_plane = [&](int64_t c, int64_t n) {
+    const int64_t offset = n * C * HW + c * HW;
+    normalize_run(x + offset, y + offset, HW, k.mean[c], k.scale[c], k.shift[c], stream);
   };
 
   if (!split_channels_across_threads(g)) {
@@ -608,7 +870,7 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
       Moments m;
       for (int64_t b = 0; b < pb.blocks; ++b) m.merge(block_moments(c, b));
       finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, k);
-      normalize_planes(c, 0, N);
+      for (int64_t n = 0; n < N; ++n) normalize_plane(c, n);
     });
     return;
   }
@@ -619,37 +881,31 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
     for (int64_t b = 0; b < pb.blocks; ++b) m.merge(partial[c * pb.blocks + b]);
     finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, k);
   }
-  parallel_over(C * N, [&](int64_t i) { normalize_planes(i / N, i % N, i % N + 1); });
+  parallel_over(C * N, [&](int64_t i) { normalize_plane(i / N, i % N); });
 }
 
 template <typename scalar_t, typename param_t>
 void eval_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const ChannelTensors<param_t>& t,
                   double eps) {
-  using Acc = acc_t<scalar_t>;
   const int64_t N = g.N, C = g.C, HW = g.HW;
-  ChannelCoefs<Acc> k(C);
+  ChannelCoefs<scalar_t> k(C);
   for (int64_t c = 0; c < C; ++c) {
     const double invstd = 1.0 / std::sqrt(static_cast<double>(t.running_var[c]) + eps);
-    k.mean_hi[c] = static_cast<Acc>(t.running_mean[c]);
-    k.mean_lo[c] = Acc(0);
-    k.scale[c] = static_cast<Acc>(invstd * param_or(t.weight, c, 1.0));
-    k.shift[c] = static_cast<Acc>(param_or(t.bias, c, 0.0));
+    set_normalize_coefs<scalar_t>(c, static_cast<double>(t.running_mean[c]), invstd, t, k);
   }
+  const bool stream = exceeds_cache<scalar_t>(g.numel());
   if (g.channels_last) {
-    at::parallel_for(0, N * HW, std::max<int64_t>(1, kBlockElements / std::max<int64_t>(C, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t r = begin; r < end; ++r) normalize_row(x + r * C, y + r * C, C, k);
-                     });
+    const bool stream_rows = stream && rows_stream_aligned(y, C);
+    at::parallel_for(0, N * HW, row_grain(C), [&](int64_t begin, int64_t end) {
+      normalize_rows(x, y, C, begin, end, k, stream_rows, /*reversed=*/false);
+      stream_fence();
+    });
     return;
   }
-  at::parallel_for(0, N * C, std::max<int64_t>(1, kBlockElements / std::max<int64_t>(HW, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t i = begin; i < end; ++i) {
-                       const int64_t c = i % C;
-                       normalize_run(x + i * HW, y + i * HW, HW, k.mean_hi[c], Acc(0), k.scale[c],
-                                     k.shift[c]);
-                     }
-                   });
+  parallel_over(N * C, [&](int64_t i) {
+    const int64_t c = i % C;
+    normalize_run(x + i * HW, y + i * HW, HW, k.mean[c], k.scale[c], k.shift[c], stream);
+  }, std::max<int64_t>(1, kBlockElements / std::max<int64_t>(HW, 1)));
 }
 
 // Outputs of the backward op (null where the output mask is false).
@@ -660,18 +916,17 @@ struct BackwardOutputs {
   param_t* grad_bias = nullptr;
 };
 
-// Backward coefficients of channel c from its sums (see ChannelCoefs).
+// Backward coefficients of channel c from its sums (see ChannelCoefs); k.mean
+// is already set.
 template <typename scalar_t, typename param_t>
 void finalize_channel_grads(int64_t c, const GradSums& s, int64_t count, bool training,
-                            const param_t* weight, const acc_t<scalar_t>* mean,
-                            const acc_t<scalar_t>* invstd, const BackwardOutputs<scalar_t, param_t>& out,
-                            ChannelCoefs<acc_t<scalar_t>>& k) {
+                            const param_t* weight, const acc_t<scalar_t>* invstd,
+                            const BackwardOutputs<scalar_t, param_t>& out, ChannelCoefs<scalar_t>& k) {
   using Acc = acc_t<scalar_t>;
   const double istd = static_cast<double>(invstd[c]);
   const double w = param_or(weight, c, 1.0);
   if (out.grad_weight) out.grad_weight[c] = static_cast<param_t>(s.sum_dy_xmu * istd);
   if (out.grad_bias) out.grad_bias[c] = static_cast<param_t>(s.sum_dy);
-  k.mean_hi[c] = mean[c];
   k.scale[c] = static_cast<Acc>(w * istd);
   if (training && count > 0) {
     const double n = static_cast<double>(count);
@@ -687,13 +942,14 @@ template <typename scalar_t, typename param_t>
 void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const param_t* weight,
               const acc_t<scalar_t>* mean, const acc_t<scalar_t>* invstd, bool training,
               const BackwardOutputs<scalar_t, param_t>& out) {
-  using Acc = acc_t<scalar_t>;
   const int64_t N = g.N, C = g.C, HW = g.HW;
   const int64_t count = g.per_channel();
-  ChannelCoefs<Acc> k(C);
+  ChannelCoefs<scalar_t> k(C);
+  std::copy(mean, mean + C, k.mean.begin());
   // Eval's dx needs no sums; training's dx and both parameter grads do.
   const bool need_sums = training ? out.grad_input || out.grad_weight || out.grad_bias
                                   : out.grad_weight || out.grad_bias;
+  const bool stream = exceeds_cache<scalar_t>(g.numel());
 
   if (g.channels_last) {
     const int64_t rows = N * HW;
@@ -701,46 +957,42 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     std::vector<GradSums> partial(need_sums ? rb.blocks * C : 0);
     if (need_sums) {
       parallel_over(rb.blocks, [&](int64_t b) {
-        nhwc_block_grad_sums(x, dy, C, mean, b * rb.rows_per_block,
-                             std::min(rows, (b + 1) * rb.rows_per_block), partial.data() + b * C);
+        nhwc_block_grad_sums(x, dy, C, k.mean.data(), rb.begin(b), rb.end(b, rows),
+                             partial.data() + b * C);
       });
     }
-    parallel_over(C, [&](int64_t c) {
-      GradSums s;
-      for (int64_t b = 0; need_sums && b < rb.blocks; ++b) s.add(partial[b * C + c]);
-      finalize_channel_grads<scalar_t>(c, s, count, training, weight, mean, invstd, out, k);
+    at::parallel_for(0, C, kMergeGrain, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        GradSums s;
+        for (int64_t b = 0; need_sums && b < rb.blocks; ++b) s.add(partial[b * C + c]);
+        finalize_channel_grads<scalar_t>(c, s, count, training, weight, invstd, out, k);
+      }
     });
     if (out.grad_input) {
-      at::parallel_for(0, rows, std::max<int64_t>(1, kBlockElements / std::max<int64_t>(C, 1)),
-                       [&](int64_t begin, int64_t end) {
-                         for (int64_t r = begin; r < end; ++r) {
-                           if (training) {
-                             grad_input_row(x + r * C, dy + r * C, out.grad_input + r * C, C, k);
-                           } else {
-                             scale_row(dy + r * C, out.grad_input + r * C, C, k.scale.data());
-                           }
-                         }
-                       });
+      const bool stream_rows = stream && rows_stream_aligned(out.grad_input, C);
+      at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
+        grad_input_rows(x, dy, out.grad_input, C, begin, end, k, training, stream_rows,
+                        /*reversed=*/need_sums);
+        stream_fence();
+      });
     }
     return;
   }
 
   const PlaneBlocking pb(N, HW);
-  const int64_t plane_stride = C * HW;
+  const PlanePrefetch<scalar_t> ahead{HW, C * HW, exceeds_cache<scalar_t>(g.numel())};
   auto block_sums = [&](int64_t c, int64_t b) {
     int64_t n0, n1, h0, h1;
     pb.range(b, N, HW, n0, n1, h0, h1);
-    return nchw_block_grad_sums(x + c * HW, dy + c * HW, plane_stride, mean[c], n0, n1, h0, h1);
+    return nchw_block_grad_sums(x + c * HW, dy + c * HW, ahead, mean[c], n0, n1, h0, h1);
   };
-  auto grad_input_planes = [&](int64_t c, int64_t n_begin, int64_t n_end) {
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      const int64_t offset = n * plane_stride + c * HW;
-      if (training) {
-        grad_input_run(x + offset, dy + offset, out.grad_input + offset, HW, k.mean_hi[c],
-                       k.scale[c], k.x_coef[c], k.shift[c]);
-      } else {
-        scale_run(dy + offset, out.grad_input + offset, HW, k.scale[c]);
-      }
+  auto grad_input_plane = [&](int64_t c, int64_t n) {
+    const int64_t offset = n * C * HW + c * HW;
+    if (training) {
+      grad_input_run(x + offset, dy + offset, out.grad_input + offset, HW, k.mean[c], k.scale[c],
+                     k.x_coef[c], k.shift[c], stream);
+    } else {
+      scale_run(dy + offset, out.grad_input + offset, HW, k.scale[c], stream);
     }
   };
 
@@ -748,8 +1000,8 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     parallel_over(C, [&](int64_t c) {
       GradSums s;
       for (int64_t b = 0; need_sums && b < pb.blocks; ++b) s.add(block_sums(c, b));
-      finalize_channel_grads<scalar_t>(c, s, count, training, weight, mean, invstd, out, k);
-      if (out.grad_input) grad_input_planes(c, 0, N);
+      finalize_channel_grads<scalar_t>(c, s, count, training, weight, invstd, out, k);
+      for (int64_t n = 0; out.grad_input && n < N; ++n) grad_input_plane(c, n);
     });
     return;
   }
@@ -760,9 +1012,11 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
   for (int64_t c = 0; c < C; ++c) {
     GradSums s;
     for (int64_t b = 0; need_sums && b < pb.blocks; ++b) s.add(partial[c * pb.blocks + b]);
-    finalize_channel_grads<scalar_t>(c, s, count, training, weight, mean, invstd, out, k);
+    finalize_channel_grads<scalar_t>(c, s, count, training, weight, invstd, out, k);
   }
-  if (out.grad_input) parallel_over(C * N, [&](int64_t i) { grad_input_planes(i / N, i % N, i % N + 1); });
+  if (out.grad_input) {
+    parallel_over(C * N, [&](int64_t i) { grad_input_plane(i / N, i % N); });
+  }
 }
 
 }  // namespace fused_bn::cpu
