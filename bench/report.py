@@ -50,10 +50,12 @@ def summarize(records):
     per_group = sorted(_group_summary(records, ("mode", "dtype", "layout")),
                        key=lambda r: (order[r["mode"]], dtype_order[r["dtype"]],
                                       layout_order[r["layout"]]))
+    per_mode_dtype = sorted(_group_summary(records, ("mode", "dtype")),
+                            key=lambda r: (order[r["mode"]], dtype_order[r["dtype"]]))
     per_mode = sorted(_group_summary(records, ("mode",)), key=lambda r: order[r["mode"]])
     overall = _group_summary([dict(r, all="all") for r in records], ("all",))
-    return {"per_mode_dtype_layout": per_group, "per_mode": per_mode,
-            "overall": overall[0] if overall else None}
+    return {"per_mode_dtype_layout": per_group, "per_mode_dtype": per_mode_dtype,
+            "per_mode": per_mode, "overall": overall[0] if overall else None}
 
 
 def _fmt_ms(v):
@@ -107,6 +109,7 @@ def _summary_columns():
 
 def _summary_rows(summary):
     rows = list(summary["per_mode_dtype_layout"])
+    rows += [dict(r, layout="all") for r in summary.get("per_mode_dtype", [])]
     rows += [dict(r, dtype="all", layout="all") for r in summary["per_mode"]]
     if summary["overall"]:
         rows.append(dict(summary["overall"], mode="all", dtype="all", layout="all"))
@@ -141,9 +144,15 @@ def headline(summary):
     fb = next((r for r in summary["per_mode"] if r["mode"] == "train_fwd_bwd"), None)
     if fb is None:
         return "no training forward+backward cases"
-    return (f"training forward+backward, geomean over {fb['cases']} cases: fused_bn is "
+    text = (f"training forward+backward, geomean over {fb['cases']} cases: fused_bn is "
             f"{_fmt_x(fb['geomean_vs_eager'])} nn eager and {_fmt_x(fb['geomean_vs_compiled'])} "
             "torch.compile (higher is better)")
+    fp32 = next((r for r in summary.get("per_mode_dtype", [])
+                 if r["mode"] == "train_fwd_bwd" and r["dtype"] == "float32"), None)
+    if fp32 is not None:
+        text += (f"; float32 alone, both layouts ({fp32['cases']} cases): "
+                 f"{_fmt_x(fp32['geomean_vs_eager'])} eager, {_fmt_x(fp32['geomean_vs_compiled'])} compiled")
+    return text
 
 
 def write_json(path, meta, parity, records, summary):
@@ -175,6 +184,46 @@ def write_markdown(path, meta, parity, records, summary):
               "## All cases (median ms)", "", _markdown_table(_case_columns(meta), records), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+README_MARKER = "<!-- bench-table -->"
+
+
+def readme_section(meta, summary, md_name):
+    """The README's summary block for one device, between markers named after it."""
+    name = meta["device_name"]
+    lines = [
+        f"<!-- bench:{name} -->",
+        f"**{meta['device_description']}**, torch {meta['torch_version']}, commit "
+        f"`{meta['git_commit'][:12]}`, {meta['date'][:10]}; full table: "
+        f"[`bench/results/{md_name}`](bench/results/{md_name}).",
+        "",
+        f"{headline(summary)}.",
+        "",
+        _markdown_table(_summary_columns(), _summary_rows(summary)),
+        f"<!-- /bench:{name} -->",
+    ]
+    return "\n".join(lines)
+
+
+def update_readme(readme_path, meta, summary, md_name):
+    """Replaces this device's block in the README (or adds it after README_MARKER).
+    Returns False when the README has no marker."""
+    if not os.path.exists(readme_path):
+        return False
+    with open(readme_path) as f:
+        text = f.read()
+    block = readme_section(meta, summary, md_name)
+    begin, end = f"<!-- bench:{meta['device_name']} -->", f"<!-- /bench:{meta['device_name']} -->"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    elif README_MARKER in text:
+        text = text.replace(README_MARKER, README_MARKER + "\n\n" + block, 1)
+    else:
+        return False
+    with open(readme_path, "w") as f:
+        f.write(text)
+    return True
 
 
 def write_plot(path, meta, records):

@@ -187,8 +187,18 @@ constexpr std::integral_constant<int64_t, VecPair<scalar_t>::kWidth> kFullPair{}
 // kRowsPerFold additions (see kRowsPerFold).
 template <typename Acc>
 struct LaneSum {
+  static constexpr int64_t kLanes = 2 * Vectorized<Acc>::size();
+  // The double totals live apart from the vectors: gcc keeps a struct of
+  // vectors in registers, but not one that also holds an array.
+  struct Totals {
+    double lanes[kLanes] = {};
+    double sum() const {
+      double t = 0.0;
+      for (double v : lanes) t += v;
+      return t;
+    }
+  };
   Vectorized<Acc> lo{Acc(0)}, hi{Acc(0)};
-  double total = 0.0;
 
   void add(const Vectorized<Acc>& a, const Vectorized<Acc>& b) {
     lo = lo + a;
@@ -199,13 +209,15 @@ struct LaneSum {
     lo = at::vec::fmadd(a, b, lo);
     hi = at::vec::fmadd(c, d, hi);
   }
-  // Lane by lane in double: a float tree-sum of the lanes would round at the
-  // scale of the whole fold and cost the mean its last bit.
-  void fold() {
-    Acc lanes[2 * Vectorized<Acc>::size()];
+  // Each lane into its own double total: a float tree-sum of the lanes would
+  // round at the scale of the whole fold and cost the mean its last bit, and a
+  // single running double total is a chain of dependent adds. This loop
+  // vectorizes (float to double conversions and double adds).
+  void fold(Totals& totals) {
+    Acc lanes[kLanes];
     lo.store(lanes);
     hi.store(lanes + Vectorized<Acc>::size());
-    for (Acc lane : lanes) total += static_cast<double>(lane);
+    for (int64_t i = 0; i < kLanes; ++i) totals.lanes[i] += static_cast<double>(lanes[i]);
     lo = hi = Vectorized<Acc>(Acc(0));
   }
 };
@@ -383,7 +395,7 @@ struct PlanePrefetch {
 // with prefetching of every stream in `streams` (the planes' base pointers
 // differ per stream by the same offset as p).
 template <typename scalar_t, typename Step>
-inline void nchw_walk(int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end,
+__attribute__((always_inline)) inline void nchw_walk(int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end,
                       const PlanePrefetch<scalar_t>& ahead,
                       std::initializer_list<const scalar_t*> streams, Step&& step) {
   constexpr int64_t kWidth = VecPair<scalar_t>::kWidth;
@@ -429,6 +441,7 @@ Moments nchw_block_moments(const scalar_t* x_channel, const PlanePrefetch<scalar
   const AccVec shift_vec(shift);
   const TailMask<scalar_t> tail((hw_end - hw_begin) % IO::kWidth);
   LaneSum<Acc> sum, sum_sq;
+  typename LaneSum<Acc>::Totals sum_total, sum_sq_total;
   int64_t steps = 0;
   nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, ahead, {x_channel}, [&](int64_t at, auto n) __attribute__((always_inline)) {
     auto [lo, hi] = IO::load(x_channel + at, n);
@@ -438,15 +451,15 @@ Moments nchw_block_moments(const scalar_t* x_channel, const PlanePrefetch<scalar
     sum.add(lo, hi);
     sum_sq.add_product(lo, lo, hi, hi);
     if (++steps == kRowsPerFold) {
-      sum.fold();
-      sum_sq.fold();
+      sum.fold(sum_total);
+      sum_sq.fold(sum_sq_total);
       steps = 0;
     }
   });
-  sum.fold();
-  sum_sq.fold();
-  return Moments::from_shifted_sums((n_end - n_begin) * (hw_end - hw_begin), shift, sum.total,
-                                    sum_sq.total);
+  sum.fold(sum_total);
+  sum_sq.fold(sum_sq_total);
+  return Moments::from_shifted_sums((n_end - n_begin) * (hw_end - hw_begin), shift, sum_total.sum(),
+                                    sum_sq_total.sum());
 }
 
 template <typename scalar_t>
@@ -459,6 +472,7 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
   const AccVec mean_vec(mean);
   const TailMask<scalar_t> tail((hw_end - hw_begin) % IO::kWidth);
   LaneSum<Acc> sum_dy, sum_dy_xmu;
+  typename LaneSum<Acc>::Totals sum_dy_total, sum_dy_xmu_total;
   int64_t steps = 0;
   nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, ahead, {x_channel, dy_channel},
                       [&](int64_t at, auto n) __attribute__((always_inline)) {
@@ -471,14 +485,14 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
     sum_dy.add(g_lo, g_hi);
     sum_dy_xmu.add_product(g_lo, xm_lo, g_hi, xm_hi);
     if (++steps == kRowsPerFold) {
-      sum_dy.fold();
-      sum_dy_xmu.fold();
+      sum_dy.fold(sum_dy_total);
+      sum_dy_xmu.fold(sum_dy_xmu_total);
       steps = 0;
     }
   });
-  sum_dy.fold();
-  sum_dy_xmu.fold();
-  return {sum_dy.total, sum_dy_xmu.total};
+  sum_dy.fold(sum_dy_total);
+  sum_dy_xmu.fold(sum_dy_xmu_total);
+  return {sum_dy_total.sum(), sum_dy_xmu_total.sum()};
 }
 
 // The element passes over a contiguous run of one channel (NCHW) are plain
@@ -630,7 +644,7 @@ struct Tile {
 // hardware prefetcher needs): a pass that follows a reduction over the same
 // rows starts on what the reduction read last, still in the last-level cache.
 template <typename scalar_t, typename F>
-inline void nhwc_walk(int64_t C, int64_t row_begin, int64_t row_end, bool reversed, F&& f) {
+__attribute__((always_inline)) inline void nhwc_walk(int64_t C, int64_t row_begin, int64_t row_end, bool reversed, F&& f) {
   const int64_t row_bytes = std::max<int64_t>(1, C * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t span = reversed ? std::max<int64_t>(1, kReverseSpanBytes / row_bytes / kRowsPerFold) * kRowsPerFold
                                 : row_end - row_begin;
