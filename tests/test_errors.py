@@ -155,3 +155,21 @@ def test_module_still_works_after_error(device):
     torch.testing.assert_close(ours(x), fresh(x), rtol=0, atol=0)
     for a, b in zip(ours.buffers(), fresh.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("counter_spec", [
+    pytest.param((torch.float32, ()), id="float32"),
+    pytest.param((torch.int32, ()), id="int32"),
+    pytest.param((torch.int64, (2,)), id="two-elements"),
+])
+def test_counter_must_be_one_int64(device, counter_spec):
+    """nn has no such argument (its counter is always its own int64 buffer), so the
+    functional form's num_batches_tracked gets a clear error of its own, on every
+    device alike, before any state changes."""
+    dtype, shape = counter_spec
+    x = torch.randn(2, 3, 4, 4, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    counter = torch.zeros(shape, dtype=dtype, device=device)
+    with pytest.raises(RuntimeError, match="num_batches_tracked must be an int64 tensor with one element"):
+        fused_bn.batch_norm(x, rm, rv, None, None, True, None, 1e-5, num_batches_tracked=counter)
+    assert not counter.any() and not rm.any() and bool((rv == 1).all())

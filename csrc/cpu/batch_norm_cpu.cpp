@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "../batch_norm_checks.h"
+#include "../glue_helpers.h"
 #include "batch_norm_kernels.h"
 
 namespace fused_bn {
@@ -32,49 +33,14 @@ PreparedInput prepare(const Tensor& input) {
   return {x, {x.size(0), x.size(1), spatial, format == at::MemoryFormat::ChannelsLast}, format};
 }
 
-// Per-channel tensors are read through raw pointers: make them dense first
-// (a no-op for the usual contiguous parameters).
-Tensor dense_or_undefined(const optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
-}
-
 template <typename T>
 const T* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// Running statistics are updated in place, so they cannot go through a copy.
-void check_updatable(const optional<Tensor>& t, const char* name) {
-  TORCH_CHECK(!t.has_value() || !t->defined() || t->is_contiguous(), "batch_norm: ", name,
-              " must be contiguous to be updated in place");
-}
-
 template <typename T>
 T* mutable_data_or_null(const optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? t->mutable_data_ptr<T>() : nullptr;
-}
-
-// Parameters come in the input's dtype, or float32 for float16/bfloat16 input.
-bool has_float_params(const Tensor& input, std::initializer_list<const optional<Tensor>*> params) {
-  if (!is_reduced_float(input.scalar_type())) return false;
-  for (auto* p : params) {
-    if (p->has_value() && (*p)->defined()) return (*p)->scalar_type() == at::kFloat;
-  }
-  return false;
-}
-
-// Calls f.template operator()<scalar_t, param_t>() for the input's dtype.
-template <typename F>
-void dispatch_input_and_params(const Tensor& input, bool float_params, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
-    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-      if (float_params) {
-        f.template operator()<scalar_t, float>();
-        return;
-      }
-    }
-    f.template operator()<scalar_t, scalar_t>();
-  });
+  return is_defined(t) ? t->mutable_data_ptr<T>() : nullptr;
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
@@ -84,6 +50,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
   check_forward_args(input, weight, bias, running_mean, running_var);
   check_updatable(running_mean, "running_mean");
   check_updatable(running_var, "running_var");
+  check_batches_tracked(num_batches_tracked, input);
   const bool float_params = has_float_params(input, {&weight, &bias, &running_mean, &running_var});
   PreparedInput in = prepare(input);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
@@ -94,13 +61,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
 
   // Every check has passed: from here on, state may change.
   int64_t batches_tracked = 0;
-  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+  if (is_defined(num_batches_tracked)) {
     num_batches_tracked->add_(1);
     batches_tracked = num_batches_tracked->item<int64_t>();
   }
   const double factor = running_average_factor(momentum, batches_tracked);
 
-  dispatch_input_and_params(input, float_params, [&]<typename scalar_t, typename param_t>() {
+  dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
+    using scalar_t = typename decltype(scalar)::type;
+    using param_t = typename decltype(param)::type;
     using Acc = cpu::acc_t<scalar_t>;
     cpu::ChannelTensors<param_t> t{data_or_null<param_t>(w), data_or_null<param_t>(b),
                                    mutable_data_or_null<param_t>(running_mean),
@@ -123,7 +92,9 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight,
   Tensor output = at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format));
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor mean = running_mean.contiguous(), var = running_var.contiguous();
-  dispatch_input_and_params(input, float_params, [&]<typename scalar_t, typename param_t>() {
+  dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
+    using scalar_t = typename decltype(scalar)::type;
+    using param_t = typename decltype(param)::type;
     cpu::ChannelTensors<param_t> t{data_or_null<param_t>(w), data_or_null<param_t>(b),
                                    const_cast<param_t*>(mean.const_data_ptr<param_t>()),
                                    const_cast<param_t*>(var.const_data_ptr<param_t>())};
@@ -148,7 +119,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   const Tensor w = dense_or_undefined(weight);
   const int64_t C = in.geometry.C;
   const auto param_options =
-      input.options().dtype(weight.has_value() && weight->defined() ? weight->scalar_type() : acc_dtype);
+      input.options().dtype(is_defined(weight) ? weight->scalar_type() : acc_dtype);
 
   Tensor grad_input = output_mask[0]
                           ? at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format))
@@ -156,7 +127,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   Tensor grad_weight = at::empty({output_mask[1] ? C : 0}, param_options);
   Tensor grad_bias = at::empty({output_mask[2] ? C : 0}, param_options);
 
-  dispatch_input_and_params(input, float_params, [&]<typename scalar_t, typename param_t>() {
+  dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
+    using scalar_t = typename decltype(scalar)::type;
+    using param_t = typename decltype(param)::type;
     using Acc = cpu::acc_t<scalar_t>;
     // Without a weight the parameter grads are in the accumulation dtype.
     using grad_param_t = std::conditional_t<std::is_same_v<param_t, scalar_t>, Acc, param_t>;

@@ -26,6 +26,7 @@
 #include <type_traits>
 
 #include "../batch_norm_checks.h"
+#include "../glue_helpers.h"
 #include "batch_norm_kernels.cuh"
 
 namespace fused_bn {
@@ -60,39 +61,9 @@ device_t<T>* mutable_device_data(const Tensor& t) {
   return t.defined() ? reinterpret_cast<device_t<T>*>(t.mutable_data_ptr<T>()) : nullptr;
 }
 
-bool defined(const optional<Tensor>& t) { return t.has_value() && t->defined(); }
-
-Tensor dense_or_undefined(const optional<Tensor>& t) { return defined(t) ? t->contiguous() : Tensor(); }
-
-Tensor as_tensor_or_undefined(const optional<Tensor>& t) { return defined(t) ? *t : Tensor(); }
-
-// Running statistics are updated in place, so they cannot go through a copy
-// (same rule and message as the CPU glue).
-void check_updatable(const optional<Tensor>& t, const char* name) {
-  TORCH_CHECK(!defined(t) || t->is_contiguous(), "batch_norm: ", name,
-              " must be contiguous to be updated in place");
-}
-
 void check_on_input_device(const Tensor& t, const char* name, const Tensor& input) {
   TORCH_CHECK(t.device() == input.device(), "Expected all tensors to be on the same device, but ", name,
               " is on ", t.device(), " and input is on ", input.device());
-}
-
-void check_batches_tracked(const optional<Tensor>& t, const Tensor& input) {
-  if (!defined(t)) return;
-  check_on_input_device(*t, "num_batches_tracked", input);
-  TORCH_CHECK(t->scalar_type() == at::kLong && t->numel() == 1,
-              "batch_norm: num_batches_tracked must be an int64 tensor with one element, got ",
-              t->scalar_type(), " of shape ", t->sizes());
-}
-
-// Parameters come in the input's dtype, or float32 for float16/bfloat16 input.
-bool has_float_params(const Tensor& input, std::initializer_list<const optional<Tensor>*> params) {
-  if (!is_reduced_float(input.scalar_type())) return false;
-  for (auto* p : params) {
-    if (defined(*p)) return (*p)->scalar_type() == at::kFloat;
-  }
-  return false;
 }
 
 // The input in a layout the kernels read natively (one copy otherwise), the
@@ -136,21 +107,6 @@ Tensor empty_like_input(const PreparedInput& in) {
 Tensor allocate_workspace(size_t bytes, const Tensor& input) {
   // The caching allocator's blocks are at least 512-byte aligned.
   return at::empty({static_cast<int64_t>(bytes)}, input.options().dtype(at::kByte));
-}
-
-// Calls F::template run<scalar_t, param_t>(args...) for the input's dtype;
-// integer input raises NotImplementedError: "batch_norm" not implemented for 'Long'.
-template <typename F, typename... Args>
-void dispatch_input_and_params(const Tensor& input, bool float_params, Args&&... args) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
-    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-      if (float_params) {
-        F::template run<scalar_t, float>(args...);
-        return;
-      }
-    }
-    F::template run<scalar_t, scalar_t>(args...);
-  });
 }
 
 // ---------------------------------------------------------------------------
@@ -220,7 +176,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
 
   // Every check has passed: from here on, the kernels may change state.
   const TrainForwardTensors tensors{in, w, b, rm, rv, counter, momentum, eps, output, save_mean, save_invstd};
-  dispatch_input_and_params<RunTrainForward>(input, float_params, tensors);
+  dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
+    RunTrainForward::run<typename decltype(scalar)::type, typename decltype(param)::type>(tensors);
+  });
   return {output, save_mean, save_invstd};
 }
 
@@ -267,7 +225,9 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const optional<Tensor>& weight,
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor mean = running_mean.contiguous(), var = running_var.contiguous();
   const EvalForwardTensors tensors{in, w, b, mean, var, eps, output};
-  dispatch_input_and_params<RunEvalForward>(input, float_params, tensors);
+  dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
+    RunEvalForward::run<typename decltype(scalar)::type, typename decltype(param)::type>(tensors);
+  });
   return output;
 }
 
@@ -338,14 +298,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
   const Tensor w = dense_or_undefined(weight);
   const int64_t channels = in.geometry.channels;
-  const auto param_options = input.options().dtype(defined(weight) ? weight->scalar_type() : acc_dtype);
+  const auto param_options = input.options().dtype(is_defined(weight) ? weight->scalar_type() : acc_dtype);
   Tensor grad_input = output_mask[0] ? empty_like_input(in) : at::empty({0}, input.options());
   Tensor grad_weight = at::empty({output_mask[1] ? channels : 0}, param_options);
   Tensor grad_bias = at::empty({output_mask[2] ? channels : 0}, param_options);
 
   const BackwardTensors tensors{in, dy, w, mean_c, invstd_c, training, output_mask,
                                 grad_input, grad_weight, grad_bias};
-  dispatch_input_and_params<RunBackward>(input, float_params, tensors);
+  dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
+    RunBackward::run<typename decltype(scalar)::type, typename decltype(param)::type>(tensors);
+  });
   return {grad_input, grad_weight, grad_bias};
 }
 
