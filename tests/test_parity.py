@@ -38,6 +38,24 @@ def test_parity_large(device, precision, layout):
     run_parity((16, 64, 56, 56), precision, layout, device, train_steps=2, eval_steps=1)
 
 
+# Over the CPU kernels' 16 MB cache-resident limit (kCacheResidentBytes): streaming
+# stores and software prefetch. C = 37 and H*W = 151*151 leave rows and planes
+# unaligned for streaming (the fallback path); 7x7 planes take the whole-plane
+# prefetch; 56x56 planes the in-plane one.
+DRAM_SIZED = [
+    pytest.param((24, 64, 56, 56), F32, id="24x64x56x56-f32"),
+    pytest.param((5, 37, 151, 151), F32, id="5x37x151x151-f32-unaligned"),
+    pytest.param((180, 512, 7, 7), F32, id="180x512x7x7-f32"),
+    pytest.param((48, 64, 56, 56), BF16_AMP, id="48x64x56x56-bf16"),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,precision", DRAM_SIZED)
+def test_parity_dram_sized(device, shape, precision, layout):
+    run_parity(shape, precision, layout, device, train_steps=1, eval_steps=1)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("precision", [F32, BF16_AMP], ids=str)
 @pytest.mark.parametrize("track_running_stats", [True, False], ids=["track", "notrack"])
