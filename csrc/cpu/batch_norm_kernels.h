@@ -374,6 +374,19 @@ struct PlanePrefetch {
   static constexpr int64_t kAhead = kPrefetchBytes / sizeof(scalar_t);
   int64_t HW, plane_stride;
   bool enabled;
+  // Elements readable from the channel's base pointer (to the tensor's end):
+  // a plane's tail reads a whole pair, masked afterwards, wherever that stays
+  // inside the tensor. A masked load was the hottest instruction of the 7x7
+  // backward.
+  int64_t readable;
+
+  // The same, with `readable` counted from channel c's base (the tensor's base
+  // + c·HW) instead of the tensor's.
+  PlanePrefetch for_channel(int64_t c) const {
+    PlanePrefetch p = *this;
+    p.readable -= c * HW;
+    return p;
+  }
 
   // Planes shorter than the distance: at each plane's start, all of a later plane.
   void at_plane_start(const scalar_t* plane) const {
@@ -390,7 +403,7 @@ struct PlanePrefetch {
   }
 };
 
-// Calls step(p, i, n) over the positions [hw_begin, hw_end) of planes
+// Calls step(at, n, whole) over the positions [hw_begin, hw_end) of planes
 // [n_begin, n_end) of one channel, n = VecPair width except at a plane's tail,
 // with prefetching of every stream in `streams` (the planes' base pointers
 // differ per stream by the same offset as p).
@@ -406,12 +419,12 @@ __attribute__((always_inline)) inline void nchw_walk(int64_t n_begin, int64_t n_
       for (const scalar_t* s : streams) ahead.at_plane_start(s + plane);
       for (; i + kWidth <= hw_end; i += kWidth) {
         for (const scalar_t* s : streams) ahead.at_position(s + plane, i);
-        step(plane + i, kFullPair<scalar_t>);
+        step(plane + i, kFullPair<scalar_t>, true);
       }
     } else {
-      for (; i + kWidth <= hw_end; i += kWidth) step(plane + i, kFullPair<scalar_t>);
+      for (; i + kWidth <= hw_end; i += kWidth) step(plane + i, kFullPair<scalar_t>, true);
     }
-    if (i < hw_end) step(plane + i, hw_end - i);
+    if (i < hw_end) step(plane + i, hw_end - i, plane + i + kWidth <= ahead.readable);
   }
 }
 
@@ -443,8 +456,9 @@ Moments nchw_block_moments(const scalar_t* x_channel, const PlanePrefetch<scalar
   LaneSum<Acc> sum, sum_sq;
   typename LaneSum<Acc>::Totals sum_total, sum_sq_total;
   int64_t steps = 0;
-  nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, ahead, {x_channel}, [&](int64_t at, auto n) __attribute__((always_inline)) {
-    auto [lo, hi] = IO::load(x_channel + at, n);
+  nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, ahead, {x_channel},
+                      [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
+    auto [lo, hi] = whole ? IO::load(x_channel + at) : IO::load(x_channel + at, n);
     lo = lo - shift_vec;
     hi = hi - shift_vec;
     if (n != IO::kWidth) std::tie(lo, hi) = tail.apply(lo, hi);
@@ -475,13 +489,16 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
   typename LaneSum<Acc>::Totals sum_dy_total, sum_dy_xmu_total;
   int64_t steps = 0;
   nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, ahead, {x_channel, dy_channel},
-                      [&](int64_t at, auto n) __attribute__((always_inline)) {
-    const auto [x_lo, x_hi] = IO::load(x_channel + at, n);
-    const auto [g_lo, g_hi] = IO::load(dy_channel + at, n);
-    // Lanes past a tail load as zero: dy = 0 adds nothing, and the mask guards
-    // the product against an infinite or NaN mean.
+                      [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
+    const auto [x_lo, x_hi] = whole ? IO::load(x_channel + at) : IO::load(x_channel + at, n);
+    auto [g_lo, g_hi] = whole ? IO::load(dy_channel + at) : IO::load(dy_channel + at, n);
+    // Lanes past a tail hold the next plane's values or zeros: the masks clear
+    // both factors, so nothing (not even an infinite or NaN mean) leaks in.
     auto [xm_lo, xm_hi] = std::pair{x_lo - mean_vec, x_hi - mean_vec};
-    if (n != IO::kWidth) std::tie(xm_lo, xm_hi) = tail.apply(xm_lo, xm_hi);
+    if (n != IO::kWidth) {
+      std::tie(xm_lo, xm_hi) = tail.apply(xm_lo, xm_hi);
+      std::tie(g_lo, g_hi) = tail.apply(g_lo, g_hi);
+    }
     sum_dy.add(g_lo, g_hi);
     sum_dy_xmu.add_product(g_lo, xm_lo, g_hi, xm_hi);
     if (++steps == kRowsPerFold) {
@@ -506,6 +523,7 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
     int64_t i = 0;                                                       \
     for (; i + IO::kWidth <= (len); i += IO::kWidth) {                   \
       constexpr int64_t n = IO::kWidth;                                  \
+      constexpr bool whole = true;                                       \
       const typename IO::Pair result = COMPUTE;                          \
       if (streamed) {                                                    \
         IO::stream((out) + i, result);                                   \
@@ -515,13 +533,18 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
     }                                                                    \
     if (i < (len)) {                                                     \
       const int64_t n = (len) - i;                                       \
+      const bool whole = i + IO::kWidth <= readable;                     \
       IO::store((out) + i, COMPUTE, n);                                  \
     }                                                                    \
   } while (0)
 
+// Loads a pair for FUSED_BN_RUN_LOOP: whole where that stays inside the input
+// (lanes past the run are computed and not stored), else the first n.
+#define FUSED_BN_LOAD(ptr) (whole ? IO::load(ptr) : IO::load(ptr, n))
+
 // Training forward and eval: y = (x − mean) · scale + shift
 template <typename scalar_t>
-void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, acc_t<scalar_t> mean,
+void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, int64_t readable, acc_t<scalar_t> mean,
                    acc_t<scalar_t> scale, acc_t<scalar_t> shift, bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
@@ -529,25 +552,26 @@ void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, acc_t<scalar_t> 
   auto compute = [&](const typename IO::Pair& v) -> typename IO::Pair {
     return {at::vec::fmadd(v.first - m, sc, sh), at::vec::fmadd(v.second - m, sc, sh)};
   };
-  FUSED_BN_RUN_LOOP(y, len, stream, compute(IO::load(x + i, n)));
+  FUSED_BN_RUN_LOOP(y, len, stream, compute(FUSED_BN_LOAD(x + i)));
 }
 
 // Eval's dx = dy · scale: x plays no part (a NaN in x must not reach dx).
 template <typename scalar_t>
-void scale_run(const scalar_t* dy, scalar_t* dx, int64_t len, acc_t<scalar_t> scale, bool stream) {
+void scale_run(const scalar_t* dy, scalar_t* dx, int64_t len, int64_t readable, acc_t<scalar_t> scale,
+               bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
   const AccVec sc(scale);
   auto compute = [&](const typename IO::Pair& g) -> typename IO::Pair {
     return {g.first * sc, g.second * sc};
   };
-  FUSED_BN_RUN_LOOP(dx, len, stream, compute(IO::load(dy + i, n)));
+  FUSED_BN_RUN_LOOP(dx, len, stream, compute(FUSED_BN_LOAD(dy + i)));
 }
 
 // Training's dx = dy · scale + (x − mean) · x_coef + shift
 template <typename scalar_t>
 void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
-                    acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> x_coef,
+                    int64_t readable, acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> x_coef,
                     acc_t<scalar_t> shift, bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
@@ -556,10 +580,11 @@ void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t
     return {at::vec::fmadd(g.first, sc, at::vec::fmadd(v.first - mv, xc, sh)),
             at::vec::fmadd(g.second, sc, at::vec::fmadd(v.second - mv, xc, sh))};
   };
-  FUSED_BN_RUN_LOOP(dx, len, stream, compute(IO::load(x + i, n), IO::load(dy + i, n)));
+  FUSED_BN_RUN_LOOP(dx, len, stream, compute(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(dy + i)));
 }
 
 #undef FUSED_BN_RUN_LOOP
+#undef FUSED_BN_LOAD
 
 // ---------------------------------------------------------------------------
 // NHWC: rows of C channels, walked tile by tile
@@ -887,15 +912,15 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
   }
 
   const PlaneBlocking pb(N, HW);
-  const PlanePrefetch<scalar_t> ahead{HW, C * HW, exceeds_cache<scalar_t>(g.numel())};
+  const PlanePrefetch<scalar_t> ahead{HW, C * HW, exceeds_cache<scalar_t>(g.numel()), g.numel()};
   auto block_moments = [&](int64_t c, int64_t b) {
     int64_t n0, n1, h0, h1;
     pb.range(b, N, HW, n0, n1, h0, h1);
-    return nchw_block_moments(x + c * HW, ahead, n0, n1, h0, h1);
+    return nchw_block_moments(x + c * HW, ahead.for_channel(c), n0, n1, h0, h1);
   };
   auto normalize_plane = [&](int64_t c, int64_t n) {
     const int64_t offset = n * C * HW + c * HW;
-    normalize_run(x + offset, y + offset, HW, k.mean[c], k.scale[c], k.shift[c], stream);
+    normalize_run(x + offset, y + offset, HW, g.numel() - offset, k.mean[c], k.scale[c], k.shift[c], stream);
   };
 
   if (!split_channels_across_threads(g)) {
@@ -937,7 +962,8 @@ void eval_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chann
   }
   parallel_over(N * C, [&](int64_t i) {
     const int64_t c = i % C;
-    normalize_run(x + i * HW, y + i * HW, HW, k.mean[c], k.scale[c], k.shift[c], stream);
+    normalize_run(x + i * HW, y + i * HW, HW, g.numel() - i * HW, k.mean[c], k.scale[c], k.shift[c],
+                  stream);
   }, std::max<int64_t>(1, kBlockElements / std::max<int64_t>(HW, 1)));
 }
 
@@ -1023,19 +1049,19 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
   }
 
   const PlaneBlocking pb(N, HW);
-  const PlanePrefetch<scalar_t> ahead{HW, C * HW, exceeds_cache<scalar_t>(g.numel())};
+  const PlanePrefetch<scalar_t> ahead{HW, C * HW, exceeds_cache<scalar_t>(g.numel()), g.numel()};
   auto block_sums = [&](int64_t c, int64_t b) {
     int64_t n0, n1, h0, h1;
     pb.range(b, N, HW, n0, n1, h0, h1);
-    return nchw_block_grad_sums(x + c * HW, dy + c * HW, ahead, mean[c], n0, n1, h0, h1);
+    return nchw_block_grad_sums(x + c * HW, dy + c * HW, ahead.for_channel(c), mean[c], n0, n1, h0, h1);
   };
   auto grad_input_plane = [&](int64_t c, int64_t n) {
     const int64_t offset = n * C * HW + c * HW;
     if (training) {
-      grad_input_run(x + offset, dy + offset, out.grad_input + offset, HW, k.mean[c], k.scale[c],
-                     k.x_coef[c], k.shift[c], stream);
+      grad_input_run(x + offset, dy + offset, out.grad_input + offset, HW, g.numel() - offset, k.mean[c],
+                     k.scale[c], k.x_coef[c], k.shift[c], stream);
     } else {
-      scale_run(dy + offset, out.grad_input + offset, HW, k.scale[c], stream);
+      scale_run(dy + offset, out.grad_input + offset, HW, g.numel() - offset, k.scale[c], stream);
     }
   };
 
