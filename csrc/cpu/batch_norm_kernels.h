@@ -403,6 +403,17 @@ struct PlanePrefetch {
   }
 };
 
+// Whether the NCHW passes prefetch (see kCacheResidentBytes). Planes shorter
+// than the prefetch distance always do: one channel's planes are only a few
+// cache lines each, a page or more apart, so even from L3 every plane is a
+// fresh miss the hardware prefetcher never sees coming (7x7 planes inside a
+// training step: forward+backward 1.36 -> 1.1 ms for 64x512x7x7). Longer
+// planes stream well from L3 and only pay for it once they come from DRAM.
+template <typename scalar_t>
+inline bool prefetch_planes(const Geometry& g) {
+  return g.HW < PlanePrefetch<scalar_t>::kAhead || exceeds_cache<scalar_t>(g.numel());
+}
+
 // Calls step(at, n, whole) over the positions [hw_begin, hw_end) of planes
 // [n_begin, n_end) of one channel, n = VecPair width except at a plane's tail,
 // with prefetching of every stream in `streams` (the planes' base pointers
@@ -912,7 +923,7 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
   }
 
   const PlaneBlocking pb(N, HW);
-  const PlanePrefetch<scalar_t> ahead{HW, C * HW, exceeds_cache<scalar_t>(g.numel()), g.numel()};
+  const PlanePrefetch<scalar_t> ahead{HW, C * HW, prefetch_planes<scalar_t>(g), g.numel()};
   auto block_moments = [&](int64_t c, int64_t b) {
     int64_t n0, n1, h0, h1;
     pb.range(b, N, HW, n0, n1, h0, h1);
@@ -1049,7 +1060,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
   }
 
   const PlaneBlocking pb(N, HW);
-  const PlanePrefetch<scalar_t> ahead{HW, C * HW, exceeds_cache<scalar_t>(g.numel()), g.numel()};
+  const PlanePrefetch<scalar_t> ahead{HW, C * HW, prefetch_planes<scalar_t>(g), g.numel()};
   auto block_sums = [&](int64_t c, int64_t b) {
     int64_t n0, n1, h0, h1;
     pb.range(b, N, HW, n0, n1, h0, h1);
