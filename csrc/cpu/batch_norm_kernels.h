@@ -121,7 +121,7 @@ inline void stream_fence() {
 #endif
 }
 
-inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 3); }
 
 // Two accumulation-type vectors' worth of elements, so float16/bfloat16 data
 // converts in whole native vectors.
@@ -173,7 +173,7 @@ struct VecPair {
     }
   }
   static inline void prefetch_pair(const scalar_t* p) {
-    for (int64_t b = 0; b < kBytes; b += 64) prefetch(reinterpret_cast<const char*>(p) + b);
+    for (int64_t b = 0; b < kBytes; b += 64) prefetch_line(reinterpret_cast<const char*>(p) + b);
   }
 };
 
@@ -281,7 +281,7 @@ constexpr int64_t padded_channels(int64_t C) {
 enum class ScratchSlot {
   kCoefMean, kCoefScale, kCoefXCoef, kCoefShift,
   kBlockMean, kBlockM2, kMean, kM2,
-  kBlockShift, kBlockTotal, kBlockTotalSq,
+  kBlockShift, kBlockSum1, kBlockSum2,
   kBlockSumDy, kBlockSumDyXmu, kSumDy, kSumDyXmu,
 };
 
@@ -399,12 +399,13 @@ inline bool exceeds_cache(int64_t numel) {
 // NCHW: reductions over one block and element passes over one plane
 // ---------------------------------------------------------------------------
 
-// Prefetches kPrefetchBytes ahead in a channel's plane order.
+// How nchw_walk goes over one channel's planes: their geometry, whether it
+// prefetches (kPrefetchBytes ahead in plane order), and how far it may read.
 template <typename scalar_t>
-struct PlanePrefetch {
+struct PlaneWalk {
   static constexpr int64_t kAhead = kPrefetchBytes / sizeof(scalar_t);
   int64_t HW, plane_stride;
-  bool enabled;
+  bool prefetch;
   // Elements readable from the channel's base pointer (to the tensor's end):
   // a plane's tail reads a whole pair, masked afterwards, wherever that stays
   // inside the tensor. A masked load was the hottest instruction of the 7x7
@@ -413,22 +414,22 @@ struct PlanePrefetch {
 
   // The same, with `readable` counted from channel c's base (the tensor's base
   // + c·HW) instead of the tensor's.
-  PlanePrefetch for_channel(int64_t c) const {
-    PlanePrefetch p = *this;
+  PlaneWalk for_channel(int64_t c) const {
+    PlaneWalk p = *this;
     p.readable -= c * HW;
     return p;
   }
 
   // Planes shorter than the distance: at each plane's start, all of a later plane.
-  void at_plane_start(const scalar_t* plane) const {
-    if (!enabled || HW >= kAhead || HW == 0) return;
+  void prefetch_at_plane_start(const scalar_t* plane) const {
+    if (HW >= kAhead || HW == 0) return;
     const char* ahead = reinterpret_cast<const char*>(plane + (kAhead + HW - 1) / HW * plane_stride);
     const int64_t bytes = HW * static_cast<int64_t>(sizeof(scalar_t));
-    for (int64_t b = 0; b < bytes; b += 64) prefetch(ahead + b);
+    for (int64_t b = 0; b < bytes; b += 64) prefetch_line(ahead + b);
   }
   // Longer planes: the pair kAhead elements on, in this plane or the next.
-  void at_position(const scalar_t* plane, int64_t i) const {
-    if (!enabled || HW < kAhead) return;
+  void prefetch_at_position(const scalar_t* plane, int64_t i) const {
+    if (HW < kAhead) return;
     VecPair<scalar_t>::prefetch_pair(i + kAhead < HW ? plane + i + kAhead
                                                      : plane + plane_stride + (i + kAhead - HW));
   }
@@ -442,31 +443,32 @@ struct PlanePrefetch {
 // planes stream well from L3 and only pay for it once they come from DRAM.
 template <typename scalar_t>
 inline bool prefetch_planes(const Geometry& g) {
-  return g.HW < PlanePrefetch<scalar_t>::kAhead || exceeds_cache<scalar_t>(g.numel());
+  return g.HW < PlaneWalk<scalar_t>::kAhead || exceeds_cache<scalar_t>(g.numel());
 }
 
 // Calls step(at, n, whole) over the positions [hw_begin, hw_end) of planes
-// [n_begin, n_end) of one channel, n = VecPair width except at a plane's tail,
-// with prefetching of every stream in `streams` (the planes' base pointers
-// differ per stream by the same offset as p).
+// [n_begin, n_end) of one channel: `at` is the offset from the channel's base,
+// n the VecPair width except at a plane's tail, whole whether a whole pair may
+// be read there. Prefetches every stream in `streams` (the channel's base
+// pointer in each tensor) when walk.prefetch.
 template <typename scalar_t, typename Step>
 __attribute__((always_inline)) inline void nchw_walk(int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end,
-                      const PlanePrefetch<scalar_t>& ahead,
+                      const PlaneWalk<scalar_t>& walk,
                       std::initializer_list<const scalar_t*> streams, Step&& step) {
   constexpr int64_t kWidth = VecPair<scalar_t>::kWidth;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const int64_t plane = n * ahead.plane_stride;
+    const int64_t plane = n * walk.plane_stride;
     int64_t i = hw_begin;
-    if (ahead.enabled) {
-      for (const scalar_t* s : streams) ahead.at_plane_start(s + plane);
+    if (walk.prefetch) {
+      for (const scalar_t* s : streams) walk.prefetch_at_plane_start(s + plane);
       for (; i + kWidth <= hw_end; i += kWidth) {
-        for (const scalar_t* s : streams) ahead.at_position(s + plane, i);
+        for (const scalar_t* s : streams) walk.prefetch_at_position(s + plane, i);
         step(plane + i, kFullPair<scalar_t>, true);
       }
     } else {
       for (; i + kWidth <= hw_end; i += kWidth) step(plane + i, kFullPair<scalar_t>, true);
     }
-    if (i < hw_end) step(plane + i, hw_end - i, plane + i + kWidth <= ahead.readable);
+    if (i < hw_end) step(plane + i, hw_end - i, plane + i + kWidth <= walk.readable);
   }
 }
 
@@ -486,19 +488,19 @@ struct TailMask {
 };
 
 template <typename scalar_t>
-Moments nchw_block_moments(const scalar_t* x_channel, const PlanePrefetch<scalar_t>& ahead,
+Moments nchw_block_moments(const scalar_t* x_channel, const PlaneWalk<scalar_t>& walk,
                            int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end) {
   using Acc = acc_t<scalar_t>;
   using IO = VecPair<scalar_t>;
   using AccVec = Vectorized<Acc>;
   if (n_end <= n_begin || hw_end <= hw_begin) return {};
-  const Acc shift = static_cast<Acc>(x_channel[n_begin * ahead.plane_stride + hw_begin]);
+  const Acc shift = static_cast<Acc>(x_channel[n_begin * walk.plane_stride + hw_begin]);
   const AccVec shift_vec(shift);
   const TailMask<scalar_t> tail((hw_end - hw_begin) % IO::kWidth);
   LaneSum<Acc> sum, sum_sq;
   typename LaneSum<Acc>::Totals sum_total, sum_sq_total;
   int64_t steps = 0;
-  nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, ahead, {x_channel},
+  nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, walk, {x_channel},
                       [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
     auto [lo, hi] = whole ? IO::load(x_channel + at) : IO::load(x_channel + at, n);
     lo = lo - shift_vec;
@@ -520,7 +522,7 @@ Moments nchw_block_moments(const scalar_t* x_channel, const PlanePrefetch<scalar
 
 template <typename scalar_t>
 GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_channel,
-                              const PlanePrefetch<scalar_t>& ahead, acc_t<scalar_t> mean,
+                              const PlaneWalk<scalar_t>& walk, acc_t<scalar_t> mean,
                               int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end) {
   using Acc = acc_t<scalar_t>;
   using IO = VecPair<scalar_t>;
@@ -530,7 +532,7 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
   LaneSum<Acc> sum_dy, sum_dy_xmu;
   typename LaneSum<Acc>::Totals sum_dy_total, sum_dy_xmu_total;
   int64_t steps = 0;
-  nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, ahead, {x_channel, dy_channel},
+  nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, walk, {x_channel, dy_channel},
                       [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
     const auto [x_lo, x_hi] = whole ? IO::load(x_channel + at) : IO::load(x_channel + at, n);
     auto [g_lo, g_hi] = whole ? IO::load(dy_channel + at) : IO::load(dy_channel + at, n);
@@ -559,7 +561,7 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
 // out of line and reloaded the coefficients every iteration (35% slower for
 // bfloat16). Whole pairs are streamed when asked and the output is aligned;
 // the tail is masked.
-#define FUSED_BN_RUN_LOOP(out, len, stream, COMPUTE)                    \
+#define FUSED_BN_RUN_LOOP(out, len, readable, stream, COMPUTE)          \
   do {                                                                   \
     const bool streamed = (stream) && stream_aligned(out);               \
     int64_t i = 0;                                                       \
@@ -575,7 +577,7 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
     }                                                                    \
     if (i < (len)) {                                                     \
       const int64_t n = (len) - i;                                       \
-      const bool whole = i + IO::kWidth <= readable;                     \
+      const bool whole = i + IO::kWidth <= (readable);                   \
       IO::store((out) + i, COMPUTE, n);                                  \
     }                                                                    \
   } while (0)
@@ -594,7 +596,7 @@ void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, int64_t readable
   auto compute = [&](const typename IO::Pair& v) -> typename IO::Pair {
     return {at::vec::fmadd(v.first - m, sc, sh), at::vec::fmadd(v.second - m, sc, sh)};
   };
-  FUSED_BN_RUN_LOOP(y, len, stream, compute(FUSED_BN_LOAD(x + i)));
+  FUSED_BN_RUN_LOOP(y, len, readable, stream, compute(FUSED_BN_LOAD(x + i)));
 }
 
 // Eval's dx = dy · scale: x plays no part (a NaN in x must not reach dx).
@@ -607,7 +609,7 @@ void scale_run(const scalar_t* dy, scalar_t* dx, int64_t len, int64_t readable, 
   auto compute = [&](const typename IO::Pair& g) -> typename IO::Pair {
     return {g.first * sc, g.second * sc};
   };
-  FUSED_BN_RUN_LOOP(dx, len, stream, compute(FUSED_BN_LOAD(dy + i)));
+  FUSED_BN_RUN_LOOP(dx, len, readable, stream, compute(FUSED_BN_LOAD(dy + i)));
 }
 
 // Training's dx = dy · scale + (x − mean) · x_coef + shift
@@ -622,7 +624,7 @@ void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t
     return {at::vec::fmadd(g.first, sc, at::vec::fmadd(v.first - mv, xc, sh)),
             at::vec::fmadd(g.second, sc, at::vec::fmadd(v.second - mv, xc, sh))};
   };
-  FUSED_BN_RUN_LOOP(dx, len, stream, compute(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(dy + i)));
+  FUSED_BN_RUN_LOOP(dx, len, readable, stream, compute(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(dy + i)));
 }
 
 #undef FUSED_BN_RUN_LOOP
@@ -737,8 +739,8 @@ void nhwc_block_moments(const scalar_t* x, int64_t C, int64_t row_begin, int64_t
   using T = Tile<scalar_t>;
   const int64_t padded = padded_channels<scalar_t>(C);
   Acc* shift = thread_scratch_filled<Acc, ScratchSlot::kBlockShift>(padded, Acc(0));
-  double* total = thread_scratch_filled<double, ScratchSlot::kBlockTotal>(padded, 0.0);
-  double* total_sq = thread_scratch_filled<double, ScratchSlot::kBlockTotalSq>(padded, 0.0);
+  double* total = thread_scratch_filled<double, ScratchSlot::kBlockSum1>(padded, 0.0);
+  double* total_sq = thread_scratch_filled<double, ScratchSlot::kBlockSum2>(padded, 0.0);
   for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<Acc>(x[row_begin * C + c]);
   nhwc_walk<scalar_t>(C, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
     // Lanes past n load as zero from both x and the padded shift: they add nothing.
@@ -794,8 +796,8 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
   using Acc = acc_t<scalar_t>;
   using T = Tile<scalar_t>;
   const int64_t padded = padded_channels<scalar_t>(C);
-  double* sum_dy = thread_scratch_filled<double, ScratchSlot::kBlockTotal>(padded, 0.0);
-  double* sum_dy_xmu = thread_scratch_filled<double, ScratchSlot::kBlockTotalSq>(padded, 0.0);
+  double* sum_dy = thread_scratch_filled<double, ScratchSlot::kBlockSum1>(padded, 0.0);
+  double* sum_dy_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum2>(padded, 0.0);
   nhwc_walk<scalar_t>(C, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
     const T m = T::coefs(mean + c0);
     T s_dy = T::zero(), s_dy_xmu = T::zero();
@@ -959,11 +961,11 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
   }
 
   const PlaneBlocking pb(N, HW);
-  const PlanePrefetch<scalar_t> ahead{HW, C * HW, prefetch_planes<scalar_t>(g), g.numel()};
+  const PlaneWalk<scalar_t> walk{HW, C * HW, prefetch_planes<scalar_t>(g), g.numel()};
   auto block_moments = [&](int64_t c, int64_t b) {
     int64_t n0, n1, h0, h1;
     pb.range(b, N, HW, n0, n1, h0, h1);
-    return nchw_block_moments(x + c * HW, ahead.for_channel(c), n0, n1, h0, h1);
+    return nchw_block_moments(x + c * HW, walk.for_channel(c), n0, n1, h0, h1);
   };
   auto normalize_plane = [&](int64_t c, int64_t n) {
     const int64_t offset = n * C * HW + c * HW;
@@ -1098,11 +1100,11 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
   }
 
   const PlaneBlocking pb(N, HW);
-  const PlanePrefetch<scalar_t> ahead{HW, C * HW, prefetch_planes<scalar_t>(g), g.numel()};
+  const PlaneWalk<scalar_t> walk{HW, C * HW, prefetch_planes<scalar_t>(g), g.numel()};
   auto block_sums = [&](int64_t c, int64_t b) {
     int64_t n0, n1, h0, h1;
     pb.range(b, N, HW, n0, n1, h0, h1);
-    return nchw_block_grad_sums(x + c * HW, dy + c * HW, ahead.for_channel(c), mean[c], n0, n1, h0, h1);
+    return nchw_block_grad_sums(x + c * HW, dy + c * HW, walk.for_channel(c), mean[c], n0, n1, h0, h1);
   };
   auto grad_input_plane = [&](int64_t c, int64_t n) {
     const int64_t offset = n * C * HW + c * HW;
