@@ -38,16 +38,33 @@ def test_parity_large(device, precision, layout):
     run_parity((16, 64, 56, 56), precision, layout, device, train_steps=2, eval_steps=1)
 
 
-# Over the CPU kernels' 16 MB cache-resident limit (kCacheResidentBytes): streaming
-# stores and software prefetch. C = 37 and H*W = 151*151 leave rows and planes
-# unaligned for streaming (the fallback path); 7x7 planes take the whole-plane
-# prefetch; 56x56 planes the in-plane one.
+# Over the CPU kernels' 16 MB cache-resident limit (kCacheResidentBytes): eval's
+# streaming stores and the NCHW software prefetch. C = 37 and H*W = 151*151 leave
+# rows and planes unaligned for streaming (the fallback path); 7x7 planes take the
+# whole-plane prefetch; 56x56 planes the in-plane one.
 DRAM_SIZED = [
     pytest.param((24, 64, 56, 56), F32, id="24x64x56x56-f32"),
     pytest.param((5, 37, 151, 151), F32, id="5x37x151x151-f32-unaligned"),
     pytest.param((180, 512, 7, 7), F32, id="180x512x7x7-f32"),
     pytest.param((48, 64, 56, 56), BF16_AMP, id="48x64x56x56-bf16"),
 ]
+
+# Over the 1 MB limit (about 1.5 and 2.2 MB) above which training's forward and backward stream
+# their outputs (kTrainingStreamBytes), in every dtype; C = 37 and 61x61 planes
+# are unaligned for streaming, 64 channels and 32x32 planes aligned.
+TRAINING_STREAMED = [
+    pytest.param((4, 37, 61, 61), F32, id="4x37x61x61-f32-unaligned"),
+    pytest.param((6, 64, 32, 32), F32, id="6x64x32x32-f32"),
+    pytest.param((3, 64, 32, 32), F64, id="3x64x32x32-f64"),
+    pytest.param((8, 37, 61, 61), BF16_AMP, id="8x37x61x61-bf16-unaligned"),
+    pytest.param((12, 64, 32, 32), F16_AMP, id="12x64x32x32-f16"),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,precision", TRAINING_STREAMED)
+def test_parity_training_streamed(device, shape, precision, layout):
+    run_parity(shape, precision, layout, device, train_steps=2, eval_steps=1)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

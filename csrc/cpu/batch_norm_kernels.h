@@ -62,13 +62,25 @@ constexpr int64_t kRowsPerFold = 16;
 // next to their partner; larger ones go to and from DRAM, where two things pay:
 //  - streaming (non-temporal) stores of the output: they skip the read for
 //    ownership an ordinary store of a missing line costs, and they no longer
-//    evict the input a second pass re-reads. A smaller output stays in cache
-//    for the next layer, so it is stored normally.
+//    evict the input a second pass re-reads. Eval's output is read by the next
+//    layer right away, so below this size it is stored normally and stays in
+//    cache for it (training outputs: kTrainingStreamBytes).
 //  - software prefetch in the NCHW passes: the hardware prefetcher stops at
 //    every 4 KB page and restarts on every plane (one channel's planes lie
 //    C·H·W elements apart), which left the statistics pass stalled on loads.
 //    On cache-resident data the prefetches only cost instructions.
 constexpr int64_t kCacheResidentBytes = int64_t{16} << 20;
+
+// A training step's outputs (forward's y, backward's dx) are streamed once they
+// outgrow a core's L2. Their buffers are fresh allocations, cold in cache, so an
+// ordinary store pays a read for ownership of every line; and the data is read
+// again only after other layers' traffic (y by backward's consumers, dx by the
+// previous layer's backward), by which time an L3 copy has mostly been evicted
+// anyway. Measured in whole training steps (bench/NOTES.md), streaming from
+// 0.5 MB up was as fast or faster for both layouts and every dtype; ordinary
+// stores won only in loops that recycle one hot output buffer, which a training
+// step does not.
+constexpr int64_t kTrainingStreamBytes = int64_t{1} << 20;
 
 // How far ahead of the loads the NCHW passes prefetch.
 constexpr int64_t kPrefetchBytes = 4096;
@@ -389,10 +401,10 @@ inline void parallel_over(int64_t n, F&& f, int64_t grain = 1) {
   });
 }
 
-// Whether a tensor of this many elements lives in DRAM (see kCacheResidentBytes).
+// Whether a tensor of this many elements is larger than `bytes`.
 template <typename scalar_t>
-inline bool exceeds_cache(int64_t numel) {
-  return numel * static_cast<int64_t>(sizeof(scalar_t)) > kCacheResidentBytes;
+inline bool larger_than(int64_t numel, int64_t bytes) {
+  return numel * static_cast<int64_t>(sizeof(scalar_t)) > bytes;
 }
 
 // ---------------------------------------------------------------------------
@@ -443,7 +455,7 @@ struct PlaneWalk {
 // planes stream well from L3 and only pay for it once they come from DRAM.
 template <typename scalar_t>
 inline bool prefetch_planes(const Geometry& g) {
-  return g.HW < PlaneWalk<scalar_t>::kAhead || exceeds_cache<scalar_t>(g.numel());
+  return g.HW < PlaneWalk<scalar_t>::kAhead || larger_than<scalar_t>(g.numel(), kCacheResidentBytes);
 }
 
 // Calls step(at, n, whole) over the positions [hw_begin, hw_end) of planes
@@ -793,7 +805,6 @@ template <typename scalar_t>
 void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
                           const acc_t<scalar_t>* mean, int64_t row_begin, int64_t row_end,
                           double* sum_dy_out, double* sum_dy_xmu_out) {
-  using Acc = acc_t<scalar_t>;
   using T = Tile<scalar_t>;
   const int64_t padded = padded_channels<scalar_t>(C);
   double* sum_dy = thread_scratch_filled<double, ScratchSlot::kBlockSum1>(padded, 0.0);
@@ -931,7 +942,7 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
                    acc_t<scalar_t>* save_invstd) {
   const int64_t N = g.N, C = g.C, HW = g.HW;
   ChannelCoefs<scalar_t> k(C);
-  const bool stream = exceeds_cache<scalar_t>(g.numel());
+  const bool stream = larger_than<scalar_t>(g.numel(), kTrainingStreamBytes);
 
   if (g.channels_last) {
     const int64_t rows = N * HW;
@@ -1000,7 +1011,7 @@ void eval_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chann
     const double invstd = 1.0 / std::sqrt(static_cast<double>(t.running_var[c]) + eps);
     set_normalize_coefs<scalar_t>(c, static_cast<double>(t.running_mean[c]), invstd, t, k);
   }
-  const bool stream = exceeds_cache<scalar_t>(g.numel());
+  const bool stream = larger_than<scalar_t>(g.numel(), kCacheResidentBytes);
   if (g.channels_last) {
     const bool stream_rows = stream && rows_stream_aligned(y, C);
     at::parallel_for(0, N * HW, row_grain(C), [&](int64_t begin, int64_t end) {
@@ -1057,7 +1068,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
   // Eval's dx needs no sums; training's dx and both parameter grads do.
   const bool need_sums = training ? out.grad_input || out.grad_weight || out.grad_bias
                                   : out.grad_weight || out.grad_bias;
-  const bool stream = exceeds_cache<scalar_t>(g.numel());
+  const bool stream = larger_than<scalar_t>(g.numel(), kTrainingStreamBytes);
 
   if (g.channels_last) {
     const int64_t rows = N * HW;
