@@ -61,6 +61,23 @@ TRAINING_STREAMED = [
 ]
 
 
+# NCHW planes of at most 1 KB over enough channels go by channel blocks
+# (ChannelBlocking in the CPU kernels): several blocks with a shorter last one,
+# plane tails read whole or (at the tensor's end) masked, one-element planes.
+CHANNEL_BLOCKED = [
+    pytest.param((64, 100, 7, 7), F32, id="64x100x7x7-f32"),
+    pytest.param((16, 67, 1, 1), F32, id="16x67x1x1-f32"),
+    pytest.param((9, 41, 14, 14), F16_AMP, id="9x41x14x14-f16"),
+    pytest.param((5, 37, 3, 5), BF16_AMP, id="5x37x3x5-bf16"),
+    pytest.param((4, 24, 7, 7), F64, id="4x24x7x7-f64"),
+]
+
+
+@pytest.mark.parametrize("shape,precision", CHANNEL_BLOCKED)
+def test_parity_channel_blocked(device, shape, precision):
+    run_parity(shape, precision, "contiguous", device, train_steps=2, eval_steps=1)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape,precision", TRAINING_STREAMED)
 def test_parity_training_streamed(device, shape, precision, layout):

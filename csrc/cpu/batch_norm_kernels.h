@@ -89,6 +89,11 @@ constexpr int64_t kPrefetchBytes = 4096;
 // runs on the calling thread, cheaper than waking the pool.
 constexpr int64_t kMergeGrain = 256;
 
+// NCHW planes up to this size are walked by channel blocks (ChannelBlocking),
+// which keep a block's planes, over all images, within this much of a core's L2.
+constexpr int64_t kShortPlaneBytes = 1024;
+constexpr int64_t kChannelBlockBytes = int64_t{256} << 10;
+
 // Granularity of the NHWC passes that walk their rows backwards (nhwc_walk).
 constexpr int64_t kReverseSpanBytes = int64_t{256} << 10;
 
@@ -122,6 +127,29 @@ inline void stream_vector(void* p, const V& v) {
   }
 #else
   v.store(p);
+#endif
+}
+
+// The lanes of a float vector as two double vectors (first half, second half).
+inline std::pair<Vectorized<double>, Vectorized<double>> widen(const Vectorized<float>& v) {
+  static_assert(Vectorized<float>::size() == 2 * Vectorized<double>::size(), "float lanes are twice double lanes");
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = v;
+  return {_mm512_cvtps_pd(_mm512_castps512_ps256(f)),
+          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)))};
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  return {_mm256_cvtps_pd(_mm256_castps256_ps128(f)), _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1))};
+#else
+  constexpr int64_t kHalf = Vectorized<double>::size();
+  float lanes[2 * kHalf];
+  v.store(lanes);
+  double first[kHalf], second[kHalf];
+  for (int64_t i = 0; i < kHalf; ++i) {
+    first[i] = lanes[i];
+    second[i] = lanes[kHalf + i];
+  }
+  return {Vectorized<double>::loadu(first), Vectorized<double>::loadu(second)};
 #endif
 }
 
@@ -643,6 +671,155 @@ void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t
 #undef FUSED_BN_LOAD
 
 // ---------------------------------------------------------------------------
+// NCHW with short planes: channel blocks walked image by image
+// ---------------------------------------------------------------------------
+
+// One channel's planes of a few cache lines each lie C·H·W elements apart:
+// walked a channel at a time they are a gather the hardware prefetcher cannot
+// follow (64x512x7x7 training forward, one thread: 0.73 ns per element from
+// L3 against 0.42 from L2). A block of consecutive channels is walked image by
+// image instead: one image's planes of the block are a single contiguous run,
+// and the block, over all images, stays in L2 for the pass that re-reads it.
+struct ChannelBlocking {
+  int64_t per_block, blocks;
+  // reread_bytes: bytes per element of the tensors the second pass re-reads.
+  ChannelBlocking(const Geometry& g, int64_t reread_bytes) {
+    const int64_t channel_bytes = std::max<int64_t>(1, g.N * g.HW * reread_bytes);
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    int64_t wanted = (g.C * channel_bytes + kChannelBlockBytes - 1) / kChannelBlockBytes;
+    // A whole number of blocks per thread: the last thread is not left a
+    // block behind.
+    wanted = std::max<int64_t>(1, (wanted + threads - 1) / threads) * threads;
+    per_block = std::max<int64_t>(1, (g.C + wanted - 1) / wanted);
+    blocks = (g.C + per_block - 1) / per_block;
+  }
+  int64_t begin(int64_t b) const { return b * per_block; }
+  int64_t end(int64_t b, int64_t C) const { return std::min(C, (b + 1) * per_block); }
+};
+
+template <typename scalar_t>
+inline bool walks_channel_blocks(const Geometry& g) {
+  return !g.channels_last && g.numel() > 0 &&
+         g.HW * static_cast<int64_t>(sizeof(scalar_t)) <= kShortPlaneBytes &&
+         !split_channels_across_threads(g);
+}
+
+// Calls step(c, n) for every plane of channels [c0, c1), image by image: the
+// order both passes of a channel block take.
+template <typename F>
+__attribute__((always_inline)) inline void for_block_planes(const Geometry& g, int64_t c0, int64_t c1, F&& step) {
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t c = c0; c < c1; ++c) step(c, n);
+  }
+}
+
+// One short plane, walked as pairs of vectors: f(pair, tail) gets each whole
+// pair, then the tail (whose lanes past the plane f must mask). Sums go into
+// float lanes and are widened to double at the end of each plane: a short plane
+// adds at most kShortPlaneBytes / VecPair::kBytes values per lane, fewer than a
+// long-plane sum does between folds (kRowsPerFold).
+template <typename scalar_t>
+struct ShortPlane {
+  using IO = VecPair<scalar_t>;
+  using AccVec = typename IO::AccVec;
+  int64_t HW, readable;
+  TailMask<scalar_t> tail;
+  ShortPlane(int64_t HW, int64_t readable) : HW(HW), readable(readable), tail(HW % IO::kWidth) {}
+
+  void prefetch(const scalar_t* p) const {
+    const char* bytes = reinterpret_cast<const char*>(p);
+    for (int64_t b = 0; b < HW * static_cast<int64_t>(sizeof(scalar_t)); b += 64) prefetch_line(bytes + b);
+  }
+  // A sum is kept per channel as kPartials doubles: each plane's float lanes
+  // are widened and added in (a vectorized loop), and summed across once per
+  // channel. Summing across lanes in float at every plane rounded at the scale
+  // of the whole plane (grad_weight twice nn's error on cancelling sums), and
+  // summing across in double at every plane put a chain of dependent adds on
+  // each plane (7x7 backward 0.30 -> 0.40 ms).
+  using DoubleVec = Vectorized<double>;
+  static constexpr int64_t kPartials = DoubleVec::size();
+  static void add_lanes(const AccVec& lo, const AccVec& hi, double* partials) {
+    DoubleVec p = DoubleVec::loadu(partials);
+    if constexpr (std::is_same_v<acc_t<scalar_t>, double>) {
+      p = p + (lo + hi);
+    } else {
+      const auto [first, second] = widen(lo + hi);
+      p = p + first + second;
+    }
+    p.store(partials);
+  }
+  static double total(double* partials) {
+    for (int64_t width = kPartials / 2; width > 0; width /= 2) {
+      for (int64_t j = 0; j < width; ++j) partials[j] += partials[j + width];
+    }
+    return partials[0];
+  }
+  // load(at, n, whole) -> Pair for the pair at plane offset `at`.
+  template <typename Load, typename F>
+  __attribute__((always_inline)) void walk(int64_t offset, Load&& load, F&& f) const {
+    int64_t i = 0;
+    for (; i + IO::kWidth <= HW; i += IO::kWidth) f(load(offset + i, kFullPair<scalar_t>, true), false);
+    if (i < HW) f(load(offset + i, HW - i, offset + i + IO::kWidth <= readable), true);
+  }
+};
+
+// Adds Σ(x − shift) and Σ(x − shift)² over the plane at `offset` into the
+// channel's partials (ShortPlane::add_lanes).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void short_plane_moment_sums(
+    const scalar_t* x, int64_t offset, const ShortPlane<scalar_t>& plane, acc_t<scalar_t> shift,
+    double* sum, double* sum_sq) {
+  using IO = VecPair<scalar_t>;
+  using AccVec = typename IO::AccVec;
+  const AccVec shift_vec(shift);
+  AccVec s_lo(0), s_hi(0), q_lo(0), q_hi(0);
+  plane.walk(offset, [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
+    return whole ? IO::load(x + at) : IO::load(x + at, n);
+  }, [&](typename IO::Pair v, bool tail) __attribute__((always_inline)) {
+    v.first = v.first - shift_vec;
+    v.second = v.second - shift_vec;
+    if (tail) v = plane.tail.apply(v.first, v.second);
+    s_lo = s_lo + v.first;
+    s_hi = s_hi + v.second;
+    q_lo = at::vec::fmadd(v.first, v.first, q_lo);
+    q_hi = at::vec::fmadd(v.second, v.second, q_hi);
+  });
+  ShortPlane<scalar_t>::add_lanes(s_lo, s_hi, sum);
+  ShortPlane<scalar_t>::add_lanes(q_lo, q_hi, sum_sq);
+}
+
+// Adds Σdy and Σdy·(x − mean) over the plane at `offset` into the channel's
+// partials (ShortPlane::add_lanes).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void short_plane_grad_sums(
+    const scalar_t* x, const scalar_t* dy, int64_t offset, const ShortPlane<scalar_t>& plane,
+    acc_t<scalar_t> mean, double* sum_dy, double* sum_dy_xmu) {
+  using IO = VecPair<scalar_t>;
+  using AccVec = typename IO::AccVec;
+  using Pair = typename IO::Pair;
+  const AccVec mean_vec(mean);
+  AccVec g_lo(0), g_hi(0), p_lo(0), p_hi(0);
+  plane.walk(offset, [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
+    return std::pair<Pair, Pair>{whole ? IO::load(x + at) : IO::load(x + at, n),
+                                 whole ? IO::load(dy + at) : IO::load(dy + at, n)};
+  }, [&](const std::pair<Pair, Pair>& xg, bool tail) __attribute__((always_inline)) {
+    Pair xm{xg.first.first - mean_vec, xg.first.second - mean_vec};
+    Pair g = xg.second;
+    // As in nchw_block_grad_sums: both factors masked, so nothing leaks in.
+    if (tail) {
+      xm = plane.tail.apply(xm.first, xm.second);
+      g = plane.tail.apply(g.first, g.second);
+    }
+    g_lo = g_lo + g.first;
+    g_hi = g_hi + g.second;
+    p_lo = at::vec::fmadd(g.first, xm.first, p_lo);
+    p_hi = at::vec::fmadd(g.second, xm.second, p_hi);
+  });
+  ShortPlane<scalar_t>::add_lanes(g_lo, g_hi, sum_dy);
+  ShortPlane<scalar_t>::add_lanes(p_lo, p_hi, sum_dy_xmu);
+}
+
+// ---------------------------------------------------------------------------
 // NHWC: rows of C channels, walked tile by tile
 // ---------------------------------------------------------------------------
 
@@ -983,6 +1160,32 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
     normalize_run(x + offset, y + offset, HW, g.numel() - offset, k.mean[c], k.scale[c], k.shift[c], stream);
   };
 
+  if (walks_channel_blocks<scalar_t>(g)) {
+    using Acc = acc_t<scalar_t>;
+    const ChannelBlocking cb(g, sizeof(scalar_t));
+    const ShortPlane<scalar_t> plane(HW, g.numel());
+    parallel_over(cb.blocks, [&](int64_t b) {
+      const int64_t c0 = cb.begin(b), c1 = cb.end(b, C);
+      constexpr int64_t P = ShortPlane<scalar_t>::kPartials;
+      double* sum = thread_scratch_filled<double, ScratchSlot::kBlockSum1>((c1 - c0) * P, 0.0);
+      double* sum_sq = thread_scratch_filled<double, ScratchSlot::kBlockSum2>((c1 - c0) * P, 0.0);
+      Acc* shift = thread_scratch<Acc, ScratchSlot::kBlockShift>(c1 - c0);
+      for (int64_t c = c0; c < c1; ++c) shift[c - c0] = static_cast<Acc>(x[c * HW]);
+      for_block_planes(g, c0, c1, [&](int64_t c, int64_t n) {
+        if (n + 1 < N) plane.prefetch(x + ((n + 1) * C + c) * HW);
+        short_plane_moment_sums(x, (n * C + c) * HW, plane, shift[c - c0], sum + (c - c0) * P,
+                                sum_sq + (c - c0) * P);
+      });
+      for (int64_t c = c0; c < c1; ++c) {
+        const Moments m = Moments::from_shifted_sums(
+            N * HW, shift[c - c0], ShortPlane<scalar_t>::total(sum + (c - c0) * P),
+            ShortPlane<scalar_t>::total(sum_sq + (c - c0) * P));
+        finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, k);
+      }
+      for_block_planes(g, c0, c1, normalize_plane);
+    });
+    return;
+  }
   if (!split_channels_across_threads(g)) {
     parallel_over(C, [&](int64_t c) {
       Moments m;
@@ -1127,6 +1330,33 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     }
   };
 
+  if (walks_channel_blocks<scalar_t>(g)) {
+    const ChannelBlocking cb(g, 2 * sizeof(scalar_t));
+    const ShortPlane<scalar_t> plane(HW, g.numel());
+    parallel_over(cb.blocks, [&](int64_t b) {
+      const int64_t c0 = cb.begin(b), c1 = cb.end(b, C);
+      constexpr int64_t P = ShortPlane<scalar_t>::kPartials;
+      double* sum_dy = thread_scratch_filled<double, ScratchSlot::kBlockSum1>((c1 - c0) * P, 0.0);
+      double* sum_dy_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum2>((c1 - c0) * P, 0.0);
+      if (need_sums) {
+        for_block_planes(g, c0, c1, [&](int64_t c, int64_t n) {
+          if (n + 1 < N) {
+            plane.prefetch(x + ((n + 1) * C + c) * HW);
+            plane.prefetch(dy + ((n + 1) * C + c) * HW);
+          }
+          short_plane_grad_sums(x, dy, (n * C + c) * HW, plane, mean[c], sum_dy + (c - c0) * P,
+                                sum_dy_xmu + (c - c0) * P);
+        });
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        const GradSums sums{ShortPlane<scalar_t>::total(sum_dy + (c - c0) * P),
+                            ShortPlane<scalar_t>::total(sum_dy_xmu + (c - c0) * P)};
+        finalize_channel_grads<scalar_t>(c, sums, count, training, weight, invstd, out, k);
+      }
+      if (out.grad_input) for_block_planes(g, c0, c1, grad_input_plane);
+    });
+    return;
+  }
   if (!split_channels_across_threads(g)) {
     parallel_over(C, [&](int64_t c) {
       GradSums s;
