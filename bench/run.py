@@ -375,6 +375,10 @@ def main(argv=None):
           f"timer {timer.name}, threads {torch.get_num_threads()}, "
           f"load average {meta['load_average_start'][0]:.2f}", flush=True)
 
+    if device.type == "cpu":
+        meta["cpu_allocator"] = timing.settle_cpu_allocator()
+        print(f"allocator: {meta['cpu_allocator']}", flush=True)
+
     copy_bw_gbps = None
     if device.type == "cuda":
         copy_bw_gbps, copy_bytes = timing.copy_bandwidth_gbps(device)
