@@ -49,9 +49,9 @@ DRAM_SIZED = [
     pytest.param((48, 64, 56, 56), BF16_AMP, id="48x64x56x56-bf16"),
 ]
 
-# Over the 1 MB limit (about 1.5 and 2.2 MB) above which training's forward and backward stream
-# their outputs (kTrainingStreamBytes), in every dtype; C = 37 and 61x61 planes
-# are unaligned for streaming, 64 channels and 32x32 planes aligned.
+# Over the 1 MB limit (about 1.5 and 2.2 MB) above which training's forward and
+# backward stream their outputs (kTrainingStreamBytes), in every dtype; C = 37 and
+# 61x61 planes are unaligned for streaming, 64 channels and 32x32 planes aligned.
 TRAINING_STREAMED = [
     pytest.param((4, 37, 61, 61), F32, id="4x37x61x61-f32-unaligned"),
     pytest.param((6, 64, 32, 32), F32, id="6x64x32x32-f32"),
