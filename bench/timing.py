@@ -42,8 +42,8 @@ def settle_cpu_allocator():
         return "system allocator (not glibc): left as is"
     # A chunk just under the maximum: glibc only raises the threshold to sizes
     # up to it, and adds its own header to the request.
+    # Left untouched: glibc raises the thresholds when it unmaps the block.
     block = torch.empty(GLIBC_MMAP_THRESHOLD_MAX - (1 << 16), dtype=torch.uint8)
-    block.fill_(0)
     del block
     return (f"glibc {version} malloc, defaults; its dynamic mmap threshold settled at "
             f"~32 MB by freeing one 32 MB block first, as after a training step")

@@ -163,6 +163,12 @@ inline void stream_fence() {
 
 inline void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 3); }
 
+// Every cache line of the `bytes` from p.
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* first = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) prefetch_line(first + b);
+}
+
 // Two accumulation-type vectors' worth of elements, so float16/bfloat16 data
 // converts in whole native vectors.
 template <typename scalar_t>
@@ -212,9 +218,7 @@ struct VecPair {
       stream_vector(p, at::vec::convert_from_float<scalar_t>(v.first, v.second));
     }
   }
-  static inline void prefetch_pair(const scalar_t* p) {
-    for (int64_t b = 0; b < kBytes; b += 64) prefetch_line(reinterpret_cast<const char*>(p) + b);
-  }
+  static inline void prefetch_pair(const scalar_t* p) { prefetch_span(p, kBytes); }
 };
 
 // The element count of a whole pair as a type: loop bodies written as generic
@@ -463,9 +467,7 @@ struct PlaneWalk {
   // Planes shorter than the distance: at each plane's start, all of a later plane.
   void prefetch_at_plane_start(const scalar_t* plane) const {
     if (HW >= kAhead || HW == 0) return;
-    const char* ahead = reinterpret_cast<const char*>(plane + (kAhead + HW - 1) / HW * plane_stride);
-    const int64_t bytes = HW * static_cast<int64_t>(sizeof(scalar_t));
-    for (int64_t b = 0; b < bytes; b += 64) prefetch_line(ahead + b);
+    prefetch_span(plane + (kAhead + HW - 1) / HW * plane_stride, HW * static_cast<int64_t>(sizeof(scalar_t)));
   }
   // Longer planes: the pair kAhead elements on, in this plane or the next.
   void prefetch_at_position(const scalar_t* plane, int64_t i) const {
@@ -733,10 +735,7 @@ struct ShortPlane {
   TailMask<scalar_t> tail;
   ShortPlane(int64_t HW, int64_t readable) : HW(HW), readable(readable), tail(HW % IO::kWidth) {}
 
-  void prefetch(const scalar_t* p) const {
-    const char* bytes = reinterpret_cast<const char*>(p);
-    for (int64_t b = 0; b < HW * static_cast<int64_t>(sizeof(scalar_t)); b += 64) prefetch_line(bytes + b);
-  }
+  void prefetch(const scalar_t* p) const { prefetch_span(p, HW * static_cast<int64_t>(sizeof(scalar_t))); }
   // A sum is kept per channel as kPartials doubles: each plane's float lanes
   // are widened and added in (a vectorized loop), and summed across once per
   // channel. Summing across lanes in float at every plane rounded at the scale
