@@ -722,6 +722,18 @@ __attribute__((always_inline)) inline void for_block_planes(const Geometry& g, i
   }
 }
 
+// Whether a training pass streams its output (kTrainingStreamBytes). Not on
+// the channel-block path: a short plane starts on a streamable (64-byte)
+// boundary only every few planes (fp32 14x14: one in four; 7x7: one in
+// sixteen), so its output went out as a mix of streamed and ordinary lines.
+// Ordinary stores there measured 32x256x14x14 fp32 forward+backward 0.567 ->
+// 0.488 ms in a loop, and 0.98 -> 0.95 ms per layer in steps of six layers
+// whose data outgrows L3 (bench/NOTES.md).
+template <typename scalar_t>
+inline bool streams_training_output(const Geometry& g) {
+  return larger_than<scalar_t>(g.numel(), kTrainingStreamBytes) && !walks_channel_blocks<scalar_t>(g);
+}
+
 // One short plane, walked as pairs of vectors: f(pair, tail) gets each whole
 // pair, then the tail (whose lanes past the plane f must mask). Sums go into
 // float lanes and are widened to double at the end of each plane: a short plane
@@ -1125,7 +1137,7 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
                    acc_t<scalar_t>* save_invstd) {
   const int64_t N = g.N, C = g.C, HW = g.HW;
   ChannelCoefs<scalar_t> k(C);
-  const bool stream = larger_than<scalar_t>(g.numel(), kTrainingStreamBytes);
+  const bool stream = streams_training_output<scalar_t>(g);
 
   if (g.channels_last) {
     const int64_t rows = N * HW;
@@ -1283,7 +1295,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
   // Eval's dx needs no sums; training's dx and both parameter grads do.
   const bool need_sums = training ? out.grad_input || out.grad_weight || out.grad_bias
                                   : out.grad_weight || out.grad_bias;
-  const bool stream = larger_than<scalar_t>(g.numel(), kTrainingStreamBytes);
+  const bool stream = streams_training_output<scalar_t>(g);
 
   if (g.channels_last) {
     const int64_t rows = N * HW;
