@@ -108,6 +108,24 @@ inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor&
   check_parameter_dtypes(input, {&weight});
 }
 
+// A tensor read alongside the input element by element (the residual of
+// add+relu, the forward's output in its backward): same shape, dtype, device.
+inline void check_like_input(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.sizes() == input.sizes(), "batch_norm: ", name, " of shape ", t.sizes(),
+              " does not match input of shape ", input.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "batch_norm: ", name, " dtype ", t.scalar_type(),
+              " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "Expected all tensors to be on the same device, but ", name,
+              " is on ", t.device(), " and input is on ", input.device());
+}
+
+// The forward epilogue's arguments: a residual is added only before a ReLU.
+inline void check_epilogue(bool relu, const c10::optional<at::Tensor>& residual, const at::Tensor& input) {
+  if (!residual.has_value() || !residual->defined()) return;
+  TORCH_CHECK(relu, "batch_norm: a residual is supported only with relu=True (relu(batch_norm(x) + residual))");
+  check_like_input(*residual, "residual", input);
+}
+
 // The momentum actually applied to the running statistics: nn.BatchNorm2d's
 // cumulative average (1/num_batches_tracked, after the increment) when
 // momentum is None. `batches_tracked` is the counter's value after increment.

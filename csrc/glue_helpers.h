@@ -53,6 +53,14 @@ inline bool has_float_params(const at::Tensor& input,
   return false;
 }
 
+// The kernels' Epilogue / GradMask value as a compile-time constant:
+// f(std::integral_constant<E, value>{}).
+template <typename E, E... kValues, typename F>
+void dispatch_enum(E value, F&& f) {
+  const bool matched = ((value == kValues ? (f(std::integral_constant<E, kValues>{}), true) : false) || ...);
+  TORCH_INTERNAL_ASSERT(matched, "fused_bn: unhandled enum value");
+}
+
 template <typename T>
 struct TypeTag {
   using type = T;

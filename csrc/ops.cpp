@@ -19,21 +19,33 @@ TORCH_LIBRARY(fused_bn, m) {
   // op. momentum=None means the cumulative average 1/num_batches_tracked.
   // Returns (output, save_mean, save_invstd); the saved statistics are float32
   // (float64 for float64 input) and feed batch_norm_backward.
+  // relu=True returns relu(batch_norm(input)); with a residual (same shape and
+  // dtype as input), relu(batch_norm(input) + residual).
   m.def(
       "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-      "Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
-      "-> (Tensor, Tensor, Tensor)");
-  // Inference forward with the running statistics: one pass over memory.
+      "Tensor(c!)? num_batches_tracked, float? momentum, float eps, "
+      "bool relu=False, Tensor? residual=None) -> (Tensor, Tensor, Tensor)");
+  // Inference forward with the running statistics: one pass over memory
+  // (relu and residual as in batch_norm_train).
   m.def(
       "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, "
-      "Tensor running_mean, Tensor running_var, float eps) -> Tensor");
+      "Tensor running_mean, Tensor running_var, float eps, "
+      "bool relu=False, Tensor? residual=None) -> Tensor");
   // Backward of either forward. `mean`/`invstd` are the saved batch statistics
   // (training=True) or the running mean and 1/sqrt(running_var + eps)
   // (training=False). An output whose mask entry is false comes back as an
   // empty tensor of shape [0].
+  // relu=True: the backward of relu(batch_norm(input)); the ReLU's mask is
+  // recomputed from input, mean, invstd, weight and the forward's bias.
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
-      "Tensor mean, Tensor invstd, bool training, bool[3] output_mask) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor mean, Tensor invstd, bool training, bool[3] output_mask, "
+      "Tensor? bias=None, bool relu=False) -> (Tensor, Tensor, Tensor)");
+  // Backward of relu(batch_norm(input) + residual), the ReLU's mask taken
+  // from the forward's output. grad_residual is the masked grad_output.
+  m.def(
+      "batch_norm_add_relu_backward(Tensor grad_output, Tensor output, Tensor input, "
+      "Tensor? weight, Tensor mean, Tensor invstd, bool training, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
 }

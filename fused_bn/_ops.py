@@ -29,24 +29,40 @@ def _output_like(input):
 
 @torch.library.register_fake("fused_bn::batch_norm_train")
 def _batch_norm_train_fake(input, weight, bias, running_mean, running_var,
-                           num_batches_tracked, momentum, eps):
+                           num_batches_tracked, momentum, eps, relu=False, residual=None):
     stats = input.new_empty((input.shape[1],), dtype=_accumulate_dtype(input.dtype))
     return _output_like(input), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("fused_bn::batch_norm_eval")
-def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps):
+def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps, relu=False,
+                          residual=None):
     return _output_like(input)
 
 
-@torch.library.register_fake("fused_bn::batch_norm_backward")
-def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training, output_mask):
+def _param_grads_fake(input, params, output_mask):
     channels = input.shape[1]
-    param_dtype = weight.dtype if weight is not None else _accumulate_dtype(input.dtype)
-    grad_input = _output_like(input) if output_mask[0] else input.new_empty((0,))
+    param = next((p for p in params if p is not None), None)
+    param_dtype = param.dtype if param is not None else _accumulate_dtype(input.dtype)
     grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=param_dtype)
     grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=param_dtype)
-    return grad_input, grad_weight, grad_bias
+    return grad_weight, grad_bias
+
+
+@torch.library.register_fake("fused_bn::batch_norm_backward")
+def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training, output_mask,
+                              bias=None, relu=False):
+    grad_input = _output_like(input) if output_mask[0] else input.new_empty((0,))
+    params = (weight, bias) if relu else (weight,)
+    return (grad_input,) + _param_grads_fake(input, params, output_mask)
+
+
+@torch.library.register_fake("fused_bn::batch_norm_add_relu_backward")
+def _batch_norm_add_relu_backward_fake(grad_output, output, input, weight, mean, invstd, training,
+                                       output_mask):
+    grad_input = _output_like(input) if output_mask[0] else input.new_empty((0,))
+    grad_weight, grad_bias = _param_grads_fake(input, (weight,), output_mask)
+    return grad_input, _output_like(input), grad_weight, grad_bias
 
 
 def _grad_mask(ctx, weight, bias):
@@ -57,12 +73,30 @@ def _grad_mask(ctx, weight, bias):
     ]
 
 
+def _relu_mask(input, weight, bias, mean, invstd, output):
+    """Where the forward's ReLU passed its input: output > 0 (add+relu), else
+    the recomputed batch_norm(input) > 0 (relu). For the differentiable backward
+    only; the kernels recompute the mask themselves."""
+    if output is not None:
+        return output > 0
+    acc = _accumulate_dtype(input.dtype)
+    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
+    scale = invstd.to(acc).view(shape)
+    if weight is not None:
+        scale = scale * weight.to(acc).view(shape)
+    z = (input.to(acc) - mean.to(acc).view(shape)) * scale
+    if bias is not None:
+        z = z + bias.to(acc).view(shape)
+    return z > 0
+
+
 def _differentiable_backward(grad_output, input, weight, mean, invstd, training, eps, mask):
     """First-order grads from differentiable aten ops, for double backward.
 
     Used only when autograd records the backward (create_graph=True, e.g. a
     gradient penalty). In training the batch statistics are recomputed from the
-    input so that their dependence on it is differentiated too."""
+    input so that their dependence on it is differentiated too. A ReLU's mask
+    is applied to grad_output by the caller."""
     acc = _accumulate_dtype(input.dtype)
     x, dy = input.to(acc), grad_output.to(acc)
     dims = [0] + list(range(2, input.dim()))
@@ -88,13 +122,52 @@ def _differentiable_backward(grad_output, input, weight, mean, invstd, training,
             None if grad_bias is None else grad_bias.to(param_dtype))
 
 
-def _grads_for_inputs(mask, grads, bias_dtype, n_inputs):
+def _grads_for_inputs(mask, grads, bias_dtype, n_inputs, grad_residual=None):
     grad_input, grad_weight, grad_bias = (g if m else None for g, m in zip(grads, mask))
     # The backward op returns parameter grads in the weight's dtype; F.batch_norm
     # allows a bias without a weight, or of another dtype.
     if grad_bias is not None and grad_bias.dtype != bias_dtype:
         grad_bias = grad_bias.to(bias_dtype)
-    return (grad_input, grad_weight, grad_bias) + (None,) * (n_inputs - 3)
+    # The residual is each op's last input.
+    return (grad_input, grad_weight, grad_bias) + (None,) * (n_inputs - 4) + (grad_residual,)
+
+
+def _epilogue_backward(ctx, grad_output, training, eps):
+    """Grads of every input of a forward op, from what its autograd saved:
+    input, weight, bias, mean, invstd and (add+relu only) the output."""
+    input, weight, bias, mean, invstd, output = ctx.saved_tensors
+    n_inputs = ctx.n_inputs
+    if grad_output is None or not (any(ctx.mask) or ctx.residual_needs_grad):
+        return (None,) * n_inputs
+    if torch.is_grad_enabled():
+        if ctx.relu:
+            grad_output = grad_output * _relu_mask(input, weight, bias, mean, invstd, output)
+        grads = _differentiable_backward(
+            grad_output, input, weight, mean, invstd, training, eps, ctx.mask)
+        grad_residual = grad_output if ctx.residual_needs_grad else None
+    elif ctx.has_residual:
+        grad_input, grad_residual, grad_weight, grad_bias = ops.batch_norm_add_relu_backward(
+            grad_output, output, input, weight, mean, invstd, training, ctx.mask)
+        grads = (grad_input, grad_weight, grad_bias)
+    else:
+        grads = ops.batch_norm_backward(
+            grad_output, input, weight, mean, invstd, training, ctx.mask, bias, ctx.relu)
+        grad_residual = None
+    if not ctx.residual_needs_grad:
+        grad_residual = None
+    return _grads_for_inputs(ctx.mask, grads, ctx.bias_dtype, n_inputs, grad_residual)
+
+
+def _save_epilogue_context(ctx, n_inputs, input, weight, bias, mean, invstd, relu, residual, output):
+    ctx.n_inputs = n_inputs
+    ctx.mask = _grad_mask(ctx, weight, bias)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.relu = relu
+    ctx.has_residual = residual is not None
+    ctx.residual_needs_grad = residual is not None and ctx.needs_input_grad[n_inputs - 1]
+    # The bias fixes relu's shift; the output is add+relu's mask.
+    ctx.save_for_backward(input, weight, bias if relu else None, mean, invstd,
+                          output if residual is not None else None)
 
 
 class _BatchNormTrain(torch.autograd.Function):
@@ -108,28 +181,20 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps):
+                momentum, eps, relu=False, residual=None):
         with torch._C._AutoDispatchBelowAutograd():
             output, save_mean, save_invstd = ops.batch_norm_train(
-                input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
-        ctx.mask = _grad_mask(ctx, weight, bias)
-        ctx.bias_dtype = None if bias is None else bias.dtype
+                input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                relu, residual)
         ctx.eps = eps
-        ctx.save_for_backward(input, weight, save_mean, save_invstd)
+        _save_epilogue_context(ctx, 10, input, weight, bias, save_mean, save_invstd, relu, residual,
+                               output)
         ctx.mark_non_differentiable(save_mean, save_invstd)
         return output, save_mean, save_invstd
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
-        input, weight, mean, invstd = ctx.saved_tensors
-        if grad_output is None or not any(ctx.mask):
-            return (None,) * 8
-        if torch.is_grad_enabled():
-            grads = _differentiable_backward(
-                grad_output, input, weight, mean, invstd, True, ctx.eps, ctx.mask)
-        else:
-            grads = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, True, ctx.mask)
-        return _grads_for_inputs(ctx.mask, grads, ctx.bias_dtype, 8)
+        return _epilogue_backward(ctx, grad_output, True, ctx.eps)
 
 
 _autograd_lib = torch.library.Library("fused_bn", "IMPL")
@@ -137,26 +202,19 @@ _autograd_lib.impl("batch_norm_train", _BatchNormTrain.apply, "Autograd")
 
 
 def _eval_setup_context(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, eps = inputs
+    input, weight, bias, running_mean, running_var, eps, relu, residual = (
+        tuple(inputs) + (False, None))[:8]
     acc = _accumulate_dtype(input.dtype)
-    ctx.mask = _grad_mask(ctx, weight, bias)
-    ctx.bias_dtype = None if bias is None else bias.dtype
     # Snapshots: a later training step may update the running buffers in place.
+    # invstd as the kernels' eval_invstd computes it (1/sqrt in float64, then
+    # rounded), so a recomputed ReLU mask is the forward's, bit for bit.
     mean = running_mean.to(acc, copy=True)
-    invstd = torch.rsqrt(running_var.to(torch.float64) + eps).to(acc)
-    ctx.save_for_backward(input, weight, mean, invstd)
+    invstd = (1.0 / torch.sqrt(running_var.to(torch.float64) + eps)).to(acc)
+    _save_epilogue_context(ctx, 8, input, weight, bias, mean, invstd, relu, residual, output)
 
 
 def _eval_backward(ctx, grad_output):
-    input, weight, mean, invstd = ctx.saved_tensors
-    if grad_output is None or not any(ctx.mask):
-        return (None,) * 6
-    if torch.is_grad_enabled():
-        grads = _differentiable_backward(
-            grad_output, input, weight, mean, invstd, False, None, ctx.mask)
-    else:
-        grads = ops.batch_norm_backward(grad_output, input, weight, mean, invstd, False, ctx.mask)
-    return _grads_for_inputs(ctx.mask, grads, ctx.bias_dtype, 6)
+    return _epilogue_backward(ctx, grad_output, False, None)
 
 
 torch.library.register_autograd(

@@ -17,6 +17,27 @@ def _verify_batch_size(size):
             f"Expected more than 1 value per channel when training, got input size {size}")
 
 
+def _batch_norm_epilogue(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                         num_batches_tracked, relu, residual):
+    if training:
+        if (running_mean is None) != (running_var is None):
+            raise ValueError(
+                "running_mean and running_var must either both be None or neither be None")
+        if input.dim() >= 2:
+            _verify_batch_size(input.size())
+        output, _, _ = ops.batch_norm_train(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+            relu, residual)
+        return output
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is None:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, relu, residual)
+
+
+_ACTIVATIONS = (None, "relu")
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -28,6 +49,7 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: Optional[Tensor] = None,
+    activation: Optional[str] = None,
 ) -> Tensor:
     """Mirrors ``torch.nn.functional.batch_norm``.
 
@@ -36,17 +58,35 @@ def batch_norm(
     scalar tensor, keyword only) is incremented in place by each training call;
     with ``momentum=None`` the update is then the cumulative average
     ``1 / num_batches_tracked``, as in ``nn.BatchNorm2d``.
+
+    ``activation="relu"`` returns ``relu(batch_norm(...))`` from the same
+    passes over memory; its backward recomputes the ReLU's mask from the input
+    and saves nothing more than batch norm does.
     """
-    if training:
-        if (running_mean is None) != (running_var is None):
-            raise ValueError(
-                "running_mean and running_var must either both be None or neither be None")
-        if input.dim() >= 2:
-            _verify_batch_size(input.size())
-        output, _, _ = ops.batch_norm_train(
-            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
-        return output
-    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
-        if stat is None:
-            raise RuntimeError(f"{name} must be defined in evaluation mode")
-    return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    return _batch_norm_epilogue(input, running_mean, running_var, weight, bias, training, momentum,
+                                eps, num_batches_tracked, activation == "relu", None)
+
+
+def batch_norm_add_relu(
+    input: Tensor,
+    residual: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """``relu(batch_norm(input, ...) + residual)``, a ResNet block's ending, in
+    one op: the forward reads input (statistics), then input and residual, and
+    writes the output. ``residual`` has the input's shape and dtype and gets a
+    gradient. Other arguments as :func:`batch_norm`."""
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
+    return _batch_norm_epilogue(input, running_mean, running_var, weight, bias, training, momentum,
+                                eps, num_batches_tracked, True, residual)

@@ -43,16 +43,36 @@ T* mutable_data_or_null(const optional<Tensor>& t) {
   return is_defined(t) ? t->mutable_data_ptr<T>() : nullptr;
 }
 
+// The forward's epilogue, and its residual in the input's layout (undefined
+// when there is none).
+struct PreparedEpilogue {
+  cpu::Epilogue kind;
+  Tensor residual;
+};
+
+PreparedEpilogue prepare_epilogue(bool relu, const optional<Tensor>& residual, const PreparedInput& in) {
+  if (is_defined(residual)) return {cpu::Epilogue::kAddRelu, residual->contiguous(in.format)};
+  return {relu ? cpu::Epilogue::kRelu : cpu::Epilogue::kNone, Tensor()};
+}
+
+template <typename F>
+void dispatch_epilogue(cpu::Epilogue e, F&& f) {
+  dispatch_enum<cpu::Epilogue, cpu::Epilogue::kNone, cpu::Epilogue::kRelu, cpu::Epilogue::kAddRelu>(e, f);
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
-    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps) {
+    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps, bool relu,
+    const optional<Tensor>& residual) {
   check_forward_args(input, weight, bias, running_mean, running_var);
+  check_epilogue(relu, residual, input);
   check_updatable(running_mean, "running_mean");
   check_updatable(running_var, "running_var");
   check_batches_tracked(num_batches_tracked, input);
   const bool float_params = has_float_params(input, {&weight, &bias, &running_mean, &running_var});
   PreparedInput in = prepare(input);
+  const PreparedEpilogue epilogue = prepare_epilogue(relu, residual, in);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   Tensor output = at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format));
   const auto stats_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
@@ -74,21 +94,26 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
     cpu::ChannelTensors<param_t> t{data_or_null<param_t>(w), data_or_null<param_t>(b),
                                    mutable_data_or_null<param_t>(running_mean),
                                    mutable_data_or_null<param_t>(running_var)};
-    cpu::train_forward<scalar_t, param_t>(in.tensor.const_data_ptr<scalar_t>(),
-                                          output.mutable_data_ptr<scalar_t>(), in.geometry, t, factor,
-                                          eps, save_mean.mutable_data_ptr<Acc>(),
-                                          save_invstd.mutable_data_ptr<Acc>());
+    dispatch_epilogue(epilogue.kind, [&](auto kind) {
+      cpu::train_forward<scalar_t, param_t, decltype(kind)::value>(
+          in.tensor.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(epilogue.residual),
+          output.mutable_data_ptr<scalar_t>(), in.geometry, t, factor, eps, save_mean.mutable_data_ptr<Acc>(),
+          save_invstd.mutable_data_ptr<Acc>());
+    });
   });
   return {output, save_mean, save_invstd};
 }
 
 Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight,
                            const optional<Tensor>& bias, const Tensor& running_mean,
-                           const Tensor& running_var, double eps) {
+                           const Tensor& running_var, double eps, bool relu,
+                           const optional<Tensor>& residual) {
   const optional<Tensor> mean_opt(running_mean), var_opt(running_var);
   check_forward_args(input, weight, bias, mean_opt, var_opt);
+  check_epilogue(relu, residual, input);
   const bool float_params = has_float_params(input, {&weight, &bias, &mean_opt, &var_opt});
   PreparedInput in = prepare(input);
+  const PreparedEpilogue epilogue = prepare_epilogue(relu, residual, in);
   Tensor output = at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format));
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor mean = running_mean.contiguous(), var = running_var.contiguous();
@@ -98,34 +123,47 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight,
     cpu::ChannelTensors<param_t> t{data_or_null<param_t>(w), data_or_null<param_t>(b),
                                    const_cast<param_t*>(mean.const_data_ptr<param_t>()),
                                    const_cast<param_t*>(var.const_data_ptr<param_t>())};
-    cpu::eval_forward<scalar_t, param_t>(in.tensor.const_data_ptr<scalar_t>(),
-                                         output.mutable_data_ptr<scalar_t>(), in.geometry, t, eps);
+    dispatch_epilogue(epilogue.kind, [&](auto kind) {
+      cpu::eval_forward<scalar_t, param_t, decltype(kind)::value>(
+          in.tensor.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(epilogue.residual),
+          output.mutable_data_ptr<scalar_t>(), in.geometry, t, eps);
+    });
   });
   return output;
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
-    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
+// The backward ops' shared body. mask: kNone (batch_norm), kReluOfInput
+// (relu(batch_norm): bias is the forward's), kReluOfOutput (relu(batch_norm +
+// residual): output is the forward's y, and grad_residual is returned).
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
+    cpu::GradMask mask, const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const Tensor& forward_output, const Tensor& mean, const Tensor& invstd,
+    bool training, std::array<bool, 3> output_mask) {
   check_backward_args(grad_output, input, weight, mean, invstd);
+  if (mask == cpu::GradMask::kReluOfInput) check_channel_tensor(bias, "bias", input);
+  if (mask == cpu::GradMask::kReluOfOutput) check_like_input(forward_output, "output", input);
   const at::ScalarType acc_dtype = accumulate_dtype(input.scalar_type());
   TORCH_CHECK(mean.scalar_type() == acc_dtype && invstd.scalar_type() == acc_dtype,
               "batch_norm_backward: mean and invstd must be ", acc_dtype, " for ",
               input.scalar_type(), " input");
-  const bool float_params = has_float_params(input, {&weight});
+  const bool float_params = has_float_params(input, {&weight, &bias});
   PreparedInput in = prepare(input);
   const Tensor dy = grad_output.contiguous(in.format);
+  const Tensor y = mask == cpu::GradMask::kReluOfOutput ? forward_output.contiguous(in.format) : Tensor();
   const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
   const Tensor w = dense_or_undefined(weight);
+  const Tensor b = mask == cpu::GradMask::kReluOfInput ? dense_or_undefined(bias) : Tensor();
+  TORCH_CHECK(!w.defined() || !b.defined() || w.scalar_type() == b.scalar_type(),
+              "batch_norm_backward: weight and bias must share a dtype");
   const int64_t C = in.geometry.C;
   const auto param_options =
       input.options().dtype(is_defined(weight) ? weight->scalar_type() : acc_dtype);
+  auto like_input = [&] { return at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format)); };
 
-  Tensor grad_input = output_mask[0]
-                          ? at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format))
-                          : at::empty({0}, input.options());
+  Tensor grad_input = output_mask[0] ? like_input() : at::empty({0}, input.options());
   Tensor grad_weight = at::empty({output_mask[1] ? C : 0}, param_options);
   Tensor grad_bias = at::empty({output_mask[2] ? C : 0}, param_options);
+  Tensor grad_residual = mask == cpu::GradMask::kReluOfOutput ? like_input() : Tensor();
 
   dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
     using scalar_t = typename decltype(scalar)::type;
@@ -137,19 +175,44 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
       cpu::BackwardOutputs<scalar_t, out_param_t> out{
           output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
           output_mask[1] ? grad_weight.mutable_data_ptr<out_param_t>() : nullptr,
-          output_mask[2] ? grad_bias.mutable_data_ptr<out_param_t>() : nullptr};
-      cpu::backward<scalar_t, out_param_t>(
-          dy.const_data_ptr<scalar_t>(), in.tensor.const_data_ptr<scalar_t>(), in.geometry,
-          data_or_null<out_param_t>(w), mean_c.const_data_ptr<Acc>(),
-          invstd_c.const_data_ptr<Acc>(), training, out);
+          output_mask[2] ? grad_bias.mutable_data_ptr<out_param_t>() : nullptr,
+          grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr};
+      dispatch_enum<cpu::GradMask, cpu::GradMask::kNone, cpu::GradMask::kReluOfInput,
+                    cpu::GradMask::kReluOfOutput>(mask, [&](auto kind) {
+        cpu::backward<scalar_t, out_param_t, decltype(kind)::value>(
+            dy.const_data_ptr<scalar_t>(), in.tensor.const_data_ptr<scalar_t>(), in.geometry,
+            data_or_null<out_param_t>(w), data_or_null<out_param_t>(b), data_or_null<scalar_t>(y),
+            mean_c.const_data_ptr<Acc>(), invstd_c.const_data_ptr<Acc>(), training, out);
+      });
     };
-    if (w.defined()) {
+    // The parameter dtype follows the weight, else the bias (relu's shift
+    // only), else the accumulation dtype.
+    if (w.defined() || b.defined()) {
       run.template operator()<param_t>();
     } else {
       run.template operator()<grad_param_t>();
     }
   });
+  return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask,
+    const optional<Tensor>& bias, bool relu) {
+  auto [grad_input, grad_weight, grad_bias, unused] =
+      backward_cpu(relu ? cpu::GradMask::kReluOfInput : cpu::GradMask::kNone, grad_output, input, weight,
+                   bias, Tensor(), mean, invstd, training, output_mask);
   return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_relu_backward_cpu(
+    const Tensor& grad_output, const Tensor& output, const Tensor& input, const optional<Tensor>& weight,
+    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
+  auto [grad_input, grad_weight, grad_bias, grad_residual] =
+      backward_cpu(cpu::GradMask::kReluOfOutput, grad_output, input, weight, c10::nullopt, output, mean, invstd,
+                   training, output_mask);
+  return {grad_input, grad_residual, grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -158,6 +221,7 @@ TORCH_LIBRARY_IMPL(fused_bn, CPU, m) {
   m.impl("batch_norm_train", &batch_norm_train_cpu);
   m.impl("batch_norm_eval", &batch_norm_eval_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("batch_norm_add_relu_backward", &batch_norm_add_relu_backward_cpu);
 }
 
 }  // namespace fused_bn

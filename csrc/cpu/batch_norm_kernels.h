@@ -329,6 +329,7 @@ enum class ScratchSlot {
   kBlockShift, kBlockSum1, kBlockSum2,
   kBlockSumDy, kBlockSumDyXmu, kSumDy, kSumDyXmu,
   kRunMean, kRunScale, kRunXCoef, kRunShift,
+  kCoefForwardShift, kRunForwardShift,
 };
 
 template <typename T, ScratchSlot kSlot>
@@ -351,18 +352,60 @@ inline T* thread_scratch_filled(int64_t n, T value) {
 //   backward: dx = dy · scale + (x − mean) · x_coef + shift
 // The forward's mean is the double mean rounded to Acc; the rounding error times
 // scale is folded into shift, so the output keeps the double mean's accuracy.
+// Forwards with a ReLU instead take their coefficients from the statistics as
+// saved (rounded to Acc, shift = bias), which is all their backward sees: it
+// recomputes the forward's z from forward_shift, bit for bit (GradMask).
 template <typename scalar_t>
 struct ChannelCoefs {
   using Acc = acc_t<scalar_t>;
-  Acc *mean, *scale, *x_coef, *shift;
+  Acc *mean, *scale, *x_coef, *shift, *forward_shift;
   explicit ChannelCoefs(int64_t channels) {
     const int64_t padded = padded_channels<scalar_t>(channels);
     mean = thread_scratch_filled<Acc, ScratchSlot::kCoefMean>(padded, Acc(0));
     scale = thread_scratch_filled<Acc, ScratchSlot::kCoefScale>(padded, Acc(0));
     x_coef = thread_scratch_filled<Acc, ScratchSlot::kCoefXCoef>(padded, Acc(0));
     shift = thread_scratch_filled<Acc, ScratchSlot::kCoefShift>(padded, Acc(0));
+    forward_shift = thread_scratch_filled<Acc, ScratchSlot::kCoefForwardShift>(padded, Acc(0));
   }
 };
+
+// What follows the normalization z = (x − mean) · scale + shift in a forward
+// element pass: y = z, y = max(z, 0), or y = max(z + residual, 0).
+enum class Epilogue { kNone, kRelu, kAddRelu };
+
+// The gradient the backward passes reduce and scale, g:
+//   kNone        : g = dy.
+//   kReluOfInput : g = dy where z > 0, z recomputed from x with the forward's
+//                  coefficients (ChannelCoefs::forward_shift): the same mask
+//                  as the forward's, with no tensor saved for it.
+//   kReluOfOutput: g = dy where y > 0, y the forward's output (add+relu: z
+//                  there includes the residual). The reduction pass writes g
+//                  (it is the residual's gradient) and the dx pass reads it
+//                  in place of dy, so dy and y are each read once.
+enum class GradMask { kNone, kReluOfInput, kReluOfOutput };
+
+// max(v, 0), NaN kept (as torch.relu).
+template <typename V>
+inline V relu(const V& v) {
+  return at::vec::maximum(v, V(0));
+}
+
+// g where z > 0, else 0 (a NaN z gives 0, as relu's backward on a NaN output).
+template <typename V>
+inline V keep_where_positive(const V& g, const V& z) {
+  return V::blendv(V(0), g, z > V(0));
+}
+
+// g of one pair under kReluOfInput: dy where (x − mean) · scale + shift > 0.
+template <typename scalar_t>
+inline typename VecPair<scalar_t>::Pair relu_of_input(const typename VecPair<scalar_t>::Pair& x,
+                                                       const typename VecPair<scalar_t>::Pair& dy,
+                                                       const Vectorized<acc_t<scalar_t>>& mean,
+                                                       const Vectorized<acc_t<scalar_t>>& scale,
+                                                       const Vectorized<acc_t<scalar_t>>& shift) {
+  return {keep_where_positive(dy.first, at::vec::fmadd(x.first - mean, scale, shift)),
+          keep_where_positive(dy.second, at::vec::fmadd(x.second - mean, scale, shift))};
+}
 
 // ---------------------------------------------------------------------------
 // Shape of the work
@@ -572,9 +615,44 @@ Moments nchw_block_moments(const scalar_t* x_channel, const PlaneWalk<scalar_t>&
                                     sum_sq_total.sum());
 }
 
+// One channel's inputs to a GradMask, as the NCHW passes see them (pointers
+// at the channel's base, like x's and dy's).
 template <typename scalar_t>
+struct ChannelMask {
+  acc_t<scalar_t> scale = 0, forward_shift = 0;  // kReluOfInput
+  const scalar_t* output = nullptr;              // kReluOfOutput: read
+  scalar_t* grad = nullptr;                      // kReluOfOutput: g written
+};
+
+// g for the pair at `at` under kMask (see GradMask); writes it out for
+// kReluOfOutput (the first n lanes).
+template <typename scalar_t, GradMask kMask, typename N>
+__attribute__((always_inline)) inline typename VecPair<scalar_t>::Pair masked_grad(
+    const ChannelMask<scalar_t>& mask, const typename VecPair<scalar_t>::Pair& x,
+    const typename VecPair<scalar_t>::Pair& dy, const Vectorized<acc_t<scalar_t>>& mean, int64_t at, N n,
+    bool whole) {
+  using IO = VecPair<scalar_t>;
+  using AccVec = typename IO::AccVec;
+  if constexpr (kMask == GradMask::kReluOfInput) {
+    return relu_of_input<scalar_t>(x, dy, mean, AccVec(mask.scale), AccVec(mask.forward_shift));
+  } else if constexpr (kMask == GradMask::kReluOfOutput) {
+    const auto y = whole ? IO::load(mask.output + at) : IO::load(mask.output + at, n);
+    const typename IO::Pair g{keep_where_positive(dy.first, y.first), keep_where_positive(dy.second, y.second)};
+    if (n == IO::kWidth) {
+      IO::store(mask.grad + at, g);
+    } else {
+      IO::store(mask.grad + at, g, n);
+    }
+    return g;
+  } else {
+    return dy;
+  }
+}
+
+template <typename scalar_t, GradMask kMask>
 GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_channel,
                               const PlaneWalk<scalar_t>& walk, acc_t<scalar_t> mean,
+                              const ChannelMask<scalar_t>& mask,
                               int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end) {
   using Acc = acc_t<scalar_t>;
   using IO = VecPair<scalar_t>;
@@ -584,10 +662,11 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
   LaneSum<Acc> sum_dy, sum_dy_xmu;
   typename LaneSum<Acc>::Totals sum_dy_total, sum_dy_xmu_total;
   int64_t steps = 0;
-  nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, walk, {x_channel, dy_channel},
-                      [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
-    const auto [x_lo, x_hi] = whole ? IO::load(x_channel + at) : IO::load(x_channel + at, n);
-    auto [g_lo, g_hi] = whole ? IO::load(dy_channel + at) : IO::load(dy_channel + at, n);
+  auto step = [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
+    const auto x_pair = whole ? IO::load(x_channel + at) : IO::load(x_channel + at, n);
+    const auto [x_lo, x_hi] = x_pair;
+    auto [g_lo, g_hi] = masked_grad<scalar_t, kMask>(
+        mask, x_pair, whole ? IO::load(dy_channel + at) : IO::load(dy_channel + at, n), mean_vec, at, n, whole);
     // Lanes past a tail hold the next plane's values or zeros: the masks clear
     // both factors, so nothing (not even an infinite or NaN mean) leaks in.
     auto [xm_lo, xm_hi] = std::pair{x_lo - mean_vec, x_hi - mean_vec};
@@ -602,7 +681,12 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
       sum_dy_xmu.fold(sum_dy_xmu_total);
       steps = 0;
     }
-  });
+  };
+  if constexpr (kMask == GradMask::kReluOfOutput) {
+    nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, walk, {x_channel, dy_channel, mask.output}, step);
+  } else {
+    nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, walk, {x_channel, dy_channel}, step);
+  }
   sum_dy.fold(sum_dy_total);
   sum_dy_xmu.fold(sum_dy_xmu_total);
   return {sum_dy_total.sum(), sum_dy_xmu_total.sum()};
@@ -645,41 +729,70 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
 // (lanes past the run are computed and not stored), else the first n.
 #define FUSED_BN_LOAD(ptr) (whole ? IO::load(ptr) : IO::load(ptr, n))
 
-// Training forward and eval: y = (x − mean) · scale + shift
-template <typename scalar_t>
-void normalize_run(const scalar_t* x, scalar_t* y, int64_t len, int64_t readable, int64_t writable,
-                   acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> shift, bool stream) {
+// Training forward and eval: y = epilogue((x − mean) · scale + shift), the
+// residual (kAddRelu) at the same offsets as x.
+template <typename scalar_t, Epilogue kEpilogue>
+void normalize_run(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t len, int64_t readable,
+                   int64_t writable, acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> shift,
+                   bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
+  using Pair = typename IO::Pair;
   const AccVec m(mean), sc(scale), sh(shift);
-  auto compute = [&](const typename IO::Pair& v) -> typename IO::Pair {
+  auto compute = [&](const Pair& v) -> Pair {
     return {at::vec::fmadd(v.first - m, sc, sh), at::vec::fmadd(v.second - m, sc, sh)};
   };
-  FUSED_BN_RUN_LOOP(y, len, readable, writable, stream, compute(FUSED_BN_LOAD(x + i)));
+  if constexpr (kEpilogue == Epilogue::kNone) {
+    FUSED_BN_RUN_LOOP(y, len, readable, writable, stream, compute(FUSED_BN_LOAD(x + i)));
+  } else if constexpr (kEpilogue == Epilogue::kRelu) {
+    auto compute_relu = [&](const Pair& v) -> Pair {
+      const Pair z = compute(v);
+      return {relu(z.first), relu(z.second)};
+    };
+    FUSED_BN_RUN_LOOP(y, len, readable, writable, stream, compute_relu(FUSED_BN_LOAD(x + i)));
+  } else {
+    auto compute_add_relu = [&](const Pair& v, const Pair& r) -> Pair {
+      const Pair z = compute(v);
+      return {relu(z.first + r.first), relu(z.second + r.second)};
+    };
+    FUSED_BN_RUN_LOOP(y, len, readable, writable, stream,
+                      compute_add_relu(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(residual + i)));
+  }
 }
 
-// Eval's dx = dy · scale: x plays no part (a NaN in x must not reach dx).
-template <typename scalar_t>
-void scale_run(const scalar_t* dy, scalar_t* dx, int64_t len, int64_t readable, acc_t<scalar_t> scale,
-               bool stream) {
+// Eval's dx = g · scale: x enters only through kReluOfInput's mask (a NaN in x
+// must not reach dx; under the mask it zeroes g, as relu's backward does).
+template <typename scalar_t, GradMask kMask>
+void scale_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len, int64_t readable,
+               acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> forward_shift, bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
-  const AccVec sc(scale);
-  auto compute = [&](const typename IO::Pair& g) -> typename IO::Pair {
-    return {g.first * sc, g.second * sc};
-  };
-  FUSED_BN_RUN_LOOP(dx, len, readable, len, stream, compute(FUSED_BN_LOAD(dy + i)));
+  using Pair = typename IO::Pair;
+  const AccVec mv(mean), sc(scale), fs(forward_shift);
+  auto compute = [&](const Pair& g) -> Pair { return {g.first * sc, g.second * sc}; };
+  if constexpr (kMask == GradMask::kReluOfInput) {
+    auto compute_masked = [&](const Pair& v, const Pair& g) -> Pair {
+      return compute(relu_of_input<scalar_t>(v, g, mv, sc, fs));
+    };
+    FUSED_BN_RUN_LOOP(dx, len, readable, len, stream,
+                      compute_masked(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(dy + i)));
+  } else {
+    FUSED_BN_RUN_LOOP(dx, len, readable, len, stream, compute(FUSED_BN_LOAD(dy + i)));
+  }
 }
 
-// Training's dx = dy · scale + (x − mean) · x_coef + shift
-template <typename scalar_t>
+// Training's dx = g · scale + (x − mean) · x_coef + shift
+template <typename scalar_t, GradMask kMask>
 void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
                     int64_t readable, acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> x_coef,
-                    acc_t<scalar_t> shift, bool stream) {
+                    acc_t<scalar_t> shift, acc_t<scalar_t> forward_shift, bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
-  const AccVec mv(mean), sc(scale), xc(x_coef), sh(shift);
-  auto compute = [&](const typename IO::Pair& v, const typename IO::Pair& g) -> typename IO::Pair {
+  using Pair = typename IO::Pair;
+  const AccVec mv(mean), sc(scale), xc(x_coef), sh(shift), fs(forward_shift);
+  auto compute = [&](const Pair& v, const Pair& dy_pair) -> Pair {
+    Pair g = dy_pair;
+    if constexpr (kMask == GradMask::kReluOfInput) g = relu_of_input<scalar_t>(v, dy_pair, mv, sc, fs);
     return {at::vec::fmadd(g.first, sc, at::vec::fmadd(v.first - mv, xc, sh)),
             at::vec::fmadd(g.second, sc, at::vec::fmadd(v.second - mv, xc, sh))};
   };
@@ -726,19 +839,21 @@ struct ChannelBlocking {
 template <typename scalar_t>
 struct RunCoefs {
   using Acc = acc_t<scalar_t>;
-  Acc *mean, *scale, *x_coef, *shift;
+  Acc *mean, *scale, *x_coef, *shift, *forward_shift;
   RunCoefs(const ChannelCoefs<scalar_t>& k, int64_t c0, int64_t c1, int64_t HW) {
     const int64_t padded = padded_channels<scalar_t>((c1 - c0) * HW);
     mean = thread_scratch_filled<Acc, ScratchSlot::kRunMean>(padded, Acc(0));
     scale = thread_scratch_filled<Acc, ScratchSlot::kRunScale>(padded, Acc(0));
     x_coef = thread_scratch_filled<Acc, ScratchSlot::kRunXCoef>(padded, Acc(0));
     shift = thread_scratch_filled<Acc, ScratchSlot::kRunShift>(padded, Acc(0));
+    forward_shift = thread_scratch_filled<Acc, ScratchSlot::kRunForwardShift>(padded, Acc(0));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t first = (c - c0) * HW;
       std::fill(mean + first, mean + first + HW, k.mean[c]);
       std::fill(scale + first, scale + first + HW, k.scale[c]);
       std::fill(x_coef + first, x_coef + first + HW, k.x_coef[c]);
       std::fill(shift + first, shift + first + HW, k.shift[c]);
+      std::fill(forward_shift + first, forward_shift + first + HW, k.forward_shift[c]);
     }
   }
 };
@@ -853,20 +968,22 @@ __attribute__((always_inline)) inline void short_plane_moment_sums(
   ShortPlane<scalar_t>::add_lanes(q_lo, q_hi, sum_sq);
 }
 
-// Adds Σdy and Σdy·(x − mean) over the plane at `offset` into the channel's
-// partials (ShortPlane::add_lanes).
-template <typename scalar_t>
+// Adds Σg and Σg·(x − mean) over the plane at `offset` into the channel's
+// partials (ShortPlane::add_lanes); the mask's pointers are the tensors' bases.
+template <typename scalar_t, GradMask kMask>
 __attribute__((always_inline)) inline void short_plane_grad_sums(
     const scalar_t* x, const scalar_t* dy, int64_t offset, const ShortPlane<scalar_t>& plane,
-    acc_t<scalar_t> mean, double* sum_dy, double* sum_dy_xmu) {
+    acc_t<scalar_t> mean, const ChannelMask<scalar_t>& mask, double* sum_dy, double* sum_dy_xmu) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
   using Pair = typename IO::Pair;
   const AccVec mean_vec(mean);
   AccVec g_lo(0), g_hi(0), p_lo(0), p_hi(0);
   plane.walk(offset, [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
-    return std::pair<Pair, Pair>{whole ? IO::load(x + at) : IO::load(x + at, n),
-                                 whole ? IO::load(dy + at) : IO::load(dy + at, n)};
+    const Pair x_pair = whole ? IO::load(x + at) : IO::load(x + at, n);
+    return std::pair<Pair, Pair>{
+        x_pair, masked_grad<scalar_t, kMask>(mask, x_pair, whole ? IO::load(dy + at) : IO::load(dy + at, n),
+                                             mean_vec, at, n, whole)};
   }, [&](const std::pair<Pair, Pair>& xg, bool tail) __attribute__((always_inline)) {
     Pair xm{xg.first.first - mean_vec, xg.first.second - mean_vec};
     Pair g = xg.second;
@@ -959,6 +1076,30 @@ struct Tile {
   }
 };
 
+// g of a tile under kMask (see GradMask, masked_grad); per-column coefficients
+// from k at column c0, output and grad at element offset `at`.
+template <typename scalar_t, GradMask kMask, typename Coefs>
+__attribute__((always_inline)) inline Tile<scalar_t> masked_grad_tile(const Coefs& k, int64_t c0,
+                                                                      const Tile<scalar_t>& x,
+                                                                      const Tile<scalar_t>& dy,
+                                                                      const Tile<scalar_t>& mean,
+                                                                      const scalar_t* output, scalar_t* grad,
+                                                                      int64_t at, int64_t n) {
+  using T = Tile<scalar_t>;
+  if constexpr (kMask == GradMask::kReluOfInput) {
+    const T sc = T::coefs(k.scale + c0), fs = T::coefs(k.forward_shift + c0);
+    return T::zip([](auto g, auto xx, auto mm, auto s_, auto h) {
+      return keep_where_positive(g, at::vec::fmadd(xx - mm, s_, h));
+    }, dy, x, mean, sc, fs);
+  } else if constexpr (kMask == GradMask::kReluOfOutput) {
+    const T g = T::zip([](auto d, auto y) { return keep_where_positive(d, y); }, dy, T::load(output + at, n));
+    g.store(grad + at, n, /*stream=*/false);
+    return g;
+  } else {
+    return dy;
+  }
+}
+
 // Visits rows [row_begin, row_end) as pieces (at most kRowsPerFold rows × one
 // tile of columns), tiles innermost: a piece's per-column vectors stay in
 // registers while its rows stay in L1. f(r0, r1, c0, n): rows [r0, r1),
@@ -1045,20 +1186,24 @@ inline void merge_row_blocks(const RowBlocking& rb, int64_t rows, int64_t C, con
 
 // Per-channel Σdy and Σdy·(x − mean) of rows [row_begin, row_end), as structure
 // of arrays (see merge_row_blocks); mean is padded to whole tiles.
-template <typename scalar_t>
+// (g of GradMask: kReluOfOutput reads `output` and writes g to `grad`, both
+// laid out as x.)
+template <typename scalar_t, GradMask kMask>
 void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
-                          const acc_t<scalar_t>* mean, int64_t row_begin, int64_t row_end,
+                          const ChannelCoefs<scalar_t>& k, const scalar_t* output, scalar_t* grad,
+                          int64_t row_begin, int64_t row_end,
                           double* sum_dy_out, double* sum_dy_xmu_out) {
   using T = Tile<scalar_t>;
   const int64_t padded = padded_channels<scalar_t>(C);
   double* sum_dy = thread_scratch_filled<double, ScratchSlot::kBlockSum1>(padded, 0.0);
   double* sum_dy_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum2>(padded, 0.0);
   rows_walk<scalar_t>(Rows{C, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
-    const T m = T::coefs(mean + c0);
+    const T m = T::coefs(k.mean + c0);
     T s_dy = T::zero(), s_dy_xmu = T::zero();
     for (int64_t r = r0; r < r1; ++r) {
       const T tx = T::load(x + r * C + c0, n);
-      const T tg = T::load(dy + r * C + c0, n);
+      const T tg = masked_grad_tile<scalar_t, kMask>(k, c0, tx, T::load(dy + r * C + c0, n), m, output, grad,
+                                                     r * C + c0, n);
       s_dy = T::zip([](auto s_, auto g) { return s_ + g; }, s_dy, tg);
       s_dy_xmu = T::zip([](auto s_, auto g, auto xx, auto mm) { return at::vec::fmadd(g, xx - mm, s_); },
                         s_dy_xmu, tg, tx, m);
@@ -1070,47 +1215,59 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
   std::copy(sum_dy_xmu, sum_dy_xmu + C, sum_dy_xmu_out);
 }
 
-// y = (x − mean) · scale + shift over rows [row_begin, row_end); k holds
-// per-column coefficients (ChannelCoefs or RunCoefs).
-template <typename scalar_t, typename Coefs>
-void normalize_rows(const scalar_t* x, scalar_t* y, const Rows& rows, int64_t row_begin, int64_t row_end,
-                    const Coefs& k, bool stream, bool reversed) {
+// y = epilogue((x − mean) · scale + shift) over rows [row_begin, row_end); k
+// holds per-column coefficients (ChannelCoefs or RunCoefs); the residual
+// (kAddRelu) is laid out as x.
+template <typename scalar_t, Epilogue kEpilogue, typename Coefs>
+void normalize_rows(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Rows& rows,
+                    int64_t row_begin, int64_t row_end, const Coefs& k, bool stream, bool reversed) {
   using T = Tile<scalar_t>;
   rows_walk<scalar_t>(rows, row_begin, row_end, reversed, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
     const T m = T::coefs(k.mean + c0), sc = T::coefs(k.scale + c0),
             sh = T::coefs(k.shift + c0);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t at = r * rows.stride + c0;
-      T::zip([](auto xx, auto mm, auto s_, auto h) { return at::vec::fmadd(xx - mm, s_, h); },
-             T::load(x + at, n), m, sc, sh)
-          .store(y + at, n, stream);
+      T z = T::zip([](auto xx, auto mm, auto s_, auto h) { return at::vec::fmadd(xx - mm, s_, h); },
+                   T::load(x + at, n), m, sc, sh);
+      if constexpr (kEpilogue == Epilogue::kRelu) {
+        z = T::zip([](auto v) { return relu(v); }, z);
+      } else if constexpr (kEpilogue == Epilogue::kAddRelu) {
+        z = T::zip([](auto v, auto res) { return relu(v + res); }, z, T::load(residual + at, n));
+      }
+      z.store(y + at, n, stream);
     }
   });
 }
 
-// Training's dx = dy · scale + (x − mean) · x_coef + shift, or eval's dy · scale.
-template <typename scalar_t, typename Coefs>
+// Training's dx = g · scale + (x − mean) · x_coef + shift, or eval's g · scale,
+// with g = dy under kMask (kNone or kReluOfInput).
+template <typename scalar_t, GradMask kMask, typename Coefs>
 void grad_input_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const Rows& rows,
                      int64_t row_begin, int64_t row_end, const Coefs& k,
                      bool training, bool stream, bool reversed) {
+  static_assert(kMask != GradMask::kReluOfOutput, "the reduction pass writes that g; pass it as dy");
   using T = Tile<scalar_t>;
   rows_walk<scalar_t>(rows, row_begin, row_end, reversed, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
-    const T sc = T::coefs(k.scale + c0);
+    const T sc = T::coefs(k.scale + c0), m = T::coefs(k.mean + c0);
+    auto grad = [&](int64_t at, const T& tx) __attribute__((always_inline)) {
+      return masked_grad_tile<scalar_t, kMask>(k, c0, tx, T::load(dy + at, n), m, nullptr, nullptr, at, n);
+    };
     if (!training) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t at = r * rows.stride + c0;
-        T::zip([](auto g, auto s_) { return g * s_; }, T::load(dy + at, n), sc).store(dx + at, n, stream);
+        const T tx = kMask == GradMask::kReluOfInput ? T::load(x + at, n) : T::zero();
+        T::zip([](auto g, auto s_) { return g * s_; }, grad(at, tx), sc).store(dx + at, n, stream);
       }
       return;
     }
-    const T m = T::coefs(k.mean + c0), xc = T::coefs(k.x_coef + c0),
-            sh = T::coefs(k.shift + c0);
+    const T xc = T::coefs(k.x_coef + c0), sh = T::coefs(k.shift + c0);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t at = r * rows.stride + c0;
+      const T tx = T::load(x + at, n);
       T::zip([](auto g, auto s_, auto xx, auto mm, auto c, auto h) {
                return at::vec::fmadd(g, s_, at::vec::fmadd(xx - mm, c, h));
              },
-             T::load(dy + at, n), sc, T::load(x + at, n), m, xc, sh)
+             grad(at, tx), sc, tx, m, xc, sh)
           .store(dx + at, n, stream);
     }
   });
@@ -1159,11 +1316,12 @@ void set_normalize_coefs(int64_t c, double mean, double invstd, const ChannelTen
 }
 
 // Finalizes channel c from its moments: saved statistics, running-statistics
-// update, and the normalize coefficients.
+// update, and the normalize coefficients (from the saved statistics with a
+// ReLU epilogue: see ChannelCoefs).
 template <typename scalar_t, typename param_t>
 void finalize_channel_stats(int64_t c, const Moments& m, const ChannelTensors<param_t>& t,
                             double factor, double eps, acc_t<scalar_t>* save_mean,
-                            acc_t<scalar_t>* save_invstd, ChannelCoefs<scalar_t>& k) {
+                            acc_t<scalar_t>* save_invstd, bool coefs_from_saved, ChannelCoefs<scalar_t>& k) {
   using Acc = acc_t<scalar_t>;
   const double n = static_cast<double>(m.count);
   const double var = m.count > 0 ? m.m2 / n : 0.0;
@@ -1180,13 +1338,19 @@ void finalize_channel_stats(int64_t c, const Moments& m, const ChannelTensors<pa
     t.running_var[c] =
         static_cast<param_t>((1.0 - factor) * static_cast<double>(t.running_var[c]) + factor * unbiased);
   }
-  set_normalize_coefs<scalar_t>(c, m.mean, invstd, t, k);
+  if (coefs_from_saved) {
+    set_normalize_coefs<scalar_t>(c, static_cast<double>(save_mean[c]), static_cast<double>(save_invstd[c]), t, k);
+  } else {
+    set_normalize_coefs<scalar_t>(c, m.mean, invstd, t, k);
+  }
 }
 
-template <typename scalar_t, typename param_t>
-void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const ChannelTensors<param_t>& t,
-                   double factor, double eps, acc_t<scalar_t>* save_mean,
+// y = epilogue(batch_norm(x)); `residual` (kAddRelu only) is laid out as x.
+template <typename scalar_t, typename param_t, Epilogue kEpilogue>
+void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Geometry& g,
+                   const ChannelTensors<param_t>& t, double factor, double eps, acc_t<scalar_t>* save_mean,
                    acc_t<scalar_t>* save_invstd) {
+  constexpr bool kFromSaved = kEpilogue != Epilogue::kNone;
   const int64_t N = g.N, C = g.C, HW = g.HW;
   ChannelCoefs<scalar_t> k(C);
   const bool stream = streams_training_output<scalar_t>(g);
@@ -1207,12 +1371,13 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
                        m2);
       for (int64_t c = c_begin; c < c_end; ++c) {
         finalize_channel_stats<scalar_t>(c, Moments{rows, mean[c], m2[c]}, t, factor, eps, save_mean,
-                                         save_invstd, k);
+                                         save_invstd, kFromSaved, k);
       }
     });
     const bool stream_rows = stream && rows_stream_aligned(y, C);
     at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
-      normalize_rows(x, y, Rows{C, C}, begin, end, k, stream_rows, /*reversed=*/true);
+      normalize_rows<scalar_t, kEpilogue>(x, residual, y, Rows{C, C}, begin, end, k, stream_rows,
+                                          /*reversed=*/true);
       stream_fence();
     });
     return;
@@ -1227,7 +1392,8 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
   };
   auto normalize_plane = [&](int64_t c, int64_t n) {
     const int64_t offset = n * C * HW + c * HW;
-    normalize_run(x + offset, y + offset, HW, g.numel() - offset, HW, k.mean[c], k.scale[c], k.shift[c], stream);
+    normalize_run<scalar_t, kEpilogue>(x + offset, residual + offset, y + offset, HW, g.numel() - offset, HW,
+                                       k.mean[c], k.scale[c], k.shift[c], stream);
   };
 
   if (walks_channel_blocks<scalar_t>(g)) {
@@ -1250,13 +1416,13 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
         const Moments m = Moments::from_shifted_sums(
             N * HW, shift[c - c0], ShortPlane<scalar_t>::total(sum + (c - c0) * P),
             ShortPlane<scalar_t>::total(sum_sq + (c - c0) * P));
-        finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, k);
+        finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, kFromSaved, k);
       }
       if constexpr (kPlanesOneByOne<scalar_t>) {
         for_block_planes(g, c0, c1, normalize_plane);
       } else {
-        normalize_rows(x + c0 * HW, y + c0 * HW, cb.run(g, b), 0, N, RunCoefs<scalar_t>(k, c0, c1, HW), stream,
-                       /*reversed=*/false);
+        normalize_rows<scalar_t, kEpilogue>(x + c0 * HW, residual + c0 * HW, y + c0 * HW, cb.run(g, b), 0, N,
+                                            RunCoefs<scalar_t>(k, c0, c1, HW), stream, /*reversed=*/false);
       }
     });
     return;
@@ -1265,7 +1431,7 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
     parallel_over(C, [&](int64_t c) {
       Moments m;
       for (int64_t b = 0; b < pb.blocks; ++b) m.merge(block_moments(c, b));
-      finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, k);
+      finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, kFromSaved, k);
       for (int64_t n = 0; n < N; ++n) normalize_plane(c, n);
     });
     return;
@@ -1275,25 +1441,38 @@ void train_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chan
   for (int64_t c = 0; c < C; ++c) {
     Moments m;
     for (int64_t b = 0; b < pb.blocks; ++b) m.merge(partial[c * pb.blocks + b]);
-    finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, k);
+    finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, kFromSaved, k);
   }
   parallel_over(C * N, [&](int64_t i) { normalize_plane(i / N, i % N); });
 }
 
-template <typename scalar_t, typename param_t>
-void eval_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const ChannelTensors<param_t>& t,
-                  double eps) {
+// The inverse standard deviation eval normalizes with. Its backward gets the
+// same value rounded to Acc (fused_bn/_ops.py computes it the same way), and a
+// ReLU epilogue normalizes with that rounded value too, so the backward's
+// recomputed mask is the forward's (ChannelCoefs).
+inline double eval_invstd(double running_var, double eps) { return 1.0 / std::sqrt(running_var + eps); }
+
+template <typename scalar_t, typename param_t, Epilogue kEpilogue>
+void eval_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Geometry& g,
+                  const ChannelTensors<param_t>& t, double eps) {
+  using Acc = acc_t<scalar_t>;
   const int64_t N = g.N, C = g.C, HW = g.HW;
   ChannelCoefs<scalar_t> k(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double invstd = 1.0 / std::sqrt(static_cast<double>(t.running_var[c]) + eps);
-    set_normalize_coefs<scalar_t>(c, static_cast<double>(t.running_mean[c]), invstd, t, k);
+    double mean = static_cast<double>(t.running_mean[c]);
+    double invstd = eval_invstd(static_cast<double>(t.running_var[c]), eps);
+    if constexpr (kEpilogue != Epilogue::kNone) {
+      mean = static_cast<double>(static_cast<Acc>(mean));
+      invstd = static_cast<double>(static_cast<Acc>(invstd));
+    }
+    set_normalize_coefs<scalar_t>(c, mean, invstd, t, k);
   }
   const bool stream = larger_than<scalar_t>(g.numel(), kCacheResidentBytes);
   if (g.channels_last) {
     const bool stream_rows = stream && rows_stream_aligned(y, C);
     at::parallel_for(0, N * HW, row_grain(C), [&](int64_t begin, int64_t end) {
-      normalize_rows(x, y, Rows{C, C}, begin, end, k, stream_rows, /*reversed=*/false);
+      normalize_rows<scalar_t, kEpilogue>(x, residual, y, Rows{C, C}, begin, end, k, stream_rows,
+                                          /*reversed=*/false);
       stream_fence();
     });
     return;
@@ -1306,8 +1485,8 @@ void eval_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chann
     const ChannelBlocking cb(g, sizeof(scalar_t));
     parallel_over(cb.blocks, [&](int64_t b) {
       const int64_t c0 = cb.begin(b), c1 = cb.end(b, C);
-      normalize_rows(x + c0 * HW, y + c0 * HW, cb.run(g, b), 0, N, RunCoefs<scalar_t>(k, c0, c1, HW),
-                     /*stream=*/false, /*reversed=*/false);
+      normalize_rows<scalar_t, kEpilogue>(x + c0 * HW, residual + c0 * HW, y + c0 * HW, cb.run(g, b), 0, N,
+                                          RunCoefs<scalar_t>(k, c0, c1, HW), /*stream=*/false, /*reversed=*/false);
     });
     return;
   }
@@ -1317,19 +1496,21 @@ void eval_forward(const scalar_t* x, scalar_t* y, const Geometry& g, const Chann
                    [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = i % C;
-      normalize_run(x + i * HW, y + i * HW, HW, g.numel() - i * HW, (end - i) * HW, k.mean[c], k.scale[c],
-                    k.shift[c], stream);
+      normalize_run<scalar_t, kEpilogue>(x + i * HW, residual + i * HW, y + i * HW, HW, g.numel() - i * HW,
+                                         (end - i) * HW, k.mean[c], k.scale[c], k.shift[c], stream);
     }
     stream_fence();
   });
 }
 
 // Outputs of the backward op (null where the output mask is false).
+// grad_residual is kReluOfOutput's g, written always under that mask.
 template <typename scalar_t, typename param_t>
 struct BackwardOutputs {
   scalar_t* grad_input = nullptr;
   param_t* grad_weight = nullptr;
   param_t* grad_bias = nullptr;
+  scalar_t* grad_residual = nullptr;
 };
 
 // Backward coefficients of channel c from its sums (see ChannelCoefs); k.mean
@@ -1354,18 +1535,35 @@ void finalize_channel_grads(int64_t c, const GradSums& s, int64_t count, bool tr
   }
 }
 
-template <typename scalar_t, typename param_t>
+// Gradients of batch_norm (kNone), of relu(batch_norm) (kReluOfInput: bias is
+// the forward's, for its shift) and of relu(batch_norm + residual)
+// (kReluOfOutput: output is the forward's y). See GradMask.
+template <typename scalar_t, typename param_t, GradMask kMask>
 void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const param_t* weight,
-              const acc_t<scalar_t>* mean, const acc_t<scalar_t>* invstd, bool training,
-              const BackwardOutputs<scalar_t, param_t>& out) {
+              const param_t* bias, const scalar_t* output, const acc_t<scalar_t>* mean,
+              const acc_t<scalar_t>* invstd, bool training, const BackwardOutputs<scalar_t, param_t>& out) {
+  using Acc = acc_t<scalar_t>;
   const int64_t N = g.N, C = g.C, HW = g.HW;
   const int64_t count = g.per_channel();
   ChannelCoefs<scalar_t> k(C);
   std::copy(mean, mean + C, k.mean);
-  // Eval's dx needs no sums; training's dx and both parameter grads do.
-  const bool need_sums = training ? out.grad_input || out.grad_weight || out.grad_bias
-                                  : out.grad_weight || out.grad_bias;
+  if constexpr (kMask == GradMask::kReluOfInput) {
+    // The forward's coefficients, as finalize_channel_stats (coefs_from_saved)
+    // and finalize_channel_grads compute them.
+    for (int64_t c = 0; c < C; ++c) {
+      k.scale[c] = static_cast<Acc>(param_or(weight, c, 1.0) * static_cast<double>(invstd[c]));
+      k.forward_shift[c] = static_cast<Acc>(param_or(bias, c, 0.0));
+    }
+  }
+  // Eval's dx needs no sums; training's dx and both parameter grads do, and
+  // kReluOfOutput's reduction pass is what writes g.
+  const bool need_sums = kMask == GradMask::kReluOfOutput ||
+                         (training ? out.grad_input || out.grad_weight || out.grad_bias
+                                   : out.grad_weight || out.grad_bias);
   const bool stream = streams_training_output<scalar_t>(g);
+  // The dx pass: kReluOfOutput's g is already masked and written out.
+  constexpr GradMask kDxMask = kMask == GradMask::kReluOfOutput ? GradMask::kNone : kMask;
+  const scalar_t* dx_grad = kMask == GradMask::kReluOfOutput ? out.grad_residual : dy;
 
   if (g.channels_last) {
     const int64_t rows = N * HW;
@@ -1376,8 +1574,8 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     double* block_sum_dy_xmu = thread_scratch<double, ScratchSlot::kBlockSumDyXmu>(need_sums ? rb.blocks * C : 0);
     if (need_sums) {
       parallel_over(rb.blocks, [&](int64_t b) {
-        nhwc_block_grad_sums(x, dy, C, k.mean, rb.begin(b), rb.end(b, rows),
-                             block_sum_dy + b * C, block_sum_dy_xmu + b * C);
+        nhwc_block_grad_sums<scalar_t, kMask>(x, dy, C, k, output, out.grad_residual, rb.begin(b),
+                                              rb.end(b, rows), block_sum_dy + b * C, block_sum_dy_xmu + b * C);
       });
     }
     at::parallel_for(0, C, kMergeGrain, [&](int64_t c_begin, int64_t c_end) {
@@ -1399,28 +1597,44 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     if (out.grad_input) {
       const bool stream_rows = stream && rows_stream_aligned(out.grad_input, C);
       at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
-        grad_input_rows(x, dy, out.grad_input, Rows{C, C}, begin, end, k, training, stream_rows,
-                        /*reversed=*/need_sums);
+        grad_input_rows<scalar_t, kDxMask>(x, dx_grad, out.grad_input, Rows{C, C}, begin, end, k, training,
+                                           stream_rows, /*reversed=*/need_sums);
         stream_fence();
       });
     }
     return;
   }
 
+  // The mask's inputs for channel c, pointers at the channel's base (offset
+  // is that base for the NCHW long-plane walk, 0 for the short-plane one).
+  auto channel_mask = [&](int64_t c, int64_t offset) {
+    ChannelMask<scalar_t> m;
+    if constexpr (kMask == GradMask::kReluOfInput) {
+      m.scale = k.scale[c];
+      m.forward_shift = k.forward_shift[c];
+    } else if constexpr (kMask == GradMask::kReluOfOutput) {
+      m.output = output + offset;
+      m.grad = out.grad_residual + offset;
+    }
+    return m;
+  };
   const PlaneBlocking pb(N, HW);
   const PlaneWalk<scalar_t> walk{HW, C * HW, prefetch_planes<scalar_t>(g), g.numel()};
   auto block_sums = [&](int64_t c, int64_t b) {
     int64_t n0, n1, h0, h1;
     pb.range(b, N, HW, n0, n1, h0, h1);
-    return nchw_block_grad_sums(x + c * HW, dy + c * HW, walk.for_channel(c), mean[c], n0, n1, h0, h1);
+    return nchw_block_grad_sums<scalar_t, kMask>(x + c * HW, dy + c * HW, walk.for_channel(c), mean[c],
+                                                 channel_mask(c, c * HW), n0, n1, h0, h1);
   };
   auto grad_input_plane = [&](int64_t c, int64_t n) {
     const int64_t offset = n * C * HW + c * HW;
     if (training) {
-      grad_input_run(x + offset, dy + offset, out.grad_input + offset, HW, g.numel() - offset, k.mean[c],
-                     k.scale[c], k.x_coef[c], k.shift[c], stream);
+      grad_input_run<scalar_t, kDxMask>(x + offset, dx_grad + offset, out.grad_input + offset, HW,
+                                        g.numel() - offset, k.mean[c], k.scale[c], k.x_coef[c], k.shift[c],
+                                        k.forward_shift[c], stream);
     } else {
-      scale_run(dy + offset, out.grad_input + offset, HW, g.numel() - offset, k.scale[c], stream);
+      scale_run<scalar_t, kDxMask>(x + offset, dx_grad + offset, out.grad_input + offset, HW, g.numel() - offset,
+                                   k.mean[c], k.scale[c], k.forward_shift[c], stream);
     }
   };
 
@@ -1437,9 +1651,10 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
           if (n + 1 < N) {
             plane.prefetch(x + ((n + 1) * C + c) * HW);
             plane.prefetch(dy + ((n + 1) * C + c) * HW);
+            if constexpr (kMask == GradMask::kReluOfOutput) plane.prefetch(output + ((n + 1) * C + c) * HW);
           }
-          short_plane_grad_sums(x, dy, (n * C + c) * HW, plane, mean[c], sum_dy + (c - c0) * P,
-                                sum_dy_xmu + (c - c0) * P);
+          short_plane_grad_sums<scalar_t, kMask>(x, dy, (n * C + c) * HW, plane, mean[c], channel_mask(c, 0),
+                                                 sum_dy + (c - c0) * P, sum_dy_xmu + (c - c0) * P);
         });
       }
       for (int64_t c = c0; c < c1; ++c) {
@@ -1451,8 +1666,9 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
       if constexpr (kPlanesOneByOne<scalar_t>) {
         for_block_planes(g, c0, c1, grad_input_plane);
       } else {
-        grad_input_rows(x + c0 * HW, dy + c0 * HW, out.grad_input + c0 * HW, cb.run(g, b), 0, N,
-                        RunCoefs<scalar_t>(k, c0, c1, HW), training, stream, /*reversed=*/false);
+        grad_input_rows<scalar_t, kDxMask>(x + c0 * HW, dx_grad + c0 * HW, out.grad_input + c0 * HW,
+                                           cb.run(g, b), 0, N, RunCoefs<scalar_t>(k, c0, c1, HW), training,
+                                           stream, /*reversed=*/false);
       }
     });
     return;

@@ -153,11 +153,21 @@ struct RunTrainForward {
   }
 };
 
+// The ReLU and add+ReLU epilogues have CPU kernels only so far: refused here
+// before any state changes, rather than computed without them.
+void check_no_epilogue(bool relu, const optional<Tensor>& residual) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!relu && !is_defined(residual),
+                              "fused_bn: relu/residual epilogues are not implemented for CUDA yet");
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
-    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps) {
+    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps, bool relu,
+    const optional<Tensor>& residual) {
   check_forward_args(input, weight, bias, running_mean, running_var);
+  check_epilogue(relu, residual, input);
+  check_no_epilogue(relu, residual);
   check_updatable(running_mean, "running_mean");
   check_updatable(running_var, "running_var");
   check_batches_tracked(num_batches_tracked, input);
@@ -213,9 +223,12 @@ struct RunEvalForward {
 
 Tensor batch_norm_eval_cuda(const Tensor& input, const optional<Tensor>& weight,
                             const optional<Tensor>& bias, const Tensor& running_mean,
-                            const Tensor& running_var, double eps) {
+                            const Tensor& running_var, double eps, bool relu,
+                            const optional<Tensor>& residual) {
   const optional<Tensor> mean_opt(running_mean), var_opt(running_var);
   check_forward_args(input, weight, bias, mean_opt, var_opt);
+  check_epilogue(relu, residual, input);
+  check_no_epilogue(relu, residual);
   TORCH_CHECK(input.is_cuda(), "batch_norm: expected a CUDA input, got one on ", input.device());
   const bool float_params = has_float_params(input, {&weight, &bias, &mean_opt, &var_opt});
   const c10::cuda::CUDAGuard device_guard(input.device());
@@ -282,8 +295,10 @@ struct RunBackward {
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
+    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask,
+    const optional<Tensor>& bias, bool relu) {
   check_backward_args(grad_output, input, weight, mean, invstd);
+  check_no_epilogue(relu, c10::nullopt);
   const at::ScalarType acc_dtype = accumulate_dtype(input.scalar_type());
   TORCH_CHECK(mean.scalar_type() == acc_dtype && invstd.scalar_type() == acc_dtype,
               "batch_norm_backward: mean and invstd must be ", acc_dtype, " for ", input.scalar_type(),
@@ -311,12 +326,20 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   return {grad_input, grad_weight, grad_bias};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_relu_backward_cuda(
+    const Tensor& grad_output, const Tensor& output, const Tensor& input, const optional<Tensor>& weight,
+    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
+  check_no_epilogue(true, c10::nullopt);
+  return {};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_bn, CUDA, m) {
   m.impl("batch_norm_train", &batch_norm_train_cuda);
   m.impl("batch_norm_eval", &batch_norm_eval_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+  m.impl("batch_norm_add_relu_backward", &batch_norm_add_relu_backward_cuda);
 }
 
 }  // namespace fused_bn
