@@ -51,11 +51,25 @@ class FusedBatchNormAddReLU2d(FusedBatchNorm2d):
     state_dict keys as ``nn.BatchNorm2d``."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return batch_norm_add_relu(input, residual, **self._batch_norm_kwargs(input))
+        kwargs = self._batch_norm_kwargs(input)
+        if (isinstance(residual, torch.Tensor) and residual.shape == input.shape
+                and residual.dtype == input.dtype and residual.device == input.device):
+            return batch_norm_add_relu(input, residual, **kwargs)
+        # What `relu(bn(x) + residual)` does in eager PyTorch for a residual
+        # that broadcasts or promotes (convert_model(fuse_relu=True) cannot see
+        # shapes): unfused. A residual that cannot be added raises before any
+        # state changes.
+        if isinstance(residual, torch.Tensor):
+            shape = torch.broadcast_shapes(input.shape, residual.shape)
+            if shape != input.shape:
+                raise RuntimeError(
+                    f"residual of shape {list(residual.shape)} broadcasts the output of shape "
+                    f"{list(input.shape)} to {list(shape)}")
+        return torch.relu(batch_norm(input, **kwargs) + residual)
 
 
-def _fused_from(bn: nn.BatchNorm2d) -> FusedBatchNorm2d:
-    fused = FusedBatchNorm2d(
+def _fused_from(bn: nn.BatchNorm2d, cls=FusedBatchNorm2d) -> FusedBatchNorm2d:
+    fused = cls(
         bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
         track_running_stats=bn.track_running_stats, device="meta")
     # The very same Parameter and buffer objects: optimizers holding them and any
@@ -68,15 +82,49 @@ def _fused_from(bn: nn.BatchNorm2d) -> FusedBatchNorm2d:
     return fused
 
 
-def convert_model(module: nn.Module) -> nn.Module:
-    """Replace, in place, every submodule whose type is exactly ``nn.BatchNorm2d``
-    with a ``FusedBatchNorm2d`` sharing its parameters and buffers; returns the
-    module (the new one when ``module`` itself is an ``nn.BatchNorm2d``)."""
+def _convert_in_place(module: nn.Module, fuse_relu: bool) -> nn.Module:
     if type(module) is nn.BatchNorm2d:
         return _fused_from(module)
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            setattr(module, name, _fused_from(child))
+    children = list(module.named_children())
+    for i, (name, child) in enumerate(children):
+        if type(child) is not nn.BatchNorm2d:
+            _convert_in_place(child, fuse_relu)
+            continue
+        # An nn.Sequential's BatchNorm2d right before an nn.ReLU: the pair
+        # becomes the fused module and an nn.Identity at the ReLU's index, so
+        # the state_dict keys stay as they were.
+        following = children[i + 1][1] if i + 1 < len(children) else None
+        if fuse_relu and isinstance(module, nn.Sequential) and type(following) is nn.ReLU:
+            setattr(module, name, _fused_from(child, FusedBatchNormReLU2d))
+            setattr(module, children[i + 1][0], nn.Identity())
+            children[i + 1] = (children[i + 1][0], nn.Identity())
         else:
-            convert_model(child)
+            setattr(module, name, _fused_from(child))
     return module
+
+
+def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
+    """Replace every submodule whose type is exactly ``nn.BatchNorm2d`` with a
+    ``FusedBatchNorm2d`` sharing its parameters and buffers, and return the model.
+
+    With ``fuse_relu=False`` the model is converted in place (the new module is
+    returned when ``module`` itself is an ``nn.BatchNorm2d``).
+
+    With ``fuse_relu=True`` a ReLU applied directly and only to a batch norm's
+    output (``nn.ReLU``, in place or not, ``F.relu``, ``torch.relu``,
+    ``Tensor.relu``) is folded into it (``FusedBatchNormReLU2d``), and so is
+    ``relu(bn(x) + identity)`` (``FusedBatchNormAddReLU2d``). The model is
+    traced with ``torch.fx`` to find these, and the return value is then a
+    ``torch.fx.GraphModule`` (use it in place of the model; the original is left
+    as it was, sharing its parameters and buffers with it). A model that does
+    not trace is converted in place instead, folding only an ``nn.ReLU`` that
+    directly follows a ``BatchNorm2d`` in an ``nn.Sequential``. Either way the
+    state_dict keys stay those of the original model.
+    """
+    if fuse_relu:
+        from ._fuse import fuse_with_fx
+
+        traced = fuse_with_fx(module)
+        if traced is not None:
+            return traced
+    return _convert_in_place(module, fuse_relu)
