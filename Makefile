@@ -34,6 +34,7 @@ test: test-deps build
 
 bench: bench-deps build
 	$(PYTHON) -m bench.run
+	$(PYTHON) -m bench.blocks
 
 clean:
 	rm -rf build fused_bn/*.so *.egg-info

@@ -1,0 +1,255 @@
+"""Benchmark of the fused epilogues: bn_relu = relu(bn(x)) and bn_add_relu =
+relu(bn(x) + z), training forward+backward, against the eager block they replace
+(nn.BatchNorm2d, then the add, then nn.ReLU(inplace=True), as torchvision's ResNet
+writes it) and torch.compile of that same eager block.
+
+Memory: on CUDA, the peak allocation during one forward+backward above what was
+allocated before it (torch.cuda.max_memory_allocated). On the CPU, PyTorch keeps no
+allocator statistics, so the column is what autograd saves for the backward
+(unique storages seen by saved_tensors_hooks): the activation memory a training
+step holds between its forward and its backward, where the implementations differ.
+
+    python -m bench.blocks [--device cpu|cuda] [--quick]
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+from . import cases as cases_mod
+from . import timing
+from .impls import configure_dynamo, no_recompiles
+from .run import Timer, describe_device, git_state, import_fused_bn, resolve_device
+
+BLOCKS = ("bn_relu", "bn_add_relu")
+IMPLS = ("fused", "eager", "compiled")
+# Passes over an input-sized tensor the fused kernels make in a training step:
+#   bn_relu:     forward 3 (read x twice, write y) + backward 5 (read x, dy twice; write dx)
+#   bn_add_relu: forward 4 (+ read z) + backward 7 (read x, dy, y; write dz; read dz, x; write dx)
+PASSES = {"bn_relu": 8, "bn_add_relu": 11}
+
+
+class EagerBlock(nn.Module):
+    def __init__(self, channels, add):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.add = add
+
+    def forward(self, x, z=None):
+        out = self.bn(x)
+        if self.add:
+            out += z
+        return self.relu(out)
+
+
+def make_modules(fused_bn, block, channels, device):
+    add = block == "bn_add_relu"
+    generator = torch.Generator().manual_seed(channels)
+    eager = EagerBlock(channels, add)
+    with torch.no_grad():
+        eager.bn.weight.copy_(1 + 0.1 * torch.randn(channels, generator=generator))
+        eager.bn.bias.copy_(0.1 * torch.randn(channels, generator=generator))
+    fused = (fused_bn.FusedBatchNormAddReLU2d if add else fused_bn.FusedBatchNormReLU2d)(channels)
+    fused.load_state_dict(eager.bn.state_dict())
+    compiled_source = EagerBlock(channels, add)
+    compiled_source.load_state_dict(eager.state_dict())
+    modules = {"fused": fused.to(device), "eager": eager.to(device),
+               "compiled_source": compiled_source.to(device)}
+    modules["compiled"] = torch.compile(modules["compiled_source"], dynamic=False, fullgraph=True)
+    return modules
+
+
+def make_step(module, x, z, grad):
+    params = list(module.parameters())
+
+    def step():
+        x.grad = None
+        if z is not None:
+            z.grad = None
+        for p in params:
+            p.grad = None
+        out = module(x) if z is None else module(x, z)
+        out.backward(grad)
+    return step
+
+
+def saved_bytes(module, x, z):
+    """Bytes of the unique storages autograd saves for the backward of one forward."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x) if z is None else module(x, z)
+    del out
+    return sum(storages.values())
+
+
+def peak_bytes(step, device):
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure(fused_bn, block, dtype, layout, shape, timer, device):
+    modules = make_modules(fused_bn, block, shape[1], device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    torch_dtype = cases_mod.DTYPES[dtype]
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+    def tensor(scale, shift):
+        t = torch.randn(shape, device=device, generator=generator) * scale + shift
+        return t.to(torch_dtype).contiguous(memory_format=memory_format)
+
+    x = tensor(2, 0.5).requires_grad_()
+    z = tensor(1, 0).requires_grad_() if block == "bn_add_relu" else None
+    grad = tensor(1, 0)
+    steps = {impl: make_step(modules[impl], x, z, grad) for impl in IMPLS}
+    record = {"block": block, "dtype": dtype, "layout": layout, "shape": list(shape), "errors": {}}
+    for impl in IMPLS:
+        try:
+            timer.warm_up(steps[impl])
+        except Exception as exc:  # noqa: BLE001  (reported, the other implementations still run)
+            record["errors"][impl] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    working = [impl for impl in IMPLS if impl not in record["errors"]]
+    samples = {impl: [] for impl in working}
+    with no_recompiles():
+        for round_index in range(timer.rounds):
+            order = working[round_index % len(working):] + working[:round_index % len(working)]
+            for impl in order:
+                samples[impl] += timer.samples_ms(steps[impl])[0]
+    numel = math.prod(shape)
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    for impl in working:
+        median, iqr = timing.summarize_samples(samples[impl])
+        record[f"{impl}_ms"] = median
+        record[f"{impl}_iqr_ms"] = iqr
+        record[f"{impl}_gbps"] = numel * itemsize * PASSES[block] / (median * 1e-3) / 1e9
+        if device.type == "cuda":
+            record[f"{impl}_peak_mb"] = peak_bytes(steps[impl], device) / 2**20
+        else:
+            module = modules["compiled_source" if impl == "compiled" else impl]
+            record[f"{impl}_saved_mb"] = saved_bytes(module, x, z) / 2**20
+    for other in ("eager", "compiled"):
+        if record.get("fused_ms") and record.get(f"{other}_ms"):
+            record[f"speedup_vs_{other}"] = record[f"{other}_ms"] / record["fused_ms"]
+    return record
+
+
+def geomean(values):
+    values = [v for v in values if v]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
+
+
+def format_table(records, memory_key, memory_label):
+    lines = [f"| block | dtype | layout | shape | fused_bn ms | eager ms | compiled ms | vs eager | "
+             f"vs compiled | fused {memory_label} | eager {memory_label} | compiled {memory_label} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        def cell(key, fmt):
+            v = r.get(key)
+            return format(v, fmt) if v is not None else "n/a"
+        lines.append(
+            f"| {r['block']} | {r['dtype']} | {'NHWC' if r['layout'] == 'channels_last' else 'NCHW'} | "
+            f"{'x'.join(map(str, r['shape']))} | {cell('fused_ms', '.3f')} | {cell('eager_ms', '.3f')} | "
+            f"{cell('compiled_ms', '.3f')} | {cell('speedup_vs_eager', '.2f')}x | "
+            f"{cell('speedup_vs_compiled', '.2f')}x | {cell('fused_' + memory_key, '.1f')} | "
+            f"{cell('eager_' + memory_key, '.1f')} | {cell('compiled_' + memory_key, '.1f')} |")
+    return "\n".join(lines)
+
+
+def format_summary(records):
+    lines = ["| block | dtype | layout | cases | geomean vs eager | geomean vs compiled |",
+             "|---|---|---|---|---|---|"]
+    groups = {}
+    for r in records:
+        for key in ((r["block"], r["dtype"], r["layout"]), (r["block"], r["dtype"], "all"),
+                    ("all", r["dtype"], "all")):
+            groups.setdefault(key, []).append(r)
+    for (block, dtype, layout), rs in groups.items():
+        lines.append(f"| {block} | {dtype} | {layout} | {len(rs)} | "
+                     f"{geomean([r.get('speedup_vs_eager') for r in rs]):.2f}x | "
+                     f"{geomean([r.get('speedup_vs_compiled') for r in rs]):.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto picks cuda when available")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--dtypes", nargs="+", choices=list(cases_mod.DTYPES), default=None)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--min-run-time", type=float, default=None)
+    p.add_argument("--rep-ms", type=float, default=None)
+    args = p.parse_args(argv)
+    started = time.time()
+    device = resolve_device(args.device)
+    fused_bn = import_fused_bn()
+    configure_dynamo()
+    device_name, description = describe_device(device)
+    timer = Timer(device, args.quick, args)
+    if device.type == "cpu":
+        timing.settle_cpu_allocator()
+        shapes = cases_mod.CPU_QUICK_SHAPES if args.quick else cases_mod.CPU_SHAPES
+        dtypes = args.dtypes or ["float32"]
+        memory_key, memory_label = "saved_mb", "saved MB"
+    else:
+        shapes = cases_mod.GPU_QUICK_SHAPES if args.quick else cases_mod.gpu_shapes((64,))
+        dtypes = args.dtypes or ["float32", "float16", "bfloat16"]
+        memory_key, memory_label = "peak_mb", "peak MB"
+    commit, dirty = git_state()
+    print(f"fused_bn epilogue benchmark (training forward+backward) on {description}; commit "
+          f"{commit[:12]}{' (dirty)' if dirty else ''}", flush=True)
+    records = []
+    for shape in shapes:
+        for dtype in dtypes:
+            for layout in cases_mod.LAYOUTS:
+                for block in BLOCKS:
+                    r = measure(fused_bn, block, dtype, layout, shape, timer, device)
+                    records.append(r)
+                    print(f"{block:12s} {dtype:9s} {layout:13s} {'x'.join(map(str, shape)):14s} "
+                          f"fused {r.get('fused_ms', float('nan')):.3f} ms  "
+                          f"{r.get('speedup_vs_eager', float('nan')):.2f}x eager  "
+                          f"{r.get('speedup_vs_compiled', float('nan')):.2f}x compiled  "
+                          f"{memory_label} fused {r.get('fused_' + memory_key, float('nan')):.1f} "
+                          f"eager {r.get('eager_' + memory_key, float('nan')):.1f}"
+                          + (f"  errors {r['errors']}" if r["errors"] else ""), flush=True)
+    meta = {"device": description, "commit": commit, "dirty": dirty, "torch": torch.__version__,
+            "timer": timer.name, "threads": torch.get_num_threads(),
+            "run_seconds": time.time() - started, "passes": PASSES,
+            "memory": "peak allocated during fwd+bwd" if device.type == "cuda"
+            else "bytes saved for backward (unique storages)"}
+    stem = device_name + "-blocks" + ("-quick" if args.quick else "")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+    text = (f"# fused_bn epilogue benchmark: {device_name}\n\n"
+            f"- {description}; torch {torch.__version__}; commit `{commit}`{' (dirty)' if dirty else ''}\n"
+            f"- training forward+backward of relu(bn(x)) and relu(bn(x) + z); eager = nn.BatchNorm2d, "
+            f"in-place add, nn.ReLU(inplace=True); compiled = torch.compile of that eager block "
+            f"(fullgraph, dynamic=False); timer {timer.name}, median of interleaved rounds\n"
+            f"- memory: {meta['memory']}\n\n"
+            f"## Summary (geometric means; other's time / fused_bn's)\n\n{format_summary(records)}\n\n"
+            f"## All cases (median ms)\n\n{format_table(records, memory_key, memory_label)}\n")
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(text)
+    print("\n" + format_summary(records))
+    print(f"\nwrote {os.path.join(args.out, stem)}.{{json,md}} in {time.time() - started:.0f} s")
+    return 1 if any(r["errors"] for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
