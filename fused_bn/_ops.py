@@ -202,8 +202,7 @@ _autograd_lib.impl("batch_norm_train", _BatchNormTrain.apply, "Autograd")
 
 
 def _eval_setup_context(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, eps, relu, residual = (
-        tuple(inputs) + (False, None))[:8]
+    input, weight, bias, running_mean, running_var, eps, relu, residual = inputs
     acc = _accumulate_dtype(input.dtype)
     # Snapshots: a later training step may update the running buffers in place.
     # invstd as the kernels' eval_invstd computes it (1/sqrt in float64, then

@@ -1513,6 +1513,13 @@ struct BackwardOutputs {
   scalar_t* grad_residual = nullptr;
 };
 
+// The backward's scale, w · invstd: also the ReLU forward's scale (set_normalize_coefs
+// from the saved invstd), which kReluOfInput's recomputed mask relies on.
+template <typename scalar_t, typename param_t>
+inline acc_t<scalar_t> backward_scale(const param_t* weight, const acc_t<scalar_t>* invstd, int64_t c) {
+  return static_cast<acc_t<scalar_t>>(param_or(weight, c, 1.0) * static_cast<double>(invstd[c]));
+}
+
 // Backward coefficients of channel c from its sums (see ChannelCoefs); k.mean
 // is already set.
 template <typename scalar_t, typename param_t>
@@ -1524,7 +1531,7 @@ void finalize_channel_grads(int64_t c, const GradSums& s, int64_t count, bool tr
   const double w = param_or(weight, c, 1.0);
   if (out.grad_weight) out.grad_weight[c] = static_cast<param_t>(s.sum_dy_xmu * istd);
   if (out.grad_bias) out.grad_bias[c] = static_cast<param_t>(s.sum_dy);
-  k.scale[c] = static_cast<Acc>(w * istd);
+  k.scale[c] = backward_scale<scalar_t>(weight, invstd, c);
   if (training && count > 0) {
     const double n = static_cast<double>(count);
     k.x_coef[c] = static_cast<Acc>(-w * istd * istd * istd * s.sum_dy_xmu / n);
@@ -1551,7 +1558,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     // The forward's coefficients, as finalize_channel_stats (coefs_from_saved)
     // and finalize_channel_grads compute them.
     for (int64_t c = 0; c < C; ++c) {
-      k.scale[c] = static_cast<Acc>(param_or(weight, c, 1.0) * static_cast<double>(invstd[c]));
+      k.scale[c] = backward_scale<scalar_t>(weight, invstd, c);
       k.forward_shift[c] = static_cast<Acc>(param_or(bias, c, 0.0));
     }
   }
