@@ -9,6 +9,7 @@
 
 #include <initializer_list>
 #include <utility>
+#include <vector>
 
 namespace fused_bn {
 
@@ -124,6 +125,21 @@ inline void check_epilogue(bool relu, const c10::optional<at::Tensor>& residual,
   if (!residual.has_value() || !residual->defined()) return;
   TORCH_CHECK(relu, "batch_norm: a residual is supported only with relu=True (relu(batch_norm(x) + residual))");
   check_like_input(*residual, "residual", input);
+}
+
+// Per-channel statistics exchanged between data-parallel ranks
+// (FusedSyncBatchNorm2d): float64, on the input's device, of shape
+// [*leading, C, values] with the leading sizes given (e.g. {ranks} or {}).
+inline void check_exchanged(const at::Tensor& t, const char* name, const at::Tensor& input,
+                            std::initializer_list<int64_t> leading, int64_t values) {
+  std::vector<int64_t> expected(leading);
+  expected.push_back(input.size(1));
+  expected.push_back(values);
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), "batch_norm: ", name, " must have shape ",
+              at::IntArrayRef(expected), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kDouble, "batch_norm: ", name, " must be float64, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "Expected all tensors to be on the same device, but ", name,
+              " is on ", t.device(), " and input is on ", input.device());
 }
 
 // The momentum actually applied to the running statistics: nn.BatchNorm2d's

@@ -48,4 +48,31 @@ TORCH_LIBRARY(fused_bn, m) {
       "batch_norm_add_relu_backward(Tensor grad_output, Tensor output, Tensor input, "
       "Tensor? weight, Tensor mean, Tensor invstd, bool training, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+
+  // Data-parallel batch norm (FusedSyncBatchNorm2d) splits the training ops
+  // around one collective each. Forward: batch_norm_stats gives this rank's
+  // per-channel (count, mean, M2) as a [C, 3] float64 tensor (weight, bias and
+  // running statistics are only checked, so bad calls fail before the
+  // collective); the ranks' stats are all-gathered into [ranks, C, 3] and
+  // batch_norm_train_with_stats merges them in rank order, then does what
+  // batch_norm_train does after its statistics pass.
+  m.def(
+      "batch_norm_stats(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var) -> Tensor");
+  m.def(
+      "batch_norm_train_with_stats(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, float? momentum, float eps, Tensor all_stats, "
+      "bool relu=False) -> (Tensor, Tensor, Tensor)");
+  // Backward: batch_norm_backward_sums gives this rank's [C, 2] float64
+  // (Σdy, Σdy·(x − mean)) and the rank's own grad_weight and grad_bias
+  // (param_mask); after an all_reduce of the sums, batch_norm_backward_with_sums
+  // writes grad_input for `count` values per channel over all ranks.
+  m.def(
+      "batch_norm_backward_sums(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
+      "Tensor invstd, bool[2] param_mask, Tensor? bias=None, bool relu=False) "
+      "-> (Tensor sums, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "batch_norm_backward_with_sums(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
+      "Tensor invstd, Tensor sums, int count, Tensor? bias=None, bool relu=False) -> Tensor");
 }

@@ -4,16 +4,19 @@ Drop-in for ``nn.BatchNorm2d``: ``FusedBatchNorm2d`` (a subclass, same state_dic
 ``batch_norm`` (mirrors ``torch.nn.functional.batch_norm``) and ``convert_model``;
 with the ReLU (and a ResNet block's residual add) fused in: ``FusedBatchNormReLU2d``,
 ``FusedBatchNormAddReLU2d``, ``batch_norm(..., activation="relu")``,
-``batch_norm_add_relu`` and ``convert_model(model, fuse_relu=True)``.
+``batch_norm_add_relu`` and ``convert_model(model, fuse_relu=True)``; and for data-parallel
+training, ``FusedSyncBatchNorm2d`` (statistics synchronised over ``torch.distributed``).
 """
 from . import _ops  # noqa: F401  (loads the extension, registers fake kernels and autograd)
 from .functional import batch_norm, batch_norm_add_relu
-from .modules import FusedBatchNorm2d, FusedBatchNormAddReLU2d, FusedBatchNormReLU2d, convert_model
+from .modules import (FusedBatchNorm2d, FusedBatchNormAddReLU2d, FusedBatchNormReLU2d,
+                      FusedSyncBatchNorm2d, convert_model)
 
 __all__ = [
     "FusedBatchNorm2d",
     "FusedBatchNormAddReLU2d",
     "FusedBatchNormReLU2d",
+    "FusedSyncBatchNorm2d",
     "batch_norm",
     "batch_norm_add_relu",
     "convert_model",

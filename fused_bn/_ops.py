@@ -65,6 +65,33 @@ def _batch_norm_add_relu_backward_fake(grad_output, output, input, weight, mean,
     return grad_input, _output_like(input), grad_weight, grad_bias
 
 
+# FusedSyncBatchNorm2d's ops (the collectives between them are in fused_bn/_sync.py).
+@torch.library.register_fake("fused_bn::batch_norm_stats")
+def _batch_norm_stats_fake(input, weight, bias, running_mean, running_var):
+    return input.new_empty((input.shape[1], 3), dtype=torch.float64)
+
+
+@torch.library.register_fake("fused_bn::batch_norm_train_with_stats")
+def _batch_norm_train_with_stats_fake(input, weight, bias, running_mean, running_var,
+                                      num_batches_tracked, momentum, eps, all_stats, relu=False):
+    return _batch_norm_train_fake(input, weight, bias, running_mean, running_var,
+                                  num_batches_tracked, momentum, eps, relu)
+
+
+@torch.library.register_fake("fused_bn::batch_norm_backward_sums")
+def _batch_norm_backward_sums_fake(grad_output, input, weight, mean, invstd, param_mask,
+                                   bias=None, relu=False):
+    params = (weight, bias) if relu else (weight,)
+    sums = input.new_empty((input.shape[1], 2), dtype=torch.float64)
+    return (sums,) + _param_grads_fake(input, params, [False, *param_mask])
+
+
+@torch.library.register_fake("fused_bn::batch_norm_backward_with_sums")
+def _batch_norm_backward_with_sums_fake(grad_output, input, weight, mean, invstd, sums, count,
+                                        bias=None, relu=False):
+    return _output_like(input)
+
+
 def _grad_mask(ctx, weight, bias):
     return [
         ctx.needs_input_grad[0],

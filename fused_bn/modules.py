@@ -1,7 +1,9 @@
 """Drop-in modules and model conversion."""
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from ._sync import sync_batch_norm
 from .functional import batch_norm, batch_norm_add_relu
 
 
@@ -66,6 +68,77 @@ class FusedBatchNormAddReLU2d(FusedBatchNorm2d):
                     f"residual of shape {list(residual.shape)} broadcasts the output of shape "
                     f"{list(input.shape)} to {list(shape)}")
         return torch.relu(batch_norm(input, **kwargs) + residual)
+
+
+class FusedSyncBatchNorm2d(FusedBatchNorm2d):
+    """Batch norm whose training statistics cover the batches of every rank of a
+    ``torch.distributed`` process group, as ``nn.SyncBatchNorm`` does, on CPU
+    tensors (gloo) and CUDA tensors (NCCL).
+
+    Same constructor as ``nn.SyncBatchNorm`` for 4-D input (plus ``activation="relu"``
+    for ``relu(bn(x))`` in the same passes) and the same parameters, buffers and
+    state_dict keys as ``nn.BatchNorm2d``/``nn.SyncBatchNorm``. A training step
+    exchanges per-channel statistics only: one all_gather in the forward, one
+    all_reduce in the backward. Every rank gets the same statistics and the same
+    running-statistics update, whatever its own batch size (0 included); grad_weight
+    and grad_bias are each rank's own share (data-parallel training sums them).
+    In eval, or when ``torch.distributed`` is not initialized or the group has one
+    rank, it is exactly ``FusedBatchNorm2d`` (no collective).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, process_group=None, device=None, dtype=None, *,
+                 activation=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be one of (None, 'relu'), got {activation!r}")
+        self.process_group = process_group
+        self.activation = activation
+
+    def _sync_world_size(self) -> int:
+        """The group's size when this call synchronises, else 1."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        kwargs = self._batch_norm_kwargs(input)
+        world_size = self._sync_world_size()
+        if world_size == 1:
+            return batch_norm(input, activation=self.activation, **kwargs)
+        return sync_batch_norm(
+            input, kwargs["running_mean"], kwargs["running_var"], kwargs["weight"], kwargs["bias"],
+            kwargs["momentum"], kwargs["eps"], kwargs["num_batches_tracked"],
+            self.activation == "relu", self.process_group, world_size)
+
+    def extra_repr(self):
+        extra = super().extra_repr()
+        return extra + (f", activation={self.activation!r}" if self.activation else "")
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Replace every ``nn.BatchNorm2d`` (our ``FusedBatchNorm2d`` and
+        ``FusedBatchNormReLU2d`` included, the latter keeping its ReLU) and every
+        ``nn.SyncBatchNorm`` in ``module`` with a ``FusedSyncBatchNorm2d`` sharing its
+        parameters and buffers, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, and
+        return the module (the new one when ``module`` itself is converted).
+        ``FusedBatchNormAddReLU2d`` has no synchronised form and raises."""
+        if isinstance(module, FusedBatchNormAddReLU2d):
+            raise NotImplementedError(
+                "FusedSyncBatchNorm2d.convert_sync_batchnorm: FusedBatchNormAddReLU2d has no "
+                "synchronised form; convert the model before fusing the residual add "
+                "(convert_model(model, fuse_relu=True) after convert_sync_batchnorm keeps them apart)")
+        converted = module
+        if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not isinstance(module, cls):
+            activation = "relu" if isinstance(module, FusedBatchNormReLU2d) else None
+            converted = _fused_from(module, lambda *args, **kwargs: cls(
+                *args, process_group=process_group, activation=activation, **kwargs))
+            if hasattr(module, "qconfig"):
+                converted.qconfig = module.qconfig
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted
 
 
 def _fused_from(bn: nn.BatchNorm2d, cls=FusedBatchNorm2d) -> FusedBatchNorm2d:

@@ -60,11 +60,15 @@ void dispatch_epilogue(cpu::Epilogue e, F&& f) {
   dispatch_enum<cpu::Epilogue, cpu::Epilogue::kNone, cpu::Epilogue::kRelu, cpu::Epilogue::kAddRelu>(e, f);
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
+// The training ops' shared body: checks, allocation and the counter, then
+// kernel(scalar, param, epilogue, in, residual, output, t, factor, save_mean,
+// save_invstd) with the TypeTags and Epilogue constant of the call.
+template <typename Kernel>
+std::tuple<Tensor, Tensor, Tensor> train_cpu(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
     const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps, bool relu,
-    const optional<Tensor>& residual) {
+    const optional<Tensor>& residual, Kernel&& kernel) {
   check_forward_args(input, weight, bias, running_mean, running_var);
   check_epilogue(relu, residual, input);
   check_updatable(running_mean, "running_mean");
@@ -95,13 +99,68 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
                                    mutable_data_or_null<param_t>(running_mean),
                                    mutable_data_or_null<param_t>(running_var)};
     dispatch_epilogue(epilogue.kind, [&](auto kind) {
-      cpu::train_forward<scalar_t, param_t, decltype(kind)::value>(
-          in.tensor.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(epilogue.residual),
-          output.mutable_data_ptr<scalar_t>(), in.geometry, t, factor, eps, save_mean.mutable_data_ptr<Acc>(),
-          save_invstd.mutable_data_ptr<Acc>());
+      kernel(scalar, param, kind, in, data_or_null<scalar_t>(epilogue.residual), output.mutable_data_ptr<scalar_t>(),
+             t, factor, save_mean.mutable_data_ptr<Acc>(), save_invstd.mutable_data_ptr<Acc>());
     });
   });
   return {output, save_mean, save_invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps, bool relu,
+    const optional<Tensor>& residual) {
+  return train_cpu(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu,
+                   residual,
+                   [&](auto scalar, auto param, auto kind, const PreparedInput& in, const auto* z, auto* y,
+                       const auto& t, double factor, auto* save_mean, auto* save_invstd) {
+                     using scalar_t = typename decltype(scalar)::type;
+                     using param_t = typename decltype(param)::type;
+                     cpu::train_forward<scalar_t, param_t, decltype(kind)::value>(
+                         in.tensor.const_data_ptr<scalar_t>(), z, y, in.geometry, t, factor, eps, save_mean,
+                         save_invstd);
+                   });
+}
+
+// FusedSyncBatchNorm2d's forward, before its all_gather: this rank's
+// per-channel (count, mean, M2) as a [C, 3] float64 tensor. The parameters
+// and running statistics are only checked, so that a bad call raises on
+// every rank before any collective.
+Tensor batch_norm_stats_cpu(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                            const optional<Tensor>& running_mean, const optional<Tensor>& running_var) {
+  check_forward_args(input, weight, bias, running_mean, running_var);
+  PreparedInput in = prepare(input);
+  Tensor stats = at::empty({in.geometry.C, cpu::kExchangedMoments}, input.options().dtype(at::kDouble));
+  dispatch_input_and_params(input, false, [&](auto scalar, auto) {
+    using scalar_t = typename decltype(scalar)::type;
+    cpu::batch_stats(in.tensor.const_data_ptr<scalar_t>(), in.geometry, stats.mutable_data_ptr<double>());
+  });
+  return stats;
+}
+
+// FusedSyncBatchNorm2d's forward, after its all_gather: batch_norm_train with
+// the statistics of every rank's batch, all_stats[ranks][C][3] (each rank's
+// batch_norm_stats), merged in rank order.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_with_stats_cpu(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps, const Tensor& all_stats,
+    bool relu) {
+  check_input_tensor(input);
+  TORCH_CHECK(all_stats.dim() == 3, "batch_norm: all_stats must be [ranks, C, 3], got ", all_stats.sizes());
+  check_exchanged(all_stats, "all_stats", input, {all_stats.size(0)}, cpu::kExchangedMoments);
+  const Tensor stats = all_stats.contiguous();
+  return train_cpu(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu,
+                   c10::nullopt,
+                   [&](auto scalar, auto param, auto kind, const PreparedInput& in, const auto*, auto* y,
+                       const auto& t, double factor, auto* save_mean, auto* save_invstd) {
+                     using scalar_t = typename decltype(scalar)::type;
+                     using param_t = typename decltype(param)::type;
+                     cpu::train_forward_with_stats<scalar_t, param_t, decltype(kind)::value>(
+                         in.tensor.const_data_ptr<scalar_t>(), y, in.geometry, t, factor, eps,
+                         stats.const_data_ptr<double>(), stats.size(0), save_mean, save_invstd);
+                   });
 }
 
 Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight,
@@ -135,10 +194,19 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight,
 // The backward ops' shared body. mask: kNone (batch_norm), kReluOfInput
 // (relu(batch_norm): bias is the forward's), kReluOfOutput (relu(batch_norm +
 // residual): output is the forward's y, and grad_residual is returned).
+// Sums for FusedSyncBatchNorm2d's two backward calls (cpu::SumsExchange):
+// want_local asks for this rank's [C, 2] sums (returned as the fourth
+// tensor); a defined global is every rank's, over global_count values.
+struct ExchangeArgs {
+  bool want_local = false;
+  Tensor global;
+  int64_t global_count = 0;
+};
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
     cpu::GradMask mask, const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
     const optional<Tensor>& bias, const Tensor& forward_output, const Tensor& mean, const Tensor& invstd,
-    bool training, std::array<bool, 3> output_mask) {
+    bool training, std::array<bool, 3> output_mask, const ExchangeArgs& exchange_args = {}) {
   check_backward_args(grad_output, input, weight, mean, invstd);
   if (mask == cpu::GradMask::kReluOfInput) check_channel_tensor(bias, "bias", input);
   if (mask == cpu::GradMask::kReluOfOutput) check_like_input(forward_output, "output", input);
@@ -164,6 +232,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
   Tensor grad_weight = at::empty({output_mask[1] ? C : 0}, param_options);
   Tensor grad_bias = at::empty({output_mask[2] ? C : 0}, param_options);
   Tensor grad_residual = mask == cpu::GradMask::kReluOfOutput ? like_input() : Tensor();
+  Tensor local_sums = exchange_args.want_local ? at::empty({C, 2}, input.options().dtype(at::kDouble)) : Tensor();
+  const Tensor global_sums = exchange_args.global.defined() ? exchange_args.global.contiguous() : Tensor();
+  cpu::SumsExchange exchange;
+  if (local_sums.defined()) exchange.local = reinterpret_cast<cpu::GradSums*>(local_sums.mutable_data_ptr<double>());
+  if (global_sums.defined()) {
+    exchange.global = reinterpret_cast<const cpu::GradSums*>(global_sums.const_data_ptr<double>());
+    exchange.global_count = exchange_args.global_count;
+  }
 
   dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
     using scalar_t = typename decltype(scalar)::type;
@@ -182,7 +258,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
         cpu::backward<scalar_t, out_param_t, decltype(kind)::value>(
             dy.const_data_ptr<scalar_t>(), in.tensor.const_data_ptr<scalar_t>(), in.geometry,
             data_or_null<out_param_t>(w), data_or_null<out_param_t>(b), data_or_null<scalar_t>(y),
-            mean_c.const_data_ptr<Acc>(), invstd_c.const_data_ptr<Acc>(), training, out);
+            mean_c.const_data_ptr<Acc>(), invstd_c.const_data_ptr<Acc>(), training, out, exchange);
       });
     };
     // The parameter dtype follows the weight, else the bias (relu's shift
@@ -193,7 +269,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
       run.template operator()<grad_param_t>();
     }
   });
-  return {grad_input, grad_weight, grad_bias, grad_residual};
+  return {grad_input, grad_weight, grad_bias, exchange_args.want_local ? local_sums : grad_residual};
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
@@ -215,6 +291,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_relu_backward_cpu(
   return {grad_input, grad_residual, grad_weight, grad_bias};
 }
 
+// FusedSyncBatchNorm2d's backward, before its all_reduce: this rank's [C, 2]
+// sums (Σg, Σg·(x − mean)), and grad_weight and grad_bias from them (each
+// rank's own share: data-parallel training sums them across ranks).
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_sums_cpu(
+    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight, const Tensor& mean,
+    const Tensor& invstd, std::array<bool, 2> param_mask, const optional<Tensor>& bias, bool relu) {
+  auto [unused, grad_weight, grad_bias, sums] =
+      backward_cpu(relu ? cpu::GradMask::kReluOfInput : cpu::GradMask::kNone, grad_output, input, weight, bias,
+                   Tensor(), mean, invstd, /*training=*/true, {false, param_mask[0], param_mask[1]},
+                   ExchangeArgs{/*want_local=*/true});
+  return {sums, grad_weight, grad_bias};
+}
+
+// FusedSyncBatchNorm2d's backward, after its all_reduce: grad_input from the
+// sums of every rank, over `count` values per channel in all.
+Tensor batch_norm_backward_with_sums_cpu(const Tensor& grad_output, const Tensor& input,
+                                         const optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+                                         const Tensor& sums, int64_t count, const optional<Tensor>& bias,
+                                         bool relu) {
+  check_input_tensor(input);
+  check_exchanged(sums, "sums", input, {}, 2);
+  TORCH_CHECK(count >= 0, "batch_norm: count must be non-negative, got ", count);
+  auto [grad_input, unused_w, unused_b, unused_sums] =
+      backward_cpu(relu ? cpu::GradMask::kReluOfInput : cpu::GradMask::kNone, grad_output, input, weight, bias,
+                   Tensor(), mean, invstd, /*training=*/true, {true, false, false},
+                   ExchangeArgs{false, sums, count});
+  return grad_input;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_bn, CPU, m) {
@@ -222,6 +327,10 @@ TORCH_LIBRARY_IMPL(fused_bn, CPU, m) {
   m.impl("batch_norm_eval", &batch_norm_eval_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("batch_norm_add_relu_backward", &batch_norm_add_relu_backward_cpu);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_train_with_stats", &batch_norm_train_with_stats_cpu);
+  m.impl("batch_norm_backward_sums", &batch_norm_backward_sums_cpu);
+  m.impl("batch_norm_backward_with_sums", &batch_norm_backward_with_sums_cpu);
 }
 
 }  // namespace fused_bn

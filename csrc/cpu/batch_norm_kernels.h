@@ -1285,6 +1285,86 @@ inline int64_t row_grain(int64_t C) {
 }
 
 // ---------------------------------------------------------------------------
+// Per-channel statistics, shared by the training forward and batch_stats
+// ---------------------------------------------------------------------------
+
+// Moments of every channel of N·H·W rows of C channels: on_channels(c_begin,
+// c_end, mean, m2) is called, from several threads, for disjoint channel ranges
+// with mean[c] and m2[c] final for those channels.
+template <typename scalar_t, typename F>
+void nhwc_channel_moments(const scalar_t* x, int64_t rows, int64_t C, F&& on_channels) {
+  const RowBlocking rb(rows, C);
+  double* block_mean = thread_scratch<double, ScratchSlot::kBlockMean>(rb.blocks * C);
+  double* block_m2 = thread_scratch<double, ScratchSlot::kBlockM2>(rb.blocks * C);
+  double* mean = thread_scratch<double, ScratchSlot::kMean>(C);
+  double* m2 = thread_scratch<double, ScratchSlot::kM2>(C);
+  parallel_over(rb.blocks, [&](int64_t b) {
+    nhwc_block_moments(x, C, rb.begin(b), rb.end(b, rows), block_mean + b * C, block_m2 + b * C);
+  });
+  at::parallel_for(0, C, kMergeGrain, [&](int64_t c_begin, int64_t c_end) {
+    merge_row_blocks(rb, rows, C, block_mean, block_m2, c_begin, c_end, mean, m2);
+    on_channels(c_begin, c_end, mean, m2);
+  });
+}
+
+// Moments of channels [c0, c1) of an NCHW input with short planes, walked as
+// one channel block (ChannelBlocking) on the calling thread; on_channel(c, m)
+// for each.
+template <typename scalar_t, typename F>
+void channel_block_moments(const scalar_t* x, const Geometry& g, int64_t c0, int64_t c1, F&& on_channel) {
+  using Acc = acc_t<scalar_t>;
+  const int64_t N = g.N, C = g.C, HW = g.HW;
+  const ShortPlane<scalar_t> plane(HW, g.numel());
+  constexpr int64_t P = ShortPlane<scalar_t>::kPartials;
+  double* sum = thread_scratch_filled<double, ScratchSlot::kBlockSum1>((c1 - c0) * P, 0.0);
+  double* sum_sq = thread_scratch_filled<double, ScratchSlot::kBlockSum2>((c1 - c0) * P, 0.0);
+  Acc* shift = thread_scratch<Acc, ScratchSlot::kBlockShift>(c1 - c0);
+  for (int64_t c = c0; c < c1; ++c) shift[c - c0] = static_cast<Acc>(x[c * HW]);
+  for_block_planes(g, c0, c1, [&](int64_t c, int64_t n) {
+    if (n + 1 < N) plane.prefetch(x + ((n + 1) * C + c) * HW);
+    short_plane_moment_sums(x, (n * C + c) * HW, plane, shift[c - c0], sum + (c - c0) * P, sum_sq + (c - c0) * P);
+  });
+  for (int64_t c = c0; c < c1; ++c) {
+    on_channel(c, Moments::from_shifted_sums(N * HW, shift[c - c0], ShortPlane<scalar_t>::total(sum + (c - c0) * P),
+                                             ShortPlane<scalar_t>::total(sum_sq + (c - c0) * P)));
+  }
+}
+
+// Moments of NCHW channel c on the calling thread, block by block (PlaneBlocking).
+template <typename scalar_t>
+Moments nchw_channel_moments(const scalar_t* x, const Geometry& g, int64_t c) {
+  const PlaneBlocking pb(g.N, g.HW);
+  const PlaneWalk<scalar_t> walk{g.HW, g.C * g.HW, prefetch_planes<scalar_t>(g), g.numel()};
+  Moments m;
+  for (int64_t b = 0; b < pb.blocks; ++b) {
+    int64_t n0, n1, h0, h1;
+    pb.range(b, g.N, g.HW, n0, n1, h0, h1);
+    m.merge(nchw_block_moments(x + c * g.HW, walk.for_channel(c), n0, n1, h0, h1));
+  }
+  return m;
+}
+
+// Moments of every NCHW channel with each channel's blocks spread over the
+// threads (few channels); on_channel(c, m) on the calling thread, in order.
+template <typename scalar_t, typename F>
+void split_channel_moments(const scalar_t* x, const Geometry& g, F&& on_channel) {
+  const PlaneBlocking pb(g.N, g.HW);
+  const PlaneWalk<scalar_t> walk{g.HW, g.C * g.HW, prefetch_planes<scalar_t>(g), g.numel()};
+  std::vector<Moments> partial(g.C * pb.blocks);
+  parallel_over(g.C * pb.blocks, [&](int64_t i) {
+    const int64_t c = i / pb.blocks;
+    int64_t n0, n1, h0, h1;
+    pb.range(i % pb.blocks, g.N, g.HW, n0, n1, h0, h1);
+    partial[i] = nchw_block_moments(x + c * g.HW, walk.for_channel(c), n0, n1, h0, h1);
+  });
+  for (int64_t c = 0; c < g.C; ++c) {
+    Moments m;
+    for (int64_t b = 0; b < pb.blocks; ++b) m.merge(partial[c * pb.blocks + b]);
+    on_channel(c, m);
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------
 
@@ -1357,18 +1437,7 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
 
   if (g.channels_last) {
     const int64_t rows = N * HW;
-    const RowBlocking rb(rows, C);
-    double* block_mean = thread_scratch<double, ScratchSlot::kBlockMean>(rb.blocks * C);
-    double* block_m2 = thread_scratch<double, ScratchSlot::kBlockM2>(rb.blocks * C);
-    double* mean = thread_scratch<double, ScratchSlot::kMean>(C);
-    double* m2 = thread_scratch<double, ScratchSlot::kM2>(C);
-    parallel_over(rb.blocks, [&](int64_t b) {
-      nhwc_block_moments(x, C, rb.begin(b), rb.end(b, rows), block_mean + b * C,
-                         block_m2 + b * C);
-    });
-    at::parallel_for(0, C, kMergeGrain, [&](int64_t c_begin, int64_t c_end) {
-      merge_row_blocks(rb, rows, C, block_mean, block_m2, c_begin, c_end, mean,
-                       m2);
+    nhwc_channel_moments(x, rows, C, [&](int64_t c_begin, int64_t c_end, const double* mean, const double* m2) {
       for (int64_t c = c_begin; c < c_end; ++c) {
         finalize_channel_stats<scalar_t>(c, Moments{rows, mean[c], m2[c]}, t, factor, eps, save_mean,
                                          save_invstd, kFromSaved, k);
@@ -1383,13 +1452,6 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
     return;
   }
 
-  const PlaneBlocking pb(N, HW);
-  const PlaneWalk<scalar_t> walk{HW, C * HW, prefetch_planes<scalar_t>(g), g.numel()};
-  auto block_moments = [&](int64_t c, int64_t b) {
-    int64_t n0, n1, h0, h1;
-    pb.range(b, N, HW, n0, n1, h0, h1);
-    return nchw_block_moments(x + c * HW, walk.for_channel(c), n0, n1, h0, h1);
-  };
   auto normalize_plane = [&](int64_t c, int64_t n) {
     const int64_t offset = n * C * HW + c * HW;
     normalize_run<scalar_t, kEpilogue>(x + offset, residual + offset, y + offset, HW, g.numel() - offset, HW,
@@ -1397,27 +1459,12 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
   };
 
   if (walks_channel_blocks<scalar_t>(g)) {
-    using Acc = acc_t<scalar_t>;
     const ChannelBlocking cb(g, sizeof(scalar_t));
-    const ShortPlane<scalar_t> plane(HW, g.numel());
     parallel_over(cb.blocks, [&](int64_t b) {
       const int64_t c0 = cb.begin(b), c1 = cb.end(b, C);
-      constexpr int64_t P = ShortPlane<scalar_t>::kPartials;
-      double* sum = thread_scratch_filled<double, ScratchSlot::kBlockSum1>((c1 - c0) * P, 0.0);
-      double* sum_sq = thread_scratch_filled<double, ScratchSlot::kBlockSum2>((c1 - c0) * P, 0.0);
-      Acc* shift = thread_scratch<Acc, ScratchSlot::kBlockShift>(c1 - c0);
-      for (int64_t c = c0; c < c1; ++c) shift[c - c0] = static_cast<Acc>(x[c * HW]);
-      for_block_planes(g, c0, c1, [&](int64_t c, int64_t n) {
-        if (n + 1 < N) plane.prefetch(x + ((n + 1) * C + c) * HW);
-        short_plane_moment_sums(x, (n * C + c) * HW, plane, shift[c - c0], sum + (c - c0) * P,
-                                sum_sq + (c - c0) * P);
-      });
-      for (int64_t c = c0; c < c1; ++c) {
-        const Moments m = Moments::from_shifted_sums(
-            N * HW, shift[c - c0], ShortPlane<scalar_t>::total(sum + (c - c0) * P),
-            ShortPlane<scalar_t>::total(sum_sq + (c - c0) * P));
+      channel_block_moments(x, g, c0, c1, [&](int64_t c, const Moments& m) {
         finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, kFromSaved, k);
-      }
+      });
       if constexpr (kPlanesOneByOne<scalar_t>) {
         for_block_planes(g, c0, c1, normalize_plane);
       } else {
@@ -1429,20 +1476,15 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
   }
   if (!split_channels_across_threads(g)) {
     parallel_over(C, [&](int64_t c) {
-      Moments m;
-      for (int64_t b = 0; b < pb.blocks; ++b) m.merge(block_moments(c, b));
+      const Moments m = nchw_channel_moments(x, g, c);
       finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, kFromSaved, k);
       for (int64_t n = 0; n < N; ++n) normalize_plane(c, n);
     });
     return;
   }
-  std::vector<Moments> partial(C * pb.blocks);
-  parallel_over(C * pb.blocks, [&](int64_t i) { partial[i] = block_moments(i / pb.blocks, i % pb.blocks); });
-  for (int64_t c = 0; c < C; ++c) {
-    Moments m;
-    for (int64_t b = 0; b < pb.blocks; ++b) m.merge(partial[c * pb.blocks + b]);
+  split_channel_moments(x, g, [&](int64_t c, const Moments& m) {
     finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, kFromSaved, k);
-  }
+  });
   parallel_over(C * N, [&](int64_t i) { normalize_plane(i / N, i % N); });
 }
 
@@ -1452,22 +1494,13 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
 // recomputed mask is the forward's (ChannelCoefs).
 inline double eval_invstd(double running_var, double eps) { return 1.0 / std::sqrt(running_var + eps); }
 
-template <typename scalar_t, typename param_t, Epilogue kEpilogue>
-void eval_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Geometry& g,
-                  const ChannelTensors<param_t>& t, double eps) {
-  using Acc = acc_t<scalar_t>;
+// The element pass y = epilogue((x − mean) · scale + shift) over the whole
+// input with fixed coefficients (eval, and training with statistics from
+// elsewhere: batch_norm_train_with_stats).
+template <typename scalar_t, Epilogue kEpilogue>
+void normalize(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Geometry& g,
+               const ChannelCoefs<scalar_t>& k, bool stream) {
   const int64_t N = g.N, C = g.C, HW = g.HW;
-  ChannelCoefs<scalar_t> k(C);
-  for (int64_t c = 0; c < C; ++c) {
-    double mean = static_cast<double>(t.running_mean[c]);
-    double invstd = eval_invstd(static_cast<double>(t.running_var[c]), eps);
-    if constexpr (kEpilogue != Epilogue::kNone) {
-      mean = static_cast<double>(static_cast<Acc>(mean));
-      invstd = static_cast<double>(static_cast<Acc>(invstd));
-    }
-    set_normalize_coefs<scalar_t>(c, mean, invstd, t, k);
-  }
-  const bool stream = larger_than<scalar_t>(g.numel(), kCacheResidentBytes);
   if (g.channels_last) {
     const bool stream_rows = stream && rows_stream_aligned(y, C);
     at::parallel_for(0, N * HW, row_grain(C), [&](int64_t begin, int64_t end) {
@@ -1501,6 +1534,77 @@ void eval_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, cons
     }
     stream_fence();
   });
+}
+
+template <typename scalar_t, typename param_t, Epilogue kEpilogue>
+void eval_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Geometry& g,
+                  const ChannelTensors<param_t>& t, double eps) {
+  using Acc = acc_t<scalar_t>;
+  const int64_t C = g.C;
+  ChannelCoefs<scalar_t> k(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double mean = static_cast<double>(t.running_mean[c]);
+    double invstd = eval_invstd(static_cast<double>(t.running_var[c]), eps);
+    if constexpr (kEpilogue != Epilogue::kNone) {
+      mean = static_cast<double>(static_cast<Acc>(mean));
+      invstd = static_cast<double>(static_cast<Acc>(invstd));
+    }
+    set_normalize_coefs<scalar_t>(c, mean, invstd, t, k);
+  }
+  normalize<scalar_t, kEpilogue>(x, residual, y, g, k, larger_than<scalar_t>(g.numel(), kCacheResidentBytes));
+}
+
+// ---------------------------------------------------------------------------
+// Data parallel (FusedSyncBatchNorm2d): statistics exchanged between ranks
+// ---------------------------------------------------------------------------
+
+// One channel's moments as the ops exchange them: three doubles (count, mean,
+// M2), so a rank's statistics are one [C, 3] float64 tensor and all ranks'
+// one all_gather.
+constexpr int64_t kExchangedMoments = 3;
+
+// Per-channel count, mean and M2 of x into out[C][3].
+template <typename scalar_t>
+void batch_stats(const scalar_t* x, const Geometry& g, double* out) {
+  auto store = [&](int64_t c, const Moments& m) {
+    out[c * kExchangedMoments] = static_cast<double>(m.count);
+    out[c * kExchangedMoments + 1] = m.mean;
+    out[c * kExchangedMoments + 2] = m.m2;
+  };
+  if (g.per_channel() == 0) {
+    for (int64_t c = 0; c < g.C; ++c) store(c, Moments{});
+  } else if (g.channels_last) {
+    const int64_t rows = g.per_channel();
+    nhwc_channel_moments(x, rows, g.C, [&](int64_t c_begin, int64_t c_end, const double* mean, const double* m2) {
+      for (int64_t c = c_begin; c < c_end; ++c) store(c, Moments{rows, mean[c], m2[c]});
+    });
+  } else if (walks_channel_blocks<scalar_t>(g)) {
+    const ChannelBlocking cb(g, sizeof(scalar_t));
+    parallel_over(cb.blocks, [&](int64_t b) { channel_block_moments(x, g, cb.begin(b), cb.end(b, g.C), store); });
+  } else {
+    split_channel_moments(x, g, store);
+  }
+}
+
+// The training forward with statistics gathered from `ranks` ranks
+// (all_stats[ranks][C][3], as batch_stats writes them): the ranks' moments
+// merge in rank order (Chan's formula, as within a rank), so every rank
+// computes the same statistics and running-statistics update, bit for bit.
+template <typename scalar_t, typename param_t, Epilogue kEpilogue>
+void train_forward_with_stats(const scalar_t* x, scalar_t* y, const Geometry& g, const ChannelTensors<param_t>& t,
+                              double factor, double eps, const double* all_stats, int64_t ranks,
+                              acc_t<scalar_t>* save_mean, acc_t<scalar_t>* save_invstd) {
+  ChannelCoefs<scalar_t> k(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    Moments m;
+    for (int64_t r = 0; r < ranks; ++r) {
+      const double* rank_stats = all_stats + (r * g.C + c) * kExchangedMoments;
+      m.merge(Moments{static_cast<int64_t>(rank_stats[0]), rank_stats[1], rank_stats[2]});
+    }
+    finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd,
+                                     /*coefs_from_saved=*/kEpilogue != Epilogue::kNone, k);
+  }
+  normalize<scalar_t, kEpilogue>(x, nullptr, y, g, k, streams_training_output<scalar_t>(g));
 }
 
 // Outputs of the backward op (null where the output mask is false).
@@ -1542,16 +1646,30 @@ void finalize_channel_grads(int64_t c, const GradSums& s, int64_t count, bool tr
   }
 }
 
+// FusedSyncBatchNorm2d's training backward is two calls of `backward` around
+// an all_reduce of the sums:
+//   local : the reduction pass only; this rank's sums are written to local[C]
+//           (with grad_input null, nothing else is read or written).
+//   global: no reduction pass; dx from every rank's summed sums, global[C],
+//           over global_count values per channel.
+struct SumsExchange {
+  GradSums* local = nullptr;
+  const GradSums* global = nullptr;
+  int64_t global_count = 0;
+};
+static_assert(sizeof(GradSums) == 2 * sizeof(double), "GradSums is exchanged as two doubles per channel");
+
 // Gradients of batch_norm (kNone), of relu(batch_norm) (kReluOfInput: bias is
 // the forward's, for its shift) and of relu(batch_norm + residual)
 // (kReluOfOutput: output is the forward's y). See GradMask.
 template <typename scalar_t, typename param_t, GradMask kMask>
 void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const param_t* weight,
               const param_t* bias, const scalar_t* output, const acc_t<scalar_t>* mean,
-              const acc_t<scalar_t>* invstd, bool training, const BackwardOutputs<scalar_t, param_t>& out) {
+              const acc_t<scalar_t>* invstd, bool training, const BackwardOutputs<scalar_t, param_t>& out,
+              const SumsExchange& exchange = {}) {
   using Acc = acc_t<scalar_t>;
   const int64_t N = g.N, C = g.C, HW = g.HW;
-  const int64_t count = g.per_channel();
+  const int64_t count = exchange.global ? exchange.global_count : g.per_channel();
   ChannelCoefs<scalar_t> k(C);
   std::copy(mean, mean + C, k.mean);
   if constexpr (kMask == GradMask::kReluOfInput) {
@@ -1564,9 +1682,15 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
   }
   // Eval's dx needs no sums; training's dx and both parameter grads do, and
   // kReluOfOutput's reduction pass is what writes g.
-  const bool need_sums = kMask == GradMask::kReluOfOutput ||
-                         (training ? out.grad_input || out.grad_weight || out.grad_bias
-                                   : out.grad_weight || out.grad_bias);
+  const bool need_sums = !exchange.global &&
+                         (exchange.local || kMask == GradMask::kReluOfOutput ||
+                          (training ? out.grad_input || out.grad_weight || out.grad_bias
+                                    : out.grad_weight || out.grad_bias));
+  // The sums channel c's coefficients come from (see SumsExchange).
+  auto exchanged = [&](int64_t c, const GradSums& reduced) {
+    if (exchange.local) exchange.local[c] = reduced;
+    return exchange.global ? exchange.global[c] : reduced;
+  };
   const bool stream = streams_training_output<scalar_t>(g);
   // The dx pass: kReluOfOutput's g is already masked and written out.
   constexpr GradMask kDxMask = kMask == GradMask::kReluOfOutput ? GradMask::kNone : kMask;
@@ -1597,8 +1721,8 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
         }
       }
       for (int64_t c = c_begin; c < c_end; ++c) {
-        finalize_channel_grads<scalar_t>(c, GradSums{sum_dy[c - c_begin], sum_dy_xmu[c - c_begin]}, count,
-                                         training, weight, invstd, out, k);
+        finalize_channel_grads<scalar_t>(c, exchanged(c, GradSums{sum_dy[c - c_begin], sum_dy_xmu[c - c_begin]}),
+                                         count, training, weight, invstd, out, k);
       }
     });
     if (out.grad_input) {
@@ -1667,7 +1791,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
       for (int64_t c = c0; c < c1; ++c) {
         const GradSums sums{ShortPlane<scalar_t>::total(sum_dy + (c - c0) * P),
                             ShortPlane<scalar_t>::total(sum_dy_xmu + (c - c0) * P)};
-        finalize_channel_grads<scalar_t>(c, sums, count, training, weight, invstd, out, k);
+        finalize_channel_grads<scalar_t>(c, exchanged(c, sums), count, training, weight, invstd, out, k);
       }
       if (!out.grad_input) return;
       if constexpr (kPlanesOneByOne<scalar_t>) {
@@ -1684,7 +1808,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     parallel_over(C, [&](int64_t c) {
       GradSums s;
       for (int64_t b = 0; need_sums && b < pb.blocks; ++b) s.add(block_sums(c, b));
-      finalize_channel_grads<scalar_t>(c, s, count, training, weight, invstd, out, k);
+      finalize_channel_grads<scalar_t>(c, exchanged(c, s), count, training, weight, invstd, out, k);
       for (int64_t n = 0; out.grad_input && n < N; ++n) grad_input_plane(c, n);
     });
     return;
@@ -1696,7 +1820,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
   for (int64_t c = 0; c < C; ++c) {
     GradSums s;
     for (int64_t b = 0; need_sums && b < pb.blocks; ++b) s.add(partial[c * pb.blocks + b]);
-    finalize_channel_grads<scalar_t>(c, s, count, training, weight, invstd, out, k);
+    finalize_channel_grads<scalar_t>(c, exchanged(c, s), count, training, weight, invstd, out, k);
   }
   if (out.grad_input) {
     parallel_over(C * N, [&](int64_t i) { grad_input_plane(i / N, i % N); });

@@ -1,0 +1,85 @@
+"""Batch norm with statistics synchronised over a ``torch.distributed`` process group.
+
+Each training step exchanges C-sized statistics only, one collective each way:
+
+* forward: ``batch_norm_stats`` (this rank's per-channel count, mean and M2, one read of
+  the input) -> ``all_gather`` of those ``[C, 3]`` float64 tensors ->
+  ``batch_norm_train_with_stats`` (merges the ranks' moments in rank order, updates the
+  running statistics, normalizes: one read, one write). Every rank merges the same gathered
+  tensor in the same order, so every rank gets bit-identical statistics and running
+  statistics, whatever its own batch size (0 included).
+* backward: ``batch_norm_backward_sums`` (this rank's Σdy and Σdy·(x − mean), and its own
+  share of grad_weight/grad_bias, which data-parallel training sums across ranks) ->
+  ``all_reduce`` of the ``[C, 2]`` sums -> ``batch_norm_backward_with_sums`` (dx).
+
+The collectives work for CPU tensors over gloo and CUDA tensors over NCCL alike.
+"""
+import torch
+import torch.distributed as dist
+
+from ._ops import ops
+
+
+# torch 2.13 renamed all_gather_into_tensor (now deprecated); older releases
+# have only the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _values_per_channel_message(size):
+    return f"Expected more than 1 value per channel when training, got input size {size}"
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                momentum, eps, relu, process_group, world_size):
+        stats = ops.batch_norm_stats(input, weight, bias, running_mean, running_var)
+        # Gathered as the ranks' [C, 3] blocks end to end (the output layout
+        # gloo and NCCL both take), viewed as [ranks, C, 3].
+        all_stats = stats.new_empty((world_size * stats.shape[0], stats.shape[1]))
+        _all_gather_single(all_stats, stats, group=process_group)
+        all_stats = all_stats.view(world_size, *stats.shape)
+        # Every channel has the same count; every rank sees the same total.
+        count = int(all_stats[:, :1, 0].sum().item())
+        if count == 1:
+            # What nn.BatchNorm2d raises for the global batch; every rank raises
+            # it, before any state changes.
+            raise ValueError(_values_per_channel_message(input.size()))
+        output, mean, invstd = ops.batch_norm_train_with_stats(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+            all_stats, relu)
+        ctx.save_for_backward(input, weight, bias if relu else None, mean, invstd)
+        ctx.relu = relu
+        ctx.count = count
+        ctx.process_group = process_group
+        ctx.param_dtypes = (None if weight is None else weight.dtype,
+                            None if bias is None else bias.dtype)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias, mean, invstd = ctx.saved_tensors
+        needs_weight = weight is not None and ctx.needs_input_grad[1]
+        needs_bias = ctx.param_dtypes[1] is not None and ctx.needs_input_grad[2]
+        sums, grad_weight, grad_bias = ops.batch_norm_backward_sums(
+            grad_output, input, weight, mean, invstd, [needs_weight, needs_bias], bias, ctx.relu)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            dist.all_reduce(sums, group=ctx.process_group)
+            grad_input = ops.batch_norm_backward_with_sums(
+                grad_output, input, weight, mean, invstd, sums, ctx.count, bias, ctx.relu)
+        # Without a weight the op returns the accumulation dtype; a bias of its
+        # own dtype gets its gradient in that dtype.
+        if needs_bias and grad_bias.dtype != ctx.param_dtypes[1]:
+            grad_bias = grad_bias.to(ctx.param_dtypes[1])
+        return (grad_input, grad_weight if needs_weight else None, grad_bias if needs_bias else None,
+                None, None, None, None, None, None, None, None)
+
+
+def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
+                    num_batches_tracked, relu, process_group, world_size):
+    """Training batch norm over the batches of every rank in ``process_group``
+    (``world_size`` ranks). Every rank must call it, in the same order."""
+    return _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var,
+                                num_batches_tracked, momentum, eps, relu, process_group,
+                                world_size)
