@@ -1,0 +1,587 @@
+"""FusedSyncBatchNorm2d: statistics synchronised over torch.distributed.
+
+The distributed tests spawn 2 and 3 gloo ranks on 127.0.0.1 (a free port each time).
+Each rank runs every scenario on its slice of a global batch that all processes
+(and this one) generate from the same seed, and saves what it got; the tests then
+compare against a single-process nn.BatchNorm2d and a float64 one on the whole global
+batch, under the accuracy rule. Rank processes have a deadline, are killed past it,
+and always destroy their process group.
+"""
+import datetime
+import os
+import socket
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+import torch.nn.functional as F
+
+import fused_bn
+from _accuracy import assert_accurate
+from _helpers import assert_bitwise_equal, assert_state_unchanged, state_of
+
+ops = torch.ops.fused_bn
+CL = torch.channels_last
+DEADLINE_S = 240
+
+# name -> (per-rank batch sizes by world size, C, H, W, dtype, param dtype, layout,
+#          momentum, affine, track_running_stats, relu)
+SCENARIOS = {
+    "unequal": ({2: [3, 5], 3: [2, 3, 4]}, 6, 5, 7, torch.float32, torch.float32, "nchw", 0.1, True, True, False),
+    "equal_cl": ({2: [4, 4], 3: [3, 3, 3]}, 5, 4, 4, torch.float32, torch.float32, "cl", 0.9, True, True, False),
+    "empty_rank": ({2: [0, 6], 3: [4, 0, 3]}, 3, 3, 5, torch.float32, torch.float32, "nchw", None, True, True, False),
+    "relu": ({2: [2, 5], 3: [1, 4, 2]}, 7, 3, 3, torch.float32, torch.float32, "cl", 0.1, True, True, True),
+    "short_planes": ({2: [5, 3], 3: [2, 2, 4]}, 48, 2, 3, torch.float32, torch.float32, "nchw", 0.1, True, True, True),
+    "no_affine_untracked": ({2: [3, 2], 3: [2, 2, 1]}, 4, 5, 5, torch.float32, torch.float32, "nchw", 0.1, False, False, False),
+    "bf16_amp": ({2: [3, 4], 3: [2, 3, 2]}, 6, 6, 6, torch.bfloat16, torch.float32, "cl", 0.1, True, True, False),
+    "float64": ({2: [2, 3], 3: [1, 2, 2]}, 3, 4, 5, torch.float64, torch.float64, "nchw", 0.1, True, True, True),
+}
+TRAIN_STEPS = 3
+
+
+def _global_batch(name, step, world_size, device="cpu"):
+    sizes, C, H, W, dtype, _, layout, *_ = SCENARIOS[name]
+    # Not hash(): string hashes differ between processes.
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 1000 * step + world_size)
+    shape = (sum(sizes[world_size]), C, H, W)
+    shift = (torch.rand(C, generator=g) * 2 - 1) * 3
+    scale = 0.5 + 2 * torch.rand(C, generator=g)
+    x = torch.randn(shape, generator=g) * scale.view(1, C, 1, 1) + shift.view(1, C, 1, 1)
+    dy = torch.randn(shape, generator=g)
+    fmt = CL if layout == "cl" else torch.contiguous_format
+    return (x.to(device, dtype).contiguous(memory_format=fmt),
+            dy.to(device, dtype).contiguous(memory_format=fmt))
+
+
+def _initial_state(name):
+    _, C, *_ = SCENARIOS[name]
+    g = torch.Generator().manual_seed(1234)
+    return {"weight": 0.5 + torch.rand(C, generator=g), "bias": torch.rand(C, generator=g) - 0.5,
+            "running_mean": torch.rand(C, generator=g) - 0.5, "running_var": 0.5 + torch.rand(C, generator=g),
+            "num_batches_tracked": torch.tensor(2, dtype=torch.long)}
+
+
+def _make(cls, name, dtype, device="cpu", **extra):
+    _, C, _, _, _, _, _, momentum, affine, track, _ = SCENARIOS[name]
+    m = cls(C, momentum=momentum, affine=affine, track_running_stats=track, **extra)
+    state = _initial_state(name)
+    with torch.no_grad():
+        for key, value in state.items():
+            t = getattr(m, key)
+            if t is not None:
+                t.copy_(value)
+    return m.to(device=device, dtype=dtype)
+
+
+def _rank_slice(name, world_size, rank):
+    sizes = SCENARIOS[name][0][world_size]
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+# ---------------------------------------------------------------------------
+# What each rank runs
+# ---------------------------------------------------------------------------
+
+class _NoCollectives:
+    """Collectives raise inside this block (eval must not synchronise)."""
+
+    def __enter__(self):
+        import fused_bn._sync as sync
+        self._saved = (sync._all_gather_single, dist.all_reduce)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a collective ran in eval")
+        sync._all_gather_single = refuse
+        dist.all_reduce = refuse
+
+    def __exit__(self, *exc):
+        import fused_bn._sync as sync
+        sync._all_gather_single, dist.all_reduce = self._saved
+
+
+def _run_scenario(name, rank, world_size, device):
+    *_, param_dtype, _, _, _, _, relu = SCENARIOS[name]
+    m = _make(fused_bn.FusedSyncBatchNorm2d, name, param_dtype, device, activation="relu" if relu else None)
+    rows = _rank_slice(name, world_size, rank)
+    steps = []
+    for step in range(TRAIN_STEPS):
+        xg, dyg = _global_batch(name, step, world_size, device)
+        m.zero_grad(set_to_none=True)
+        x = xg[rows].detach().requires_grad_()
+        y = m(x)
+        y.backward(dyg[rows])
+        steps.append({"output": y.detach().cpu(), "grad_input": x.grad.cpu(),
+                      "channels_last": (y.is_contiguous(memory_format=CL) and not y.is_contiguous(),
+                                        x.grad.is_contiguous(memory_format=CL) and not x.grad.is_contiguous()),
+                      "grad_weight": None if m.weight is None else m.weight.grad.cpu(),
+                      "grad_bias": None if m.bias is None else m.bias.grad.cpu()})
+    state = {k: (None if v is None else v.cpu()) for k, v in state_of(m).items()}
+    # Eval: local, no collective, exactly FusedBatchNorm2d.
+    m.eval()
+    local = _make(fused_bn.FusedBatchNormReLU2d if relu else fused_bn.FusedBatchNorm2d, name, param_dtype, device)
+    local.load_state_dict(m.state_dict())
+    local.eval()
+    xg, _ = _global_batch(name, TRAIN_STEPS, world_size, device)
+    with _NoCollectives(), torch.no_grad():
+        eval_out = m(xg[rows])
+    with torch.no_grad():
+        eval_local = local(xg[rows])
+    return {"steps": steps, "state": state, "eval": eval_out.cpu(), "eval_local": eval_local.cpu()}
+
+
+def _run_errors(rank, world_size, device):
+    """Bad calls raise on every rank (no rank left waiting in a collective) and
+    leave the module's state as it was."""
+    results = {}
+    m = fused_bn.FusedSyncBatchNorm2d(3).to(device)
+    before = state_of(m)
+    for label, x in (("3d", torch.randn(2, 3, 4, device=device)),
+                     ("int", torch.ones(2, 3, 2, 2, dtype=torch.long, device=device)),
+                     ("channels", torch.randn(2, 4, 2, 2, device=device)),
+                     # one value per channel over all ranks: rank 0 has it, the others none
+                     ("one_value", torch.randn(1 if rank == 0 else 0, 3, 1, 1, device=device))):
+        try:
+            m(x)
+            results[label] = None
+        except Exception as e:  # noqa: BLE001  (the type and message are what is compared)
+            results[label] = (type(e).__name__, str(e).splitlines()[0])
+        assert_state_unchanged(m, before, label)
+    return results
+
+
+def _ddp_model():
+    torch.manual_seed(7)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+DDP_SIZES = {2: [3, 5], 3: [2, 4, 3]}
+DDP_STEPS = 5
+
+
+def _ddp_batch(step, world_size):
+    g = torch.Generator().manual_seed(100 + step)
+    n = sum(DDP_SIZES[world_size])
+    return torch.randn(n, 3, 6, 6, generator=g) * 2 + 1, torch.randint(0, 4, (n,), generator=g)
+
+
+def _ddp_slices(world_size):
+    sizes, start, out = DDP_SIZES[world_size], 0, []
+    for size in sizes:
+        out.append(slice(start, start + size))
+        start += size
+    return out
+
+
+def _run_ddp(rank, world_size):
+    """A DDP training loop with SGD; the model's BatchNorm2d layers converted
+    (the first with its ReLU fused) to FusedSyncBatchNorm2d."""
+    model = fused_bn.convert_model(_ddp_model(), fuse_relu=True)
+    model = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(model)
+    kinds = sorted(f"{type(mod).__name__}/{getattr(mod, 'activation', None)}"
+                   for mod in model.modules() if isinstance(mod, nn.BatchNorm2d))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    rows = _ddp_slices(world_size)[rank]
+    for step in range(DDP_STEPS):
+        x, target = _ddp_batch(step, world_size)
+        opt.zero_grad()
+        F.cross_entropy(ddp(x[rows]), target[rows]).backward()
+        opt.step()
+    return {"kinds": kinds, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def _rank_main(rank, world_size, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {"scenarios": {name: _run_scenario(name, rank, world_size, "cpu") for name in SCENARIOS},
+                   "errors": _run_errors(rank, world_size, "cpu"),
+                   "ddp": _run_ddp(rank, world_size)}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world_size, out_dir):
+    ctx = mp.start_processes(_rank_main, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size,
+                             join=False, start_method="spawn")
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=DEADLINE_S)
+    try:
+        while not ctx.join(timeout=5):
+            if datetime.datetime.now() > deadline:
+                raise TimeoutError(f"{world_size} gloo ranks did not finish in {DEADLINE_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def ranks(request, tmp_path_factory):
+    world_size = request.param
+    return world_size, _spawn(world_size, tmp_path_factory.mktemp(f"world{world_size}"))
+
+
+# ---------------------------------------------------------------------------
+# Single-process references
+# ---------------------------------------------------------------------------
+
+def _reference_run(name, world_size, cls_dtype):
+    """nn.BatchNorm2d (in the scenario's dtypes, or float64) over the global batch."""
+    *_, param_dtype, _, _, _, _, relu = SCENARIOS[name]
+    dtype = SCENARIOS[name][4]
+    if cls_dtype == torch.float64:
+        dtype = param_dtype = torch.float64
+    m = _make(nn.BatchNorm2d, name, param_dtype)
+    steps = []
+    for step in range(TRAIN_STEPS):
+        xg, dyg = _global_batch(name, step, world_size)
+        m.zero_grad(set_to_none=True)
+        x = xg.to(dtype).detach().requires_grad_()
+        y = m(x)
+        if relu:
+            y = torch.relu(y)
+        y.backward(dyg.to(dtype))
+        steps.append({"output": y.detach(), "grad_input": x.grad,
+                      "grad_weight": None if m.weight is None else m.weight.grad,
+                      "grad_bias": None if m.bias is None else m.bias.grad})
+    m.eval()
+    xg, _ = _global_batch(name, TRAIN_STEPS, world_size)
+    # Eval never synchronises (as nn.SyncBatchNorm): without running statistics
+    # each rank normalizes with its own batch's.
+    pieces = [xg] if m.track_running_stats else [xg[_rank_slice(name, world_size, r)]
+                                                 for r in range(world_size)]
+    with torch.no_grad():
+        y = torch.cat([m(piece.to(dtype)) if piece.shape[0] else piece.to(dtype) for piece in pieces])
+        if relu:
+            y = torch.relu(y)
+    return m, steps, y
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_sync_matches_nn_on_the_global_batch(ranks, name):
+    world_size, results = ranks
+    nn_bn, nn_steps, nn_eval = _reference_run(name, world_size, None)
+    ref_bn, ref_steps, ref_eval = _reference_run(name, world_size, torch.float64)
+    dtype = SCENARIOS[name][4]
+    for step in range(TRAIN_STEPS):
+        label = f"[{name} world {world_size} step {step}]"
+        for rank, res in enumerate(results):
+            rows = _rank_slice(name, world_size, rank)
+            ours = res["scenarios"][name]["steps"][step]
+            for key in ("output", "grad_input"):
+                assert ours[key].dtype == dtype
+                assert_accurate(ours[key], nn_steps[step][key][rows], ref_steps[step][key][rows],
+                                name=f"{label} rank {rank} {key}")
+            assert ours["channels_last"] == ((SCENARIOS[name][6] == "cl"),) * 2 or ours["output"].numel() == 0
+        # Each rank's grad_weight/grad_bias is its own share: their sum is the global gradient.
+        for key in ("grad_weight", "grad_bias"):
+            shares = [res["scenarios"][name]["steps"][step][key] for res in results]
+            if nn_steps[step][key] is None:
+                assert all(s is None for s in shares), f"{label} {key}"
+                continue
+            total = torch.stack([s.double() for s in shares]).sum(0).to(shares[0].dtype)
+            assert_accurate(total, nn_steps[step][key], ref_steps[step][key], name=f"{label} {key} summed")
+    states = [res["scenarios"][name]["state"] for res in results]
+    for rank, state in enumerate(states[1:], 1):
+        for key, value in state.items():
+            assert_bitwise_equal(value, states[0][key], f"[{name}] rank {rank} {key} vs rank 0")
+    for key in ("running_mean", "running_var"):
+        ours, expected, reference = states[0][key], getattr(nn_bn, key), getattr(ref_bn, key)
+        if expected is None:
+            assert ours is None
+            continue
+        assert_accurate(ours, expected, reference, name=f"[{name} world {world_size}] {key}")
+    if nn_bn.num_batches_tracked is not None:
+        assert int(states[0]["num_batches_tracked"]) == int(nn_bn.num_batches_tracked)
+    for rank, res in enumerate(results):
+        rows = _rank_slice(name, world_size, rank)
+        scenario = res["scenarios"][name]
+        assert_bitwise_equal(scenario["eval"], scenario["eval_local"], f"[{name}] rank {rank} eval vs FusedBatchNorm2d")
+        assert_accurate(scenario["eval"], nn_eval[rows], ref_eval[rows], name=f"[{name}] rank {rank} eval")
+
+
+def test_sync_errors_raise_on_every_rank_as_nn(ranks):
+    world_size, results = ranks
+    m = nn.BatchNorm2d(3)
+    expected = {}
+    for label, x in (("3d", torch.randn(2, 3, 4)), ("int", torch.ones(2, 3, 2, 2, dtype=torch.long)),
+                     ("channels", torch.randn(2, 4, 2, 2)), ("one_value", torch.randn(1, 3, 1, 1))):
+        with pytest.raises(Exception) as info:
+            m(x)
+        expected[label] = (type(info.value).__name__, str(info.value).splitlines()[0])
+    for rank, res in enumerate(results):
+        for label, got in res["errors"].items():
+            if label == "one_value":
+                # nn's message names the input size; each rank names its own.
+                assert got is not None and got[0] == expected[label][0], f"rank {rank} {label}: {got}"
+                assert got[1].startswith("Expected more than 1 value per channel when training"), got
+            else:
+                assert got == expected[label], f"rank {rank} {label}: {got} vs nn {expected[label]}"
+
+
+def test_sync_ddp_training_matches_single_process(ranks):
+    world_size, results = ranks
+    slices = _ddp_slices(world_size)
+
+    def train(dtype):
+        model = _ddp_model().to(dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for step in range(DDP_STEPS):
+            x, target = _ddp_batch(step, world_size)
+            opt.zero_grad()
+            out = model(x.to(dtype))
+            # DDP averages the ranks' gradients of their own mean losses.
+            loss = sum(F.cross_entropy(out[rows], target[rows]) for rows in slices) / world_size
+            loss.backward()
+            opt.step()
+        return model.state_dict()
+
+    expected, reference = train(torch.float32), train(torch.float64)
+    for rank, res in enumerate(results):
+        assert res["ddp"]["kinds"] == ["FusedSyncBatchNorm2d/None", "FusedSyncBatchNorm2d/relu"], res["ddp"]["kinds"]
+        state = res["ddp"]["state"]
+        assert state.keys() == expected.keys()
+        for key, value in state.items():
+            if key.endswith("num_batches_tracked"):
+                assert int(value) == int(expected[key]) == DDP_STEPS
+                continue
+            assert_accurate(value, expected[key], reference[key], name=f"rank {rank} {key}")
+            assert_bitwise_equal(value, results[0]["ddp"]["state"][key], f"rank {rank} {key} vs rank 0")
+
+
+# ---------------------------------------------------------------------------
+# In-process: no collectives
+# ---------------------------------------------------------------------------
+
+def _twin_steps(sync, local, x, dy, steps=2):
+    for m in (sync, local):
+        m.load_state_dict(local.state_dict())
+    results = []
+    for m in (sync, local):
+        out = []
+        for _ in range(steps):
+            m.zero_grad(set_to_none=True)
+            leaf = x.detach().requires_grad_()
+            y = m(leaf)
+            y.backward(dy)
+            out.append((y.detach(), leaf.grad, m.weight.grad, m.bias.grad))
+        out.append(tuple(v.clone() for v in (m.running_mean, m.running_var, m.num_batches_tracked)))
+        results.append(out)
+    for a, b in zip(*results):
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert_bitwise_equal(u, v, f"sync vs FusedBatchNorm2d, item {i}")
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_sync_without_process_group_is_fused_batch_norm(activation):
+    assert not dist.is_initialized()
+    x, dy = torch.randn(4, 5, 6, 6) * 2 + 1, torch.randn(4, 5, 6, 6)
+    local = fused_bn.FusedBatchNormReLU2d(5) if activation else fused_bn.FusedBatchNorm2d(5)
+    with torch.no_grad():
+        local.weight.uniform_(0.5, 1.5)
+        local.bias.uniform_(-1, 1)
+    _twin_steps(fused_bn.FusedSyncBatchNorm2d(5, activation=activation), local, x, dy)
+
+
+def test_sync_with_one_rank_is_fused_batch_norm_and_runs_no_collective():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        x, dy = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+        with _NoCollectives():
+            _twin_steps(fused_bn.FusedSyncBatchNorm2d(4), fused_bn.FusedBatchNorm2d(4), x, dy)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------
+# The ops, single process: ranks simulated by splitting the batch
+# ---------------------------------------------------------------------------
+
+SPLIT_CASES = [
+    # shape, layout, batch split into "ranks"
+    ((6, 5, 7, 9), "nchw", [2, 0, 4]),
+    ((5, 64, 3, 3), "nchw", [1, 4]),          # short planes: channel blocks
+    ((4, 3, 70, 70), "nchw", [3, 1]),         # long planes split across threads
+    ((6, 24, 5, 5), "cl", [3, 3]),
+    ((3, 7, 1, 1), "cl", [1, 1, 1]),
+]
+
+
+def _layout(t, layout):
+    return t.contiguous(memory_format=CL) if layout == "cl" else t.contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,layout,split", SPLIT_CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_ops_with_split_statistics_match_nn(shape, layout, split, dtype, relu):
+    C = shape[1]
+    x = _layout(torch.randn(shape) * 3 + 2, layout).to(dtype)
+    dy = _layout(torch.randn(shape), layout).to(dtype)
+    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    weight = (0.5 + torch.rand(C)).to(param_dtype)
+    bias = (torch.rand(C) - 0.5).to(param_dtype)
+    rm, rv = torch.zeros(C, dtype=param_dtype), torch.ones(C, dtype=param_dtype)
+    nbt = torch.tensor(0)
+    chunks = list(torch.split(x, split))
+    all_stats = torch.stack([ops.batch_norm_stats(c, weight, bias, rm, rv) for c in chunks])
+    assert all_stats.shape == (len(split), C, 3) and all_stats.dtype == torch.float64
+    assert all_stats[:, :, 0].tolist() == [[float(n * shape[2] * shape[3])] * C for n in split]
+    y, mean, invstd = ops.batch_norm_train_with_stats(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, all_stats, relu)
+    sums, gw, gb = ops.batch_norm_backward_sums(dy, x, weight, mean, invstd, [True, True], bias, relu)
+    dx = ops.batch_norm_backward_with_sums(dy, x, weight, mean, invstd, sums, x.numel() // C, bias, relu)
+
+    def reference(dt):
+        bn = nn.BatchNorm2d(C).to(param_dtype if dt != torch.float64 else dt)
+        with torch.no_grad():
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+        leaf = x.to(dt).detach().requires_grad_()
+        out = bn(leaf)
+        out = torch.relu(out) if relu else out
+        out.backward(dy.to(dt))
+        return out.detach(), leaf.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
+
+    expected, ref = reference(dtype), reference(torch.float64)
+    for i, (name, value) in enumerate((("y", y), ("dx", dx), ("grad_weight", gw), ("grad_bias", gb),
+                                       ("running_mean", rm), ("running_var", rv))):
+        assert_accurate(value, expected[i], ref[i], name=f"{name} {shape} {layout} {split} {dtype} relu={relu}")
+    assert int(nbt) == 1
+    assert (y.is_contiguous(memory_format=CL) and not y.is_contiguous()) == (layout == "cl" and shape[2] * shape[3] > 1)
+
+
+@pytest.mark.parametrize("shape,layout", [((4, 5, 6, 7), "nchw"), ((6, 64, 3, 3), "nchw"),
+                                          ((2, 3, 80, 80), "nchw"), ((5, 9, 4, 4), "cl")])
+@pytest.mark.parametrize("relu", [False, True])
+def test_ops_with_one_rank_are_bitwise_the_fused_ops(shape, layout, relu):
+    """One rank's statistics and sums through the synced ops give exactly what
+    batch_norm_train and batch_norm_backward give."""
+    C = shape[1]
+    x, dy = _layout(torch.randn(shape) + 1, layout), _layout(torch.randn(shape), layout)
+    w, b = 0.5 + torch.rand(C), torch.rand(C) - 0.5
+    state = [torch.rand(C), 1 + torch.rand(C), torch.tensor(3)]
+    plain_state = [t.clone() for t in state]
+    stats = ops.batch_norm_stats(x, w, b, *state[:2])[None]
+    y, mean, invstd = ops.batch_norm_train_with_stats(x, w, b, *state, None, 1e-5, stats, relu)
+    y0, mean0, invstd0 = ops.batch_norm_train(x, w, b, *plain_state, None, 1e-5, relu)
+    for a, e, name in ((y, y0, "y"), (mean, mean0, "mean"), (invstd, invstd0, "invstd"),
+                       (state[0], plain_state[0], "running_mean"), (state[1], plain_state[1], "running_var"),
+                       (state[2], plain_state[2], "num_batches_tracked")):
+        assert_bitwise_equal(a, e, name)
+    sums, gw, gb = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, relu)
+    dx = ops.batch_norm_backward_with_sums(dy, x, w, mean, invstd, sums, x.numel() // C, b, relu)
+    dx0, gw0, gb0 = ops.batch_norm_backward(dy, x, w, mean, invstd, True, [True, True, True], b, relu)
+    for a, e, name in ((dx, dx0, "dx"), (gw, gw0, "grad_weight"), (gb, gb0, "grad_bias")):
+        assert_bitwise_equal(a, e, name)
+
+
+def test_ops_empty_rank_and_empty_world():
+    x = torch.randn(0, 3, 4, 4)
+    stats = ops.batch_norm_stats(x, None, None, None, None)
+    assert stats.tolist() == [[0.0, 0.0, 0.0]] * 3
+    other = ops.batch_norm_stats(torch.randn(5, 3, 4, 4) * 2 + 1, None, None, None, None)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    y, mean, invstd = ops.batch_norm_train_with_stats(x, None, None, rm, rv, nbt, 0.1, 1e-5,
+                                                      torch.stack([stats, other]), False)
+    # This rank has nothing to normalize but takes the same update as the others.
+    assert y.shape == x.shape and int(nbt) == 1
+    torch.testing.assert_close(mean.double(), other[:, 1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rm.double(), 0.1 * other[:, 1], rtol=1e-6, atol=1e-7)
+    # Nobody has data: as nn.BatchNorm2d on an empty batch, the running statistics stay.
+    before = (rm.clone(), rv.clone())
+    y, _, _ = ops.batch_norm_train_with_stats(x, None, None, rm, rv, nbt, 0.1, 1e-5,
+                                              torch.stack([stats, stats]), False)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1]) and int(nbt) == 2
+
+
+def test_ops_reject_malformed_exchanged_tensors():
+    x, w = torch.randn(2, 3, 4, 4), torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"all_stats must have shape \[2, 3, 3\]"):
+        ops.batch_norm_train_with_stats(x, w, None, None, None, None, 0.1, 1e-5, torch.zeros(2, 4, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="all_stats must be float64"):
+        ops.batch_norm_train_with_stats(x, w, None, None, None, None, 0.1, 1e-5, torch.zeros(1, 3, 3))
+    mean, invstd = torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"sums must have shape \[3, 2\]"):
+        ops.batch_norm_backward_with_sums(x, x, w, mean, invstd, torch.zeros(3, 3, dtype=torch.float64), 32)
+
+
+def _opcheck_args(relu):
+    x, dy = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    w, b = torch.rand(4) + 0.5, torch.rand(4)
+    stats = torch.stack([ops.batch_norm_stats(x, w, b, None, None)] * 2)
+    _, mean, invstd = ops.batch_norm_train(x, w, b, None, None, None, 0.1, 1e-5)
+    sums = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, relu)[0]
+    return {
+        "batch_norm_stats": (x, w, b, torch.zeros(4), torch.ones(4)),
+        "batch_norm_train_with_stats": (x, w, b, torch.zeros(4), torch.ones(4), torch.tensor(0), 0.1, 1e-5, stats, relu),
+        "batch_norm_backward_sums": (dy, x, w, mean, invstd, [True, True], b, relu),
+        "batch_norm_backward_with_sums": (dy, x, w, mean, invstd, sums * 2, 150, b, relu),
+    }
+
+
+@pytest.mark.parametrize("op,relu", [("batch_norm_stats", False)] + [
+    (op, relu) for op in ("batch_norm_train_with_stats", "batch_norm_backward_sums", "batch_norm_backward_with_sums")
+    for relu in (False, True)])
+def test_sync_ops_opcheck(op, relu):
+    torch.library.opcheck(getattr(ops, op), _opcheck_args(relu)[op])
+
+
+# ---------------------------------------------------------------------------
+# convert_sync_batchnorm
+# ---------------------------------------------------------------------------
+
+def test_convert_sync_batchnorm_shares_parameters_and_keeps_types():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4),
+        nn.Sequential(nn.SyncBatchNorm(4, momentum=None), fused_bn.FusedBatchNorm2d(4, affine=False)),
+        fused_bn.FusedBatchNormReLU2d(4, eps=1e-3), nn.BatchNorm1d(4))
+    model[3].eval()
+    originals = [model[1], model[2][0], model[2][1], model[3]]
+    keys = list(model.state_dict().keys())
+    group = object()
+    converted = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(model, process_group=group)
+    assert converted is model and list(model.state_dict().keys()) == keys
+    new = [model[1], model[2][0], model[2][1], model[3]]
+    for old, bn in zip(originals, new):
+        assert type(bn) is fused_bn.FusedSyncBatchNorm2d and bn.process_group is group
+        for attr in ("eps", "momentum", "affine", "track_running_stats", "training"):
+            assert getattr(bn, attr) == getattr(old, attr), attr
+        for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            assert getattr(bn, attr) is getattr(old, attr), attr
+    assert [bn.activation for bn in new] == [None, None, None, "relu"]
+    assert type(model[4]) is nn.BatchNorm1d
+    single = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(nn.BatchNorm2d(2))
+    assert type(single) is fused_bn.FusedSyncBatchNorm2d
+    with pytest.raises(NotImplementedError, match="FusedBatchNormAddReLU2d"):
+        fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(nn.Sequential(fused_bn.FusedBatchNormAddReLU2d(2)))
+
+
+def test_sync_state_dict_round_trips_with_nn_modules():
+    sync = fused_bn.FusedSyncBatchNorm2d(5)
+    for other in (nn.BatchNorm2d(5), nn.SyncBatchNorm(5)):
+        with torch.no_grad():
+            other.running_mean.uniform_()
+            other.num_batches_tracked.fill_(4)
+        sync.load_state_dict(other.state_dict())
+        other.load_state_dict(sync.state_dict())
+        assert sync.state_dict().keys() == other.state_dict().keys()
+        assert torch.equal(sync.running_mean, other.running_mean) and int(sync.num_batches_tracked) == 4
+    with pytest.raises(ValueError, match="activation"):
+        fused_bn.FusedSyncBatchNorm2d(3, activation="gelu")
