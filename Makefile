@@ -35,6 +35,7 @@ test: test-deps build
 bench: bench-deps build
 	$(PYTHON) -m bench.run
 	$(PYTHON) -m bench.blocks
+	$(PYTHON) -m bench.sync
 
 clean:
 	rm -rf build fused_bn/*.so *.egg-info

@@ -12,7 +12,9 @@ Each training step exchanges C-sized statistics only, one collective each way:
   share of grad_weight/grad_bias, which data-parallel training sums across ranks) ->
   ``all_reduce`` of the ``[C, 2]`` sums -> ``batch_norm_backward_with_sums`` (dx).
 
-The collectives work for CPU tensors over gloo and CUDA tensors over NCCL alike.
+The collectives are backend-agnostic (gloo for CPU tensors, NCCL for CUDA tensors); the
+four ops have CPU kernels only so far (FusedSyncBatchNorm2d refuses CUDA input in its
+synchronised path).
 """
 import torch
 import torch.distributed as dist

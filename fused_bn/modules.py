@@ -72,8 +72,9 @@ class FusedBatchNormAddReLU2d(FusedBatchNorm2d):
 
 class FusedSyncBatchNorm2d(FusedBatchNorm2d):
     """Batch norm whose training statistics cover the batches of every rank of a
-    ``torch.distributed`` process group, as ``nn.SyncBatchNorm`` does, on CPU
-    tensors (gloo) and CUDA tensors (NCCL).
+    ``torch.distributed`` process group, as ``nn.SyncBatchNorm`` does (which refuses
+    CPU tensors), on CPU tensors over gloo. CUDA tensors synchronise once the four
+    sync ops have CUDA kernels; until then the synchronised path refuses them.
 
     Same constructor as ``nn.SyncBatchNorm`` for 4-D input (plus ``activation="relu"``
     for ``relu(bn(x))`` in the same passes) and the same parameters, buffers and
@@ -107,6 +108,10 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
         world_size = self._sync_world_size()
         if world_size == 1:
             return batch_norm(input, activation=self.activation, **kwargs)
+        if input.device.type != "cpu":
+            raise NotImplementedError(
+                "FusedSyncBatchNorm2d: synchronised statistics run on CPU tensors (gloo) only so "
+                f"far; the fused_bn::batch_norm_stats family has no {input.device.type} kernels yet")
         return sync_batch_norm(
             input, kwargs["running_mean"], kwargs["running_var"], kwargs["weight"], kwargs["bias"],
             kwargs["momentum"], kwargs["eps"], kwargs["num_batches_tracked"],
