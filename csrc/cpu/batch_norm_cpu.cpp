@@ -191,9 +191,6 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight,
   return output;
 }
 
-// The backward ops' shared body. mask: kNone (batch_norm), kReluOfInput
-// (relu(batch_norm): bias is the forward's), kReluOfOutput (relu(batch_norm +
-// residual): output is the forward's y, and grad_residual is returned).
 // Sums for FusedSyncBatchNorm2d's two backward calls (cpu::SumsExchange):
 // want_local asks for this rank's [C, 2] sums (returned as the fourth
 // tensor); a defined global is every rank's, over global_count values.
@@ -203,6 +200,9 @@ struct ExchangeArgs {
   int64_t global_count = 0;
 };
 
+// The backward ops' shared body. mask: kNone (batch_norm), kReluOfInput
+// (relu(batch_norm): bias is the forward's), kReluOfOutput (relu(batch_norm +
+// residual): output is the forward's y, and grad_residual is returned).
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
     cpu::GradMask mask, const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
     const optional<Tensor>& bias, const Tensor& forward_output, const Tensor& mean, const Tensor& invstd,
