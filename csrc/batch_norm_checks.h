@@ -92,6 +92,14 @@ inline void check_forward_args(const at::Tensor& input, const c10::optional<at::
   check_channel_tensor(weight, "weight", input);
   check_channel_tensor(bias, "bias", input);
   check_parameter_dtypes(input, {&weight, &bias, &running_mean, &running_var});
+  // nn reads (and updates) the running statistics through 1-D accessors and
+  // rejects any other rank with this message, even when the element count is
+  // right (a [1, C] or, for C = 1, a 0-d tensor).
+  for (const auto* stat : {&running_mean, &running_var}) {
+    if (stat->has_value() && (*stat)->defined()) {
+      TORCH_CHECK((*stat)->dim() == 1, "TensorAccessor expected 1 dims but tensor has ", (*stat)->dim());
+    }
+  }
 }
 
 inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,

@@ -27,9 +27,31 @@ def _output_like(input):
     return torch.empty_like(input, memory_format=fmt)
 
 
+def _check_same_device(input, **tensors):
+    """The device check of the real kernels (csrc/batch_norm_checks.h), with
+    their message. A meta tensor among CPU or CUDA ones sends the call to the
+    fake kernel, which must refuse it as the real kernel would."""
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
+                               f"{t.device} and input is on {input.device}")
+
+
+def check_stats_not_requiring_grad(function_name, running_mean, running_var):
+    """Autograd's check (and message) for an input a function cannot
+    differentiate, which nn.BatchNorm2d's native_batch_norm raises for running
+    statistics that require grad while grad mode is on."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad:
+            raise RuntimeError(f"The function '{function_name}' is not differentiable with respect "
+                               f"to argument '{name}'. This input cannot have requires_grad True.")
+
+
 @torch.library.register_fake("fused_bn::batch_norm_train")
 def _batch_norm_train_fake(input, weight, bias, running_mean, running_var,
                            num_batches_tracked, momentum, eps, relu=False, residual=None):
+    _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
+                       bias=bias, residual=residual, num_batches_tracked=num_batches_tracked)
     stats = input.new_empty((input.shape[1],), dtype=_accumulate_dtype(input.dtype))
     return _output_like(input), stats, torch.empty_like(stats)
 
@@ -37,6 +59,8 @@ def _batch_norm_train_fake(input, weight, bias, running_mean, running_var,
 @torch.library.register_fake("fused_bn::batch_norm_eval")
 def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps, relu=False,
                           residual=None):
+    _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
+                       bias=bias, residual=residual)
     return _output_like(input)
 
 
@@ -52,6 +76,8 @@ def _param_grads_fake(input, params, output_mask):
 @torch.library.register_fake("fused_bn::batch_norm_backward")
 def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training, output_mask,
                               bias=None, relu=False):
+    _check_same_device(input, grad_output=grad_output, weight=weight, mean=mean, invstd=invstd,
+                       bias=bias)
     grad_input = _output_like(input) if output_mask[0] else input.new_empty((0,))
     params = (weight, bias) if relu else (weight,)
     return (grad_input,) + _param_grads_fake(input, params, output_mask)
@@ -60,6 +86,8 @@ def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training
 @torch.library.register_fake("fused_bn::batch_norm_add_relu_backward")
 def _batch_norm_add_relu_backward_fake(grad_output, output, input, weight, mean, invstd, training,
                                        output_mask):
+    _check_same_device(input, grad_output=grad_output, output=output, weight=weight, mean=mean,
+                       invstd=invstd)
     grad_input = _output_like(input) if output_mask[0] else input.new_empty((0,))
     grad_weight, grad_bias = _param_grads_fake(input, (weight,), output_mask)
     return grad_input, _output_like(input), grad_weight, grad_bias
@@ -224,12 +252,21 @@ class _BatchNormTrain(torch.autograd.Function):
         return _epilogue_backward(ctx, grad_output, True, ctx.eps)
 
 
+def _batch_norm_train_autograd(input, weight, bias, running_mean, running_var, *args):
+    if torch.is_grad_enabled():
+        check_stats_not_requiring_grad("fused_bn::batch_norm_train", running_mean, running_var)
+    return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, *args)
+
+
 _autograd_lib = torch.library.Library("fused_bn", "IMPL")
-_autograd_lib.impl("batch_norm_train", _BatchNormTrain.apply, "Autograd")
+_autograd_lib.impl("batch_norm_train", _batch_norm_train_autograd, "Autograd")
 
 
 def _eval_setup_context(ctx, inputs, output):
     input, weight, bias, running_mean, running_var, eps, relu, residual = inputs
+    # Called only with grad mode on and an input requiring grad; the op has
+    # run but changed no state.
+    check_stats_not_requiring_grad("fused_bn::batch_norm_eval", running_mean, running_var)
     acc = _accumulate_dtype(input.dtype)
     # Snapshots: a later training step may update the running buffers in place.
     # invstd as the kernels' eval_invstd computes it (1/sqrt in float64, then

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._ops import ops
+from ._ops import check_stats_not_requiring_grad, ops
 
 
 def _verify_batch_size(size):
@@ -19,6 +19,9 @@ def _verify_batch_size(size):
 
 def _batch_norm_epilogue(input, running_mean, running_var, weight, bias, training, momentum, eps,
                          num_batches_tracked, relu, residual):
+    if torch.is_grad_enabled():
+        # nn's message (its native_batch_norm refuses these), before any state changes.
+        check_stats_not_requiring_grad("native_batch_norm", running_mean, running_var)
     if training:
         if (running_mean is None) != (running_var is None):
             raise ValueError(

@@ -67,6 +67,11 @@ class FusedBatchNormAddReLU2d(FusedBatchNorm2d):
                 raise RuntimeError(
                     f"residual of shape {list(residual.shape)} broadcasts the output of shape "
                     f"{list(input.shape)} to {list(shape)}")
+        # Any other error of the add or the ReLU (a residual on another device,
+        # a complex one, one that is no tensor or number), exactly as eager
+        # raises it, from a dry run on empty tensors of the same ranks.
+        probe = residual.new_empty([0] * residual.dim()) if isinstance(residual, torch.Tensor) else residual
+        torch.relu(input.new_empty([0] * input.dim()) + probe)
         return torch.relu(batch_norm(input, **kwargs) + residual)
 
 
