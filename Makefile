@@ -16,6 +16,7 @@ deps:
 
 test-deps: deps
 	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install pytest hypothesis
+	@$(PYTHON) -c "import sklearn, matplotlib, tqdm" 2>/dev/null || $(PIP) install scikit-learn matplotlib tqdm
 
 bench-deps: deps
 	@$(PYTHON) -c "import matplotlib, tqdm" 2>/dev/null || $(PIP) install matplotlib tqdm
