@@ -282,13 +282,22 @@ def test_functional_matches_F(device, shape, precision, training, has_weight, ha
     def prepare(t, dtype):
         return None if t is None else t.to(device=device, dtype=dtype)
 
-    def run(fn, input_dtype, param_dtype, target_device, counter):
-        leaf = x.to(device=target_device, dtype=input_dtype).detach().requires_grad_()
-        wl = None if w is None else w.to(target_device, param_dtype).detach().clone().requires_grad_()
-        bl = None if b is None else b.to(target_device, param_dtype).detach().clone().requires_grad_()
-        rml, rvl = (None if t is None else t.to(target_device, param_dtype).clone() for t in (rm, rv))
+    def run(fn, input_dtype, param_dtype, target_device, counter, reference=False):
+        # the reference sees the very values ours and nn see (rounded to the
+        # precision's dtypes first), in a contiguous copy: nn's CPU backward is
+        # wrong for some mixed layouts (test_nn_backward_layout_bug_counterexample)
+        low = (lambda t, dtype: t.to(dtype)) if reference else (lambda t, dtype: t)  # noqa: E731
+        leaf = low(x, precision.input_dtype).to(device=target_device, dtype=input_dtype).detach()
+        if reference:
+            leaf = leaf.contiguous()
+        leaf.requires_grad_()
+        params = [None if t is None else low(t, precision.param_dtype).to(target_device, param_dtype).detach().clone()
+                  for t in (w, b, rm, rv)]
+        wl, bl, rml, rvl = params
+        wl = None if wl is None else wl.requires_grad_()
+        bl = None if bl is None else bl.requires_grad_()
         y = fn(leaf, rml, rvl, wl, bl, counter)
-        y.backward(gy.to(target_device, input_dtype))
+        y.backward(low(gy, precision.input_dtype).to(target_device, input_dtype))
         return dict(output=y.detach(), grad_input=leaf.grad, grad_weight=None if wl is None else wl.grad,
                     grad_bias=None if bl is None else bl.grad, running_mean=rml, running_var=rvl)
 
@@ -318,7 +327,7 @@ def test_functional_matches_F(device, shape, precision, training, has_weight, ha
         return
     r_ours = run(ours, precision.input_dtype, precision.param_dtype, device, counter)
     r_nn = run(theirs, precision.input_dtype, precision.param_dtype, device, None)
-    r_ref = run(theirs, torch.float64, torch.float64, "cpu", None)
+    r_ref = run(theirs, torch.float64, torch.float64, "cpu", None, reference=True)
     for key in r_nn:
         if r_nn[key] is None:
             assert r_ours[key] is None, f"{label} {key}"
@@ -460,3 +469,20 @@ def test_grad_weight_bfloat16_tail_counterexample():
     x = _input(shape, BF16_AMP, "cpu", ("contiguous",), gen, dict(offset=1.0, std=1.0, constant_channel=True))
     gy = _input(shape, BF16_AMP, "cpu", ("channels_last",), gen, dict(offset=0.5, std=1.0, constant_channel=False))
     _check_step(trio, x, gy, "[counterexample bfloat16-amp (5, 2, 1, 33)]")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap: a batch mean near 0 by cancellation (N(0, 1) data, 18 values) is summed in float32 "
+    "lanes by us, in double by nn's CPU kernel: running_mean error ~1e-8 absolute against nn's ~0 "
+    "on about 1 input in 40 of this kind"))
+def test_running_mean_near_zero_counterexample():
+    """The long profile's falsifying example: shape (1, 1, 1, 18), float32,
+    momentum=None (running_mean becomes the batch mean, 1.01e-3), one
+    training step: ours 9.9e-9 off, nn exact."""
+    shape = (1, 1, 1, 18)
+    gen = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    trio = make_trio(1, PRECISIONS[0], "cpu", momentum=None, affine=False, track_running_stats=True)
+    x = _input(shape, PRECISIONS[0], "cpu", ("contiguous",), gen, dict(offset=0.0, std=1.0, constant_channel=False))
+    gy = _input(shape, PRECISIONS[0], "cpu", ("contiguous",), gen, dict(offset=0.5, std=1.0, constant_channel=False))
+    _check_step(trio, x, gy, "[counterexample running_mean (1, 1, 1, 18)]")
