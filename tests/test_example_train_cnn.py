@@ -37,11 +37,23 @@ train_cnn = _load_example()
 
 
 def run_example(*argv):
-    """main(argv) with progress bars off; returns (exit status, report, stdout, stderr)."""
+    """main(argv) with progress bars off, on one thread; returns (exit status,
+    report, stdout, stderr).
+
+    One thread: on a machine whose cores are busy with other work, this small
+    model's many short parallel regions make two threads wait on each other
+    for whole scheduler slices (measured: 9 s per epoch instead of 0.2 s). The
+    thread count changes the convolutions' rounding, so these curves are not
+    bit for bit the default run's, but all four variants run with the same
+    count, which is all the comparisons need."""
     out_dir = Path(argv[argv.index("--out") + 1])
     stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        status = train_cnn.main([*argv, "--no-progress"])
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = train_cnn.main([*argv, "--no-progress", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     [json_path] = out_dir.glob("train_cnn_*.json")
     return status, json.loads(json_path.read_text()), stdout.getvalue(), stderr.getvalue()
 
@@ -87,7 +99,7 @@ def test_default_run_batch_norm_beats_no_batch_norm(default_run):
     for variant in ("nn", "fused", "fused_relu"):
         assert runs[variant]["train_loss"][0] < runs["no_bn"]["train_loss"][0]
         assert report["bn_lower_train_loss_than_no_bn"][variant] == [True]
-        # Trained, not guessing (chance is 10%); measured 79%.
+        # Trained, not guessing (chance is 10%); measured 88%.
         assert runs[variant]["val_acc"][0] > 0.6
     assert "training loss below no BatchNorm's at 1 of 1 epochs" in stdout
 
@@ -102,7 +114,7 @@ def test_default_run_outputs(default_run):
     assert width > 800 and height > 300
     config = report["config"]
     assert config["train_samples"] + config["val_samples"] == 1797
-    assert config["image_shape"] == [1, 16, 16]
+    assert config["image_shape"] == [1, 8, 8]
     for variant, run in report["runs"].items():
         assert len(run["train_loss"]) == len(run["val_acc"]) == len(run["epoch_seconds"]) == 1
         assert run["epoch_seconds"][0] > 0
@@ -156,8 +168,8 @@ def test_float64_runs_agree_to_1e_9(tmp_path):
     assert status == 0
     runs = report["runs"]
     for variant in ("fused", "fused_relu"):
-        assert max_relative_difference(runs[variant]["train_loss"], runs["nn"]["train_loss"]) <= 1e-9
-        assert max_relative_difference(runs[variant]["val_loss"], runs["nn"]["val_loss"]) <= 1e-9
+        for curve in ("train_loss", "val_loss"):
+            assert max_relative_difference(runs[variant][curve], runs["nn"][curve]) <= 1e-9
         assert max(report["first_step"][variant].values()) <= 1e-12
 
 
