@@ -22,6 +22,14 @@ inline at::Tensor dense_or_undefined(const c10::optional<at::Tensor>& t) {
   return is_defined(t) ? t->contiguous() : at::Tensor();
 }
 
+// An output of `like`'s shape laid out by the batch-norm rule (`format`). An
+// empty one keeps `like`'s own strides: nn.BatchNorm2d returns input.clone()
+// for an empty input, and a gradient laid out as grad_output.
+inline at::Tensor empty_output(const at::Tensor& like, at::MemoryFormat format) {
+  if (like.numel() == 0) return at::empty_like(like);
+  return at::empty(like.sizes(), like.options().memory_format(format));
+}
+
 inline at::Tensor as_tensor_or_undefined(const c10::optional<at::Tensor>& t) {
   return is_defined(t) ? *t : at::Tensor();
 }

@@ -64,8 +64,8 @@ TORCH_LIBRARY(fused_bn, m) {
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, float? momentum, float eps, Tensor all_stats, "
       "bool relu=False) -> (Tensor, Tensor, Tensor)");
-  // Backward: batch_norm_backward_sums gives this rank's [C, 2] float64
-  // (Σdy, Σdy·(x − mean)) and the rank's own grad_weight and grad_bias
+  // Backward: batch_norm_backward_sums gives this rank's [C, 3] float64
+  // (Σdy, Σdy·(x − mean), Σ(x − mean): cpu::GradSums) and the rank's own grad_weight and grad_bias
   // (param_mask); after an all_reduce of the sums, batch_norm_backward_with_sums
   // writes grad_input for `count` values per channel over all ranks.
   m.def(

@@ -18,13 +18,20 @@ def _accumulate_dtype(dtype):
 
 
 def _output_like(input):
-    # Mirrors batch_norm_memory_format() in csrc/batch_norm_checks.h.
+    # Mirrors empty_output() in csrc/glue_helpers.h and batch_norm_memory_format()
+    # in csrc/batch_norm_checks.h.
+    if input.numel() == 0:
+        return torch.empty_like(input)
     fmt = torch.contiguous_format
     if input.dim() == 4 and not input.is_contiguous():
         if (input.is_contiguous(memory_format=torch.channels_last)
                 or suggest_memory_format(input) == torch.channels_last):
             fmt = torch.channels_last
     return torch.empty_like(input, memory_format=fmt)
+
+
+def _grad_input_like(grad_output, input):
+    return torch.empty_like(grad_output) if input.numel() == 0 else _output_like(input)
 
 
 def _check_same_device(input, **tensors):
@@ -78,7 +85,7 @@ def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training
                               bias=None, relu=False):
     _check_same_device(input, grad_output=grad_output, weight=weight, mean=mean, invstd=invstd,
                        bias=bias)
-    grad_input = _output_like(input) if output_mask[0] else input.new_empty((0,))
+    grad_input = _grad_input_like(grad_output, input) if output_mask[0] else input.new_empty((0,))
     params = (weight, bias) if relu else (weight,)
     return (grad_input,) + _param_grads_fake(input, params, output_mask)
 
@@ -88,9 +95,9 @@ def _batch_norm_add_relu_backward_fake(grad_output, output, input, weight, mean,
                                        output_mask):
     _check_same_device(input, grad_output=grad_output, output=output, weight=weight, mean=mean,
                        invstd=invstd)
-    grad_input = _output_like(input) if output_mask[0] else input.new_empty((0,))
+    grad_input = _grad_input_like(grad_output, input) if output_mask[0] else input.new_empty((0,))
     grad_weight, grad_bias = _param_grads_fake(input, (weight,), output_mask)
-    return grad_input, _output_like(input), grad_weight, grad_bias
+    return grad_input, _grad_input_like(grad_output, input), grad_weight, grad_bias
 
 
 # FusedSyncBatchNorm2d's ops (the collectives between them are in fused_bn/_sync.py).
@@ -110,14 +117,14 @@ def _batch_norm_train_with_stats_fake(input, weight, bias, running_mean, running
 def _batch_norm_backward_sums_fake(grad_output, input, weight, mean, invstd, param_mask,
                                    bias=None, relu=False):
     params = (weight, bias) if relu else (weight,)
-    sums = input.new_empty((input.shape[1], 2), dtype=torch.float64)
+    sums = input.new_empty((input.shape[1], 3), dtype=torch.float64)
     return (sums,) + _param_grads_fake(input, params, [False, *param_mask])
 
 
 @torch.library.register_fake("fused_bn::batch_norm_backward_with_sums")
 def _batch_norm_backward_with_sums_fake(grad_output, input, weight, mean, invstd, sums, count,
                                         bias=None, relu=False):
-    return _output_like(input)
+    return _grad_input_like(grad_output, input)
 
 
 def _grad_mask(ctx, weight, bias):

@@ -8,9 +8,9 @@ Each training step exchanges C-sized statistics only, one collective each way:
   running statistics, normalizes: one read, one write). Every rank merges the same gathered
   tensor in the same order, so every rank gets bit-identical statistics and running
   statistics, whatever its own batch size (0 included).
-* backward: ``batch_norm_backward_sums`` (this rank's Σdy and Σdy·(x − mean), and its own
+* backward: ``batch_norm_backward_sums`` (this rank's Σdy, Σdy·(x − mean) and Σ(x − mean), and its own
   share of grad_weight/grad_bias, which data-parallel training sums across ranks) ->
-  ``all_reduce`` of the ``[C, 2]`` sums -> ``batch_norm_backward_with_sums`` (dx).
+  ``all_reduce`` of the ``[C, 3]`` sums -> ``batch_norm_backward_with_sums`` (dx).
 
 The collectives are backend-agnostic (gloo for CPU tensors, NCCL for CUDA tensors); the
 four ops have CPU kernels only so far (FusedSyncBatchNorm2d refuses CUDA input in its

@@ -488,8 +488,14 @@ def test_ops_with_one_rank_are_bitwise_the_fused_ops(shape, layout, relu):
     sums, gw, gb = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, relu)
     dx = ops.batch_norm_backward_with_sums(dy, x, w, mean, invstd, sums, x.numel() // C, b, relu)
     dx0, gw0, gb0 = ops.batch_norm_backward(dy, x, w, mean, invstd, True, [True, True, True], b, relu)
-    for a, e, name in ((dx, dx0, "dx"), (gw, gw0, "grad_weight"), (gb, gb0, "grad_bias")):
+    for a, e, name in ((dx, dx0, "dx"), (gb, gb0, "grad_bias")):
         assert_bitwise_equal(a, e, name)
+    # A rank's grad_weight share is Σg·(x − mean) about the saved (rounded) mean,
+    # as shares are summed over ranks; batch_norm_backward's takes it about the
+    # exact batch mean, mean + Σ(x − mean) / count (GradSums::centered_sum_dy_xmu).
+    assert_bitwise_equal(gw, (sums[:, 1] * invstd.double()).float(), "grad_weight share")
+    centered = sums[:, 1] - sums[:, 0] / (x.numel() // C) * sums[:, 2]
+    assert_bitwise_equal(gw0, (centered * invstd.double()).float(), "grad_weight")
 
 
 def test_ops_empty_rank_and_empty_world():
@@ -518,8 +524,8 @@ def test_ops_reject_malformed_exchanged_tensors():
     with pytest.raises(RuntimeError, match="all_stats must be float64"):
         ops.batch_norm_train_with_stats(x, w, None, None, None, None, 0.1, 1e-5, torch.zeros(1, 3, 3))
     mean, invstd = torch.zeros(3), torch.ones(3)
-    with pytest.raises(RuntimeError, match=r"sums must have shape \[3, 2\]"):
-        ops.batch_norm_backward_with_sums(x, x, w, mean, invstd, torch.zeros(3, 3, dtype=torch.float64), 32)
+    with pytest.raises(RuntimeError, match=r"sums must have shape \[3, 3\]"):
+        ops.batch_norm_backward_with_sums(x, x, w, mean, invstd, torch.zeros(3, 2, dtype=torch.float64), 32)
 
 
 def _opcheck_args(relu):

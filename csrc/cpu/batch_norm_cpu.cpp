@@ -78,7 +78,7 @@ std::tuple<Tensor, Tensor, Tensor> train_cpu(
   PreparedInput in = prepare(input);
   const PreparedEpilogue epilogue = prepare_epilogue(relu, residual, in);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
-  Tensor output = at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format));
+  Tensor output = empty_output(input, in.format);
   const auto stats_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
   Tensor save_mean = at::empty({in.geometry.C}, stats_options);
   Tensor save_invstd = at::empty({in.geometry.C}, stats_options);
@@ -173,7 +173,7 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight,
   const bool float_params = has_float_params(input, {&weight, &bias, &mean_opt, &var_opt});
   PreparedInput in = prepare(input);
   const PreparedEpilogue epilogue = prepare_epilogue(relu, residual, in);
-  Tensor output = at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format));
+  Tensor output = empty_output(input, in.format);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor mean = running_mean.contiguous(), var = running_var.contiguous();
   dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
@@ -192,7 +192,7 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight,
 }
 
 // Sums for FusedSyncBatchNorm2d's two backward calls (cpu::SumsExchange):
-// want_local asks for this rank's [C, 2] sums (returned as the fourth
+// want_local asks for this rank's [C, 3] sums (returned as the fourth
 // tensor); a defined global is every rank's, over global_count values.
 struct ExchangeArgs {
   bool want_local = false;
@@ -226,13 +226,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
   const int64_t C = in.geometry.C;
   const auto param_options =
       input.options().dtype(is_defined(weight) ? weight->scalar_type() : acc_dtype);
-  auto like_input = [&] { return at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format)); };
+  auto like_input = [&] { return empty_output(grad_output, in.format); };
 
   Tensor grad_input = output_mask[0] ? like_input() : at::empty({0}, input.options());
   Tensor grad_weight = at::empty({output_mask[1] ? C : 0}, param_options);
   Tensor grad_bias = at::empty({output_mask[2] ? C : 0}, param_options);
   Tensor grad_residual = mask == cpu::GradMask::kReluOfOutput ? like_input() : Tensor();
-  Tensor local_sums = exchange_args.want_local ? at::empty({C, 2}, input.options().dtype(at::kDouble)) : Tensor();
+  Tensor local_sums = exchange_args.want_local ? at::empty({C, 3}, input.options().dtype(at::kDouble)) : Tensor();
   const Tensor global_sums = exchange_args.global.defined() ? exchange_args.global.contiguous() : Tensor();
   cpu::SumsExchange exchange;
   if (local_sums.defined()) exchange.local = reinterpret_cast<cpu::GradSums*>(local_sums.mutable_data_ptr<double>());
@@ -291,8 +291,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_relu_backward_cpu(
   return {grad_input, grad_residual, grad_weight, grad_bias};
 }
 
-// FusedSyncBatchNorm2d's backward, before its all_reduce: this rank's [C, 2]
-// sums (Σg, Σg·(x − mean)), and grad_weight and grad_bias from them (each
+// FusedSyncBatchNorm2d's backward, before its all_reduce: this rank's [C, 3]
+// sums (Σg, Σg·(x − mean), Σ(x − mean)), and grad_weight and grad_bias from them (each
 // rank's own share: data-parallel training sums them across ranks).
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_sums_cpu(
     const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight, const Tensor& mean,
@@ -311,7 +311,7 @@ Tensor batch_norm_backward_with_sums_cpu(const Tensor& grad_output, const Tensor
                                          const Tensor& sums, int64_t count, const optional<Tensor>& bias,
                                          bool relu) {
   check_input_tensor(input);
-  check_exchanged(sums, "sums", input, {}, 2);
+  check_exchanged(sums, "sums", input, {}, 3);
   TORCH_CHECK(count >= 0, "batch_norm: count must be non-negative, got ", count);
   auto [grad_input, unused_w, unused_b, unused_sums] =
       backward_cpu(relu ? cpu::GradMask::kReluOfInput : cpu::GradMask::kNone, grad_output, input, weight, bias,

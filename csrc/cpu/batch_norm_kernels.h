@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -293,17 +294,113 @@ struct Moments {
     const double n = static_cast<double>(count);
     return {count, shift + sum / n, std::max(sum_sq - sum * sum / n, 0.0)};
   }
+  // From Σx summed in double (kSumInDouble) and Σ(x − shift)².
+  static Moments from_sum_and_shifted_squares(int64_t count, double shift, double sum, double sum_sq) {
+    if (count == 0) return {};
+    const double n = static_cast<double>(count);
+    const double mean = sum / n;
+    const double offset = mean - shift;
+    return {count, mean, std::max(sum_sq - n * offset * offset, 0.0)};
+  }
+  // From the statistics loops' sums: Σx (kSumInDouble) or Σ(x − shift), and Σ(x − shift)².
+  template <typename scalar_t>
+  static Moments from_sums(int64_t count, double shift, double sum, double sum_sq);
 };
 
-// Sums for the backward reduction: Σdy and Σdy·(x − mean).
+// float32 statistics sum x itself in double lanes; the squares keep float
+// lanes of x − shift. In float, every x − shift rounds at 2^-24·|x − shift|,
+// and over a channel those roundings moved a mean that is small next to the
+// spread (N(0, 1) data, mean 0.03) by up to 6 ulps, where nn's CPU kernel
+// sums float32 in double and rounds its mean correctly; the backward of a
+// cancelling channel (dy constant, two values) and a running_mean near 0
+// inherited that error at 3x nn's (tests/test_properties.py). The squares
+// need only relative accuracy. bfloat16 and float16: x − shift is exact in
+// float and nn sums them in float too. float64 sums in double anyway.
+template <typename scalar_t>
+constexpr bool kSumInDouble = std::is_same_v<scalar_t, float>;
+
+template <typename scalar_t>
+Moments Moments::from_sums(int64_t count, double shift, double sum, double sum_sq) {
+  return kSumInDouble<scalar_t> ? from_sum_and_shifted_squares(count, shift, sum, sum_sq)
+                                : from_shifted_sums(count, shift, sum, sum_sq);
+}
+
+// Σ of float vectors in double lanes (kSumInDouble), four accumulators so a
+// pair's four widened halves add in parallel.
+struct WideSum {
+  using DoubleVec = Vectorized<double>;
+  DoubleVec a{0.0}, b{0.0}, c{0.0}, d{0.0};
+  void add(const Vectorized<float>& lo, const Vectorized<float>& hi) {
+    const auto [lo0, lo1] = widen(lo);
+    const auto [hi0, hi1] = widen(hi);
+    a = a + lo0;
+    b = b + lo1;
+    c = c + hi0;
+    d = d + hi1;
+  }
+  // Lane by lane into totals[0..4·DoubleVec::size()), in the pair's lane order.
+  void add_lanes_to(double* totals) const {
+    constexpr int64_t W = DoubleVec::size();
+    (DoubleVec::loadu(totals) + a).store(totals);
+    (DoubleVec::loadu(totals + W) + b).store(totals + W);
+    (DoubleVec::loadu(totals + 2 * W) + c).store(totals + 2 * W);
+    (DoubleVec::loadu(totals + 3 * W) + d).store(totals + 3 * W);
+  }
+  // Into partials[0..DoubleVec::size()) (ShortPlane's per-channel partials).
+  void add_to(double* partials) const {
+    (DoubleVec::loadu(partials) + ((a + b) + (c + d))).store(partials);
+  }
+  double total() const {
+    double lanes[DoubleVec::size()];
+    ((a + b) + (c + d)).store(lanes);
+    double t = 0.0;
+    for (double v : lanes) t += v;
+    return t;
+  }
+};
+
+// Sums for the backward reduction: Σg, Σg·(x − mean) and Σ(x − mean), with
+// mean the saved (rounded) mean. Σ(x − mean) = n·(x̄ − mean) recovers the
+// exact batch mean x̄ (see centered_sum_dy_xmu).
 struct GradSums {
   double sum_dy = 0.0;
   double sum_dy_xmu = 0.0;
+  double sum_xmu = 0.0;
   void add(const GradSums& other) {
     sum_dy += other.sum_dy;
     sum_dy_xmu += other.sum_dy_xmu;
+    sum_xmu += other.sum_xmu;
+  }
+  // Σg·(x − x̄) over `count` values, x̄ the exact batch mean (training). The
+  // saved mean is x̄ rounded to the accumulation type, and Σg·(x − mean) carries
+  // that rounding times Σg: one ulp of the mean times Σg, which put bfloat16's
+  // grad_weight at 5x nn's error and left the dx of a dy constant over a channel
+  // (a loss of y.sum()) nonzero where nn's is 0. Non-finite sums are kept as
+  // they are, so inf and NaN propagate as nn's do.
+  double centered_sum_dy_xmu(int64_t count) const {
+    const double grad_mean = sum_dy / static_cast<double>(count);
+    if (!std::isfinite(grad_mean) || !std::isfinite(sum_xmu)) return sum_dy_xmu;
+    return sum_dy_xmu - grad_mean * sum_xmu;
   }
 };
+
+// A block's Σg·(x − mean) when its g is one value G throughout: G·Σ(x − mean),
+// in double. The lanes' rounded sum of G·(x − mean) differs from that by a few
+// ulps, and centered_sum_dy_xmu (Σg·(x − mean) − mean(g)·Σ(x − mean)) would
+// turn the difference into a nonzero dx where nn's and the true one are 0: a
+// loss of y.sum() or y.mean() gives such a dy. A per-lane flag of g != G
+// (bitwise OR of compare masks) tells the blocks apart.
+template <typename scalar_t>
+inline double block_sum_dy_xmu(bool g_constant, const scalar_t* first_dy, double lanes_sum, double sum_xmu) {
+  // + 0.0: an all-zero g sums to +0 in the lanes, and so it does here.
+  return g_constant ? static_cast<double>(static_cast<acc_t<scalar_t>>(*first_dy)) * sum_xmu + 0.0 : lanes_sum;
+}
+
+// True where no lane of the OR-ed g != G compare masks is set.
+template <typename V>
+inline bool no_lane_set(const V& flags) {
+  return flags.zero_mask() == (1 << V::size()) - 1;
+}
 
 // Channels per NHWC tile: two pairs, so a tile's per-channel coefficients and
 // accumulators fit the vector registers (4 vectors each).
@@ -324,11 +421,11 @@ constexpr int64_t padded_channels(int64_t C) {
 // initialize what they read. Each use site has its own slot, so buffers live
 // at the same time never alias.
 enum class ScratchSlot {
-  kCoefMean, kCoefScale, kCoefXCoef, kCoefShift,
+  kCoefMean, kCoefScale, kCoefProjection, kCoefShift,
   kBlockMean, kBlockM2, kMean, kM2,
-  kBlockShift, kBlockSum1, kBlockSum2,
-  kBlockSumDy, kBlockSumDyXmu, kSumDy, kSumDyXmu,
-  kRunMean, kRunScale, kRunXCoef, kRunShift,
+  kBlockShift, kBlockSum1, kBlockSum2, kBlockSum3, kBlockFlags, kBlockFlagLanes,
+  kBlockSumDy, kBlockSumDyXmu, kBlockSumXmu, kSumDy, kSumDyXmu, kSumXmu,
+  kRunMean, kRunScale, kRunProjection, kRunShift,
   kCoefForwardShift, kRunForwardShift,
 };
 
@@ -349,7 +446,12 @@ inline T* thread_scratch_filled(int64_t n, T value) {
 // Per-channel coefficients of the element passes, in the accumulation type,
 // zero-padded to whole NHWC tiles so tile loads of them never need a mask:
 //   forward : y  = (x − mean) · scale + shift
-//   backward: dx = dy · scale + (x − mean) · x_coef + shift
+//   backward: dx = (g − shift − (x − mean) · projection) · scale, with shift the
+//             mean of g and projection Σg·(x − mean) / (n · var): nn's factored
+//             form. Expanded into dy · a + (x − mean) · b + c, a gradient that is
+//             pure cancellation (dy constant over a channel, or two values per
+//             channel) kept the roundings of a and c at the scale of dy and
+//             came out at up to 3x nn's error (tests/test_properties.py).
 // The forward's mean is the double mean rounded to Acc; the rounding error times
 // scale is folded into shift, so the output keeps the double mean's accuracy.
 // Forwards with a ReLU instead take their coefficients from the statistics as
@@ -358,12 +460,12 @@ inline T* thread_scratch_filled(int64_t n, T value) {
 template <typename scalar_t>
 struct ChannelCoefs {
   using Acc = acc_t<scalar_t>;
-  Acc *mean, *scale, *x_coef, *shift, *forward_shift;
+  Acc *mean, *scale, *projection, *shift, *forward_shift;
   explicit ChannelCoefs(int64_t channels) {
     const int64_t padded = padded_channels<scalar_t>(channels);
     mean = thread_scratch_filled<Acc, ScratchSlot::kCoefMean>(padded, Acc(0));
     scale = thread_scratch_filled<Acc, ScratchSlot::kCoefScale>(padded, Acc(0));
-    x_coef = thread_scratch_filled<Acc, ScratchSlot::kCoefXCoef>(padded, Acc(0));
+    projection = thread_scratch_filled<Acc, ScratchSlot::kCoefProjection>(padded, Acc(0));
     shift = thread_scratch_filled<Acc, ScratchSlot::kCoefShift>(padded, Acc(0));
     forward_shift = thread_scratch_filled<Acc, ScratchSlot::kCoefForwardShift>(padded, Acc(0));
   }
@@ -594,25 +696,36 @@ Moments nchw_block_moments(const scalar_t* x_channel, const PlaneWalk<scalar_t>&
   const TailMask<scalar_t> tail((hw_end - hw_begin) % IO::kWidth);
   LaneSum<Acc> sum, sum_sq;
   typename LaneSum<Acc>::Totals sum_total, sum_sq_total;
+  WideSum wide_sum;
   int64_t steps = 0;
   nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, walk, {x_channel},
                       [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
     auto [lo, hi] = whole ? IO::load(x_channel + at) : IO::load(x_channel + at, n);
+    if constexpr (kSumInDouble<scalar_t>) {
+      // Lanes past a tail hold the next plane's values.
+      if (n != IO::kWidth) {
+        const auto [tail_lo, tail_hi] = tail.apply(lo, hi);
+        wide_sum.add(tail_lo, tail_hi);
+      } else {
+        wide_sum.add(lo, hi);
+      }
+    }
     lo = lo - shift_vec;
     hi = hi - shift_vec;
     if (n != IO::kWidth) std::tie(lo, hi) = tail.apply(lo, hi);
-    sum.add(lo, hi);
+    if constexpr (!kSumInDouble<scalar_t>) sum.add(lo, hi);
     sum_sq.add_product(lo, lo, hi, hi);
     if (++steps == kRowsPerFold) {
-      sum.fold(sum_total);
+      if constexpr (!kSumInDouble<scalar_t>) sum.fold(sum_total);
       sum_sq.fold(sum_sq_total);
       steps = 0;
     }
   });
   sum.fold(sum_total);
   sum_sq.fold(sum_sq_total);
-  return Moments::from_shifted_sums((n_end - n_begin) * (hw_end - hw_begin), shift, sum_total.sum(),
-                                    sum_sq_total.sum());
+  return Moments::from_sums<scalar_t>((n_end - n_begin) * (hw_end - hw_begin), shift,
+                                      kSumInDouble<scalar_t> ? wide_sum.total() : sum_total.sum(),
+                                      sum_sq_total.sum());
 }
 
 // One channel's inputs to a GradMask, as the NCHW passes see them (pointers
@@ -659,8 +772,13 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
   using AccVec = Vectorized<Acc>;
   const AccVec mean_vec(mean);
   const TailMask<scalar_t> tail((hw_end - hw_begin) % IO::kWidth);
-  LaneSum<Acc> sum_dy, sum_dy_xmu;
-  typename LaneSum<Acc>::Totals sum_dy_total, sum_dy_xmu_total;
+  if (n_end <= n_begin || hw_end <= hw_begin) return {};
+  const scalar_t* first_dy = dy_channel + n_begin * walk.plane_stride + hw_begin;
+  const AccVec first_dy_vec(static_cast<Acc>(*first_dy));
+  AccVec differs(Acc(0));
+  LaneSum<Acc> sum_dy, sum_dy_xmu, sum_xmu;
+  typename LaneSum<Acc>::Totals sum_dy_total, sum_dy_xmu_total, sum_xmu_total;
+  WideSum wide_sum_dy;
   int64_t steps = 0;
   auto step = [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
     const auto x_pair = whole ? IO::load(x_channel + at) : IO::load(x_channel + at, n);
@@ -674,11 +792,23 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
       std::tie(xm_lo, xm_hi) = tail.apply(xm_lo, xm_hi);
       std::tie(g_lo, g_hi) = tail.apply(g_lo, g_hi);
     }
-    sum_dy.add(g_lo, g_hi);
+    if constexpr (kSumInDouble<scalar_t>) {
+      wide_sum_dy.add(g_lo, g_hi);
+    } else {
+      sum_dy.add(g_lo, g_hi);
+    }
     sum_dy_xmu.add_product(g_lo, xm_lo, g_hi, xm_hi);
+    sum_xmu.add(xm_lo, xm_hi);
+    if (n != IO::kWidth) {
+      const auto [d_lo, d_hi] = tail.apply(g_lo != first_dy_vec, g_hi != first_dy_vec);
+      differs = differs | d_lo | d_hi;
+    } else {
+      differs = differs | (g_lo != first_dy_vec) | (g_hi != first_dy_vec);
+    }
     if (++steps == kRowsPerFold) {
-      sum_dy.fold(sum_dy_total);
+      if constexpr (!kSumInDouble<scalar_t>) sum_dy.fold(sum_dy_total);
       sum_dy_xmu.fold(sum_dy_xmu_total);
+      sum_xmu.fold(sum_xmu_total);
       steps = 0;
     }
   };
@@ -689,7 +819,10 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
   }
   sum_dy.fold(sum_dy_total);
   sum_dy_xmu.fold(sum_dy_xmu_total);
-  return {sum_dy_total.sum(), sum_dy_xmu_total.sum()};
+  sum_xmu.fold(sum_xmu_total);
+  const double xmu = sum_xmu_total.sum();
+  return {kSumInDouble<scalar_t> ? wide_sum_dy.total() : sum_dy_total.sum(),
+          block_sum_dy_xmu(no_lane_set(differs), first_dy, sum_dy_xmu_total.sum(), xmu), xmu};
 }
 
 // The element passes over a contiguous run of one channel (NCHW) are plain
@@ -781,20 +914,20 @@ void scale_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
   }
 }
 
-// Training's dx = g · scale + (x − mean) · x_coef + shift
+// Training's dx = (g − shift − (x − mean) · projection) · scale (see ChannelCoefs)
 template <typename scalar_t, GradMask kMask>
 void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
-                    int64_t readable, acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> x_coef,
+                    int64_t readable, acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> projection,
                     acc_t<scalar_t> shift, acc_t<scalar_t> forward_shift, bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
   using Pair = typename IO::Pair;
-  const AccVec mv(mean), sc(scale), xc(x_coef), sh(shift), fs(forward_shift);
+  const AccVec mv(mean), sc(scale), pr(projection), sh(shift), fs(forward_shift);
   auto compute = [&](const Pair& v, const Pair& dy_pair) -> Pair {
     Pair g = dy_pair;
     if constexpr (kMask == GradMask::kReluOfInput) g = relu_of_input<scalar_t>(v, dy_pair, mv, sc, fs);
-    return {at::vec::fmadd(g.first, sc, at::vec::fmadd(v.first - mv, xc, sh)),
-            at::vec::fmadd(g.second, sc, at::vec::fmadd(v.second - mv, xc, sh))};
+    return {at::vec::fnmadd(v.first - mv, pr, g.first - sh) * sc,
+            at::vec::fnmadd(v.second - mv, pr, g.second - sh) * sc};
   };
   FUSED_BN_RUN_LOOP(dx, len, readable, len, stream, compute(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(dy + i)));
 }
@@ -839,19 +972,19 @@ struct ChannelBlocking {
 template <typename scalar_t>
 struct RunCoefs {
   using Acc = acc_t<scalar_t>;
-  Acc *mean, *scale, *x_coef, *shift, *forward_shift;
+  Acc *mean, *scale, *projection, *shift, *forward_shift;
   RunCoefs(const ChannelCoefs<scalar_t>& k, int64_t c0, int64_t c1, int64_t HW) {
     const int64_t padded = padded_channels<scalar_t>((c1 - c0) * HW);
     mean = thread_scratch_filled<Acc, ScratchSlot::kRunMean>(padded, Acc(0));
     scale = thread_scratch_filled<Acc, ScratchSlot::kRunScale>(padded, Acc(0));
-    x_coef = thread_scratch_filled<Acc, ScratchSlot::kRunXCoef>(padded, Acc(0));
+    projection = thread_scratch_filled<Acc, ScratchSlot::kRunProjection>(padded, Acc(0));
     shift = thread_scratch_filled<Acc, ScratchSlot::kRunShift>(padded, Acc(0));
     forward_shift = thread_scratch_filled<Acc, ScratchSlot::kRunForwardShift>(padded, Acc(0));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t first = (c - c0) * HW;
       std::fill(mean + first, mean + first + HW, k.mean[c]);
       std::fill(scale + first, scale + first + HW, k.scale[c]);
-      std::fill(x_coef + first, x_coef + first + HW, k.x_coef[c]);
+      std::fill(projection + first, projection + first + HW, k.projection[c]);
       std::fill(shift + first, shift + first + HW, k.shift[c]);
       std::fill(forward_shift + first, forward_shift + first + HW, k.forward_shift[c]);
     }
@@ -953,32 +1086,50 @@ __attribute__((always_inline)) inline void short_plane_moment_sums(
   using AccVec = typename IO::AccVec;
   const AccVec shift_vec(shift);
   AccVec s_lo(0), s_hi(0), q_lo(0), q_hi(0);
+  WideSum wide_sum;
   plane.walk(offset, [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
     return whole ? IO::load(x + at) : IO::load(x + at, n);
   }, [&](typename IO::Pair v, bool tail) __attribute__((always_inline)) {
+    if constexpr (kSumInDouble<scalar_t>) {
+      if (tail) {
+        const auto [tail_lo, tail_hi] = plane.tail.apply(v.first, v.second);
+        wide_sum.add(tail_lo, tail_hi);
+      } else {
+        wide_sum.add(v.first, v.second);
+      }
+    }
     v.first = v.first - shift_vec;
     v.second = v.second - shift_vec;
     if (tail) v = plane.tail.apply(v.first, v.second);
-    s_lo = s_lo + v.first;
-    s_hi = s_hi + v.second;
+    if constexpr (!kSumInDouble<scalar_t>) {
+      s_lo = s_lo + v.first;
+      s_hi = s_hi + v.second;
+    }
     q_lo = at::vec::fmadd(v.first, v.first, q_lo);
     q_hi = at::vec::fmadd(v.second, v.second, q_hi);
   });
-  ShortPlane<scalar_t>::add_lanes(s_lo, s_hi, sum);
+  if constexpr (kSumInDouble<scalar_t>) {
+    wide_sum.add_to(sum);
+  } else {
+    ShortPlane<scalar_t>::add_lanes(s_lo, s_hi, sum);
+  }
   ShortPlane<scalar_t>::add_lanes(q_lo, q_hi, sum_sq);
 }
 
-// Adds Σg and Σg·(x − mean) over the plane at `offset` into the channel's
-// partials (ShortPlane::add_lanes); the mask's pointers are the tensors' bases.
+// Adds Σg, Σ(g − shift)·(x − mean) and Σ(x − mean) over the plane at `offset`
+// into the channel's partials (ShortPlane::add_lanes); the mask's pointers are
+// the tensors' bases.
 template <typename scalar_t, GradMask kMask>
 __attribute__((always_inline)) inline void short_plane_grad_sums(
     const scalar_t* x, const scalar_t* dy, int64_t offset, const ShortPlane<scalar_t>& plane,
-    acc_t<scalar_t> mean, const ChannelMask<scalar_t>& mask, double* sum_dy, double* sum_dy_xmu) {
+    acc_t<scalar_t> mean, acc_t<scalar_t> first_dy, const ChannelMask<scalar_t>& mask, double* sum_dy,
+    double* sum_dy_xmu, double* sum_xmu, unsigned char* g_differs) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
   using Pair = typename IO::Pair;
-  const AccVec mean_vec(mean);
-  AccVec g_lo(0), g_hi(0), p_lo(0), p_hi(0);
+  const AccVec mean_vec(mean), first_dy_vec(first_dy);
+  AccVec g_lo(0), g_hi(0), p_lo(0), p_hi(0), m_lo(0), m_hi(0), differs(0);
+  WideSum wide_sum_dy;
   plane.walk(offset, [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
     const Pair x_pair = whole ? IO::load(x + at) : IO::load(x + at, n);
     return std::pair<Pair, Pair>{
@@ -990,15 +1141,31 @@ __attribute__((always_inline)) inline void short_plane_grad_sums(
     // As in nchw_block_grad_sums: both factors masked, so nothing leaks in.
     if (tail) {
       xm = plane.tail.apply(xm.first, xm.second);
+      const auto [d_lo, d_hi] = plane.tail.apply(g.first != first_dy_vec, g.second != first_dy_vec);
+      differs = differs | d_lo | d_hi;
       g = plane.tail.apply(g.first, g.second);
+    } else {
+      differs = differs | (g.first != first_dy_vec) | (g.second != first_dy_vec);
     }
-    g_lo = g_lo + g.first;
-    g_hi = g_hi + g.second;
+    if constexpr (kSumInDouble<scalar_t>) {
+      wide_sum_dy.add(g.first, g.second);
+    } else {
+      g_lo = g_lo + g.first;
+      g_hi = g_hi + g.second;
+    }
     p_lo = at::vec::fmadd(g.first, xm.first, p_lo);
     p_hi = at::vec::fmadd(g.second, xm.second, p_hi);
+    m_lo = m_lo + xm.first;
+    m_hi = m_hi + xm.second;
   });
-  ShortPlane<scalar_t>::add_lanes(g_lo, g_hi, sum_dy);
+  if constexpr (kSumInDouble<scalar_t>) {
+    wide_sum_dy.add_to(sum_dy);
+  } else {
+    ShortPlane<scalar_t>::add_lanes(g_lo, g_hi, sum_dy);
+  }
   ShortPlane<scalar_t>::add_lanes(p_lo, p_hi, sum_dy_xmu);
+  ShortPlane<scalar_t>::add_lanes(m_lo, m_hi, sum_xmu);
+  if (!no_lane_set(differs)) *g_differs = 1;
 }
 
 // ---------------------------------------------------------------------------
@@ -1045,6 +1212,14 @@ struct Tile {
   static inline Tile coefs(const acc_t<scalar_t>* p) {
     constexpr int64_t W = AccVec::size();
     return {AccVec::loadu(p), AccVec::loadu(p + W), AccVec::loadu(p + 2 * W), AccVec::loadu(p + 3 * W)};
+  }
+  // The inverse of coefs.
+  inline void store_coefs(acc_t<scalar_t>* p) const {
+    constexpr int64_t W = AccVec::size();
+    v0.store(p);
+    v1.store(p + W);
+    v2.store(p + 2 * W);
+    v3.store(p + 3 * W);
   }
   inline void store(scalar_t* p, int64_t n, bool stream) const {
     if (n == kWidth) {
@@ -1143,18 +1318,29 @@ void nhwc_block_moments(const scalar_t* x, int64_t C, int64_t row_begin, int64_t
     // Lanes past n load as zero from both x and the padded shift: they add nothing.
     const T k = T::coefs(shift + c0);
     T sum = T::zero(), sum_sq = T::zero();
+    WideSum wide[2];
     for (int64_t r = r0; r < r1; ++r) {
-      const T d = T::zip([](auto x, auto kk) { return x - kk; }, T::load(x + r * C + c0, n), k);
-      sum = T::zip([](auto s_, auto d_) { return s_ + d_; }, sum, d);
+      const T tx = T::load(x + r * C + c0, n);
+      if constexpr (kSumInDouble<scalar_t>) {
+        wide[0].add(tx.v0, tx.v1);
+        wide[1].add(tx.v2, tx.v3);
+      }
+      const T d = T::zip([](auto x, auto kk) { return x - kk; }, tx, k);
+      if constexpr (!kSumInDouble<scalar_t>) sum = T::zip([](auto s_, auto d_) { return s_ + d_; }, sum, d);
       sum_sq = T::zip([](auto q, auto d_) { return at::vec::fmadd(d_, d_, q); }, sum_sq, d);
     }
-    sum.fold_into(total + c0);
+    if constexpr (kSumInDouble<scalar_t>) {
+      wide[0].add_lanes_to(total + c0);
+      wide[1].add_lanes_to(total + c0 + T::kWidth / 2);
+    } else {
+      sum.fold_into(total + c0);
+    }
     sum_sq.fold_into(total_sq + c0);
   });
-  const double n = static_cast<double>(row_end - row_begin);
   for (int64_t c = 0; c < C; ++c) {
-    mean_out[c] = static_cast<double>(shift[c]) + total[c] / n;
-    m2_out[c] = std::max(total_sq[c] - total[c] * total[c] / n, 0.0);
+    const Moments m = Moments::from_sums<scalar_t>(row_end - row_begin, shift[c], total[c], total_sq[c]);
+    mean_out[c] = m.mean;
+    m2_out[c] = m.m2;
   }
 }
 
@@ -1184,35 +1370,64 @@ inline void merge_row_blocks(const RowBlocking& rb, int64_t rows, int64_t C, con
   }
 }
 
-// Per-channel Σdy and Σdy·(x − mean) of rows [row_begin, row_end), as structure
-// of arrays (see merge_row_blocks); mean is padded to whole tiles.
+// Per-channel GradSums of rows [row_begin, row_end), as structure of arrays
+// (see merge_row_blocks); mean is padded to whole tiles.
 // (g of GradMask: kReluOfOutput reads `output` and writes g to `grad`, both
 // laid out as x.)
 template <typename scalar_t, GradMask kMask>
 void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
                           const ChannelCoefs<scalar_t>& k, const scalar_t* output, scalar_t* grad,
                           int64_t row_begin, int64_t row_end,
-                          double* sum_dy_out, double* sum_dy_xmu_out) {
+                          double* sum_dy_out, double* sum_dy_xmu_out, double* sum_xmu_out) {
+  using Acc = acc_t<scalar_t>;
   using T = Tile<scalar_t>;
   const int64_t padded = padded_channels<scalar_t>(C);
   double* sum_dy = thread_scratch_filled<double, ScratchSlot::kBlockSum1>(padded, 0.0);
   double* sum_dy_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum2>(padded, 0.0);
+  double* sum_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum3>(padded, 0.0);
+  // g != the block's first dy, OR-ed per column (see block_sum_dy_xmu).
+  Acc* first_dy = thread_scratch_filled<Acc, ScratchSlot::kBlockShift>(padded, Acc(0));
+  Acc* differs = thread_scratch_filled<Acc, ScratchSlot::kBlockFlagLanes>(padded, Acc(0));
+  for (int64_t c = 0; c < C; ++c) first_dy[c] = static_cast<Acc>(dy[row_begin * C + c]);
   rows_walk<scalar_t>(Rows{C, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
-    const T m = T::coefs(k.mean + c0);
-    T s_dy = T::zero(), s_dy_xmu = T::zero();
+    const T m = T::coefs(k.mean + c0), g0 = T::coefs(first_dy + c0);
+    T s_dy = T::zero(), s_dy_xmu = T::zero(), s_xmu = T::zero(), d = T::zero();
+    WideSum wide[2];
     for (int64_t r = r0; r < r1; ++r) {
       const T tx = T::load(x + r * C + c0, n);
       const T tg = masked_grad_tile<scalar_t, kMask>(k, c0, tx, T::load(dy + r * C + c0, n), m, output, grad,
                                                      r * C + c0, n);
-      s_dy = T::zip([](auto s_, auto g) { return s_ + g; }, s_dy, tg);
-      s_dy_xmu = T::zip([](auto s_, auto g, auto xx, auto mm) { return at::vec::fmadd(g, xx - mm, s_); },
-                        s_dy_xmu, tg, tx, m);
+      if constexpr (kSumInDouble<scalar_t>) {
+        wide[0].add(tg.v0, tg.v1);
+        wide[1].add(tg.v2, tg.v3);
+      } else {
+        s_dy = T::zip([](auto s_, auto g) { return s_ + g; }, s_dy, tg);
+      }
+      // Columns past n: x, mean, dy and first_dy all load as 0.
+      const T xm = T::zip([](auto xx, auto mm) { return xx - mm; }, tx, m);
+      s_dy_xmu = T::zip([](auto s_, auto g, auto u) { return at::vec::fmadd(g, u, s_); }, s_dy_xmu, tg, xm);
+      s_xmu = T::zip([](auto s_, auto u) { return s_ + u; }, s_xmu, xm);
+      d = T::zip([](auto f, auto g, auto h) { return f | (g != h); }, d, tg, g0);
     }
-    s_dy.fold_into(sum_dy + c0);
+    T::zip([](auto f, auto g) { return f | g; }, d, T::coefs(differs + c0)).store_coefs(differs + c0);
+    if constexpr (kSumInDouble<scalar_t>) {
+      wide[0].add_lanes_to(sum_dy + c0);
+      wide[1].add_lanes_to(sum_dy + c0 + T::kWidth / 2);
+    } else {
+      s_dy.fold_into(sum_dy + c0);
+    }
     s_dy_xmu.fold_into(sum_dy_xmu + c0);
+    s_xmu.fold_into(sum_xmu + c0);
   });
-  std::copy(sum_dy, sum_dy + C, sum_dy_out);
-  std::copy(sum_dy_xmu, sum_dy_xmu + C, sum_dy_xmu_out);
+  for (int64_t c = 0; c < C; ++c) {
+    Acc flag = differs[c];
+    unsigned char bits[sizeof(Acc)];
+    std::memcpy(bits, &flag, sizeof(Acc));
+    const bool g_constant = std::all_of(bits, bits + sizeof(Acc), [](unsigned char b) { return b == 0; });
+    sum_dy_out[c] = sum_dy[c];
+    sum_dy_xmu_out[c] = block_sum_dy_xmu(g_constant, dy + row_begin * C + c, sum_dy_xmu[c], sum_xmu[c]);
+    sum_xmu_out[c] = sum_xmu[c];
+  }
 }
 
 // y = epilogue((x − mean) · scale + shift) over rows [row_begin, row_end); k
@@ -1239,7 +1454,7 @@ void normalize_rows(const scalar_t* x, const scalar_t* residual, scalar_t* y, co
   });
 }
 
-// Training's dx = g · scale + (x − mean) · x_coef + shift, or eval's g · scale,
+// Training's dx = (g − shift − (x − mean) · projection) · scale (see ChannelCoefs), or eval's g · scale,
 // with g = dy under kMask (kNone or kReluOfInput).
 template <typename scalar_t, GradMask kMask, typename Coefs>
 void grad_input_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const Rows& rows,
@@ -1260,14 +1475,14 @@ void grad_input_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const 
       }
       return;
     }
-    const T xc = T::coefs(k.x_coef + c0), sh = T::coefs(k.shift + c0);
+    const T pr = T::coefs(k.projection + c0), sh = T::coefs(k.shift + c0);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t at = r * rows.stride + c0;
       const T tx = T::load(x + at, n);
-      T::zip([](auto g, auto s_, auto xx, auto mm, auto c, auto h) {
-               return at::vec::fmadd(g, s_, at::vec::fmadd(xx - mm, c, h));
+      T::zip([](auto g, auto s_, auto xx, auto mm, auto p_, auto h) {
+               return at::vec::fnmadd(xx - mm, p_, g - h) * s_;
              },
-             grad(at, tx), sc, tx, m, xc, sh)
+             grad(at, tx), sc, tx, m, pr, sh)
           .store(dx + at, n, stream);
     }
   });
@@ -1325,8 +1540,8 @@ void channel_block_moments(const scalar_t* x, const Geometry& g, int64_t c0, int
     short_plane_moment_sums(x, (n * C + c) * HW, plane, shift[c - c0], sum + (c - c0) * P, sum_sq + (c - c0) * P);
   });
   for (int64_t c = c0; c < c1; ++c) {
-    on_channel(c, Moments::from_shifted_sums(N * HW, shift[c - c0], ShortPlane<scalar_t>::total(sum + (c - c0) * P),
-                                             ShortPlane<scalar_t>::total(sum_sq + (c - c0) * P)));
+    on_channel(c, Moments::from_sums<scalar_t>(N * HW, shift[c - c0], ShortPlane<scalar_t>::total(sum + (c - c0) * P),
+                                               ShortPlane<scalar_t>::total(sum_sq + (c - c0) * P)));
   }
 }
 
@@ -1627,21 +1842,23 @@ inline acc_t<scalar_t> backward_scale(const param_t* weight, const acc_t<scalar_
 // Backward coefficients of channel c from its sums (see ChannelCoefs); k.mean
 // is already set.
 template <typename scalar_t, typename param_t>
-void finalize_channel_grads(int64_t c, const GradSums& s, int64_t count, bool training,
+void finalize_channel_grads(int64_t c, const GradSums& s, int64_t count, bool training, bool centered,
                             const param_t* weight, const acc_t<scalar_t>* invstd,
                             const BackwardOutputs<scalar_t, param_t>& out, ChannelCoefs<scalar_t>& k) {
   using Acc = acc_t<scalar_t>;
   const double istd = static_cast<double>(invstd[c]);
-  const double w = param_or(weight, c, 1.0);
-  if (out.grad_weight) out.grad_weight[c] = static_cast<param_t>(s.sum_dy_xmu * istd);
+  // Σg·(x − x̄) needs every value's sums: a rank's own share (SumsExchange's
+  // local) takes its sums about the saved mean, as ranks add up those shares.
+  const double sum_dy_xmu = training && centered && count > 0 ? s.centered_sum_dy_xmu(count) : s.sum_dy_xmu;
+  if (out.grad_weight) out.grad_weight[c] = static_cast<param_t>(sum_dy_xmu * istd);
   if (out.grad_bias) out.grad_bias[c] = static_cast<param_t>(s.sum_dy);
   k.scale[c] = backward_scale<scalar_t>(weight, invstd, c);
   if (training && count > 0) {
     const double n = static_cast<double>(count);
-    k.x_coef[c] = static_cast<Acc>(-w * istd * istd * istd * s.sum_dy_xmu / n);
-    k.shift[c] = static_cast<Acc>(-w * istd * s.sum_dy / n);
+    k.projection[c] = static_cast<Acc>(istd * istd * sum_dy_xmu / n);
+    k.shift[c] = static_cast<Acc>(s.sum_dy / n);
   } else {
-    k.x_coef[c] = Acc(0);
+    k.projection[c] = Acc(0);
     k.shift[c] = Acc(0);
   }
 }
@@ -1657,7 +1874,7 @@ struct SumsExchange {
   const GradSums* global = nullptr;
   int64_t global_count = 0;
 };
-static_assert(sizeof(GradSums) == 2 * sizeof(double), "GradSums is exchanged as two doubles per channel");
+static_assert(sizeof(GradSums) == 3 * sizeof(double), "GradSums is exchanged as three doubles per channel");
 
 // Gradients of batch_norm (kNone), of relu(batch_norm) (kReluOfInput: bias is
 // the forward's, for its shift) and of relu(batch_norm + residual)
@@ -1701,28 +1918,35 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     const RowBlocking rb(rows, C);
     // Block partials as structure of arrays, summed in block order with a loop
     // over channels that vectorizes.
-    double* block_sum_dy = thread_scratch<double, ScratchSlot::kBlockSumDy>(need_sums ? rb.blocks * C : 0);
-    double* block_sum_dy_xmu = thread_scratch<double, ScratchSlot::kBlockSumDyXmu>(need_sums ? rb.blocks * C : 0);
+    const int64_t block_sums_size = need_sums ? rb.blocks * C : 0;
+    double* block_sum_dy = thread_scratch<double, ScratchSlot::kBlockSumDy>(block_sums_size);
+    double* block_sum_dy_xmu = thread_scratch<double, ScratchSlot::kBlockSumDyXmu>(block_sums_size);
+    double* block_sum_xmu = thread_scratch<double, ScratchSlot::kBlockSumXmu>(block_sums_size);
     if (need_sums) {
       parallel_over(rb.blocks, [&](int64_t b) {
         nhwc_block_grad_sums<scalar_t, kMask>(x, dy, C, k, output, out.grad_residual, rb.begin(b),
-                                              rb.end(b, rows), block_sum_dy + b * C, block_sum_dy_xmu + b * C);
+                                              rb.end(b, rows), block_sum_dy + b * C, block_sum_dy_xmu + b * C,
+                                              block_sum_xmu + b * C);
       });
     }
     at::parallel_for(0, C, kMergeGrain, [&](int64_t c_begin, int64_t c_end) {
       double* sum_dy = thread_scratch_filled<double, ScratchSlot::kSumDy>(c_end - c_begin, 0.0);
       double* sum_dy_xmu = thread_scratch_filled<double, ScratchSlot::kSumDyXmu>(c_end - c_begin, 0.0);
+      double* sum_xmu = thread_scratch_filled<double, ScratchSlot::kSumXmu>(c_end - c_begin, 0.0);
       for (int64_t b = 0; need_sums && b < rb.blocks; ++b) {
         const double* bs = block_sum_dy + b * C + c_begin;
         const double* bsx = block_sum_dy_xmu + b * C + c_begin;
+        const double* bx = block_sum_xmu + b * C + c_begin;
         for (int64_t i = 0; i < c_end - c_begin; ++i) {
           sum_dy[i] += bs[i];
           sum_dy_xmu[i] += bsx[i];
+          sum_xmu[i] += bx[i];
         }
       }
       for (int64_t c = c_begin; c < c_end; ++c) {
-        finalize_channel_grads<scalar_t>(c, exchanged(c, GradSums{sum_dy[c - c_begin], sum_dy_xmu[c - c_begin]}),
-                                         count, training, weight, invstd, out, k);
+        const int64_t i = c - c_begin;
+        finalize_channel_grads<scalar_t>(c, exchanged(c, GradSums{sum_dy[i], sum_dy_xmu[i], sum_xmu[i]}),
+                                         count, training, !exchange.local, weight, invstd, out, k);
       }
     });
     if (out.grad_input) {
@@ -1761,7 +1985,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     const int64_t offset = n * C * HW + c * HW;
     if (training) {
       grad_input_run<scalar_t, kDxMask>(x + offset, dx_grad + offset, out.grad_input + offset, HW,
-                                        g.numel() - offset, k.mean[c], k.scale[c], k.x_coef[c], k.shift[c],
+                                        g.numel() - offset, k.mean[c], k.scale[c], k.projection[c], k.shift[c],
                                         k.forward_shift[c], stream);
     } else {
       scale_run<scalar_t, kDxMask>(x + offset, dx_grad + offset, out.grad_input + offset, HW, g.numel() - offset,
@@ -1777,6 +2001,8 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
       constexpr int64_t P = ShortPlane<scalar_t>::kPartials;
       double* sum_dy = thread_scratch_filled<double, ScratchSlot::kBlockSum1>((c1 - c0) * P, 0.0);
       double* sum_dy_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum2>((c1 - c0) * P, 0.0);
+      double* sum_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum3>((c1 - c0) * P, 0.0);
+      unsigned char* g_differs = thread_scratch_filled<unsigned char, ScratchSlot::kBlockFlags>(c1 - c0, 0);
       if (need_sums) {
         for_block_planes(g, c0, c1, [&](int64_t c, int64_t n) {
           if (n + 1 < N) {
@@ -1784,14 +2010,19 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
             plane.prefetch(dy + ((n + 1) * C + c) * HW);
             if constexpr (kMask == GradMask::kReluOfOutput) plane.prefetch(output + ((n + 1) * C + c) * HW);
           }
-          short_plane_grad_sums<scalar_t, kMask>(x, dy, (n * C + c) * HW, plane, mean[c], channel_mask(c, 0),
-                                                 sum_dy + (c - c0) * P, sum_dy_xmu + (c - c0) * P);
+          short_plane_grad_sums<scalar_t, kMask>(x, dy, (n * C + c) * HW, plane, mean[c],
+                                                 static_cast<Acc>(dy[c * HW]), channel_mask(c, 0),
+                                                 sum_dy + (c - c0) * P, sum_dy_xmu + (c - c0) * P,
+                                                 sum_xmu + (c - c0) * P, g_differs + (c - c0));
         });
       }
       for (int64_t c = c0; c < c1; ++c) {
+        const double xmu = ShortPlane<scalar_t>::total(sum_xmu + (c - c0) * P);
         const GradSums sums{ShortPlane<scalar_t>::total(sum_dy + (c - c0) * P),
-                            ShortPlane<scalar_t>::total(sum_dy_xmu + (c - c0) * P)};
-        finalize_channel_grads<scalar_t>(c, exchanged(c, sums), count, training, weight, invstd, out, k);
+                            block_sum_dy_xmu(!g_differs[c - c0], dy + c * HW,
+                                             ShortPlane<scalar_t>::total(sum_dy_xmu + (c - c0) * P), xmu),
+                            xmu};
+        finalize_channel_grads<scalar_t>(c, exchanged(c, sums), count, training, !exchange.local, weight, invstd, out, k);
       }
       if (!out.grad_input) return;
       if constexpr (kPlanesOneByOne<scalar_t>) {
@@ -1808,7 +2039,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     parallel_over(C, [&](int64_t c) {
       GradSums s;
       for (int64_t b = 0; need_sums && b < pb.blocks; ++b) s.add(block_sums(c, b));
-      finalize_channel_grads<scalar_t>(c, exchanged(c, s), count, training, weight, invstd, out, k);
+      finalize_channel_grads<scalar_t>(c, exchanged(c, s), count, training, !exchange.local, weight, invstd, out, k);
       for (int64_t n = 0; out.grad_input && n < N; ++n) grad_input_plane(c, n);
     });
     return;
@@ -1820,7 +2051,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
   for (int64_t c = 0; c < C; ++c) {
     GradSums s;
     for (int64_t b = 0; need_sums && b < pb.blocks; ++b) s.add(partial[c * pb.blocks + b]);
-    finalize_channel_grads<scalar_t>(c, exchanged(c, s), count, training, weight, invstd, out, k);
+    finalize_channel_grads<scalar_t>(c, exchanged(c, s), count, training, !exchange.local, weight, invstd, out, k);
   }
   if (out.grad_input) {
     parallel_over(C * N, [&](int64_t i) { grad_input_plane(i / N, i % N); });

@@ -100,9 +100,6 @@ PreparedInput prepare(const Tensor& input) {
   return {x, format, g};
 }
 
-Tensor empty_like_input(const PreparedInput& in) {
-  return at::empty(in.tensor.sizes(), in.tensor.options().memory_format(in.format));
-}
 
 Tensor allocate_workspace(size_t bytes, const Tensor& input) {
   // The caching allocator's blocks are at least 512-byte aligned.
@@ -179,7 +176,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor rm = as_tensor_or_undefined(running_mean), rv = as_tensor_or_undefined(running_var);
   const Tensor counter = as_tensor_or_undefined(num_batches_tracked);
-  Tensor output = empty_like_input(in);
+  Tensor output = empty_output(input, in.format);
   const auto stats_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
   Tensor save_mean = at::empty({in.geometry.channels}, stats_options);
   Tensor save_invstd = at::empty({in.geometry.channels}, stats_options);
@@ -234,7 +231,7 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const optional<Tensor>& weight,
   const c10::cuda::CUDAGuard device_guard(input.device());
 
   PreparedInput in = prepare(input);
-  Tensor output = empty_like_input(in);
+  Tensor output = empty_output(input, in.format);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor mean = running_mean.contiguous(), var = running_var.contiguous();
   const EvalForwardTensors tensors{in, w, b, mean, var, eps, output};
@@ -314,7 +311,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   const Tensor w = dense_or_undefined(weight);
   const int64_t channels = in.geometry.channels;
   const auto param_options = input.options().dtype(is_defined(weight) ? weight->scalar_type() : acc_dtype);
-  Tensor grad_input = output_mask[0] ? empty_like_input(in) : at::empty({0}, input.options());
+  Tensor grad_input = output_mask[0] ? empty_output(grad_output, in.format) : at::empty({0}, input.options());
   Tensor grad_weight = at::empty({output_mask[1] ? channels : 0}, param_options);
   Tensor grad_bias = at::empty({output_mask[2] ? channels : 0}, param_options);
 
