@@ -384,16 +384,20 @@ struct GradSums {
   }
 };
 
-// A block's Σg·(x − mean) when its g is one value G throughout: G·Σ(x − mean),
-// in double. The lanes' rounded sum of G·(x − mean) differs from that by a few
-// ulps, and centered_sum_dy_xmu (Σg·(x − mean) − mean(g)·Σ(x − mean)) would
-// turn the difference into a nonzero dx where nn's and the true one are 0: a
-// loss of y.sum() or y.mean() gives such a dy. A per-lane flag of g != G
-// (bitwise OR of compare masks) tells the blocks apart.
+// A block's sums from its lanes' sums, except where its g is one value G
+// throughout: then Σg = G·count and Σg·(x − mean) = G·Σ(x − mean), in double.
+// The lanes round G·count and G·(x − mean) a few ulps away from those, and
+// g − Σg/count and centered_sum_dy_xmu would turn the difference into a
+// nonzero dx where nn's and the true one are 0: a loss of y.sum() or y.mean()
+// gives such a dy. A per-lane flag of g != G (bitwise OR of compare masks)
+// tells the blocks apart.
 template <typename scalar_t>
-inline double block_sum_dy_xmu(bool g_constant, const scalar_t* first_dy, double lanes_sum, double sum_xmu) {
+inline GradSums block_grad_sums(bool g_constant, const scalar_t* first_dy, int64_t count, double lanes_sum_dy,
+                                double lanes_sum_dy_xmu, double sum_xmu) {
+  if (!g_constant) return {lanes_sum_dy, lanes_sum_dy_xmu, sum_xmu};
+  const double g = static_cast<double>(static_cast<acc_t<scalar_t>>(*first_dy));
   // + 0.0: an all-zero g sums to +0 in the lanes, and so it does here.
-  return g_constant ? static_cast<double>(static_cast<acc_t<scalar_t>>(*first_dy)) * sum_xmu + 0.0 : lanes_sum;
+  return {g * static_cast<double>(count) + 0.0, g * sum_xmu + 0.0, sum_xmu};
 }
 
 // True where no lane of the OR-ed g != G compare masks is set.
@@ -778,7 +782,6 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
   AccVec differs(Acc(0));
   LaneSum<Acc> sum_dy, sum_dy_xmu, sum_xmu;
   typename LaneSum<Acc>::Totals sum_dy_total, sum_dy_xmu_total, sum_xmu_total;
-  WideSum wide_sum_dy;
   int64_t steps = 0;
   auto step = [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
     const auto x_pair = whole ? IO::load(x_channel + at) : IO::load(x_channel + at, n);
@@ -792,11 +795,7 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
       std::tie(xm_lo, xm_hi) = tail.apply(xm_lo, xm_hi);
       std::tie(g_lo, g_hi) = tail.apply(g_lo, g_hi);
     }
-    if constexpr (kSumInDouble<scalar_t>) {
-      wide_sum_dy.add(g_lo, g_hi);
-    } else {
-      sum_dy.add(g_lo, g_hi);
-    }
+    sum_dy.add(g_lo, g_hi);
     sum_dy_xmu.add_product(g_lo, xm_lo, g_hi, xm_hi);
     sum_xmu.add(xm_lo, xm_hi);
     if (n != IO::kWidth) {
@@ -806,7 +805,7 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
       differs = differs | (g_lo != first_dy_vec) | (g_hi != first_dy_vec);
     }
     if (++steps == kRowsPerFold) {
-      if constexpr (!kSumInDouble<scalar_t>) sum_dy.fold(sum_dy_total);
+      sum_dy.fold(sum_dy_total);
       sum_dy_xmu.fold(sum_dy_xmu_total);
       sum_xmu.fold(sum_xmu_total);
       steps = 0;
@@ -820,9 +819,8 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
   sum_dy.fold(sum_dy_total);
   sum_dy_xmu.fold(sum_dy_xmu_total);
   sum_xmu.fold(sum_xmu_total);
-  const double xmu = sum_xmu_total.sum();
-  return {kSumInDouble<scalar_t> ? wide_sum_dy.total() : sum_dy_total.sum(),
-          block_sum_dy_xmu(no_lane_set(differs), first_dy, sum_dy_xmu_total.sum(), xmu), xmu};
+  return block_grad_sums(no_lane_set(differs), first_dy, (n_end - n_begin) * (hw_end - hw_begin),
+                         sum_dy_total.sum(), sum_dy_xmu_total.sum(), sum_xmu_total.sum());
 }
 
 // The element passes over a contiguous run of one channel (NCHW) are plain
@@ -1129,7 +1127,6 @@ __attribute__((always_inline)) inline void short_plane_grad_sums(
   using Pair = typename IO::Pair;
   const AccVec mean_vec(mean), first_dy_vec(first_dy);
   AccVec g_lo(0), g_hi(0), p_lo(0), p_hi(0), m_lo(0), m_hi(0), differs(0);
-  WideSum wide_sum_dy;
   plane.walk(offset, [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
     const Pair x_pair = whole ? IO::load(x + at) : IO::load(x + at, n);
     return std::pair<Pair, Pair>{
@@ -1147,22 +1144,14 @@ __attribute__((always_inline)) inline void short_plane_grad_sums(
     } else {
       differs = differs | (g.first != first_dy_vec) | (g.second != first_dy_vec);
     }
-    if constexpr (kSumInDouble<scalar_t>) {
-      wide_sum_dy.add(g.first, g.second);
-    } else {
-      g_lo = g_lo + g.first;
-      g_hi = g_hi + g.second;
-    }
+    g_lo = g_lo + g.first;
+    g_hi = g_hi + g.second;
     p_lo = at::vec::fmadd(g.first, xm.first, p_lo);
     p_hi = at::vec::fmadd(g.second, xm.second, p_hi);
     m_lo = m_lo + xm.first;
     m_hi = m_hi + xm.second;
   });
-  if constexpr (kSumInDouble<scalar_t>) {
-    wide_sum_dy.add_to(sum_dy);
-  } else {
-    ShortPlane<scalar_t>::add_lanes(g_lo, g_hi, sum_dy);
-  }
+  ShortPlane<scalar_t>::add_lanes(g_lo, g_hi, sum_dy);
   ShortPlane<scalar_t>::add_lanes(p_lo, p_hi, sum_dy_xmu);
   ShortPlane<scalar_t>::add_lanes(m_lo, m_hi, sum_xmu);
   if (!no_lane_set(differs)) *g_differs = 1;
@@ -1392,17 +1381,11 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
   rows_walk<scalar_t>(Rows{C, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
     const T m = T::coefs(k.mean + c0), g0 = T::coefs(first_dy + c0);
     T s_dy = T::zero(), s_dy_xmu = T::zero(), s_xmu = T::zero(), d = T::zero();
-    WideSum wide[2];
     for (int64_t r = r0; r < r1; ++r) {
       const T tx = T::load(x + r * C + c0, n);
       const T tg = masked_grad_tile<scalar_t, kMask>(k, c0, tx, T::load(dy + r * C + c0, n), m, output, grad,
                                                      r * C + c0, n);
-      if constexpr (kSumInDouble<scalar_t>) {
-        wide[0].add(tg.v0, tg.v1);
-        wide[1].add(tg.v2, tg.v3);
-      } else {
-        s_dy = T::zip([](auto s_, auto g) { return s_ + g; }, s_dy, tg);
-      }
+      s_dy = T::zip([](auto s_, auto g) { return s_ + g; }, s_dy, tg);
       // Columns past n: x, mean, dy and first_dy all load as 0.
       const T xm = T::zip([](auto xx, auto mm) { return xx - mm; }, tx, m);
       s_dy_xmu = T::zip([](auto s_, auto g, auto u) { return at::vec::fmadd(g, u, s_); }, s_dy_xmu, tg, xm);
@@ -1410,12 +1393,7 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
       d = T::zip([](auto f, auto g, auto h) { return f | (g != h); }, d, tg, g0);
     }
     T::zip([](auto f, auto g) { return f | g; }, d, T::coefs(differs + c0)).store_coefs(differs + c0);
-    if constexpr (kSumInDouble<scalar_t>) {
-      wide[0].add_lanes_to(sum_dy + c0);
-      wide[1].add_lanes_to(sum_dy + c0 + T::kWidth / 2);
-    } else {
-      s_dy.fold_into(sum_dy + c0);
-    }
+    s_dy.fold_into(sum_dy + c0);
     s_dy_xmu.fold_into(sum_dy_xmu + c0);
     s_xmu.fold_into(sum_xmu + c0);
   });
@@ -1424,9 +1402,11 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
     unsigned char bits[sizeof(Acc)];
     std::memcpy(bits, &flag, sizeof(Acc));
     const bool g_constant = std::all_of(bits, bits + sizeof(Acc), [](unsigned char b) { return b == 0; });
-    sum_dy_out[c] = sum_dy[c];
-    sum_dy_xmu_out[c] = block_sum_dy_xmu(g_constant, dy + row_begin * C + c, sum_dy_xmu[c], sum_xmu[c]);
-    sum_xmu_out[c] = sum_xmu[c];
+    const GradSums s = block_grad_sums(g_constant, dy + row_begin * C + c, row_end - row_begin, sum_dy[c],
+                                       sum_dy_xmu[c], sum_xmu[c]);
+    sum_dy_out[c] = s.sum_dy;
+    sum_dy_xmu_out[c] = s.sum_dy_xmu;
+    sum_xmu_out[c] = s.sum_xmu;
   }
 }
 
@@ -2018,10 +1998,9 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
       }
       for (int64_t c = c0; c < c1; ++c) {
         const double xmu = ShortPlane<scalar_t>::total(sum_xmu + (c - c0) * P);
-        const GradSums sums{ShortPlane<scalar_t>::total(sum_dy + (c - c0) * P),
-                            block_sum_dy_xmu(!g_differs[c - c0], dy + c * HW,
-                                             ShortPlane<scalar_t>::total(sum_dy_xmu + (c - c0) * P), xmu),
-                            xmu};
+        const GradSums sums = block_grad_sums(!g_differs[c - c0], dy + c * HW, N * HW,
+                                              ShortPlane<scalar_t>::total(sum_dy + (c - c0) * P),
+                                              ShortPlane<scalar_t>::total(sum_dy_xmu + (c - c0) * P), xmu);
         finalize_channel_grads<scalar_t>(c, exchanged(c, sums), count, training, !exchange.local, weight, invstd, out, k);
       }
       if (!out.grad_input) return;
