@@ -146,6 +146,17 @@ def compare_results(r_ours, r_nn, r_ref, label, floor_dtype=None):
             f"nn {memory_formats(r_nn[key])}; strides {r_ours[key].stride()} vs {r_nn[key].stride()}")
 
 
+def compare_accurate(r_ours, r_nn, r_ref, label):
+    """Every quantity of nn's result dict, ours against nn and the float64
+    reference under the accuracy rule (None where nn gives None)."""
+    for key in r_nn:
+        if r_nn[key] is None:
+            assert r_ours[key] is None, f"{label} {key}"
+            continue
+        assert r_ours[key].dtype == r_nn[key].dtype, f"{label} {key} dtype"
+        assert_accurate(r_ours[key], r_nn[key], r_ref[key], name=f"{label} {key}")
+
+
 def compare_states(ours, nn_bn, ref, label, floor_dtype=None):
     for key in ("running_mean", "running_var"):
         o, n, r = getattr(ours, key), getattr(nn_bn, key), getattr(ref, key)
@@ -163,16 +174,25 @@ def compare_states(ours, nn_bn, ref, label, floor_dtype=None):
             f"{label} num_batches_tracked: ours {int(o)}, nn {int(n)}")
 
 
-def check_step(trio, x, grad_output, label, floor_dtype=None):
+def check_step(trio, x, grad_output, label, floor_dtype=None, contiguous_reference=False):
     """One forward+backward of all three modules on the same input; checks every
-    quantity under the accuracy rule and that ``x`` is left untouched."""
+    quantity under the accuracy rule and that ``x`` is left untouched.
+
+    contiguous_reference: the float64 reference gets contiguous copies of the
+    input and grad_output (the same values), so it cannot share a
+    layout-dependent bug with nn: nn's CPU backward gives a wrong grad_input
+    for some grad_output layouts (test_nn_backward_layout_bug_counterexample in
+    tests/test_properties.py)."""
     ours, nn_bn, ref = trio
     x_before = x.detach().clone()
     r_ours = forward_backward(ours, x, grad_output)
     torch.testing.assert_close(x, x_before, rtol=0, atol=0, equal_nan=True,
                                msg=f"{label}: our forward/backward modified its input")
     r_nn = forward_backward(nn_bn, x, grad_output)
-    r_ref = forward_backward(ref, x.detach().cpu().double(), grad_output.detach().cpu().double())
+    x_ref, grad_ref = x.detach().cpu().double(), grad_output.detach().cpu().double()
+    if contiguous_reference:
+        x_ref, grad_ref = x_ref.contiguous(), grad_ref.contiguous()
+    r_ref = forward_backward(ref, x_ref, grad_ref)
     compare_results(r_ours, r_nn, r_ref, label, floor_dtype)
     compare_states(ours, nn_bn, ref, label, floor_dtype)
     return r_ours, r_nn, r_ref

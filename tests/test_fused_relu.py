@@ -11,7 +11,7 @@ from torch import nn
 import fused_bn
 from _accuracy import assert_accurate
 from _helpers import BF16, BF16_AMP, F16, F32, F64, make_trio, memory_formats, sample, state_of, \
-    assert_state_unchanged, assert_bitwise_equal
+    assert_state_unchanged, assert_bitwise_equal, compare_accurate
 from test_ops import _GraphRecorder, _assert_not_decomposed
 
 ops = torch.ops.fused_bn
@@ -81,9 +81,7 @@ def _parity(shape, precision, layout, device, *, add, steps=(True, True, False, 
         r_nn = _run(eager, nn_bn, x, z, gy)
         r_ref = _run(ref, ref_bn, x.cpu().double(), None if z is None else z.cpu().double(),
                      gy.cpu().double())
-        for key in r_nn:
-            assert r_ours[key].dtype == r_nn[key].dtype, f"{label} {key} dtype"
-            assert_accurate(r_ours[key], r_nn[key], r_ref[key], name=f"{label} {key}")
+        compare_accurate(r_ours, r_nn, r_ref, label)
         for key in ("output", "grad_input"):
             assert memory_formats(r_ours[key]) == memory_formats(r_nn[key]), f"{label} {key} layout"
         for key in ("running_mean", "running_var"):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fused_bn
 from _accuracy import assert_accurate
 from _helpers import (BF16, BF16_AMP, CL, F16_AMP, F32, F64, LAYOUTS, PRECISIONS,
-                      assert_bitwise_equal, check_step, forward_backward, make_trio, run_parity,
+                      assert_bitwise_equal, check_step, compare_accurate, forward_backward, make_trio, run_parity,
                       sample, state_of)
 
 SHAPES = [
@@ -350,12 +350,7 @@ def test_functional_matches_F(device, shape, mode, params, precision):
                                    None if running is None else tuple(map(up, running)),
                                    up(weight), up(bias), training, 0.1)
     label = f"[F.batch_norm {shape} {mode} {params} {precision}]"
-    for key in r_nn:
-        if r_nn[key] is None:
-            assert r_ours[key] is None, f"{label} {key}"
-            continue
-        assert r_ours[key].dtype == r_nn[key].dtype, f"{label} {key} dtype"
-        assert_accurate(r_ours[key], r_nn[key], r_ref[key], name=f"{label} {key}")
+    compare_accurate(r_ours, r_nn, r_ref, label)
     if running is not None:
         for name, o, n, r in zip(("running_mean", "running_var"), s_ours, s_nn, s_ref):
             assert_accurate(o, n, r, name=f"{label} {name}")

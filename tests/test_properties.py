@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 import fused_bn
 from torch import nn
 from _accuracy import assert_accurate
-from _helpers import (PRECISIONS, assert_state_unchanged, check_step, compare_results, compare_states,
-                      forward_backward, make_trio, state_of)
+from _helpers import (PRECISIONS, assert_state_unchanged, check_step, compare_accurate, forward_backward,
+                      make_trio, state_of)
 
 PROFILE = os.environ.get("FUSED_BN_HYPOTHESIS", "ci")
 if PROFILE not in ("ci", "long"):
@@ -154,23 +154,6 @@ def _two_values_per_channel(shape):
     return shape[0] * shape[2] * shape[3] == 2
 
 
-def _check_step(trio, x, gy, label):
-    """check_step (tests/_helpers.py), except that the float64 reference gets
-    contiguous copies of the input and grad_output (the same values): it must
-    not share a layout-dependent bug with nn. It does otherwise: nn's CPU
-    backward gives a wrong grad_input for some grad_output layouts, see
-    test_nn_backward_layout_bug_counterexample."""
-    ours, nn_bn, ref = trio
-    x_before = x.detach().clone()
-    r_ours = forward_backward(ours, x, gy)
-    torch.testing.assert_close(x, x_before, rtol=0, atol=0, equal_nan=True,
-                               msg=f"{label}: our forward/backward modified its input")
-    r_nn = forward_backward(nn_bn, x, gy)
-    r_ref = forward_backward(ref, x.detach().cpu().double().contiguous(), gy.detach().cpu().double().contiguous())
-    compare_results(r_ours, r_nn, r_ref, label)
-    compare_states(ours, nn_bn, ref, label)
-
-
 # ---------------------------------------------------------------- module parity
 
 @_settings(ci_examples=300)
@@ -234,7 +217,7 @@ def test_module_matches_nn(device, shape, precision, layout, grad_layout, moment
                 if m.num_batches_tracked is not None:
                     m.num_batches_tracked.copy_(ours.num_batches_tracked)
             continue
-        _check_step(trio, x, gy, label)
+        check_step(trio, x, gy, label, contiguous_reference=True)
 
 
 # ---------------------------------------------------------------- functional parity
@@ -328,12 +311,7 @@ def test_functional_matches_F(device, shape, precision, training, has_weight, ha
     r_ours = run(ours, precision.input_dtype, precision.param_dtype, device, counter)
     r_nn = run(theirs, precision.input_dtype, precision.param_dtype, device, None)
     r_ref = run(theirs, torch.float64, torch.float64, "cpu", None, reference=True)
-    for key in r_nn:
-        if r_nn[key] is None:
-            assert r_ours[key] is None, f"{label} {key}"
-            continue
-        assert r_ours[key].dtype == r_nn[key].dtype, f"{label} {key} dtype"
-        assert_accurate(r_ours[key], r_nn[key], r_ref[key], name=f"{label} {key}")
+    compare_accurate(r_ours, r_nn, r_ref, label)
     if counter is not None:
         assert int(counter) == counter0 + int(training), label
 
@@ -349,7 +327,8 @@ def _cancellation_case(shape, grad_layout, seed, affine=False):
     style = dict(offset=0.0, std=1.0, constant_channel=False)
     x = _input(shape, PRECISIONS[0], "cpu", ("contiguous",), gen, style)
     gy = _input(shape, PRECISIONS[0], "cpu", grad_layout, gen, dict(offset=0.5, std=1.0, constant_channel=False))
-    _check_step(trio, x, gy, f"[cancellation {shape} grad layout {grad_layout} seed {seed} affine {affine}]")
+    check_step(trio, x, gy, f"[cancellation {shape} grad layout {grad_layout} seed {seed} affine {affine}]",
+               contiguous_reference=True)
 
 
 @pytest.mark.parametrize("shape", [(3, 1, 1, 1), (16, 2, 1, 1), (64, 1, 1, 1), (4, 2, 3, 3)])
@@ -479,7 +458,7 @@ def _bfloat16_constant_channel_case(seed):
         m.eval()
     x = _input(shape, BF16_AMP, "cpu", ("contiguous",), gen, dict(offset=1.0, std=1.0, constant_channel=True))
     gy = _input(shape, BF16_AMP, "cpu", ("channels_last",), gen, dict(offset=0.5, std=1.0, constant_channel=False))
-    _check_step(trio, x, gy, f"[bfloat16-amp (5, 2, 1, 33) seed {seed}]")
+    check_step(trio, x, gy, f"[bfloat16-amp (5, 2, 1, 33) seed {seed}]", contiguous_reference=True)
 
 
 def test_grad_weight_bfloat16_counterexample():
@@ -510,4 +489,4 @@ def test_running_mean_near_zero_counterexample():
     trio = make_trio(1, PRECISIONS[0], "cpu", momentum=None, affine=False, track_running_stats=True)
     x = _input(shape, PRECISIONS[0], "cpu", ("contiguous",), gen, dict(offset=0.0, std=1.0, constant_channel=False))
     gy = _input(shape, PRECISIONS[0], "cpu", ("contiguous",), gen, dict(offset=0.5, std=1.0, constant_channel=False))
-    _check_step(trio, x, gy, "[counterexample running_mean (1, 1, 1, 18)]")
+    check_step(trio, x, gy, "[counterexample running_mean (1, 1, 1, 18)]", contiguous_reference=True)

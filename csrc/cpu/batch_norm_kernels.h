@@ -686,6 +686,10 @@ struct TailMask {
     hi = (lane + AccVec(static_cast<acc_t<scalar_t>>(IO::kHalf))) < AccVec(static_cast<acc_t<scalar_t>>(n));
   }
   typename IO::Pair apply(const AccVec& a, const AccVec& b) const { return {a & lo, b & hi}; }
+  // apply() where `masked` (a pair's tail), the pair as it is otherwise.
+  typename IO::Pair apply_if(bool masked, const AccVec& a, const AccVec& b) const {
+    return masked ? apply(a, b) : typename IO::Pair{a, b};
+  }
 };
 
 template <typename scalar_t>
@@ -707,12 +711,8 @@ Moments nchw_block_moments(const scalar_t* x_channel, const PlaneWalk<scalar_t>&
     auto [lo, hi] = whole ? IO::load(x_channel + at) : IO::load(x_channel + at, n);
     if constexpr (kSumInDouble<scalar_t>) {
       // Lanes past a tail hold the next plane's values.
-      if (n != IO::kWidth) {
-        const auto [tail_lo, tail_hi] = tail.apply(lo, hi);
-        wide_sum.add(tail_lo, tail_hi);
-      } else {
-        wide_sum.add(lo, hi);
-      }
+      const auto [x_lo, x_hi] = tail.apply_if(n != IO::kWidth, lo, hi);
+      wide_sum.add(x_lo, x_hi);
     }
     lo = lo - shift_vec;
     hi = hi - shift_vec;
@@ -798,12 +798,8 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
     sum_dy.add(g_lo, g_hi);
     sum_dy_xmu.add_product(g_lo, xm_lo, g_hi, xm_hi);
     sum_xmu.add(xm_lo, xm_hi);
-    if (n != IO::kWidth) {
-      const auto [d_lo, d_hi] = tail.apply(g_lo != first_dy_vec, g_hi != first_dy_vec);
-      differs = differs | d_lo | d_hi;
-    } else {
-      differs = differs | (g_lo != first_dy_vec) | (g_hi != first_dy_vec);
-    }
+    const auto [d_lo, d_hi] = tail.apply_if(n != IO::kWidth, g_lo != first_dy_vec, g_hi != first_dy_vec);
+    differs = differs | d_lo | d_hi;
     if (++steps == kRowsPerFold) {
       sum_dy.fold(sum_dy_total);
       sum_dy_xmu.fold(sum_dy_xmu_total);
@@ -1089,12 +1085,8 @@ __attribute__((always_inline)) inline void short_plane_moment_sums(
     return whole ? IO::load(x + at) : IO::load(x + at, n);
   }, [&](typename IO::Pair v, bool tail) __attribute__((always_inline)) {
     if constexpr (kSumInDouble<scalar_t>) {
-      if (tail) {
-        const auto [tail_lo, tail_hi] = plane.tail.apply(v.first, v.second);
-        wide_sum.add(tail_lo, tail_hi);
-      } else {
-        wide_sum.add(v.first, v.second);
-      }
+      const auto [x_lo, x_hi] = plane.tail.apply_if(tail, v.first, v.second);
+      wide_sum.add(x_lo, x_hi);
     }
     v.first = v.first - shift_vec;
     v.second = v.second - shift_vec;
@@ -1114,9 +1106,9 @@ __attribute__((always_inline)) inline void short_plane_moment_sums(
   ShortPlane<scalar_t>::add_lanes(q_lo, q_hi, sum_sq);
 }
 
-// Adds Σg, Σ(g − shift)·(x − mean) and Σ(x − mean) over the plane at `offset`
-// into the channel's partials (ShortPlane::add_lanes); the mask's pointers are
-// the tensors' bases.
+// Adds Σg, Σg·(x − mean) and Σ(x − mean) over the plane at `offset` into the
+// channel's partials (ShortPlane::add_lanes), and flags g != first_dy in
+// g_differs (see block_grad_sums); the mask's pointers are the tensors' bases.
 template <typename scalar_t, GradMask kMask>
 __attribute__((always_inline)) inline void short_plane_grad_sums(
     const scalar_t* x, const scalar_t* dy, int64_t offset, const ShortPlane<scalar_t>& plane,
@@ -1136,13 +1128,11 @@ __attribute__((always_inline)) inline void short_plane_grad_sums(
     Pair xm{xg.first.first - mean_vec, xg.first.second - mean_vec};
     Pair g = xg.second;
     // As in nchw_block_grad_sums: both factors masked, so nothing leaks in.
+    const auto [d_lo, d_hi] = plane.tail.apply_if(tail, g.first != first_dy_vec, g.second != first_dy_vec);
+    differs = differs | d_lo | d_hi;
     if (tail) {
       xm = plane.tail.apply(xm.first, xm.second);
-      const auto [d_lo, d_hi] = plane.tail.apply(g.first != first_dy_vec, g.second != first_dy_vec);
-      differs = differs | d_lo | d_hi;
       g = plane.tail.apply(g.first, g.second);
-    } else {
-      differs = differs | (g.first != first_dy_vec) | (g.second != first_dy_vec);
     }
     g_lo = g_lo + g.first;
     g_hi = g_hi + g.second;
