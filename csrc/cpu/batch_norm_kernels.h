@@ -562,11 +562,16 @@ struct PlaneBlocking {
 };
 
 // NHWC row blocks: a fixed count (by shape) so partials stay small for any C.
+// Every block costs O(C) beyond its rows (zeroed totals, per-channel moments
+// or sums, one more step of the merge), so a block spans at least
+// kMinRowsPerBlock rows: with 64 blocks of 49 rows (64x512x7x7), the merge
+// alone took 9% of the training forward's CPU time (bench/NOTES.md).
 struct RowBlocking {
   static constexpr int64_t kMaxBlocks = 64;
+  static constexpr int64_t kMinRowsPerBlock = 256;
   int64_t rows_per_block, blocks;
   RowBlocking(int64_t rows, int64_t C) {
-    const int64_t min_rows = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(C, 1));
+    const int64_t min_rows = std::max<int64_t>(kMinRowsPerBlock, kBlockElements / std::max<int64_t>(C, 1));
     blocks = std::min(kMaxBlocks, std::max<int64_t>(1, (rows + min_rows - 1) / min_rows));
     rows_per_block = (rows + blocks - 1) / blocks;
     blocks = rows == 0 ? 0 : (rows + rows_per_block - 1) / rows_per_block;
