@@ -259,14 +259,14 @@ class _BatchNormTrain(torch.autograd.Function):
         return _epilogue_backward(ctx, grad_output, True, ctx.eps)
 
 
-def _batch_norm_train_autograd(input, weight, bias, running_mean, running_var, *args):
+def batch_norm_train_autograd(input, weight, bias, running_mean, running_var, *args):
     if torch.is_grad_enabled():
         check_stats_not_requiring_grad("fused_bn::batch_norm_train", running_mean, running_var)
     return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, *args)
 
 
 _autograd_lib = torch.library.Library("fused_bn", "IMPL")
-_autograd_lib.impl("batch_norm_train", _batch_norm_train_autograd, "Autograd")
+_autograd_lib.impl("batch_norm_train", batch_norm_train_autograd, "Autograd")
 
 
 def _eval_setup_context(ctx, inputs, output):

@@ -4,7 +4,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._sync import sync_batch_norm
-from .functional import batch_norm, batch_norm_add_relu
+from .functional import _batch_norm_epilogue
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -16,25 +16,23 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
     untouched: every check runs before the op mutates any state.
     """
 
-    def _batch_norm_kwargs(self, input: torch.Tensor) -> dict:
+    def _batch_norm_args(self, input: torch.Tensor) -> tuple:
+        """(running_mean, running_var, weight, bias, training, momentum, eps,
+        num_batches_tracked) for this call, in _batch_norm_epilogue's order: a
+        tuple, not keywords, since a BN layer's Python time counts against
+        small layers' step time."""
         self._check_input_dim(input)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # Running statistics are read in eval and updated in training when tracked.
-        buffers_in_use = not self.training or self.track_running_stats
-        tracks_batches = self.training and self.track_running_stats
-        return dict(
-            running_mean=self.running_mean if buffers_in_use else None,
-            running_var=self.running_var if buffers_in_use else None,
-            weight=self.weight,
-            bias=self.bias,
-            training=use_batch_stats,
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked if tracks_batches else None,
-        )
+        training = self.training
+        buffers_in_use = not training or self.track_running_stats
+        running_mean = self.running_mean if buffers_in_use else None
+        running_var = self.running_var if buffers_in_use else None
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        num_batches_tracked = self.num_batches_tracked if training and self.track_running_stats else None
+        return (running_mean, running_var, self.weight, self.bias, use_batch_stats, self.momentum,
+                self.eps, num_batches_tracked)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return batch_norm(input, **self._batch_norm_kwargs(input))
+        return _batch_norm_epilogue(input, *self._batch_norm_args(input), False, None)
 
 
 class FusedBatchNormReLU2d(FusedBatchNorm2d):
@@ -43,7 +41,7 @@ class FusedBatchNormReLU2d(FusedBatchNorm2d):
     constructor, parameters, buffers and state_dict keys as ``nn.BatchNorm2d``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return batch_norm(input, activation="relu", **self._batch_norm_kwargs(input))
+        return _batch_norm_epilogue(input, *self._batch_norm_args(input), True, None)
 
 
 class FusedBatchNormAddReLU2d(FusedBatchNorm2d):
@@ -53,10 +51,10 @@ class FusedBatchNormAddReLU2d(FusedBatchNorm2d):
     state_dict keys as ``nn.BatchNorm2d``."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        kwargs = self._batch_norm_kwargs(input)
+        args = self._batch_norm_args(input)
         if (isinstance(residual, torch.Tensor) and residual.shape == input.shape
                 and residual.dtype == input.dtype and residual.device == input.device):
-            return batch_norm_add_relu(input, residual, **kwargs)
+            return _batch_norm_epilogue(input, *args, True, residual)
         # What `relu(bn(x) + residual)` does in eager PyTorch for a residual
         # that broadcasts or promotes (convert_model(fuse_relu=True) cannot see
         # shapes): unfused. A residual that cannot be added raises before any
@@ -72,7 +70,7 @@ class FusedBatchNormAddReLU2d(FusedBatchNorm2d):
         # raises it, from a dry run on empty tensors of the same ranks.
         probe = residual.new_empty([0] * residual.dim()) if isinstance(residual, torch.Tensor) else residual
         torch.relu(input.new_empty([0] * input.dim()) + probe)
-        return torch.relu(batch_norm(input, **kwargs) + residual)
+        return torch.relu(_batch_norm_epilogue(input, *args, False, None) + residual)
 
 
 class FusedSyncBatchNorm2d(FusedBatchNorm2d):
@@ -109,17 +107,17 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
         return dist.get_world_size(self.process_group)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        kwargs = self._batch_norm_kwargs(input)
+        args = self._batch_norm_args(input)
         world_size = self._sync_world_size()
         if world_size == 1:
-            return batch_norm(input, activation=self.activation, **kwargs)
+            return _batch_norm_epilogue(input, *args, self.activation == "relu", None)
         if input.device.type != "cpu":
             raise NotImplementedError(
                 "FusedSyncBatchNorm2d: synchronised statistics run on CPU tensors (gloo) only so "
                 f"far; the fused_bn::batch_norm_stats family has no {input.device.type} kernels yet")
+        running_mean, running_var, weight, bias, _, momentum, eps, num_batches_tracked = args
         return sync_batch_norm(
-            input, kwargs["running_mean"], kwargs["running_var"], kwargs["weight"], kwargs["bias"],
-            kwargs["momentum"], kwargs["eps"], kwargs["num_batches_tracked"],
+            input, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked,
             self.activation == "relu", self.process_group, world_size)
 
     def extra_repr(self):
