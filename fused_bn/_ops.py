@@ -262,7 +262,11 @@ class _BatchNormTrain(torch.autograd.Function):
 def batch_norm_train_autograd(input, weight, bias, running_mean, running_var, *args):
     if torch.is_grad_enabled():
         check_stats_not_requiring_grad("fused_bn::batch_norm_train", running_mean, running_var)
-    return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, *args)
+        return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, *args)
+    # Nothing to record (e.g. swa_utils.update_bn's training-mode passes under
+    # no_grad): skip autograd.Function's bookkeeping.
+    with torch._C._AutoDispatchBelowAutograd():
+        return ops.batch_norm_train(input, weight, bias, running_mean, running_var, *args)
 
 
 _autograd_lib = torch.library.Library("fused_bn", "IMPL")

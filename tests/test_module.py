@@ -253,3 +253,28 @@ def test_converted_model_matches_original(device, training):
         check_bound(err_ours, err_nn, floor / FLOOR[torch.float32], torch.float32,
                     f"[converted model, training={training}, step {step}] {key}, "
                     f"errors summed over {END_TO_END_DRAWS} draws")
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_forward_without_autograd(device, context, momentum):
+    """Training-mode forwards with nothing to record, as
+    torch.optim.swa_utils.update_bn runs them, take the op below autograd
+    directly (fused_bn/_ops.py): outputs, running statistics and the counter
+    must still follow nn.BatchNorm2d step by step."""
+    guard = torch.no_grad if context == "no_grad" else torch.inference_mode
+    torch.manual_seed(0)
+    ours = FusedBatchNorm2d(5, momentum=momentum).to(device)
+    theirs = nn.BatchNorm2d(5, momentum=momentum).to(device)
+    reference = nn.BatchNorm2d(5, momentum=momentum).double()
+    for step in range(3):
+        x = sample((4, 5, 3, 7), device=device)
+        with guard():
+            outputs = [m(x if m is not reference else x.cpu().double())
+                       for m in (ours, theirs, reference)]
+        assert not outputs[0].requires_grad
+        assert_accurate(*outputs, name=f"output, step {step}")
+        for name in ("running_mean", "running_var"):
+            assert_accurate(getattr(ours, name), getattr(theirs, name), getattr(reference, name),
+                            name=f"{name}, step {step}")
+        assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == step + 1
