@@ -96,7 +96,9 @@ SHAPES = [
     (4, 8, 5, 5),        # short planes, channel blocks
     (8, 64, 7, 7),       # 7x7 planes as in ResNet's last stage
     (2, 3, 40, 40),      # long planes, channels split across threads
-    (2, 16, 72, 72),     # long planes, a channel per thread, streamed outputs
+    (2, 16, 72, 72),     # long planes, a channel per thread
+    (2, 16, 184, 184),   # long planes, streamed outputs (over 4 MB)
+    (600, 37, 7, 7),     # short planes, streamed through staged runs (over 4 MB)
     (1, 5, 7, 7),        # N = 1
     (3, 1, 11, 13),      # C = 1, primes
     (16, 4, 1, 1),       # H*W = 1

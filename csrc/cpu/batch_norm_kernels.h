@@ -72,16 +72,15 @@ constexpr int64_t kRowsPerFold = 16;
 //    On cache-resident data the prefetches only cost instructions.
 constexpr int64_t kCacheResidentBytes = int64_t{16} << 20;
 
-// A training step's outputs (forward's y, backward's dx) are streamed once they
-// outgrow a core's L2. Their buffers are fresh allocations, cold in cache, so an
-// ordinary store pays a read for ownership of every line; and the data is read
-// again only after other layers' traffic (y by backward's consumers, dx by the
-// previous layer's backward), by which time an L3 copy has mostly been evicted
-// anyway. Measured in whole training steps (bench/NOTES.md), streaming from
-// 0.5 MB up was as fast or faster for both layouts and every dtype; ordinary
-// stores won only in loops that recycle one hot output buffer, which a training
-// step does not.
-constexpr int64_t kTrainingStreamBytes = int64_t{1} << 20;
+// A training step's outputs (forward's y, backward's dx) are streamed once the
+// step's four input-sized tensors (x, y, dy, dx) outgrow half the L3. Their
+// buffers are fresh allocations, cold in cache, so an ordinary store pays a
+// read for ownership of every line and a write-back later, and it evicts the
+// x and dy the next pass re-reads. Below that, the lines an ordinary store
+// brings in stay in cache for the step (and y for the next layer): training
+// steps of 2-4 MB tensors ran 5-25% faster with ordinary stores, 6.4 MB and
+// larger ones 15-45% slower (bench/NOTES.md).
+constexpr int64_t kTrainingStreamBytes = int64_t{4} << 20;
 
 // How far ahead of the loads the NCHW passes prefetch.
 constexpr int64_t kPrefetchBytes = 4096;
@@ -430,7 +429,7 @@ enum class ScratchSlot {
   kBlockShift, kBlockSum1, kBlockSum2, kBlockSum3, kBlockFlags, kBlockFlagLanes,
   kBlockSumDy, kBlockSumDyXmu, kBlockSumXmu, kSumDy, kSumDyXmu, kSumXmu,
   kRunMean, kRunScale, kRunProjection, kRunShift,
-  kCoefForwardShift, kRunForwardShift,
+  kCoefForwardShift, kRunForwardShift, kStagedRun,
 };
 
 template <typename T, ScratchSlot kSlot>
@@ -896,7 +895,7 @@ void normalize_run(const scalar_t* x, const scalar_t* residual, scalar_t* y, int
 // must not reach dx; under the mask it zeroes g, as relu's backward does).
 template <typename scalar_t, GradMask kMask>
 void scale_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len, int64_t readable,
-               acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> forward_shift, bool stream) {
+               int64_t writable, acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> forward_shift, bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
   using Pair = typename IO::Pair;
@@ -906,17 +905,17 @@ void scale_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
     auto compute_masked = [&](const Pair& v, const Pair& g) -> Pair {
       return compute(relu_of_input<scalar_t>(v, g, mv, sc, fs));
     };
-    FUSED_BN_RUN_LOOP(dx, len, readable, len, stream,
+    FUSED_BN_RUN_LOOP(dx, len, readable, writable, stream,
                       compute_masked(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(dy + i)));
   } else {
-    FUSED_BN_RUN_LOOP(dx, len, readable, len, stream, compute(FUSED_BN_LOAD(dy + i)));
+    FUSED_BN_RUN_LOOP(dx, len, readable, writable, stream, compute(FUSED_BN_LOAD(dy + i)));
   }
 }
 
 // Training's dx = (g − shift − (x − mean) · projection) · scale (see ChannelCoefs)
 template <typename scalar_t, GradMask kMask>
 void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
-                    int64_t readable, acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> projection,
+                    int64_t readable, int64_t writable, acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> projection,
                     acc_t<scalar_t> shift, acc_t<scalar_t> forward_shift, bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
@@ -928,7 +927,7 @@ void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t
     return {at::vec::fnmadd(v.first - mv, pr, g.first - sh) * sc,
             at::vec::fnmadd(v.second - mv, pr, g.second - sh) * sc};
   };
-  FUSED_BN_RUN_LOOP(dx, len, readable, len, stream, compute(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(dy + i)));
+  FUSED_BN_RUN_LOOP(dx, len, readable, writable, stream, compute(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(dy + i)));
 }
 
 #undef FUSED_BN_RUN_LOOP
@@ -1016,16 +1015,83 @@ __attribute__((always_inline)) inline void for_block_planes(const Geometry& g, i
 template <typename scalar_t>
 constexpr bool kPlanesOneByOne = VecPair<scalar_t>::kNative;
 
-// Whether a training pass streams its output (kTrainingStreamBytes). Not on
-// the channel-block path: a short plane starts on a streamable (64-byte)
+// Whether a training pass streams its output in place (kTrainingStreamBytes).
+// Not on the channel-block path: a short plane starts on a streamable (64-byte)
 // boundary only every few planes (fp32 14x14: one in four; 7x7: one in
-// sixteen), so its output went out as a mix of streamed and ordinary lines.
-// Ordinary stores there measured 32x256x14x14 fp32 forward+backward 0.567 ->
-// 0.488 ms in a loop, and 0.98 -> 0.95 ms per layer in steps of six layers
-// whose data outgrows L3 (bench/NOTES.md).
+// sixteen), so its output would go out as a mix of streamed and ordinary
+// lines, which measured slower than ordinary stores alone (bench/NOTES.md).
+// That path stages its runs instead (stages_training_output).
 template <typename scalar_t>
 inline bool streams_training_output(const Geometry& g) {
   return larger_than<scalar_t>(g.numel(), kTrainingStreamBytes) && !walks_channel_blocks<scalar_t>(g);
+}
+
+// The channel-block path's planes-one-by-one element passes (kPlanesOneByOne)
+// stream a large training output through StagedRun instead: each image's run
+// of the block's planes is computed into an L1 buffer and copied out in whole
+// lines. Stored in place, every line of the cold output buffer was read for
+// ownership and written back later: fp32 forward+backward steps of
+// 32x256x14x14 and 64x512x7x7 ran 0.63-0.73 and 0.90 ms against 0.49-0.50 and
+// 0.67 ms staged (bench/NOTES.md).
+template <typename scalar_t>
+inline bool stages_training_output(const Geometry& g) {
+  return kPlanesOneByOne<scalar_t> && larger_than<scalar_t>(g.numel(), kTrainingStreamBytes) &&
+         walks_channel_blocks<scalar_t>(g);
+}
+
+// A run of output computed into a per-thread buffer that has the run's
+// alignment within a cache line, then copied out: whole lines with streaming
+// stores, the partial lines at either end (which the neighbouring runs share)
+// with ordinary ones. Whole pairs may be stored up to a pair past the run.
+template <typename scalar_t>
+class StagedRun {
+ public:
+  StagedRun(scalar_t* out, int64_t len) : out_(out), len_(len) {
+    constexpr int64_t kLine = kStreamAlignment / static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t lead = (reinterpret_cast<std::uintptr_t>(out) % kStreamAlignment) / sizeof(scalar_t);
+    scalar_t* base = thread_scratch<scalar_t, ScratchSlot::kStagedRun>(len + 2 * kLine + VecPair<scalar_t>::kWidth);
+    const int64_t to_line = (kStreamAlignment - reinterpret_cast<std::uintptr_t>(base) % kStreamAlignment) %
+                            kStreamAlignment / sizeof(scalar_t);
+    data_ = base + to_line + lead;
+    head_ = std::min(len, (kLine - lead) % kLine);
+  }
+  scalar_t* data() const { return data_; }
+  // Elements that may be stored from data() + i.
+  int64_t writable(int64_t i) const { return len_ - i + VecPair<scalar_t>::kWidth; }
+  void flush() const {
+    constexpr int64_t kLine = kStreamAlignment / static_cast<int64_t>(sizeof(scalar_t));
+    std::memcpy(out_, data_, head_ * sizeof(scalar_t));
+    int64_t i = head_;
+    for (; i + kLine <= len_; i += kLine) {
+      stream_vector(out_ + i, Vectorized<float>::loadu(reinterpret_cast<const float*>(data_ + i)));
+    }
+    std::memcpy(out_ + i, data_ + i, (len_ - i) * sizeof(scalar_t));
+  }
+
+ private:
+  scalar_t* out_;
+  int64_t len_;
+  scalar_t* data_;
+  int64_t head_;
+};
+
+// for_block_planes for an element pass writing `out`: step(c, n, dst, writable)
+// with dst where plane (c, n)'s output goes and `writable` the elements that
+// may be stored from it. With `staged`, each image's run goes through a
+// StagedRun (then the caller fences).
+template <typename scalar_t, typename F>
+__attribute__((always_inline)) inline void for_block_planes_into(const Geometry& g, int64_t c0, int64_t c1,
+                                                                 scalar_t* out, bool staged, F&& step) {
+  const int64_t C = g.C, HW = g.HW;
+  if (!staged) {
+    for_block_planes(g, c0, c1, [&](int64_t c, int64_t n) { step(c, n, out + (n * C + c) * HW, HW); });
+    return;
+  }
+  for (int64_t n = 0; n < g.N; ++n) {
+    const StagedRun<scalar_t> run(out + (n * C + c0) * HW, (c1 - c0) * HW);
+    for (int64_t c = c0; c < c1; ++c) step(c, n, run.data() + (c - c0) * HW, run.writable((c - c0) * HW));
+    run.flush();
+  }
 }
 
 // One short plane, walked as pairs of vectors: f(pair, tail) gets each whole
@@ -1624,6 +1690,7 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
   const int64_t N = g.N, C = g.C, HW = g.HW;
   ChannelCoefs<scalar_t> k(C);
   const bool stream = streams_training_output<scalar_t>(g);
+  const bool staged = stages_training_output<scalar_t>(g);
 
   if (g.channels_last) {
     const int64_t rows = N * HW;
@@ -1656,7 +1723,12 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
         finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, kFromSaved, k);
       });
       if constexpr (kPlanesOneByOne<scalar_t>) {
-        for_block_planes(g, c0, c1, normalize_plane);
+        for_block_planes_into(g, c0, c1, y, staged, [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable) {
+          const int64_t offset = n * C * HW + c * HW;
+          normalize_run<scalar_t, kEpilogue>(x + offset, residual + offset, dst, HW, g.numel() - offset, writable,
+                                             k.mean[c], k.scale[c], k.shift[c], /*stream=*/false);
+        });
+        if (staged) stream_fence();
       } else {
         normalize_rows<scalar_t, kEpilogue>(x + c0 * HW, residual + c0 * HW, y + c0 * HW, cb.run(g, b), 0, N,
                                             RunCoefs<scalar_t>(k, c0, c1, HW), stream, /*reversed=*/false);
@@ -1956,16 +2028,21 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     return nchw_block_grad_sums<scalar_t, kMask>(x + c * HW, dy + c * HW, walk.for_channel(c), mean[c],
                                                  channel_mask(c, c * HW), n0, n1, h0, h1);
   };
-  auto grad_input_plane = [&](int64_t c, int64_t n) {
+  // Plane (c, n)'s dx into dst, `writable` elements from it (streamed when
+  // `stream_dst`).
+  auto grad_input_plane_into = [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable, bool stream_dst) {
     const int64_t offset = n * C * HW + c * HW;
     if (training) {
-      grad_input_run<scalar_t, kDxMask>(x + offset, dx_grad + offset, out.grad_input + offset, HW,
-                                        g.numel() - offset, k.mean[c], k.scale[c], k.projection[c], k.shift[c],
-                                        k.forward_shift[c], stream);
+      grad_input_run<scalar_t, kDxMask>(x + offset, dx_grad + offset, dst, HW, g.numel() - offset, writable,
+                                        k.mean[c], k.scale[c], k.projection[c], k.shift[c], k.forward_shift[c],
+                                        stream_dst);
     } else {
-      scale_run<scalar_t, kDxMask>(x + offset, dx_grad + offset, out.grad_input + offset, HW, g.numel() - offset,
-                                   k.mean[c], k.scale[c], k.forward_shift[c], stream);
+      scale_run<scalar_t, kDxMask>(x + offset, dx_grad + offset, dst, HW, g.numel() - offset, writable, k.mean[c],
+                                   k.scale[c], k.forward_shift[c], stream_dst);
     }
+  };
+  auto grad_input_plane = [&](int64_t c, int64_t n) {
+    grad_input_plane_into(c, n, out.grad_input + n * C * HW + c * HW, HW, stream);
   };
 
   if (walks_channel_blocks<scalar_t>(g)) {
@@ -2000,7 +2077,12 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
       }
       if (!out.grad_input) return;
       if constexpr (kPlanesOneByOne<scalar_t>) {
-        for_block_planes(g, c0, c1, grad_input_plane);
+        const bool staged = stages_training_output<scalar_t>(g);
+        for_block_planes_into(g, c0, c1, out.grad_input, staged,
+                              [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable) {
+          grad_input_plane_into(c, n, dst, writable, /*stream_dst=*/false);
+        });
+        if (staged) stream_fence();
       } else {
         grad_input_rows<scalar_t, kDxMask>(x + c0 * HW, dx_grad + c0 * HW, out.grad_input + c0 * HW,
                                            cb.run(g, b), 0, N, RunCoefs<scalar_t>(k, c0, c1, HW), training,
