@@ -171,6 +171,15 @@ def write_markdown(path, meta, parity, records, summary):
         f"fused_bn {meta['fused_bn_version']}, commit `{meta['git_commit']}`"
         + (" (uncommitted changes)" if meta.get("git_dirty") else ""),
         f"- date: {meta['date']}; run took {meta['run_seconds']:.0f} s; timer: {meta['timer']}",
+    ]
+    if meta.get("memory_bandwidth_start"):
+        start, end = meta["memory_bandwidth_start"], meta.get("memory_bandwidth_end") or {}
+        lines.append(f"- memory bandwidth ({start['bytes'] >> 20} MiB, the run's threads): read "
+                     f"{start['read']:.0f} GB/s, copy {start['copy']:.0f} GB/s at the start"
+                     + (f"; read {end['read']:.0f}, copy {end['copy']:.0f} at the end" if end else "")
+                     + " (this shared VM's bandwidth moves about 2x over hours; the memory-bound "
+                       "cases move with it)")
+    lines += [
         f"- parity: **{'SKIPPED' if parity.get('skipped') else 'PASS' if parity['passed'] else 'FAIL'}**"
         f" ({parity['rule']})",
         f"- bytes model for GB/s: {BYTES_MODEL}",

@@ -340,6 +340,11 @@ def print_loud(message):
     print(f"\n{bar}\n{message}\n{bar}\n", flush=True)
 
 
+def _bandwidth_text(bw):
+    return (f"read {bw['read']:.0f} GB/s, copy {bw['copy']:.0f} GB/s "
+            f"({bw['bytes'] >> 20} MiB, read + write for the copy)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
@@ -378,6 +383,8 @@ def main(argv=None):
     if device.type == "cpu":
         meta["cpu_allocator"] = timing.settle_cpu_allocator()
         print(f"allocator: {meta['cpu_allocator']}", flush=True)
+        meta["memory_bandwidth_start"] = timing.cpu_memory_bandwidth_gbps()
+        print(f"memory bandwidth: {_bandwidth_text(meta['memory_bandwidth_start'])}", flush=True)
 
     copy_bw_gbps = None
     if device.type == "cuda":
@@ -403,6 +410,8 @@ def main(argv=None):
     records = run_suite(suite, fused_bn.FusedBatchNorm2d, timer, copy_bw_gbps)
 
     meta["load_average_end"] = list(os.getloadavg())
+    if device.type == "cpu":
+        meta["memory_bandwidth_end"] = timing.cpu_memory_bandwidth_gbps()
     meta["run_seconds"] = time.time() - started
     meta["compile_seconds"] = sum(r.get("compiled_first_call_s", 0) for r in records)
     if timer.contention:

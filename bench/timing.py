@@ -49,6 +49,29 @@ def settle_cpu_allocator():
             f"~32 MB by freeing one 32 MB block first, as after a training step")
 
 
+def cpu_memory_bandwidth_gbps(nbytes=256 << 20, repeats=7):
+    """DRAM bandwidth as the timed kernels see it, with the run's threads: a read
+    (sum) and a copy (read + write bytes) of a buffer far larger than the L3,
+    medians of `repeats`. The shared VM's bandwidth moves about 2x over hours,
+    and the memory-bound cases move with it, so every run records it."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+
+    def median_s(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    read_s = median_s(lambda: src.sum())
+    copy_s = median_s(lambda: dst.copy_(src))
+    del src, dst
+    return {"read": nbytes / read_s / 1e9, "copy": 2 * nbytes / copy_s / 1e9, "bytes": nbytes}
+
+
 def _triton_do_bench():
     try:
         from triton.testing import do_bench
