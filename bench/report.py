@@ -161,6 +161,12 @@ def write_json(path, meta, parity, records, summary):
                   indent=1, allow_nan=True)
 
 
+def bandwidth_text(bw):
+    """A timing.cpu_memory_bandwidth_gbps() result in words."""
+    return (f"read {bw['read']:.0f} GB/s, copy {bw['copy']:.0f} GB/s "
+            f"({bw['bytes'] >> 20} MiB, read + write for the copy)")
+
+
 def write_markdown(path, meta, parity, records, summary):
     copy_bw = meta.get("copy_bandwidth_gbps")
     lines = [
@@ -174,9 +180,8 @@ def write_markdown(path, meta, parity, records, summary):
     ]
     if meta.get("memory_bandwidth_start"):
         start, end = meta["memory_bandwidth_start"], meta.get("memory_bandwidth_end") or {}
-        lines.append(f"- memory bandwidth ({start['bytes'] >> 20} MiB, the run's threads): read "
-                     f"{start['read']:.0f} GB/s, copy {start['copy']:.0f} GB/s at the start"
-                     + (f"; read {end['read']:.0f}, copy {end['copy']:.0f} at the end" if end else "")
+        lines.append(f"- memory bandwidth, the run's threads: {bandwidth_text(start)} at the start"
+                     + (f"; {bandwidth_text(end)} at the end" if end else "")
                      + " (this shared VM's bandwidth moves about 2x over hours; the memory-bound "
                        "cases move with it)")
     lines += [

@@ -340,11 +340,6 @@ def print_loud(message):
     print(f"\n{bar}\n{message}\n{bar}\n", flush=True)
 
 
-def _bandwidth_text(bw):
-    return (f"read {bw['read']:.0f} GB/s, copy {bw['copy']:.0f} GB/s "
-            f"({bw['bytes'] >> 20} MiB, read + write for the copy)")
-
-
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
@@ -384,7 +379,7 @@ def main(argv=None):
         meta["cpu_allocator"] = timing.settle_cpu_allocator()
         print(f"allocator: {meta['cpu_allocator']}", flush=True)
         meta["memory_bandwidth_start"] = timing.cpu_memory_bandwidth_gbps()
-        print(f"memory bandwidth: {_bandwidth_text(meta['memory_bandwidth_start'])}", flush=True)
+        print(f"memory bandwidth: {report.bandwidth_text(meta['memory_bandwidth_start'])}", flush=True)
 
     copy_bw_gbps = None
     if device.type == "cuda":

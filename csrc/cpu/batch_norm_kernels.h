@@ -1046,8 +1046,8 @@ inline bool stages_training_output(const Geometry& g) {
 template <typename scalar_t>
 class StagedRun {
  public:
+  static constexpr int64_t kLine = kStreamAlignment / static_cast<int64_t>(sizeof(scalar_t));
   StagedRun(scalar_t* out, int64_t len) : out_(out), len_(len) {
-    constexpr int64_t kLine = kStreamAlignment / static_cast<int64_t>(sizeof(scalar_t));
     const int64_t lead = (reinterpret_cast<std::uintptr_t>(out) % kStreamAlignment) / sizeof(scalar_t);
     scalar_t* base = thread_scratch<scalar_t, ScratchSlot::kStagedRun>(len + 2 * kLine + VecPair<scalar_t>::kWidth);
     const int64_t to_line = (kStreamAlignment - reinterpret_cast<std::uintptr_t>(base) % kStreamAlignment) %
@@ -1059,7 +1059,6 @@ class StagedRun {
   // Elements that may be stored from data() + i.
   int64_t writable(int64_t i) const { return len_ - i + VecPair<scalar_t>::kWidth; }
   void flush() const {
-    constexpr int64_t kLine = kStreamAlignment / static_cast<int64_t>(sizeof(scalar_t));
     std::memcpy(out_, data_, head_ * sizeof(scalar_t));
     int64_t i = head_;
     for (; i + kLine <= len_; i += kLine) {
@@ -1709,10 +1708,15 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
     return;
   }
 
-  auto normalize_plane = [&](int64_t c, int64_t n) {
+  // Plane (c, n)'s y into dst, `writable` elements from it (streamed when
+  // `stream_dst`).
+  auto normalize_plane_into = [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable, bool stream_dst) {
     const int64_t offset = n * C * HW + c * HW;
-    normalize_run<scalar_t, kEpilogue>(x + offset, residual + offset, y + offset, HW, g.numel() - offset, HW,
-                                       k.mean[c], k.scale[c], k.shift[c], stream);
+    normalize_run<scalar_t, kEpilogue>(x + offset, residual + offset, dst, HW, g.numel() - offset, writable,
+                                       k.mean[c], k.scale[c], k.shift[c], stream_dst);
+  };
+  auto normalize_plane = [&](int64_t c, int64_t n) {
+    normalize_plane_into(c, n, y + n * C * HW + c * HW, HW, stream);
   };
 
   if (walks_channel_blocks<scalar_t>(g)) {
@@ -1724,9 +1728,7 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
       });
       if constexpr (kPlanesOneByOne<scalar_t>) {
         for_block_planes_into(g, c0, c1, y, staged, [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable) {
-          const int64_t offset = n * C * HW + c * HW;
-          normalize_run<scalar_t, kEpilogue>(x + offset, residual + offset, dst, HW, g.numel() - offset, writable,
-                                             k.mean[c], k.scale[c], k.shift[c], /*stream=*/false);
+          normalize_plane_into(c, n, dst, writable, /*stream_dst=*/false);
         });
         if (staged) stream_fence();
       } else {
@@ -1956,6 +1958,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     return exchange.global ? exchange.global[c] : reduced;
   };
   const bool stream = streams_training_output<scalar_t>(g);
+  const bool staged = stages_training_output<scalar_t>(g);
   // The dx pass: kReluOfOutput's g is already masked and written out.
   constexpr GradMask kDxMask = kMask == GradMask::kReluOfOutput ? GradMask::kNone : kMask;
   const scalar_t* dx_grad = kMask == GradMask::kReluOfOutput ? out.grad_residual : dy;
@@ -2077,7 +2080,6 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
       }
       if (!out.grad_input) return;
       if constexpr (kPlanesOneByOne<scalar_t>) {
-        const bool staged = stages_training_output<scalar_t>(g);
         for_block_planes_into(g, c0, c1, out.grad_input, staged,
                               [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable) {
           grad_input_plane_into(c, n, dst, writable, /*stream_dst=*/false);
