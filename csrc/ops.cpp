@@ -35,18 +35,19 @@ TORCH_LIBRARY(fused_bn, m) {
   // Backward of either forward. `mean`/`invstd` are the saved batch statistics
   // (training=True) or the running mean and 1/sqrt(running_var + eps)
   // (training=False). An output whose mask entry is false comes back as an
-  // empty tensor of shape [0].
+  // empty tensor of shape [0]. eps is the forward's (training only: a channel
+  // of two values needs it, see cpu::two_values_backward).
   // relu=True: the backward of relu(batch_norm(input)); the ReLU's mask is
   // recomputed from input, mean, invstd, weight and the forward's bias.
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
-      "Tensor mean, Tensor invstd, bool training, bool[3] output_mask, "
+      "Tensor mean, Tensor invstd, bool training, float eps, bool[3] output_mask, "
       "Tensor? bias=None, bool relu=False) -> (Tensor, Tensor, Tensor)");
   // Backward of relu(batch_norm(input) + residual), the ReLU's mask taken
   // from the forward's output. grad_residual is the masked grad_output.
   m.def(
       "batch_norm_add_relu_backward(Tensor grad_output, Tensor output, Tensor input, "
-      "Tensor? weight, Tensor mean, Tensor invstd, bool training, bool[3] output_mask) "
+      "Tensor? weight, Tensor mean, Tensor invstd, bool training, float eps, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
 
   // Data-parallel batch norm (FusedSyncBatchNorm2d) splits the training ops

@@ -81,7 +81,7 @@ def _param_grads_fake(input, params, output_mask):
 
 
 @torch.library.register_fake("fused_bn::batch_norm_backward")
-def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training, output_mask,
+def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training, eps, output_mask,
                               bias=None, relu=False):
     _check_same_device(input, grad_output=grad_output, weight=weight, mean=mean, invstd=invstd,
                        bias=bias)
@@ -92,7 +92,7 @@ def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training
 
 @torch.library.register_fake("fused_bn::batch_norm_add_relu_backward")
 def _batch_norm_add_relu_backward_fake(grad_output, output, input, weight, mean, invstd, training,
-                                       output_mask):
+                                       eps, output_mask):
     _check_same_device(input, grad_output=grad_output, output=output, weight=weight, mean=mean,
                        invstd=invstd)
     grad_input = _grad_input_like(grad_output, input) if output_mask[0] else input.new_empty((0,))
@@ -209,11 +209,11 @@ def _epilogue_backward(ctx, grad_output, training, eps):
         grad_residual = grad_output if ctx.residual_needs_grad else None
     elif ctx.has_residual:
         grad_input, grad_residual, grad_weight, grad_bias = ops.batch_norm_add_relu_backward(
-            grad_output, output, input, weight, mean, invstd, training, ctx.mask)
+            grad_output, output, input, weight, mean, invstd, training, eps, ctx.mask)
         grads = (grad_input, grad_weight, grad_bias)
     else:
         grads = ops.batch_norm_backward(
-            grad_output, input, weight, mean, invstd, training, ctx.mask, bias, ctx.relu)
+            grad_output, input, weight, mean, invstd, training, eps, ctx.mask, bias, ctx.relu)
         grad_residual = None
     if not ctx.residual_needs_grad:
         grad_residual = None
@@ -284,11 +284,12 @@ def _eval_setup_context(ctx, inputs, output):
     # rounded), so a recomputed ReLU mask is the forward's, bit for bit.
     mean = running_mean.to(acc, copy=True)
     invstd = (1.0 / torch.sqrt(running_var.to(torch.float64) + eps)).to(acc)
+    ctx.eps = eps
     _save_epilogue_context(ctx, 8, input, weight, bias, mean, invstd, relu, residual, output)
 
 
 def _eval_backward(ctx, grad_output):
-    return _epilogue_backward(ctx, grad_output, False, None)
+    return _epilogue_backward(ctx, grad_output, False, ctx.eps)
 
 
 torch.library.register_autograd(

@@ -4,8 +4,17 @@
   cuda case carries the ``cuda`` marker and is skipped cleanly without a GPU.
 * ``slow`` tests are deselected unless the ``-m`` expression names ``slow``.
 """
+import os
+import tempfile
+
 import pytest
 import torch
+
+# torch.compile's caches (FX graph, AOTAutograd) key a graph on its ops' names,
+# not on the Python autograd formulas registered for them: a cache warmed by
+# an older fused_bn can serve a backward that calls the old op schema. Each
+# run compiles into a cache of its own (~6 s more for the suite).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fused_bn-tests-inductor-"))
 
 DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.cuda))
 

@@ -102,6 +102,8 @@ SHAPES = [
     (1, 5, 7, 7),        # N = 1
     (3, 1, 11, 13),      # C = 1, primes
     (16, 4, 1, 1),       # H*W = 1
+    (2, 6, 1, 1),        # two values per channel (cpu::two_values_backward)
+    (1, 6, 1, 2),
 ]
 
 
@@ -156,9 +158,9 @@ def test_relu_mask_is_the_forwards(device, training, precision, shape, layout):
         y = ops.batch_norm_eval(x, weight, bias, mean, var, 1e-5, True)
     gy = torch.randn(shape).to(device, precision.input_dtype)
     mask = [True, True, True]
-    fused = ops.batch_norm_backward(gy, x, weight, save_mean, save_invstd, training, mask, bias, True)
+    fused = ops.batch_norm_backward(gy, x, weight, save_mean, save_invstd, training, 1e-5, mask, bias, True)
     plain = ops.batch_norm_backward(torch.where(y > 0, gy, 0.0), x, weight, save_mean, save_invstd, training,
-                                    mask)
+                                    1e-5, mask)
     for name, a, b in zip(("grad_input", "grad_weight", "grad_bias"), fused, plain):
         assert_bitwise_equal(a, b, f"{name} (training={training})")
 
@@ -175,9 +177,9 @@ def test_add_relu_residual_grad_is_masked_grad_output(device, training):
         y = ops.batch_norm_eval(x, w, b, rm, rv, 1e-5, True, z)
         m, istd = rm.clone(), 1.0 / torch.sqrt(rv.double() + 1e-5).float()
     gy = torch.randn(shape, device=device)
-    dx, dz, dw, db = ops.batch_norm_add_relu_backward(gy, y, x, w, m, istd, training, [True, True, True])
+    dx, dz, dw, db = ops.batch_norm_add_relu_backward(gy, y, x, w, m, istd, training, 1e-5, [True, True, True])
     assert_bitwise_equal(dz, torch.where(y > 0, gy, 0.0), "grad_residual")
-    plain = ops.batch_norm_backward(torch.where(y > 0, gy, 0.0), x, w, m, istd, training, [True, True, True])
+    plain = ops.batch_norm_backward(torch.where(y > 0, gy, 0.0), x, w, m, istd, training, 1e-5, [True, True, True])
     for name, a, b_ in zip(("grad_input", "grad_weight", "grad_bias"), (dx, dw, db), plain):
         assert_bitwise_equal(a, b_, name)
 
@@ -258,10 +260,10 @@ def test_opcheck(device, add, layout):
     gy = torch.randn_like(y)
     if add:
         torch.library.opcheck(ops.batch_norm_add_relu_backward.default,
-                              (gy, y, x.detach(), w.detach(), m, istd, True, [True, True, True]))
+                              (gy, y, x.detach(), w.detach(), m, istd, True, 1e-5, [True, True, True]))
     else:
         torch.library.opcheck(ops.batch_norm_backward.default,
-                              (gy, x.detach(), w.detach(), m, istd, True, [True, True, True], b.detach(), True))
+                              (gy, x.detach(), w.detach(), m, istd, True, 1e-5, [True, True, True], b.detach(), True))
 
 
 class _ResidualBlock(nn.Module):

@@ -157,7 +157,7 @@ def test_opcheck_batch_norm_backward(device, variant):
     else:
         mean = torch.randn(4, device=device)
         invstd = torch.rsqrt(0.5 + torch.rand(4, device=device))
-    torch.library.opcheck(ops.batch_norm_backward.default, (gy, x, w, mean, invstd, training, mask))
+    torch.library.opcheck(ops.batch_norm_backward.default, (gy, x, w, mean, invstd, training, 1e-5, mask))
 
 
 @pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True]],
@@ -170,7 +170,7 @@ def test_backward_op_matches_aten(device, mask):
     w = (0.5 + torch.rand(4)).to(device)
     mean = x.mean(dim=(0, 2, 3))
     invstd = torch.rsqrt(x.var(dim=(0, 2, 3), unbiased=False) + 1e-5)
-    ours = ops.batch_norm_backward(gy, x, w, mean, invstd, True, mask)
+    ours = ops.batch_norm_backward(gy, x, w, mean, invstd, True, 1e-5, mask)
     theirs = torch.ops.aten.native_batch_norm_backward(gy, x, w, None, None, mean, invstd, True, 1e-5, mask)
     up = lambda t: t.double().cpu()  # noqa: E731
     ref = torch.ops.aten.native_batch_norm_backward(up(gy), up(x), up(w), None, None, up(mean),

@@ -428,7 +428,7 @@ def test_raw_backward_ops_validate(device, op, case):
     exc = NotImplementedError if case == "bool-input" else RuntimeError
     with pytest.raises(exc, match=message):
         if op == "batch_norm_backward":
-            ops.batch_norm_backward(a["grad_output"], a["input"], a["weight"], a["mean"], a["invstd"], True, mask)
+            ops.batch_norm_backward(a["grad_output"], a["input"], a["weight"], a["mean"], a["invstd"], True, 1e-5, mask)
         else:
             ops.batch_norm_add_relu_backward(a["grad_output"], a["output"], a["input"], a["weight"], a["mean"],
-                                             a["invstd"], True, mask)
+                                             a["invstd"], True, 1e-5, mask)

@@ -206,7 +206,7 @@ struct ExchangeArgs {
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
     cpu::GradMask mask, const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
     const optional<Tensor>& bias, const Tensor& forward_output, const Tensor& mean, const Tensor& invstd,
-    bool training, std::array<bool, 3> output_mask, const ExchangeArgs& exchange_args = {}) {
+    bool training, double eps, std::array<bool, 3> output_mask, const ExchangeArgs& exchange_args = {}) {
   check_backward_args(grad_output, input, weight, mean, invstd);
   if (mask == cpu::GradMask::kReluOfInput) check_channel_tensor(bias, "bias", input);
   if (mask == cpu::GradMask::kReluOfOutput) check_like_input(forward_output, "output", input);
@@ -258,7 +258,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
         cpu::backward<scalar_t, out_param_t, decltype(kind)::value>(
             dy.const_data_ptr<scalar_t>(), in.tensor.const_data_ptr<scalar_t>(), in.geometry,
             data_or_null<out_param_t>(w), data_or_null<out_param_t>(b), data_or_null<scalar_t>(y),
-            mean_c.const_data_ptr<Acc>(), invstd_c.const_data_ptr<Acc>(), training, out, exchange);
+            mean_c.const_data_ptr<Acc>(), invstd_c.const_data_ptr<Acc>(), training, eps, out, exchange);
       });
     };
     // The parameter dtype follows the weight, else the bias (relu's shift
@@ -274,20 +274,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask,
+    const Tensor& mean, const Tensor& invstd, bool training, double eps, std::array<bool, 3> output_mask,
     const optional<Tensor>& bias, bool relu) {
   auto [grad_input, grad_weight, grad_bias, unused] =
       backward_cpu(relu ? cpu::GradMask::kReluOfInput : cpu::GradMask::kNone, grad_output, input, weight,
-                   bias, Tensor(), mean, invstd, training, output_mask);
+                   bias, Tensor(), mean, invstd, training, eps, output_mask);
   return {grad_input, grad_weight, grad_bias};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_relu_backward_cpu(
     const Tensor& grad_output, const Tensor& output, const Tensor& input, const optional<Tensor>& weight,
-    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
+    const Tensor& mean, const Tensor& invstd, bool training, double eps, std::array<bool, 3> output_mask) {
   auto [grad_input, grad_weight, grad_bias, grad_residual] =
       backward_cpu(cpu::GradMask::kReluOfOutput, grad_output, input, weight, c10::nullopt, output, mean, invstd,
-                   training, output_mask);
+                   training, eps, output_mask);
   return {grad_input, grad_residual, grad_weight, grad_bias};
 }
 
@@ -299,7 +299,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_sums_cpu(
     const Tensor& invstd, std::array<bool, 2> param_mask, const optional<Tensor>& bias, bool relu) {
   auto [unused, grad_weight, grad_bias, sums] =
       backward_cpu(relu ? cpu::GradMask::kReluOfInput : cpu::GradMask::kNone, grad_output, input, weight, bias,
-                   Tensor(), mean, invstd, /*training=*/true, {false, param_mask[0], param_mask[1]},
+                   Tensor(), mean, invstd, /*training=*/true, /*eps=*/0.0, {false, param_mask[0], param_mask[1]},
                    ExchangeArgs{/*want_local=*/true});
   return {sums, grad_weight, grad_bias};
 }
@@ -315,7 +315,7 @@ Tensor batch_norm_backward_with_sums_cpu(const Tensor& grad_output, const Tensor
   TORCH_CHECK(count >= 0, "batch_norm: count must be non-negative, got ", count);
   auto [grad_input, unused_w, unused_b, unused_sums] =
       backward_cpu(relu ? cpu::GradMask::kReluOfInput : cpu::GradMask::kNone, grad_output, input, weight, bias,
-                   Tensor(), mean, invstd, /*training=*/true, {true, false, false},
+                   Tensor(), mean, invstd, /*training=*/true, /*eps=*/0.0, {true, false, false},
                    ExchangeArgs{false, sums, count});
   return grad_input;
 }

@@ -1925,15 +1925,71 @@ struct SumsExchange {
 };
 static_assert(sizeof(GradSums) == 3 * sizeof(double), "GradSums is exchanged as three doubles per channel");
 
+// The training backward of a channel of two values, x̄ ± d. There x̂ = ±d/√(d² + ε),
+// and dx = w·invstd·(g − ḡ − x̂·mean(g·x̂)) cancels to w·invstd·(g₀ − g₁)/2 ·
+// ε/(d² + ε): a value ε/(d² + ε) times the size of its terms, which the general
+// path leaves to the float rounding of those terms and of the saved invstd
+// (the rounding of invstd² alone moves it by 2·ulp·d²/ε). So this channel is
+// computed in double from ε and the exact variance, in closed form where every
+// value is finite; elsewhere the general formula (in double) keeps nn's
+// NaN/inf pattern. g is dy under kMask, as in the general path.
+template <typename scalar_t, typename param_t, GradMask kMask>
+void two_values_backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const param_t* weight,
+                         const param_t* bias, const scalar_t* output, const acc_t<scalar_t>* mean,
+                         const acc_t<scalar_t>* invstd, double eps, const BackwardOutputs<scalar_t, param_t>& out) {
+  using Acc = acc_t<scalar_t>;
+  for (int64_t c = 0; c < g.C; ++c) {
+    int64_t at[2];
+    for (int64_t i = 0; i < 2; ++i) {
+      const int64_t n = g.HW == 1 ? i : 0, s = g.HW == 1 ? 0 : i;
+      at[i] = g.channels_last ? (n * g.HW + s) * g.C + c : (n * g.C + c) * g.HW + s;
+    }
+    double xv[2], gv[2];
+    for (int64_t i = 0; i < 2; ++i) {
+      const Acc xi = static_cast<Acc>(x[at[i]]);
+      scalar_t gi = dy[at[i]];
+      if constexpr (kMask == GradMask::kReluOfInput) {
+        const Acc z = std::fma(xi - mean[c], backward_scale<scalar_t>(weight, invstd, c),
+                               static_cast<Acc>(param_or(bias, c, 0.0)));
+        if (!(z > Acc(0))) gi = scalar_t(0);
+      } else if constexpr (kMask == GradMask::kReluOfOutput) {
+        if (!(static_cast<Acc>(output[at[i]]) > Acc(0))) gi = scalar_t(0);
+        out.grad_residual[at[i]] = gi;
+      }
+      xv[i] = static_cast<double>(xi);
+      gv[i] = static_cast<double>(static_cast<Acc>(gi));
+    }
+    const double d = (xv[0] - xv[1]) / 2;  // x₀ − x̄; x₁ − x̄ is −d
+    const double var = d * d, denom = var + eps;
+    const double istd = 1.0 / std::sqrt(denom);
+    const double sum_g = gv[0] + gv[1], sum_g_xmu = (gv[0] - gv[1]) * d;
+    if (out.grad_weight) out.grad_weight[c] = static_cast<param_t>(sum_g_xmu * istd);
+    if (out.grad_bias) out.grad_bias[c] = static_cast<param_t>(sum_g);
+    if (!out.grad_input) continue;
+    const double scale = param_or(weight, c, 1.0) * istd;
+    const bool finite = std::isfinite(gv[0]) && std::isfinite(gv[1]) && std::isfinite(d) && denom > 0;
+    for (int64_t i = 0; i < 2; ++i) {
+      const double xmu = i == 0 ? d : -d;
+      const double dx = finite ? scale * (i == 0 ? gv[0] - gv[1] : gv[1] - gv[0]) / 2 * (eps / denom)
+                               : scale * (gv[i] - sum_g / 2 - xmu * sum_g_xmu / (2 * denom));
+      out.grad_input[at[i]] = static_cast<scalar_t>(dx);
+    }
+  }
+}
+
 // Gradients of batch_norm (kNone), of relu(batch_norm) (kReluOfInput: bias is
 // the forward's, for its shift) and of relu(batch_norm + residual)
 // (kReluOfOutput: output is the forward's y). See GradMask.
 template <typename scalar_t, typename param_t, GradMask kMask>
 void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const param_t* weight,
               const param_t* bias, const scalar_t* output, const acc_t<scalar_t>* mean,
-              const acc_t<scalar_t>* invstd, bool training, const BackwardOutputs<scalar_t, param_t>& out,
-              const SumsExchange& exchange = {}) {
+              const acc_t<scalar_t>* invstd, bool training, double eps,
+              const BackwardOutputs<scalar_t, param_t>& out, const SumsExchange& exchange = {}) {
   using Acc = acc_t<scalar_t>;
+  if (training && !exchange.local && !exchange.global && g.per_channel() == 2) {
+    two_values_backward<scalar_t, param_t, kMask>(dy, x, g, weight, bias, output, mean, invstd, eps, out);
+    return;
+  }
   const int64_t N = g.N, C = g.C, HW = g.HW;
   const int64_t count = exchange.global ? exchange.global_count : g.per_channel();
   ChannelCoefs<scalar_t> k(C);

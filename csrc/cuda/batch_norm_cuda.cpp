@@ -292,8 +292,9 @@ struct RunBackward {
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask,
-    const optional<Tensor>& bias, bool relu) {
+    const Tensor& mean, const Tensor& invstd, bool training,
+    double /*eps: the CUDA kernels have no two-values-per-channel path yet (cpu::two_values_backward)*/,
+    std::array<bool, 3> output_mask, const optional<Tensor>& bias, bool relu) {
   check_backward_args(grad_output, input, weight, mean, invstd);
   check_no_epilogue(relu, c10::nullopt);
   const at::ScalarType acc_dtype = accumulate_dtype(input.scalar_type());
@@ -325,7 +326,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_relu_backward_cuda(
     const Tensor& grad_output, const Tensor& output, const Tensor& input, const optional<Tensor>& weight,
-    const Tensor& mean, const Tensor& invstd, bool training, std::array<bool, 3> output_mask) {
+    const Tensor& mean, const Tensor& invstd, bool training, double eps, std::array<bool, 3> output_mask) {
   check_no_epilogue(true, c10::nullopt);
   return {};
 }
