@@ -1938,12 +1938,11 @@ void two_values_backward(const scalar_t* dy, const scalar_t* x, const Geometry& 
                          const param_t* bias, const scalar_t* output, const acc_t<scalar_t>* mean,
                          const acc_t<scalar_t>* invstd, double eps, const BackwardOutputs<scalar_t, param_t>& out) {
   using Acc = acc_t<scalar_t>;
+  // The two values are two rows of C channels (NHWC, or N = 2 with H·W = 1),
+  // else neighbours in the channel's plane.
+  const bool rows = g.channels_last || g.HW == 1;
   for (int64_t c = 0; c < g.C; ++c) {
-    int64_t at[2];
-    for (int64_t i = 0; i < 2; ++i) {
-      const int64_t n = g.HW == 1 ? i : 0, s = g.HW == 1 ? 0 : i;
-      at[i] = g.channels_last ? (n * g.HW + s) * g.C + c : (n * g.C + c) * g.HW + s;
-    }
+    const int64_t at[2] = {rows ? c : 2 * c, rows ? g.C + c : 2 * c + 1};
     double xv[2], gv[2];
     for (int64_t i = 0; i < 2; ++i) {
       const Acc xi = static_cast<Acc>(x[at[i]]);
@@ -1968,9 +1967,10 @@ void two_values_backward(const scalar_t* dy, const scalar_t* x, const Geometry& 
     if (!out.grad_input) continue;
     const double scale = param_or(weight, c, 1.0) * istd;
     const bool finite = std::isfinite(gv[0]) && std::isfinite(gv[1]) && std::isfinite(d) && denom > 0;
+    const double closed_dx0 = scale * (gv[0] - gv[1]) / 2 * (eps / denom);  // dx₁ = −dx₀
     for (int64_t i = 0; i < 2; ++i) {
       const double xmu = i == 0 ? d : -d;
-      const double dx = finite ? scale * (i == 0 ? gv[0] - gv[1] : gv[1] - gv[0]) / 2 * (eps / denom)
+      const double dx = finite ? (i == 0 ? closed_dx0 : -closed_dx0)
                                : scale * (gv[i] - sum_g / 2 - xmu * sum_g_xmu / (2 * denom));
       out.grad_input[at[i]] = static_cast<scalar_t>(dx);
     }
