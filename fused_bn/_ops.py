@@ -6,6 +6,7 @@ the kernels in an ``autograd.Function``) is what lets ``torch.compile(fullgraph=
 keep ``fused_bn`` ops whole in its graph and ``torch.library.opcheck`` verify them.
 """
 import torch
+from torch.autograd import forward_ad
 from torch._prims_common import suggest_memory_format
 
 from . import _C  # noqa: F401  (importing the extension runs its op registrations)
@@ -228,69 +229,201 @@ def _save_epilogue_context(ctx, n_inputs, input, weight, bias, mean, invstd, rel
     ctx.has_residual = residual is not None
     ctx.residual_needs_grad = residual is not None and ctx.needs_input_grad[n_inputs - 1]
     # The bias fixes relu's shift; the output is add+relu's mask.
-    ctx.save_for_backward(input, weight, bias if relu else None, mean, invstd,
-                          output if residual is not None else None)
+    saved = (input, weight, bias if relu else None, mean, invstd,
+             output if residual is not None else None)
+    ctx.save_for_backward(*saved)
+    ctx.save_for_forward(*saved)
+
+
+def _epilogue_jvp(ctx, training, input_t, weight_t, bias_t, residual_t):
+    """Forward-mode derivative (torch.func.jvp, jacfwd, hessian,
+    torch.autograd.forward_ad) of a forward op's output, from aten ops:
+    tangent of x_hat = invstd * (dx - mean(dx) - x_hat * mean(x_hat * dx)) in
+    training (the batch statistics move with x), invstd * dx in eval."""
+    input, weight, bias, mean, invstd, output = ctx.saved_tensors
+    acc = _accumulate_dtype(input.dtype)
+    dims = [0] + list(range(2, input.dim()))
+    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
+    invstd_b = invstd.to(acc).view(shape)
+    x_hat = (input.to(acc) - mean.to(acc).view(shape)) * invstd_b
+    tangent = torch.zeros_like(x_hat)
+    if input_t is not None:
+        dx = input_t.to(acc)
+        if training:
+            dx = dx - dx.mean(dims, keepdim=True) - x_hat * (x_hat * dx).mean(dims, keepdim=True)
+        scale = invstd_b if weight is None else invstd_b * weight.to(acc).view(shape)
+        tangent = tangent + dx * scale
+    if weight_t is not None:
+        tangent = tangent + x_hat * weight_t.to(acc).view(shape)
+    if bias_t is not None:
+        tangent = tangent + bias_t.to(acc).view(shape)
+    if residual_t is not None:
+        tangent = tangent + residual_t.to(acc)
+    if ctx.relu:
+        tangent = tangent * _relu_mask(input, weight, bias, mean, invstd, output)
+    return tangent.to(input.dtype)
+
+
+def _needs_autograd():
+    """Whether a call must go through the op's autograd.Function: reverse mode
+    records only with grad mode on, but forward-mode AD and torch.func's
+    transforms work under no_grad too."""
+    return (torch.is_grad_enabled() or forward_ad._current_level >= 0
+            or torch._C._are_functorch_transforms_active())
+
+
+# torch.library.register_autograd accepts only functional ops, and batch_norm_train
+# mutates the running statistics and the counter (buffers, never differentiated);
+# its Function also gives torch.func what register_autograd's does not (setup_context
+# for grad/vjp/jacrev, jvp for forward mode, a vmap rule). So both forward ops get
+# Autograd-key kernels of their own: run the op below autograd, save what the
+# backward op needs.
+_VMAP_UNBATCHED_STATS = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will "
+    "be updated in place, were not batched.\nIf you are using a module and do not need eval mode, "
+    "please set `track_running_stats` to be False.If you are using a prebuilt module and do not "
+    "need eval mode, please see the functorch website for resources on how to patch your module "
+    "to work with vmap")
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Autograd for batch_norm_train.
-
-    torch.library.register_autograd accepts only functional ops, and this op
-    mutates the running statistics and the counter (buffers, never differentiated).
-    So it gets an Autograd-key kernel of its own, built the way register_autograd
-    builds one: run the op below autograd, save what the backward op needs.
-    """
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
+             momentum, eps, relu=False, residual=None):
+        """torch.func.vmap (model ensembles, per-sample batch norm): the op once
+        per batch entry, on slices, so batched running statistics and counters
+        are updated in place as nn.BatchNorm2d's batching rule does. Unbatched
+        ones would be updated once per entry: refused, as nn refuses them."""
+        args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                relu, residual)
+        state_dims = in_dims[3:6]
+        unbatched_state = any(t is not None and d is None
+                              for t, d in zip(args[3:6], state_dims))
+        if unbatched_state:
+            if in_dims[0] is not None:
+                raise RuntimeError(_VMAP_UNBATCHED_STATS)
+            raise RuntimeError(
+                "fused_bn under vmap: the running statistics (and num_batches_tracked) are updated "
+                "in place once per batch entry, so they must be batched when weight, bias or "
+                "residual are; set `track_running_stats` to False, or batch the buffers too "
+                "(torch.func.stack_module_state)")
+        results = [
+            _BatchNormTrain.forward(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+            for i in range(info.batch_size)]
+        return tuple(torch.stack(outs) for outs in zip(*results)), (0, 0, 0)
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, relu=False, residual=None):
+    def forward(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                relu=False, residual=None):
         with torch._C._AutoDispatchBelowAutograd():
-            output, save_mean, save_invstd = ops.batch_norm_train(
-                input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                relu, residual)
+            return ops.batch_norm_train(input, weight, bias, running_mean, running_var,
+                                        num_batches_tracked, momentum, eps, relu, residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        input, weight, bias, _, _, _, _, eps, relu, residual = inputs
+        output, save_mean, save_invstd = outputs
         ctx.eps = eps
         _save_epilogue_context(ctx, 10, input, weight, bias, save_mean, save_invstd, relu, residual,
                                output)
         ctx.mark_non_differentiable(save_mean, save_invstd)
-        return output, save_mean, save_invstd
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
         return _epilogue_backward(ctx, grad_output, True, ctx.eps)
 
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, _running_mean_t, _running_var_t, _nbt_t, _momentum_t,
+            _eps_t, _relu_t, residual_t):
+        # Running statistics are buffers, not differentiated (reverse mode refuses
+        # ones requiring grad), so their tangents are ignored.
+        return _epilogue_jvp(ctx, True, input_t, weight_t, bias_t, residual_t), None, None
 
-def batch_norm_train_autograd(input, weight, bias, running_mean, running_var, *args):
-    if torch.is_grad_enabled():
+
+class _BatchNormEval(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, eps, relu=False, residual=None):
+        with torch._C._AutoDispatchBelowAutograd():
+            return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, relu,
+                                       residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, running_mean, running_var, eps, relu, residual = inputs
+        acc = _accumulate_dtype(input.dtype)
+        # Snapshots: a later training step may update the running buffers in place.
+        # invstd as the kernels' eval_invstd computes it (1/sqrt in float64, then
+        # rounded), so a recomputed ReLU mask is the forward's, bit for bit.
+        mean = running_mean.to(acc, copy=True)
+        invstd = (1.0 / torch.sqrt(running_var.to(torch.float64) + eps)).to(acc)
+        ctx.eps = eps
+        _save_epilogue_context(ctx, 8, input, weight, bias, mean, invstd, relu, residual, output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _epilogue_backward(ctx, grad_output, False, ctx.eps)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, _running_mean_t, _running_var_t, _eps_t, _relu_t,
+            residual_t):
+        return _epilogue_jvp(ctx, False, input_t, weight_t, bias_t, residual_t)
+
+
+def _without_setup_context(function):
+    """``function`` with a forward(ctx, ...) that runs its forward and
+    setup_context. Function.apply binds the forward's signature with inspect
+    on every call once a setup_context is defined (~20 µs, as much as a small
+    layer's whole forward), and only torch.func's transforms need one."""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            outputs = function.forward(*args)
+            function.setup_context(ctx, args, outputs)
+            return outputs
+
+        backward = function.backward
+        jvp = function.jvp
+
+    Eager.__name__ = Eager.__qualname__ = function.__name__ + "Eager"
+    return Eager
+
+
+_BatchNormTrainEager = _without_setup_context(_BatchNormTrain)
+_BatchNormEvalEager = _without_setup_context(_BatchNormEval)
+
+
+# The dispatcher leaves out trailing arguments equal to their schema defaults,
+# so these take them all by name and pass them all on.
+def batch_norm_train_autograd(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                              momentum, eps, relu=False, residual=None):
+    args = (num_batches_tracked, momentum, eps, relu, residual)
+    if _needs_autograd():
         check_stats_not_requiring_grad("fused_bn::batch_norm_train", running_mean, running_var)
-        return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, *args)
+        function = (_BatchNormTrain if torch._C._are_functorch_transforms_active()
+                    else _BatchNormTrainEager)
+        return function.apply(input, weight, bias, running_mean, running_var, *args)
     # Nothing to record (e.g. swa_utils.update_bn's training-mode passes under
     # no_grad): skip autograd.Function's bookkeeping.
     with torch._C._AutoDispatchBelowAutograd():
         return ops.batch_norm_train(input, weight, bias, running_mean, running_var, *args)
 
 
+def batch_norm_eval_autograd(input, weight, bias, running_mean, running_var, eps, relu=False,
+                             residual=None):
+    args = (eps, relu, residual)
+    if _needs_autograd():
+        # The op has not run yet: this raises before any state changes.
+        check_stats_not_requiring_grad("fused_bn::batch_norm_eval", running_mean, running_var)
+        function = (_BatchNormEval if torch._C._are_functorch_transforms_active()
+                    else _BatchNormEvalEager)
+        return function.apply(input, weight, bias, running_mean, running_var, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, *args)
+
+
 _autograd_lib = torch.library.Library("fused_bn", "IMPL")
 _autograd_lib.impl("batch_norm_train", batch_norm_train_autograd, "Autograd")
-
-
-def _eval_setup_context(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, eps, relu, residual = inputs
-    # Called only with grad mode on and an input requiring grad; the op has
-    # run but changed no state.
-    check_stats_not_requiring_grad("fused_bn::batch_norm_eval", running_mean, running_var)
-    acc = _accumulate_dtype(input.dtype)
-    # Snapshots: a later training step may update the running buffers in place.
-    # invstd as the kernels' eval_invstd computes it (1/sqrt in float64, then
-    # rounded), so a recomputed ReLU mask is the forward's, bit for bit.
-    mean = running_mean.to(acc, copy=True)
-    invstd = (1.0 / torch.sqrt(running_var.to(torch.float64) + eps)).to(acc)
-    ctx.eps = eps
-    _save_epilogue_context(ctx, 8, input, weight, bias, mean, invstd, relu, residual, output)
-
-
-def _eval_backward(ctx, grad_output):
-    return _epilogue_backward(ctx, grad_output, False, ctx.eps)
-
-
-torch.library.register_autograd(
-    "fused_bn::batch_norm_eval", _eval_backward, setup_context=_eval_setup_context)
+_autograd_lib.impl("batch_norm_eval", batch_norm_eval_autograd, "Autograd")

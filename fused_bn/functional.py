@@ -3,8 +3,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from ._ops import batch_norm_train_autograd, check_stats_not_requiring_grad, ops
+from ._ops import (batch_norm_eval_autograd, batch_norm_train_autograd,
+                   check_stats_not_requiring_grad, ops)
 
 
 def _verify_batch_size(size):
@@ -22,28 +24,28 @@ def _batch_norm_epilogue(input, running_mean, running_var, weight, bias, trainin
     if torch.is_grad_enabled():
         # nn's message (its native_batch_norm refuses these), before any state changes.
         check_stats_not_requiring_grad("native_batch_norm", running_mean, running_var)
+    # Eager calls go straight to the ops' autograd kernels: that skips the
+    # dispatcher's round trip back into Python (a few µs of a small layer's
+    # step), and torch.func's transforms need the autograd.Function applied
+    # from Python. Compiled graphs, torch.jit.trace (which records the op),
+    # tensor subclasses and modes go through the dispatcher.
+    direct = (type(input) is Tensor and not torch.compiler.is_compiling()
+              and not torch.jit.is_tracing())
     if training:
         if (running_mean is None) != (running_var is None):
             raise ValueError(
                 "running_mean and running_var must either both be None or neither be None")
         if input.dim() >= 2:
             _verify_batch_size(input.size())
-        if type(input) is Tensor and not torch.compiler.is_compiling():
-            # Eager: straight to the op's autograd kernel, skipping the
-            # dispatcher's round trip back into Python to reach it (a few µs
-            # of a small layer's step). Compiled graphs, tensor subclasses and
-            # modes go through the dispatcher.
-            train = batch_norm_train_autograd
-        else:
-            train = ops.batch_norm_train
+        train = batch_norm_train_autograd if direct else ops.batch_norm_train
         output, _, _ = train(input, weight, bias, running_mean, running_var, num_batches_tracked,
                              momentum, eps, relu, residual)
         return output
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
         if stat is None:
             raise RuntimeError(f"{name} must be defined in evaluation mode")
-    return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, relu, residual)
-
+    evaluate = batch_norm_eval_autograd if direct else ops.batch_norm_eval
+    return evaluate(input, weight, bias, running_mean, running_var, eps, relu, residual)
 
 _ACTIVATIONS = (None, "relu")
 
@@ -73,6 +75,13 @@ def batch_norm(
     passes over memory; its backward recomputes the ReLU's mask from the input
     and saves nothing more than batch norm does.
     """
+    # As torch.nn.functional does: tensor subclasses and modes with
+    # __torch_function__ (torch.fx's Proxy among them) see this call whole.
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
+            running_var, weight, bias, training=training, momentum=momentum, eps=eps,
+            num_batches_tracked=num_batches_tracked, activation=activation)
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     return _batch_norm_epilogue(input, running_mean, running_var, weight, bias, training, momentum,
@@ -96,6 +105,11 @@ def batch_norm_add_relu(
     one op: the forward reads input (statistics), then input and residual, and
     writes the output. ``residual`` has the input's shape and dtype and gets a
     gradient. Other arguments as :func:`batch_norm`."""
+    if has_torch_function_variadic(input, residual, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            batch_norm_add_relu, (input, residual, running_mean, running_var, weight, bias), input,
+            residual, running_mean, running_var, weight, bias, training=training,
+            momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked)
     if not isinstance(residual, Tensor):
         raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
     return _batch_norm_epilogue(input, running_mean, running_var, weight, bias, training, momentum,

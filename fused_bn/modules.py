@@ -1,10 +1,26 @@
 """Drop-in modules and model conversion."""
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import fx, nn
 
 from ._sync import sync_batch_norm
 from .functional import _batch_norm_epilogue
+
+
+def _traced_proxy(args):
+    """The first ``torch.fx.Proxy`` among a forward's arguments, or None."""
+    return next((a for a in args if isinstance(a, fx.Proxy)), None)
+
+
+def _record_leaf_call(module, proxy, args):
+    """Under torch.fx symbolic tracing (``fx.symbolic_trace``, torchvision's
+    feature extraction, FX quantization), one ``call_module`` node for the
+    whole module, as tracers record ``nn.BatchNorm2d`` and every other torch.nn
+    module: they step into modules defined elsewhere, and our forward's checks
+    branch on the input's shape, which a Proxy cannot do. The node reads the
+    module's training flag when the traced graph runs, not when it was traced."""
+    tracer = proxy.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):
@@ -32,6 +48,8 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                 self.eps, num_batches_tracked)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, fx.Proxy):
+            return _record_leaf_call(self, input, (input,))
         return _batch_norm_epilogue(input, *self._batch_norm_args(input), False, None)
 
 
@@ -41,6 +59,8 @@ class FusedBatchNormReLU2d(FusedBatchNorm2d):
     constructor, parameters, buffers and state_dict keys as ``nn.BatchNorm2d``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, fx.Proxy):
+            return _record_leaf_call(self, input, (input,))
         return _batch_norm_epilogue(input, *self._batch_norm_args(input), True, None)
 
 
@@ -51,6 +71,9 @@ class FusedBatchNormAddReLU2d(FusedBatchNorm2d):
     state_dict keys as ``nn.BatchNorm2d``."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        proxy = _traced_proxy((input, residual))
+        if proxy is not None:
+            return _record_leaf_call(self, proxy, (input, residual))
         args = self._batch_norm_args(input)
         if (isinstance(residual, torch.Tensor) and residual.shape == input.shape
                 and residual.dtype == input.dtype and residual.device == input.device):
@@ -107,6 +130,8 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
         return dist.get_world_size(self.process_group)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, fx.Proxy):
+            return _record_leaf_call(self, input, (input,))
         args = self._batch_norm_args(input)
         world_size = self._sync_world_size()
         if world_size == 1:
