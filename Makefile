@@ -7,6 +7,8 @@ PIP := $(PYTHON) -m pip
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 BUILT := build/.fused_bn_built
 NVCC ?= $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA_INCLUDE ?= $(patsubst %/cuda_runtime.h,%,$(firstword $(wildcard $(CUDA_HOME)/include/cuda_runtime.h \
+	$(dir $(realpath $(NVCC)))../include/cuda_runtime.h /usr/local/cuda/include/cuda_runtime.h)))
 
 .PHONY: deps test-deps bench-deps build test bench cuda-check clean
 
@@ -44,7 +46,8 @@ clean:
 # Compile the CUDA kernel layer for sm_80 and sm_90 (no GPU needed) with the
 # flags torch.utils.cpp_extension builds extensions with, print ptxas's
 # resource report per kernel, and fail on any spill or on a stack frame in a
-# hot kernel (tools/cuda_check.py).
+# hot kernel (tools/cuda_check.py); then check that the torch glue compiles
+# (syntax and types: a CPU torch ships the c10/cuda headers, not the libraries).
 CUDA_CHECK_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
 	-Xptxas -v -O3 -std=c++17 -DFUSED_BN_WITH_CUDA \
 	-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
@@ -55,3 +58,8 @@ cuda-check:
 	@mkdir -p build/cuda-check
 	$(PYTHON) tools/cuda_check.py --nvcc "$(NVCC)" --source csrc/cuda/batch_norm_kernels.cu \
 		--output build/cuda-check/batch_norm_kernels.o -- $(CUDA_CHECK_FLAGS)
+	@echo "cuda-check: the torch glue (csrc/cuda/batch_norm_cuda.cpp), syntax only, against torch's headers"
+	@test -n "$(CUDA_INCLUDE)" || { echo "cuda-check: no CUDA include directory (set CUDA_HOME)" >&2; exit 1; }
+	@$(CXX) -std=c++20 -fsyntax-only -DFUSED_BN_WITH_CUDA -Icsrc -I"$(CUDA_INCLUDE)" \
+		$$($(PYTHON) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))") \
+		csrc/cuda/batch_norm_cuda.cpp

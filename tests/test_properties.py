@@ -147,9 +147,9 @@ def _one_value_per_channel(shape):
 
 def _two_values_per_channel(shape):
     # With two values per channel the batch-statistics grad_input is pure
-    # cancellation (x_hat = +-1); the CPU backward computes it in double from
-    # eps (cpu::two_values_backward, test_two_values_per_channel), the CUDA
-    # one does not yet, so such steps stay out of the CUDA property run.
+    # cancellation (x_hat = +-1); both backwards compute it in double from eps
+    # (cpu::two_values_backward, cuda's two_values_backward_kernel;
+    # test_two_values_per_channel).
     return shape[0] * shape[2] * shape[3] == 2
 
 
@@ -177,10 +177,11 @@ def test_module_matches_nn(device, shape, precision, layout, grad_layout, moment
                  f"grad layout {grad_layout} momentum {momentum} eps {eps} affine {affine} track {track} "
                  f"{style} {device}]")
         uses_batch_stats = training or not track
-        assume(not (device != "cpu" and uses_batch_stats and _two_values_per_channel(shape)))
-        # the same gap: a grad_output constant over each channel (stride 0
-        # along N with one value per plane) gives a grad_input that is pure
-        # cancellation too
+        # A grad_output constant over each channel (stride 0 along N with one
+        # value per plane) gives a grad_input that is pure cancellation: the
+        # CPU backward sums it in double about the exact mean and detects a
+        # constant grad_output (test_grad_output_constant_over_a_channel); the
+        # CUDA one does not yet, so such steps stay out of the CUDA run.
         assume(not (device != "cpu" and uses_batch_stats and grad_layout[0] == "expand" and shape[2] * shape[3] == 1))
         # KNOWN GAP 2: an empty input's output and grad_input strides (nn
         # returns input.clone(): the input's strides); see
@@ -271,7 +272,6 @@ def test_functional_matches_F(device, shape, precision, training, has_weight, ha
     size_prod = shape[0]
     for s in shape[2:]:
         size_prod *= s
-    assume(not (device != "cpu" and training and size_prod == 2))  # see _two_values_per_channel
     # NOT OURS: float64 two values per channel (see test_module_matches_nn)
     assume(not (precision.input_dtype == torch.float64 and training and size_prod == 2))
     if training and size_prod == 1:
@@ -335,15 +335,15 @@ def test_functional_matches_F(device, shape, precision, training, has_weight, ha
 
 # ---------------------------------------------------------------- counterexamples
 
-def _cancellation_case(shape, grad_layout, seed, affine=False):
+def _cancellation_case(shape, grad_layout, seed, affine=False, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    trio = make_trio(shape[1], PRECISIONS[0], "cpu", momentum=None, affine=affine, track_running_stats=False)
+    trio = make_trio(shape[1], PRECISIONS[0], device, momentum=None, affine=affine, track_running_stats=False)
     for m in trio:
         m.eval()
     style = dict(offset=0.0, std=1.0, constant_channel=False)
-    x = _input(shape, PRECISIONS[0], "cpu", ("contiguous",), gen, style)
-    gy = _input(shape, PRECISIONS[0], "cpu", grad_layout, gen, dict(offset=0.5, std=1.0, constant_channel=False))
+    x = _input(shape, PRECISIONS[0], device, ("contiguous",), gen, style)
+    gy = _input(shape, PRECISIONS[0], device, grad_layout, gen, dict(offset=0.5, std=1.0, constant_channel=False))
     check_step(trio, x, gy, f"[cancellation {shape} grad layout {grad_layout} seed {seed} affine {affine}]",
                contiguous_reference=True)
 
@@ -362,7 +362,7 @@ def test_grad_output_constant_over_a_channel(shape, seed):
 
 
 @pytest.mark.parametrize("seed", list(range(8)) + [24, 26])
-def test_two_values_per_channel(seed):
+def test_two_values_per_channel(device, seed):
     """hypothesis' two-values family: x_hat is +-1 and the true grad_input is
     w·invstd·(g0 − g1)/2·eps/(var + eps), ~1e-4 of its terms. Left to the float
     rounding of those terms and of the saved invstd (as nn leaves it), ours
@@ -370,7 +370,7 @@ def test_two_values_per_channel(seed):
     8.83e-8; seed 7: 5.7e-7 against 7.5e-8); the backward now computes such
     a channel in double from eps (cpu::two_values_backward), exact to the
     last rounding."""
-    _cancellation_case((1, 1, 1, 2), ("contiguous",), seed)
+    _cancellation_case((1, 1, 1, 2), ("contiguous",), seed, device=device)
 
 
 def test_two_values_per_channel_float64_exact():
@@ -448,14 +448,14 @@ def test_nn_float16_eval_overflow_counterexample():
 @pytest.mark.parametrize("shape,layout", [((2, 3, 1, 1), "contiguous"), ((1, 5, 2, 1), "channels_last"),
                                           ((2, 4, 1, 1), "channels_last")])
 @pytest.mark.parametrize("seed", range(3))
-def test_two_values_per_channel_layouts(shape, layout, seed):
+def test_two_values_per_channel_layouts(device, shape, layout, seed):
     """The same family over several channels, both ways of having two values
     (N = 2 or H·W = 2) and both layouts, with an affine weight."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    trio = make_trio(shape[1], PRECISIONS[0], "cpu", momentum=0.1, affine=True, track_running_stats=True)
-    x = _input(shape, PRECISIONS[0], "cpu", (layout,), gen, dict(offset=0.0, std=1.0, constant_channel=False))
-    gy = _input(shape, PRECISIONS[0], "cpu", (layout,), gen, dict(offset=0.5, std=1.0, constant_channel=False))
+    trio = make_trio(shape[1], PRECISIONS[0], device, momentum=0.1, affine=True, track_running_stats=True)
+    x = _input(shape, PRECISIONS[0], device, (layout,), gen, dict(offset=0.0, std=1.0, constant_channel=False))
+    gy = _input(shape, PRECISIONS[0], device, (layout,), gen, dict(offset=0.5, std=1.0, constant_channel=False))
     check_step(trio, x, gy, f"[two values {shape} {layout} seed {seed}]", contiguous_reference=True)
 
 

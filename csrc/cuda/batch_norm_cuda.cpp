@@ -251,6 +251,7 @@ struct BackwardTensors {
   const Tensor& mean;
   const Tensor& invstd;
   bool training;
+  double eps;
   std::array<bool, 3> output_mask;
   Tensor& grad_input;
   Tensor& grad_weight;
@@ -271,6 +272,7 @@ struct RunBackward {
     p.mean = t.mean.const_data_ptr<acc_t>();
     p.invstd = t.invstd.const_data_ptr<acc_t>();
     p.training = t.training;
+    p.eps = t.eps;
     p.grad_input = t.output_mask[0] ? mutable_device_data<scalar_t>(t.grad_input) : nullptr;
     p.grad_weight = t.output_mask[1] ? mutable_device_data<grad_param_t>(t.grad_weight) : nullptr;
     p.grad_bias = t.output_mask[2] ? mutable_device_data<grad_param_t>(t.grad_bias) : nullptr;
@@ -293,7 +295,7 @@ struct RunBackward {
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
     const Tensor& mean, const Tensor& invstd, bool training,
-    double /*eps: the CUDA kernels have no two-values-per-channel path yet (cpu::two_values_backward)*/,
+    double eps,
     std::array<bool, 3> output_mask, const optional<Tensor>& bias, bool relu) {
   check_backward_args(grad_output, input, weight, mean, invstd);
   check_no_epilogue(relu, c10::nullopt);
@@ -316,7 +318,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   Tensor grad_weight = at::empty({output_mask[1] ? channels : 0}, param_options);
   Tensor grad_bias = at::empty({output_mask[2] ? channels : 0}, param_options);
 
-  const BackwardTensors tensors{in, dy, w, mean_c, invstd_c, training, output_mask,
+  const BackwardTensors tensors{in, dy, w, mean_c, invstd_c, training, eps, output_mask,
                                 grad_input, grad_weight, grad_bias};
   dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
     RunBackward::run<typename decltype(scalar)::type, typename decltype(param)::type>(tensors);

@@ -883,6 +883,49 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 // ---------------------------------------------------------------------------
+// Training backward of channels of two values, x̄ ± d, one thread per channel.
+// There x̂ = ±d/√(d² + ε) and dx = w·invstd·(g − ḡ − x̂·mean(g·x̂)) cancels to
+// w·invstd·(g₀ − g₁)/2 · ε/(d² + ε), which the three passes would leave to the
+// float rounding of their terms and of the saved invstd. So it is computed in
+// double from ε and the exact variance: in closed form where every value is
+// finite, else by the general formula (nn's NaN/inf pattern). The same
+// arithmetic as the CPU's cpu::two_values_backward.
+
+template <typename scalar_t, typename param_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    two_values_backward_kernel(const BackwardParams<scalar_t, param_t> p) {
+  using acc_t = acc_type<scalar_t>;
+  const Geometry& g = p.geometry;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= g.channels) return;
+  // Two rows of C channels (channels-last, or N = 2 with HW = 1), else
+  // neighbours in the channel's plane (N = 1, HW = 2).
+  const bool rows = g.layout == Layout::kChannelsLast || g.spatial == 1;
+  const int64_t at[2] = {rows ? c : 2 * c, rows ? g.channels + c : 2 * c + 1};
+  double x[2], dy[2];
+  for (int i = 0; i < 2; ++i) {
+    x[i] = static_cast<double>(convert<acc_t>(p.input[at[i]]));
+    dy[i] = static_cast<double>(convert<acc_t>(p.grad_output[at[i]]));
+  }
+  const double d = (x[0] - x[1]) / 2;  // x₀ − x̄; x₁ − x̄ is −d
+  const double denom = d * d + p.eps;
+  const double invstd = 1.0 / sqrt(denom);
+  const double sum_dy = dy[0] + dy[1], sum_dy_xmu = (dy[0] - dy[1]) * d;
+  if (p.grad_weight != nullptr) p.grad_weight[c] = convert<param_t>(sum_dy_xmu * invstd);
+  if (p.grad_bias != nullptr) p.grad_bias[c] = convert<param_t>(sum_dy);
+  if (p.grad_input == nullptr) return;
+  const double scale = (p.weight != nullptr ? convert<double>(p.weight[c]) : 1.0) * invstd;
+  const bool finite = isfinite(dy[0]) && isfinite(dy[1]) && isfinite(d) && denom > 0;
+  const double closed_dx0 = scale * (dy[0] - dy[1]) / 2 * (p.eps / denom);  // dx₁ = −dx₀
+  for (int i = 0; i < 2; ++i) {
+    const double xmu = i == 0 ? d : -d;
+    const double dx = finite ? (i == 0 ? closed_dx0 : -closed_dx0)
+                             : scale * (dy[i] - sum_dy / 2 - xmu * sum_dy_xmu / (2 * denom));
+    p.grad_input[at[i]] = convert<scalar_t>(dx);
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Backward, pass 3: dx. In eval mode coef_x == 0 and x is not read.
 
 template <typename acc_t>
@@ -1311,6 +1354,11 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
   const Geometry& g = p.geometry;
   const bool needs_sums = backward_needs_sums(p);
   if (g.channels == 0 || (!needs_sums && p.grad_input == nullptr)) return cudaSuccess;
+  if (p.training && count_per_channel(g) == 2) {
+    two_values_backward_kernel<scalar_t, param_t>
+        <<<static_cast<unsigned>(ceil_div(g.channels, kFinalizeThreads)), kFinalizeThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
 
   const LaunchPlan sums_plan = backward_sums_plan(p);
   const int64_t splits = needs_sums ? sums_plan.splits : 0;

@@ -133,6 +133,7 @@ struct BackwardParams {
   const acc_t* mean = nullptr;      // [C] saved mean (training) or running mean
   const acc_t* invstd = nullptr;    // [C]
   bool training = true;
+  double eps = 1e-5;                // the forward's: channels of two values are computed from it
   scalar_t* grad_input = nullptr;   // nullable: output_mask[0] false
   param_t* grad_weight = nullptr;   // nullable: output_mask[1] false
   param_t* grad_bias = nullptr;     // nullable: output_mask[2] false
