@@ -11,7 +11,9 @@ under, run on ours and compared with nn (float64, nn its own reference):
 * torch.fx.symbolic_trace: our modules are call_module leaves as
   nn.BatchNorm2d is, so the traced graph follows .train()/.eval(); the
   functional forms are call_function nodes;
-* torch.jit.trace records the op, and the traced module matches eager.
+* torch.jit.trace records the op, and the traced module matches eager;
+* torch.autocast: a conv's half-precision activations with float32 parameters
+  keep their dtype, under the accuracy rule.
 """
 import copy
 
@@ -24,7 +26,7 @@ from torch.func import (functional_call, grad, hessian, jacfwd, jacrev, jvp, sta
                         vjp, vmap)
 
 import fused_bn
-from _accuracy import FLOOR
+from _accuracy import FLOOR, assert_accurate
 from _helpers import sample, state_of
 
 f64 = torch.float64
@@ -307,3 +309,33 @@ def test_jit_trace_records_op_and_matches_eager(device, kind, training):
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             torch.testing.assert_close(getattr(ours, name), getattr(twin, name), rtol=0, atol=0,
                                        msg=f"step {step} {name}")
+
+
+# ---------------------------------------------------------------- autocast
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_conv_then_bn_matches_nn(device, dtype, training):
+    """Under torch.autocast a conv hands batch norm half-precision activations
+    while its parameters stay float32 (autocast casts neither our op's inputs
+    nor nn's): the output keeps the activation dtype and meets the accuracy
+    rule against float64 batch norm of the same activations."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3).to(device)
+    x = sample((4, 3, 9, 7), device=device)
+    with torch.autocast(device, dtype=dtype):
+        h = conv(x).detach()
+    assert h.dtype == dtype
+    ours, theirs = make_pair("bn", device, training, track_running_stats=True, num_features=8)
+    ours, theirs = ours.float(), theirs.float()
+    reference = copy.deepcopy(theirs).double()
+    outputs = []
+    for m in (ours, theirs):
+        with torch.autocast(device, dtype=dtype):
+            outputs.append(m(h))
+    expected = reference(h.double())
+    assert outputs[0].dtype == outputs[1].dtype == dtype
+    assert_accurate(outputs[0], outputs[1], expected, name="output")
+    for name in ("running_mean", "running_var"):
+        assert_accurate(getattr(ours, name), getattr(theirs.bn, name), getattr(reference.bn, name),
+                        name=name)
