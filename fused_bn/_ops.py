@@ -272,12 +272,6 @@ def _needs_autograd():
             or torch._C._are_functorch_transforms_active())
 
 
-# torch.library.register_autograd accepts only functional ops, and batch_norm_train
-# mutates the running statistics and the counter (buffers, never differentiated);
-# its Function also gives torch.func what register_autograd's does not (setup_context
-# for grad/vjp/jacrev, jvp for forward mode, a vmap rule). So both forward ops get
-# Autograd-key kernels of their own: run the op below autograd, save what the
-# backward op needs.
 _VMAP_UNBATCHED_STATS = (
     "Batch norm got a batched tensor as input while the running_mean or running_var, which will "
     "be updated in place, were not batched.\nIf you are using a module and do not need eval mode, "
@@ -286,6 +280,12 @@ _VMAP_UNBATCHED_STATS = (
     "to work with vmap")
 
 
+# torch.library.register_autograd accepts only functional ops, and batch_norm_train
+# mutates the running statistics and the counter (buffers, never differentiated);
+# its Function also gives torch.func what register_autograd's does not (setup_context
+# for grad/vjp/jacrev, jvp for forward mode, a vmap rule). So both forward ops get
+# Autograd-key kernels of their own: run the op below autograd, save what the
+# backward op needs.
 class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -384,8 +384,8 @@ def _without_setup_context(function):
             function.setup_context(ctx, args, outputs)
             return outputs
 
-        backward = function.backward
-        jvp = function.jvp
+        backward = staticmethod(function.backward)
+        jvp = staticmethod(function.jvp)
 
     Eager.__name__ = Eager.__qualname__ = function.__name__ + "Eager"
     return Eager
