@@ -395,33 +395,32 @@ _BatchNormTrainEager = _without_setup_context(_BatchNormTrain)
 _BatchNormEvalEager = _without_setup_context(_BatchNormEval)
 
 
+def _forward_with_autograd(op_name, function, eager_function, input, weight, bias, running_mean,
+                           running_var, args):
+    if _needs_autograd():
+        # The op has not run yet: this raises before any state changes.
+        check_stats_not_requiring_grad(f"fused_bn::{op_name}", running_mean, running_var)
+        chosen = function if torch._C._are_functorch_transforms_active() else eager_function
+        return chosen.apply(input, weight, bias, running_mean, running_var, *args)
+    # Nothing to record (e.g. inference, or swa_utils.update_bn's training-mode
+    # passes under no_grad): skip autograd.Function's bookkeeping.
+    with torch._C._AutoDispatchBelowAutograd():
+        return getattr(ops, op_name)(input, weight, bias, running_mean, running_var, *args)
+
+
 # The dispatcher leaves out trailing arguments equal to their schema defaults,
 # so these take them all by name and pass them all on.
 def batch_norm_train_autograd(input, weight, bias, running_mean, running_var, num_batches_tracked,
                               momentum, eps, relu=False, residual=None):
-    args = (num_batches_tracked, momentum, eps, relu, residual)
-    if _needs_autograd():
-        check_stats_not_requiring_grad("fused_bn::batch_norm_train", running_mean, running_var)
-        function = (_BatchNormTrain if torch._C._are_functorch_transforms_active()
-                    else _BatchNormTrainEager)
-        return function.apply(input, weight, bias, running_mean, running_var, *args)
-    # Nothing to record (e.g. swa_utils.update_bn's training-mode passes under
-    # no_grad): skip autograd.Function's bookkeeping.
-    with torch._C._AutoDispatchBelowAutograd():
-        return ops.batch_norm_train(input, weight, bias, running_mean, running_var, *args)
+    return _forward_with_autograd("batch_norm_train", _BatchNormTrain, _BatchNormTrainEager, input,
+                                  weight, bias, running_mean, running_var,
+                                  (num_batches_tracked, momentum, eps, relu, residual))
 
 
 def batch_norm_eval_autograd(input, weight, bias, running_mean, running_var, eps, relu=False,
                              residual=None):
-    args = (eps, relu, residual)
-    if _needs_autograd():
-        # The op has not run yet: this raises before any state changes.
-        check_stats_not_requiring_grad("fused_bn::batch_norm_eval", running_mean, running_var)
-        function = (_BatchNormEval if torch._C._are_functorch_transforms_active()
-                    else _BatchNormEvalEager)
-        return function.apply(input, weight, bias, running_mean, running_var, *args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, *args)
+    return _forward_with_autograd("batch_norm_eval", _BatchNormEval, _BatchNormEvalEager, input,
+                                  weight, bias, running_mean, running_var, (eps, relu, residual))
 
 
 _autograd_lib = torch.library.Library("fused_bn", "IMPL")
