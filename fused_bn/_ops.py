@@ -232,7 +232,8 @@ def _save_epilogue_context(ctx, n_inputs, input, weight, bias, mean, invstd, rel
     saved = (input, weight, bias if relu else None, mean, invstd,
              output if residual is not None else None)
     ctx.save_for_backward(*saved)
-    ctx.save_for_forward(*saved)
+    if _forward_mode_active():
+        ctx.save_for_forward(*saved)
 
 
 def _epilogue_jvp(ctx, training, input_t, weight_t, bias_t, residual_t):
@@ -264,12 +265,16 @@ def _epilogue_jvp(ctx, training, input_t, weight_t, bias_t, residual_t):
     return tangent.to(input.dtype)
 
 
+def _forward_mode_active():
+    """Whether forward-mode AD or a torch.func transform (jvp among them) may ask
+    for a jvp: both work under no_grad too."""
+    return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
 def _needs_autograd():
     """Whether a call must go through the op's autograd.Function: reverse mode
-    records only with grad mode on, but forward-mode AD and torch.func's
-    transforms work under no_grad too."""
-    return (torch.is_grad_enabled() or forward_ad._current_level >= 0
-            or torch._C._are_functorch_transforms_active())
+    records only with grad mode on."""
+    return torch.is_grad_enabled() or _forward_mode_active()
 
 
 _VMAP_UNBATCHED_STATS = (
@@ -289,17 +294,14 @@ _VMAP_UNBATCHED_STATS = (
 class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
-             momentum, eps, relu=False, residual=None):
+             momentum, eps, relu, residual):
         """torch.func.vmap (model ensembles, per-sample batch norm): the op once
         per batch entry, on slices, so batched running statistics and counters
         are updated in place as nn.BatchNorm2d's batching rule does. Unbatched
         ones would be updated once per entry: refused, as nn refuses them."""
         args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                 relu, residual)
-        state_dims = in_dims[3:6]
-        unbatched_state = any(t is not None and d is None
-                              for t, d in zip(args[3:6], state_dims))
-        if unbatched_state:
+        if any(t is not None and d is None for t, d in zip(args[3:6], in_dims[3:6])):
             if in_dims[0] is not None:
                 raise RuntimeError(_VMAP_UNBATCHED_STATS)
             raise RuntimeError(
@@ -314,7 +316,7 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                relu=False, residual=None):
+                relu, residual):
         with torch._C._AutoDispatchBelowAutograd():
             return ops.batch_norm_train(input, weight, bias, running_mean, running_var,
                                         num_batches_tracked, momentum, eps, relu, residual)
@@ -344,7 +346,7 @@ class _BatchNormEval(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, eps, relu=False, residual=None):
+    def forward(input, weight, bias, running_mean, running_var, eps, relu, residual):
         with torch._C._AutoDispatchBelowAutograd():
             return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, relu,
                                        residual)

@@ -47,6 +47,7 @@ def _batch_norm_epilogue(input, running_mean, running_var, weight, bias, trainin
     evaluate = batch_norm_eval_autograd if direct else ops.batch_norm_eval
     return evaluate(input, weight, bias, running_mean, running_var, eps, relu, residual)
 
+
 _ACTIVATIONS = (None, "relu")
 
 

@@ -13,10 +13,9 @@ def _traced_proxy(args):
 
 
 def _record_leaf_call(module, proxy, args):
-    """Under torch.fx symbolic tracing (``fx.symbolic_trace``, torchvision's
-    feature extraction, FX quantization), one ``call_module`` node for the
-    whole module, as tracers record ``nn.BatchNorm2d`` and every other torch.nn
-    module: they step into modules defined elsewhere, and our forward's checks
+    """Under torch.fx symbolic tracing, one ``call_module`` node for the whole
+    module, as the tracer records ``nn.BatchNorm2d`` and every other torch.nn
+    module: it steps into modules defined elsewhere, and our forward's checks
     branch on the input's shape, which a Proxy cannot do. The node reads the
     module's training flag when the traced graph runs, not when it was traced."""
     tracer = proxy.tracer

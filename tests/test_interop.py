@@ -27,7 +27,7 @@ from torch.func import (functional_call, grad, hessian, jacfwd, jacrev, jvp, sta
 
 import fused_bn
 from _accuracy import FLOOR, assert_accurate
-from _helpers import sample, state_of
+from _helpers import F64, make_trio, sample, state_of
 
 f64 = torch.float64
 OURS = {"bn": fused_bn.FusedBatchNorm2d, "bn_relu": fused_bn.FusedBatchNormReLU2d,
@@ -61,14 +61,7 @@ class NNComposite(nn.Module):
 
 def make_pair(kind, device, training, track_running_stats=False, num_features=SHAPE[1]):
     """(ours, nn) in float64 with the same non-default parameters and buffers."""
-    bn = nn.BatchNorm2d(num_features, track_running_stats=track_running_stats)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-        if track_running_stats:
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 1.5)
-    bn = bn.to(device, f64)
+    _, bn, _ = make_trio(num_features, F64, device, track_running_stats=track_running_stats)
     ours = OURS[kind](num_features, track_running_stats=track_running_stats).to(device, f64)
     ours.load_state_dict(bn.state_dict())
     return ours.train(training), NNComposite(kind, bn).train(training)
