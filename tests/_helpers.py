@@ -1,5 +1,6 @@
 """Helpers shared by the test files: precisions, layouts, inputs, and the
 three-way (ours / nn / float64 nn) parity runner built on tests/_accuracy.py."""
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +175,26 @@ def compare_states(ours, nn_bn, ref, label, floor_dtype=None):
             f"{label} num_batches_tracked: ours {int(o)}, nn {int(n)}")
 
 
+def nn_values_without_layout_bug(r_nn, nn_twin, x, grad_output):
+    """nn's results to judge ours by, for contiguous_reference steps. nn's CPU
+    backward gives a wrong grad_input for some grad_output layouts
+    (test_nn_backward_layout_bug_counterexample): it then bounds our error
+    loosely, and where its wrong values overflow float16 the NaN/inf pattern
+    no longer says anything (test_nn_layout_bug_overflow_counterexample). Where
+    nn's grad_input for contiguous copies of the same values differs from it by
+    more than rounding, those copies' results are nn's (its rounding without its
+    bug; the stricter bound), laid out as nn's own, so layouts are still
+    compared with what nn returns for the strided input."""
+    r_contiguous = forward_backward(nn_twin, x.detach().contiguous(), grad_output.contiguous())
+    strided, contiguous = r_nn["grad_input"].double(), r_contiguous["grad_input"].double()
+    finite = torch.isfinite(contiguous)
+    scale = float(contiguous[finite].abs().max()) if bool(finite.any()) else 0.0
+    if torch.allclose(strided, contiguous, rtol=1e-2, atol=1e-2 * scale, equal_nan=True):
+        return r_nn
+    return {key: None if value is None else torch.empty_like(r_nn[key]).copy_(value)
+            for key, value in r_contiguous.items()}
+
+
 def check_step(trio, x, grad_output, label, floor_dtype=None, contiguous_reference=False):
     """One forward+backward of all three modules on the same input; checks every
     quantity under the accuracy rule and that ``x`` is left untouched.
@@ -188,10 +209,12 @@ def check_step(trio, x, grad_output, label, floor_dtype=None, contiguous_referen
     r_ours = forward_backward(ours, x, grad_output)
     torch.testing.assert_close(x, x_before, rtol=0, atol=0, equal_nan=True,
                                msg=f"{label}: our forward/backward modified its input")
+    nn_twin = copy.deepcopy(nn_bn) if contiguous_reference else None
     r_nn = forward_backward(nn_bn, x, grad_output)
     x_ref, grad_ref = x.detach().cpu().double(), grad_output.detach().cpu().double()
     if contiguous_reference:
         x_ref, grad_ref = x_ref.contiguous(), grad_ref.contiguous()
+        r_nn = nn_values_without_layout_bug(r_nn, nn_twin, x, grad_output)
     r_ref = forward_backward(ref, x_ref, grad_ref)
     compare_results(r_ours, r_nn, r_ref, label, floor_dtype)
     compare_states(ours, nn_bn, ref, label, floor_dtype)
