@@ -10,12 +10,13 @@ training, ``FusedSyncBatchNorm2d`` (statistics synchronised over ``torch.distrib
 from . import _ops  # noqa: F401  (loads the extension, registers fake kernels and autograd)
 from .functional import batch_norm, batch_norm_add_relu
 from .modules import (FusedBatchNorm2d, FusedBatchNormAddReLU2d, FusedBatchNormReLU2d,
-                      FusedSyncBatchNorm2d, convert_model)
+                      FusedLazyBatchNorm2d, FusedSyncBatchNorm2d, convert_model)
 
 __all__ = [
     "FusedBatchNorm2d",
     "FusedBatchNormAddReLU2d",
     "FusedBatchNormReLU2d",
+    "FusedLazyBatchNorm2d",
     "FusedSyncBatchNorm2d",
     "batch_norm",
     "batch_norm_add_relu",

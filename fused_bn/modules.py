@@ -52,6 +52,14 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         return _batch_norm_epilogue(input, *self._batch_norm_args(input), False, None)
 
 
+class FusedLazyBatchNorm2d(nn.modules.batchnorm._LazyNormBase, FusedBatchNorm2d):
+    """``nn.LazyBatchNorm2d`` computed by fused_bn's kernels: ``num_features`` is
+    inferred from the first input's ``size(1)``, after which the module becomes
+    a ``FusedBatchNorm2d`` (as nn's becomes an ``nn.BatchNorm2d``)."""
+
+    cls_to_become = FusedBatchNorm2d
+
+
 class FusedBatchNormReLU2d(FusedBatchNorm2d):
     """``relu(nn.BatchNorm2d(x))`` in the passes over memory batch norm alone
     takes; the backward recomputes the ReLU's mask from the input. Same
@@ -114,9 +122,10 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None, dtype=None, *,
-                 activation=None):
+                 activation=None, **kwargs):
+        # kwargs: nn.BatchNorm2d's other keyword-only arguments (bias, in newer torch)
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, **kwargs)
         if activation not in (None, "relu"):
             raise ValueError(f"activation must be one of (None, 'relu'), got {activation!r}")
         self.process_group = process_group
@@ -173,10 +182,17 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
         return converted
 
 
+def _bias_option(bn) -> dict:
+    """bias=False for an affine batch norm made without a bias (a keyword-only
+    constructor argument of newer torch); nothing otherwise, so older torch,
+    which lacks it, is never passed it."""
+    return {"bias": False} if bn.affine and bn.bias is None else {}
+
+
 def _fused_from(bn: nn.BatchNorm2d, cls=FusedBatchNorm2d) -> FusedBatchNorm2d:
     fused = cls(
         bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-        track_running_stats=bn.track_running_stats, device="meta")
+        track_running_stats=bn.track_running_stats, device="meta", **_bias_option(bn))
     # The very same Parameter and buffer objects: optimizers holding them and any
     # other reference stay valid.
     for name, param in bn.named_parameters(recurse=False):
@@ -187,11 +203,28 @@ def _fused_from(bn: nn.BatchNorm2d, cls=FusedBatchNorm2d) -> FusedBatchNorm2d:
     return fused
 
 
+def _fused_lazy_from(bn: nn.LazyBatchNorm2d) -> FusedLazyBatchNorm2d:
+    """An uninitialized ``nn.LazyBatchNorm2d``'s twin (it holds no values yet);
+    the dtype and device its placeholders were made with carry over."""
+    fused = FusedLazyBatchNorm2d(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                                 track_running_stats=bn.track_running_stats,
+                                 device=bn.weight.device if bn.affine else bn.running_mean.device,
+                                 dtype=bn.weight.dtype if bn.affine else bn.running_mean.dtype,
+                                 **_bias_option(bn))
+    fused.train(bn.training)
+    return fused
+
+
 def _convert_in_place(module: nn.Module, fuse_relu: bool) -> nn.Module:
     if type(module) is nn.BatchNorm2d:
         return _fused_from(module)
+    if type(module) is nn.LazyBatchNorm2d:
+        return _fused_lazy_from(module)
     children = list(module.named_children())
     for i, (name, child) in enumerate(children):
+        if type(child) is nn.LazyBatchNorm2d:
+            setattr(module, name, _fused_lazy_from(child))
+            continue
         if type(child) is not nn.BatchNorm2d:
             _convert_in_place(child, fuse_relu)
             continue
@@ -211,6 +244,9 @@ def _convert_in_place(module: nn.Module, fuse_relu: bool) -> nn.Module:
 def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
     """Replace every submodule whose type is exactly ``nn.BatchNorm2d`` with a
     ``FusedBatchNorm2d`` sharing its parameters and buffers, and return the model.
+    An ``nn.LazyBatchNorm2d`` not yet run (nothing to share) becomes a
+    ``FusedLazyBatchNorm2d`` with its settings; one that has run is already an
+    ``nn.BatchNorm2d``.
 
     With ``fuse_relu=False`` the model is converted in place (the new module is
     returned when ``module`` itself is an ``nn.BatchNorm2d``).

@@ -70,16 +70,19 @@ def memory_formats(t):
 
 
 def make_trio(num_features, precision=F32, device="cpu", *, momentum=0.1, affine=True,
-              track_running_stats=True, eps=1e-5):
+              track_running_stats=True, eps=1e-5, bias=True):
     """(ours, nn, float64 nn reference) with identical, non-default state.
 
     ours and nn live on ``device`` with ``precision.param_dtype`` parameters; the
     reference lives on the CPU in float64 with the very same values upcast."""
     kwargs = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
+    if not bias:
+        kwargs["bias"] = False  # a weight without a bias (newer torch's keyword)
     nn_bn = nn.BatchNorm2d(num_features, **kwargs)
     with torch.no_grad():
         if affine:
             nn_bn.weight.uniform_(0.5, 1.5)
+        if nn_bn.bias is not None:
             nn_bn.bias.uniform_(-0.5, 0.5)
         if track_running_stats:
             nn_bn.running_mean.uniform_(-0.5, 0.5)
@@ -99,12 +102,11 @@ def forward_backward(module, x, grad_output):
     leaf = x.detach().requires_grad_()
     y = module(leaf)
     y.backward(grad_output)
-    affine = module.weight is not None
     return {
         "output": y.detach(),
         "grad_input": leaf.grad,
-        "grad_weight": module.weight.grad if affine else None,
-        "grad_bias": module.bias.grad if affine else None,
+        "grad_weight": module.weight.grad if module.weight is not None else None,
+        "grad_bias": module.bias.grad if module.bias is not None else None,
     }
 
 

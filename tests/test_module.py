@@ -277,3 +277,79 @@ def test_training_forward_without_autograd(device, context, momentum):
             assert_accurate(getattr(ours, name), getattr(theirs, name), getattr(reference, name),
                             name=f"{name}, step {step}")
         assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == step + 1
+
+
+# ------------------------------------------------- a weight without a bias; lazy modules
+_HAS_BIAS_OPTION = "bias" in __import__("inspect").signature(nn.BatchNorm2d.__init__).parameters
+needs_bias_option = pytest.mark.skipif(not _HAS_BIAS_OPTION,
+                                       reason="this torch's nn.BatchNorm2d has no bias= argument")
+
+
+@needs_bias_option
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weight_without_bias_matches_nn(device, layout):
+    """nn.BatchNorm2d(bias=False) (newer torch): a weight, no bias; same
+    constructor, so FusedBatchNorm2d takes it too."""
+    from _helpers import run_parity
+    run_parity((4, 5, 3, 7), layout=layout, device=device, bias=False)
+
+
+@needs_bias_option
+def test_convert_model_weight_without_bias():
+    """convert_model and convert_sync_batchnorm on nn.BatchNorm2d(bias=False):
+    the converted module has no bias either (it had a stray one on the meta
+    device, which failed at the first forward) and gives nn's output."""
+    import fused_bn
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    for convert in (convert_model, fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm):
+        bn = nn.BatchNorm2d(3, bias=False)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+        expected = copy.deepcopy(bn)(x)
+        model = convert(nn.Sequential(bn))
+        assert model[0].bias is None and [n for n, _ in model.named_parameters()] == ["0.weight"]
+        assert model[0].weight is bn.weight
+        assert_accurate(model(x), expected, copy.deepcopy(bn).double()(x.double()), name=convert.__name__)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(momentum=None, eps=1e-3), dict(affine=False),
+                                      dict(track_running_stats=False)])
+def test_lazy_batchnorm_converted(settings):
+    """An nn.LazyBatchNorm2d not yet run has no values to share: convert_model
+    swaps in a FusedLazyBatchNorm2d with its settings, which infers
+    num_features at the first forward and becomes a FusedBatchNorm2d, as nn's
+    becomes an nn.BatchNorm2d; both then agree step for step."""
+    from fused_bn import FusedLazyBatchNorm2d
+    torch.manual_seed(0)
+    ours = convert_model(nn.Sequential(nn.Conv2d(3, 6, 3), nn.LazyBatchNorm2d(**settings)))
+    theirs = nn.Sequential(nn.Conv2d(3, 6, 3), nn.LazyBatchNorm2d(**settings))
+    theirs[0].load_state_dict(ours[0].state_dict())
+    assert type(ours[1]) is FusedLazyBatchNorm2d
+    for step, training in enumerate((True, True, False)):
+        ours.train(training)
+        theirs.train(training)
+        x = torch.randn(2, 3, 8, 8) * 2 + 1
+        y_ours, y_theirs = ours(x), theirs(x)
+        assert type(ours[1]) is FusedBatchNorm2d and type(theirs[1]) is nn.BatchNorm2d
+        assert ours[1].num_features == 6
+        ref = copy.deepcopy(theirs).double()
+        assert_accurate(y_ours, y_theirs, ref(x.double()) if step == 0 else y_theirs.double(),
+                        name=f"step {step}")
+        y_ours.square().sum().backward()
+        y_theirs.square().sum().backward()
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(a, b), name
+    if settings.get("affine", True):
+        torch.testing.assert_close(ours[1].weight.grad, theirs[1].weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_lazy_batchnorm_wrong_dims_same_error():
+    from fused_bn import FusedLazyBatchNorm2d
+    for module in (FusedLazyBatchNorm2d(), nn.LazyBatchNorm2d()):
+        with pytest.raises(ValueError, match=r"^expected 4D input \(got 3D input\)$"):
+            module(torch.randn(3, 4, 5))
