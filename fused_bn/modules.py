@@ -205,11 +205,13 @@ def _fused_from(bn: nn.BatchNorm2d, cls=FusedBatchNorm2d) -> FusedBatchNorm2d:
 
 def _fused_lazy_from(bn: nn.LazyBatchNorm2d) -> FusedLazyBatchNorm2d:
     """An uninitialized ``nn.LazyBatchNorm2d``'s twin (it holds no values yet);
-    the dtype and device its placeholders were made with carry over."""
+    the dtype and device its placeholders were made with carry over (it has
+    none with affine=False and track_running_stats=False)."""
+    placeholder = bn.weight if bn.weight is not None else bn.running_mean
     fused = FusedLazyBatchNorm2d(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                                  track_running_stats=bn.track_running_stats,
-                                 device=bn.weight.device if bn.affine else bn.running_mean.device,
-                                 dtype=bn.weight.dtype if bn.affine else bn.running_mean.dtype,
+                                 device=None if placeholder is None else placeholder.device,
+                                 dtype=None if placeholder is None else placeholder.dtype,
                                  **_bias_option(bn))
     fused.train(bn.training)
     return fused
