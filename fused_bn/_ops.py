@@ -197,8 +197,8 @@ def _grads_for_inputs(mask, grads, bias_dtype, n_inputs, grad_residual=None):
 
 def _epilogue_backward(ctx, grad_output, training, eps):
     """Grads of every input of a forward op, from what its autograd saved:
-    input, weight, bias, mean, invstd and (add+relu only) the output."""
-    input, weight, bias, mean, invstd, output = ctx.saved_tensors
+    input, weight, bias, the statistics and (add+relu only) the output."""
+    input, weight, bias, mean, invstd, output = _saved_for_grads(ctx, training, eps)
     n_inputs = ctx.n_inputs
     if grad_output is None or not (any(ctx.mask) or ctx.residual_needs_grad):
         return (None,) * n_inputs
@@ -221,7 +221,33 @@ def _epilogue_backward(ctx, grad_output, training, eps):
     return _grads_for_inputs(ctx.mask, grads, ctx.bias_dtype, n_inputs, grad_residual)
 
 
+def _eval_statistics(running_mean, running_var, eps, input_dtype):
+    """The mean and inverse std an eval forward normalized with, in the dtype
+    the backward op takes; invstd as the kernels' eval_invstd computes it
+    (1/sqrt in float64, then rounded), so a recomputed ReLU mask is the
+    forward's, bit for bit."""
+    acc = _accumulate_dtype(input_dtype)
+    # A copy even in float64: the in-place steps must not touch the buffer.
+    invstd = running_var.to(torch.float64, copy=True).add_(eps).sqrt_().reciprocal_()
+    return running_mean.to(acc), invstd.to(acc)
+
+
+def _saved_for_grads(ctx, training, eps):
+    """(input, weight, bias, mean, invstd, output) for a backward or jvp. The
+    training forward saved its batch statistics; the eval forward saved the
+    running buffers themselves, as nn.BatchNorm2d's autograd does: no copies in
+    the forward (they were most of a small layer's eval step with grad mode on),
+    and a backward sees the buffers as they are then, as nn's does (a fused
+    ReLU's mask is then recomputed from those values too)."""
+    input, weight, bias, mean, invstd, output = ctx.saved_tensors
+    if not training:
+        mean, invstd = _eval_statistics(mean, invstd, eps, input.dtype)
+    return input, weight, bias, mean, invstd, output
+
+
 def _save_epilogue_context(ctx, n_inputs, input, weight, bias, mean, invstd, relu, residual, output):
+    """mean, invstd: the batch statistics in training, the running mean and
+    variance in eval (_saved_for_grads turns them into statistics)."""
     ctx.n_inputs = n_inputs
     ctx.mask = _grad_mask(ctx, weight, bias)
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -241,7 +267,7 @@ def _epilogue_jvp(ctx, training, input_t, weight_t, bias_t, residual_t):
     torch.autograd.forward_ad) of a forward op's output, from aten ops:
     tangent of x_hat = invstd * (dx - mean(dx) - x_hat * mean(x_hat * dx)) in
     training (the batch statistics move with x), invstd * dx in eval."""
-    input, weight, bias, mean, invstd, output = ctx.saved_tensors
+    input, weight, bias, mean, invstd, output = _saved_for_grads(ctx, training, ctx.eps)
     acc = _accumulate_dtype(input.dtype)
     dims = [0] + list(range(2, input.dim()))
     shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
@@ -354,14 +380,9 @@ class _BatchNormEval(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, weight, bias, running_mean, running_var, eps, relu, residual = inputs
-        acc = _accumulate_dtype(input.dtype)
-        # Snapshots: a later training step may update the running buffers in place.
-        # invstd as the kernels' eval_invstd computes it (1/sqrt in float64, then
-        # rounded), so a recomputed ReLU mask is the forward's, bit for bit.
-        mean = running_mean.to(acc, copy=True)
-        invstd = (1.0 / torch.sqrt(running_var.to(torch.float64) + eps)).to(acc)
         ctx.eps = eps
-        _save_epilogue_context(ctx, 8, input, weight, bias, mean, invstd, relu, residual, output)
+        _save_epilogue_context(ctx, 8, input, weight, bias, running_mean, running_var, relu,
+                               residual, output)
 
     @staticmethod
     def backward(ctx, grad_output):

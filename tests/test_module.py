@@ -279,6 +279,49 @@ def test_training_forward_without_autograd(device, context, momentum):
         assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == step + 1
 
 
+def test_eval_backward_after_training_step_matches_nn(device):
+    """nn's eval backward reads the running buffers as they are when it runs
+    (its autograd saves the buffers themselves, and a training step's update
+    does not bump their version): an eval forward, then a training step of the
+    same module, then the eval graph's backward gives grads from the updated
+    statistics. Ours must give the same grads, not ones from the old values."""
+    torch.manual_seed(0)
+    theirs = nn.BatchNorm2d(5, momentum=0.5).to(device)
+    ours = FusedBatchNorm2d(5, momentum=0.5).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    x = sample((4, 5, 3, 7), device=device)
+    moved = sample((4, 5, 3, 7), device=device, mean=6.0, std=8.0)
+    grad_output = sample((4, 5, 3, 7), device=device)
+    grads = []
+    for module in (ours, theirs):
+        module.eval()
+        leaf = x.clone().requires_grad_()
+        y = module(leaf)
+        module.train()
+        module(moved)
+        params = [module.weight, module.bias]
+        grads.append(torch.autograd.grad(y, [leaf] + params, grad_output))
+    assert not torch.equal(theirs.running_var, torch.ones_like(theirs.running_var))
+    for name, g_ours, g_nn in zip(("grad_input", "grad_weight", "grad_bias"), *grads):
+        # Within float rounding of nn; the old statistics would be ~2x off.
+        torch.testing.assert_close(g_ours, g_nn, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_eval_backward_after_inplace_buffer_change_raises_like_nn(device):
+    """Changing a running buffer in place between an eval forward and its
+    backward: nn's autograd refuses (version counter); so does ours, with the
+    same message."""
+    messages = []
+    for module in (FusedBatchNorm2d(3), nn.BatchNorm2d(3)):
+        module.to(device).eval()
+        y = module(sample((2, 3, 4, 4), device=device).requires_grad_())
+        module.running_var.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
+            y.sum().backward()
+        messages.append(str(info.value).split(" Hint")[0])
+    assert messages[0] == messages[1]
+
+
 # ------------------------------------------------- a weight without a bias; lazy modules
 _HAS_BIAS_OPTION = "bias" in __import__("inspect").signature(nn.BatchNorm2d.__init__).parameters
 needs_bias_option = pytest.mark.skipif(not _HAS_BIAS_OPTION,
