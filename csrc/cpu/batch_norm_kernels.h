@@ -1422,12 +1422,14 @@ inline void merge_row_blocks(const RowBlocking& rb, int64_t rows, int64_t C, con
 // Per-channel GradSums of rows [row_begin, row_end), as structure of arrays
 // (see merge_row_blocks); mean is padded to whole tiles.
 // (g of GradMask: kReluOfOutput reads `output` and writes g to `grad`, both
-// laid out as x.)
+// laid out as x.) A non-null eval_dx also gets eval's dx = g · k.scale in the
+// same pass (eval's dx needs no sums; k.scale set beforehand).
 template <typename scalar_t, GradMask kMask>
 void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
                           const ChannelCoefs<scalar_t>& k, const scalar_t* output, scalar_t* grad,
                           int64_t row_begin, int64_t row_end,
-                          double* sum_dy_out, double* sum_dy_xmu_out, double* sum_xmu_out) {
+                          double* sum_dy_out, double* sum_dy_xmu_out, double* sum_xmu_out,
+                          scalar_t* eval_dx = nullptr, bool stream_dx = false) {
   using Acc = acc_t<scalar_t>;
   using T = Tile<scalar_t>;
   const int64_t padded = padded_channels<scalar_t>(C);
@@ -1445,6 +1447,10 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
       const T tx = T::load(x + r * C + c0, n);
       const T tg = masked_grad_tile<scalar_t, kMask>(k, c0, tx, T::load(dy + r * C + c0, n), m, output, grad,
                                                      r * C + c0, n);
+      if (eval_dx) {
+        T::zip([](auto g, auto s_) { return g * s_; }, tg, T::coefs(k.scale + c0))
+            .store(eval_dx + r * C + c0, n, stream_dx);
+      }
       s_dy = T::zip([](auto s_, auto g) { return s_ + g; }, s_dy, tg);
       // Columns past n: x, mean, dy and first_dy all load as 0.
       const T xm = T::zip([](auto xx, auto mm) { return xx - mm; }, tx, m);
@@ -2019,9 +2025,16 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
   constexpr GradMask kDxMask = kMask == GradMask::kReluOfOutput ? GradMask::kNone : kMask;
   const scalar_t* dx_grad = kMask == GradMask::kReluOfOutput ? out.grad_residual : dy;
 
+  // Eval's dx needs no sums: with them wanted too, one pass does both.
+  const bool eval_dx_with_sums = !training && need_sums && out.grad_input && !exchange.local;
+  if (eval_dx_with_sums) {
+    for (int64_t c = 0; c < C; ++c) k.scale[c] = backward_scale<scalar_t>(weight, invstd, c);
+  }
+
   if (g.channels_last) {
     const int64_t rows = N * HW;
     const RowBlocking rb(rows, C);
+    const bool stream_rows = stream && rows_stream_aligned(out.grad_input, C);
     // Block partials as structure of arrays, summed in block order with a loop
     // over channels that vectorizes.
     const int64_t block_sums_size = need_sums ? rb.blocks * C : 0;
@@ -2032,7 +2045,8 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
       parallel_over(rb.blocks, [&](int64_t b) {
         nhwc_block_grad_sums<scalar_t, kMask>(x, dy, C, k, output, out.grad_residual, rb.begin(b),
                                               rb.end(b, rows), block_sum_dy + b * C, block_sum_dy_xmu + b * C,
-                                              block_sum_xmu + b * C);
+                                              block_sum_xmu + b * C,
+                                              eval_dx_with_sums ? out.grad_input : nullptr, stream_rows);
       });
     }
     at::parallel_for(0, C, kMergeGrain, [&](int64_t c_begin, int64_t c_end) {
@@ -2055,8 +2069,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
                                          count, training, !exchange.local, weight, invstd, out, k);
       }
     });
-    if (out.grad_input) {
-      const bool stream_rows = stream && rows_stream_aligned(out.grad_input, C);
+    if (out.grad_input && !eval_dx_with_sums) {
       at::parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
         grad_input_rows<scalar_t, kDxMask>(x, dx_grad, out.grad_input, Rows{C, C}, begin, end, k, training,
                                            stream_rows, /*reversed=*/need_sums);
