@@ -2127,18 +2127,29 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
       double* sum_dy_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum2>((c1 - c0) * P, 0.0);
       double* sum_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum3>((c1 - c0) * P, 0.0);
       unsigned char* g_differs = thread_scratch_filled<unsigned char, ScratchSlot::kBlockFlags>(c1 - c0, 0);
-      if (need_sums) {
-        for_block_planes(g, c0, c1, [&](int64_t c, int64_t n) {
-          if (n + 1 < N) {
-            plane.prefetch(x + ((n + 1) * C + c) * HW);
-            plane.prefetch(dy + ((n + 1) * C + c) * HW);
-            if constexpr (kMask == GradMask::kReluOfOutput) plane.prefetch(output + ((n + 1) * C + c) * HW);
-          }
-          short_plane_grad_sums<scalar_t, kMask>(x, dy, (n * C + c) * HW, plane, mean[c],
-                                                 static_cast<Acc>(dy[c * HW]), channel_mask(c, 0),
-                                                 sum_dy + (c - c0) * P, sum_dy_xmu + (c - c0) * P,
-                                                 sum_xmu + (c - c0) * P, g_differs + (c - c0));
+      auto plane_sums = [&](int64_t c, int64_t n) __attribute__((always_inline)) {
+        if (n + 1 < N) {
+          plane.prefetch(x + ((n + 1) * C + c) * HW);
+          plane.prefetch(dy + ((n + 1) * C + c) * HW);
+          if constexpr (kMask == GradMask::kReluOfOutput) plane.prefetch(output + ((n + 1) * C + c) * HW);
+        }
+        short_plane_grad_sums<scalar_t, kMask>(x, dy, (n * C + c) * HW, plane, mean[c],
+                                               static_cast<Acc>(dy[c * HW]), channel_mask(c, 0),
+                                               sum_dy + (c - c0) * P, sum_dy_xmu + (c - c0) * P,
+                                               sum_xmu + (c - c0) * P, g_differs + (c - c0));
+      };
+      // Eval's dx of a plane right after its sums, while it is in L1 (planes
+      // one by one only: the runs path's dx goes a tile of runs at a time).
+      const bool dx_with_sums = kPlanesOneByOne<scalar_t> && eval_dx_with_sums;
+      if (dx_with_sums) {
+        for_block_planes_into(g, c0, c1, out.grad_input, staged,
+                              [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable) {
+          plane_sums(c, n);
+          grad_input_plane_into(c, n, dst, writable, /*stream_dst=*/false);
         });
+        if (staged) stream_fence();
+      } else if (need_sums) {
+        for_block_planes(g, c0, c1, plane_sums);
       }
       for (int64_t c = c0; c < c1; ++c) {
         const double xmu = ShortPlane<scalar_t>::total(sum_xmu + (c - c0) * P);
@@ -2147,7 +2158,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
                                               ShortPlane<scalar_t>::total(sum_dy_xmu + (c - c0) * P), xmu);
         finalize_channel_grads<scalar_t>(c, exchanged(c, sums), count, training, !exchange.local, weight, invstd, out, k);
       }
-      if (!out.grad_input) return;
+      if (!out.grad_input || dx_with_sums) return;
       if constexpr (kPlanesOneByOne<scalar_t>) {
         for_block_planes_into(g, c0, c1, out.grad_input, staged,
                               [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable) {
