@@ -13,7 +13,10 @@ under, run on ours and compared with nn (float64, nn its own reference):
   functional forms are call_function nodes;
 * torch.jit.trace records the op, and the traced module matches eager;
 * torch.autocast: a conv's half-precision activations with float32 parameters
-  keep their dtype, under the accuracy rule.
+  keep their dtype, under the accuracy rule;
+* autograd's own tools: activation checkpointing (reentrant or not: the
+  recomputed forward updates the running statistics again, as nn's does),
+  save_on_cpu, full backward hooks, anomaly detection.
 """
 import copy
 
@@ -332,3 +335,63 @@ def test_autocast_conv_then_bn_matches_nn(device, dtype, training):
     for name in ("running_mean", "running_var"):
         assert_accurate(getattr(ours, name), getattr(theirs.bn, name), getattr(reference.bn, name),
                         name=name)
+
+
+# ---------------------------------------------------------------- autograd's own tools
+
+def _checkpointed_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None))
+
+
+def _step_with(tool, model, x, grad_output):
+    """One forward+backward of `model` under `tool`; returns grad_input, the
+    parameters' grads, the buffers, and what full backward hooks saw."""
+    from torch.utils.checkpoint import checkpoint
+    leaf = x.clone().requires_grad_()
+    seen = []
+    hooks = [m.register_full_backward_hook(lambda m, gi, go: seen.append(gi[0].clone()))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d) and tool == "full_backward_hook"]
+    if tool in ("checkpoint", "checkpoint_reentrant"):
+        y = checkpoint(model, leaf, use_reentrant=tool == "checkpoint_reentrant")
+        y.backward(grad_output)
+    elif tool == "save_on_cpu":
+        with torch.autograd.graph.save_on_cpu():
+            y = model(leaf)
+        y.backward(grad_output)
+    elif tool == "anomaly":
+        with pytest.warns(UserWarning, match="Anomaly Detection"), torch.autograd.detect_anomaly():
+            model(leaf).backward(grad_output)
+    else:
+        model(leaf).backward(grad_output)
+    for h in hooks:
+        h.remove()
+    return leaf.grad, [p.grad for p in model.parameters()], [b.clone() for b in model.buffers()], seen
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("tool", ["checkpoint", "checkpoint_reentrant", "save_on_cpu",
+                                  "full_backward_hook", "anomaly"])
+def test_autograd_tools_match_nn(device, tool, training):
+    """A converted model under torch.utils.checkpoint, save_on_cpu, full
+    backward hooks and anomaly detection gives nn's grads, hook arguments and
+    buffers (float64: agreement to rounding), the counter included: a
+    checkpointed training step counts twice, for nn as for us."""
+    torch.manual_seed(0)
+    theirs = _checkpointed_net().double().to(device).train(training)
+    ours = fused_bn.convert_model(copy.deepcopy(theirs))
+    x = sample((4, 3, 9, 7), f64, device)
+    grad_output = sample((4, 8, 9, 7), f64, device)
+    got, want = _step_with(tool, ours, x, grad_output), _step_with(tool, theirs, x, grad_output)
+    close = dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(got[0], want[0], **close)
+    for g_ours, g_nn in zip(got[1], want[1]):
+        torch.testing.assert_close(g_ours, g_nn, **close)
+    for b_ours, b_nn in zip(got[2], want[2]):
+        torch.testing.assert_close(b_ours, b_nn, **close)
+    counters = [int(b) for b in want[2] if b.dtype == torch.long]
+    assert counters == [int(b) for b in got[2] if b.dtype == torch.long]
+    assert counters == [(2 if tool.startswith("checkpoint") else 1) if training else 0] * 2
+    assert len(got[3]) == len(want[3]) == (2 if tool == "full_backward_hook" else 0)
+    for h_ours, h_nn in zip(got[3], want[3]):
+        torch.testing.assert_close(h_ours, h_nn, **close)
