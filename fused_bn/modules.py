@@ -224,11 +224,10 @@ def _convert_in_place(module: nn.Module, fuse_relu: bool) -> nn.Module:
         return _fused_lazy_from(module)
     children = list(module.named_children())
     for i, (name, child) in enumerate(children):
-        if type(child) is nn.LazyBatchNorm2d:
-            setattr(module, name, _fused_lazy_from(child))
-            continue
         if type(child) is not nn.BatchNorm2d:
-            _convert_in_place(child, fuse_relu)
+            converted = _convert_in_place(child, fuse_relu)
+            if converted is not child:  # an nn.LazyBatchNorm2d
+                setattr(module, name, converted)
             continue
         # An nn.Sequential's BatchNorm2d right before an nn.ReLU: the pair
         # becomes the fused module and an nn.Identity at the ReLU's index, so

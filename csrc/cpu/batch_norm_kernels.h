@@ -2138,16 +2138,20 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
                                                sum_dy + (c - c0) * P, sum_dy_xmu + (c - c0) * P,
                                                sum_xmu + (c - c0) * P, g_differs + (c - c0));
       };
-      // Eval's dx of a plane right after its sums, while it is in L1 (planes
-      // one by one only: the runs path's dx goes a tile of runs at a time).
-      const bool dx_with_sums = kPlanesOneByOne<scalar_t> && eval_dx_with_sums;
-      if (dx_with_sums) {
+      // The planes-one-by-one dx pass; with_sums: each plane's sums first
+      // (eval's dx then comes while the plane is in L1).
+      auto planes_dx = [&](auto with_sums) {
         for_block_planes_into(g, c0, c1, out.grad_input, staged,
                               [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable) {
-          plane_sums(c, n);
+          if constexpr (decltype(with_sums)::value) plane_sums(c, n);
           grad_input_plane_into(c, n, dst, writable, /*stream_dst=*/false);
         });
         if (staged) stream_fence();
+      };
+      // Not on the runs path: its dx goes a tile of runs at a time.
+      const bool dx_with_sums = kPlanesOneByOne<scalar_t> && eval_dx_with_sums;
+      if (dx_with_sums) {
+        planes_dx(/*with_sums=*/std::true_type{});
       } else if (need_sums) {
         for_block_planes(g, c0, c1, plane_sums);
       }
@@ -2160,11 +2164,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
       }
       if (!out.grad_input || dx_with_sums) return;
       if constexpr (kPlanesOneByOne<scalar_t>) {
-        for_block_planes_into(g, c0, c1, out.grad_input, staged,
-                              [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable) {
-          grad_input_plane_into(c, n, dst, writable, /*stream_dst=*/false);
-        });
-        if (staged) stream_fence();
+        planes_dx(/*with_sums=*/std::false_type{});
       } else {
         grad_input_rows<scalar_t, kDxMask>(x + c0 * HW, dx_grad + c0 * HW, out.grad_input + c0 * HW,
                                            cb.run(g, b), 0, N, RunCoefs<scalar_t>(k, c0, c1, HW), training,
