@@ -2,24 +2,9 @@
 // layout and dtype dispatch, allocation of outputs and workspace, and
 // registration for the CUDA dispatch key. The arithmetic lives in
 // batch_norm_kernels.cu and never sees a torch type.
-// CPU-only torch wheels ship the c10/cuda headers without their generated
-// configuration header, which only carries Windows export settings: skipping
-// it when absent lets this file be syntax-checked without a CUDA torch, and
-// changes nothing where it exists.
-#if defined(__has_include)
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>) && !defined(C10_CUDA_NO_CMAKE_CONFIGURE_FILE)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#endif
-
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <cuda_runtime_api.h>
 
 #include <array>
 #include <tuple>
@@ -28,6 +13,7 @@
 #include "../batch_norm_checks.h"
 #include "../glue_helpers.h"
 #include "batch_norm_kernels.cuh"
+#include "glue_device.h"
 
 namespace fused_bn {
 namespace {
@@ -92,11 +78,7 @@ PreparedInput prepare(const Tensor& input) {
     g.layout = format == at::MemoryFormat::ChannelsLast ? cuda::Layout::kChannelsLast
                                                         : cuda::Layout::kChannelsFirst;
   }
-  int device_index = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device_index));
-  int multiprocessors = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device_index));
-  g.multiprocessor_count = multiprocessors;
+  g.multiprocessor_count = device::multiprocessor_count();
   return {x, format, g};
 }
 
@@ -146,7 +128,7 @@ struct RunTrainForward {
     p.momentum = t.momentum.value_or(0.0);
     Tensor workspace = allocate_workspace(cuda::train_forward_workspace_bytes(p), t.in.tensor);
     p.workspace = workspace.mutable_data_ptr();
-    C10_CUDA_CHECK(cuda::launch_batch_norm_train_forward(p, c10::cuda::getCurrentCUDAStream()));
+    device::check_launch(cuda::launch_batch_norm_train_forward(p, device::current_stream()));
   }
 };
 
@@ -168,9 +150,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
   check_updatable(running_mean, "running_mean");
   check_updatable(running_var, "running_var");
   check_batches_tracked(num_batches_tracked, input);
-  TORCH_CHECK(input.is_cuda(), "batch_norm: expected a CUDA input, got one on ", input.device());
+  device::check_input_device(input);
   const bool float_params = has_float_params(input, {&weight, &bias, &running_mean, &running_var});
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  const device::DeviceGuard device_guard(input.device());
 
   PreparedInput in = prepare(input);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
@@ -214,7 +196,7 @@ struct RunEvalForward {
     p.running_mean = device_data<param_t>(t.running_mean);
     p.running_var = device_data<param_t>(t.running_var);
     p.eps = t.eps;
-    C10_CUDA_CHECK(cuda::launch_batch_norm_eval_forward(p, c10::cuda::getCurrentCUDAStream()));
+    device::check_launch(cuda::launch_batch_norm_eval_forward(p, device::current_stream()));
   }
 };
 
@@ -226,9 +208,9 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const optional<Tensor>& weight,
   check_forward_args(input, weight, bias, mean_opt, var_opt);
   check_epilogue(relu, residual, input);
   check_no_epilogue(relu, residual);
-  TORCH_CHECK(input.is_cuda(), "batch_norm: expected a CUDA input, got one on ", input.device());
+  device::check_input_device(input);
   const bool float_params = has_float_params(input, {&weight, &bias, &mean_opt, &var_opt});
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  const device::DeviceGuard device_guard(input.device());
 
   PreparedInput in = prepare(input);
   Tensor output = empty_output(input, in.format);
@@ -278,7 +260,7 @@ struct RunBackward {
     p.grad_bias = t.output_mask[2] ? mutable_device_data<grad_param_t>(t.grad_bias) : nullptr;
     Tensor workspace = allocate_workspace(cuda::backward_workspace_bytes(p), t.in.tensor);
     p.workspace = workspace.mutable_data_ptr();
-    C10_CUDA_CHECK(cuda::launch_batch_norm_backward(p, c10::cuda::getCurrentCUDAStream()));
+    device::check_launch(cuda::launch_batch_norm_backward(p, device::current_stream()));
   }
 
   template <typename scalar_t, typename param_t>
@@ -304,9 +286,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
               "batch_norm_backward: mean and invstd must be ", acc_dtype, " for ", input.scalar_type(),
               " input");
   check_on_input_device(grad_output, "grad_output", input);
-  TORCH_CHECK(input.is_cuda(), "batch_norm: expected a CUDA input, got one on ", input.device());
+  device::check_input_device(input);
   const bool float_params = has_float_params(input, {&weight});
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  const device::DeviceGuard device_guard(input.device());
 
   PreparedInput in = prepare(input);
   const Tensor dy = grad_output.contiguous(in.format);
@@ -335,11 +317,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_relu_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_bn, CUDA, m) {
+void register_cuda_glue(torch::Library& m) {
   m.impl("batch_norm_train", &batch_norm_train_cuda);
   m.impl("batch_norm_eval", &batch_norm_eval_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("batch_norm_add_relu_backward", &batch_norm_add_relu_backward_cuda);
 }
+
+#if !defined(FUSED_BN_CUDA_EMULATION)
+// The emulated build registers the same glue for CPU tensors on request
+// (emulation/emulated_ops.cpp).
+TORCH_LIBRARY_IMPL(fused_bn, CUDA, m) { register_cuda_glue(m); }
+#endif
 
 }  // namespace fused_bn

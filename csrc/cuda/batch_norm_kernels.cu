@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 namespace fused_bn {
 namespace cuda {
@@ -111,12 +112,20 @@ __device__ __forceinline__ void store_bundle(T* p, const Bundle<T, kVec>& b) {
 // within an ulp or so of 1/n.
 __device__ __forceinline__ float reciprocal_of_count(float n) {
   float r;
+#if defined(FUSED_BN_CUDA_EMULATION)
+  r = emulation::rcp_approx_ftz(n);
+#else
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(n));
+#endif
   return fmaf(r, fmaf(-n, r, 1.0f), r);
 }
 __device__ __forceinline__ double reciprocal_of_count(double n) {
   double r;
+#if defined(FUSED_BN_CUDA_EMULATION)
+  r = emulation::rcp_approx_ftz(n);
+#else
   asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(n));
+#endif
   r = fma(r, fma(-n, r, 1.0), r);
   r = fma(r, fma(-n, r, 1.0), r);
   return fma(r, fma(-n, r, 1.0), r);
@@ -1115,6 +1124,15 @@ LaunchPlan make_plan(const Geometry& g, int vec) {
   return plan;
 }
 
+// f(std::integral_constant<int, kVec>) for the plan's 16-byte vectors, else
+// f(std::integral_constant<int, 1>): each kernel is instantiated for both.
+template <typename scalar_t, typename F>
+cudaError_t with_vector_width(const LaunchPlan& plan, F&& f) {
+  constexpr int kVec = kVectorWidth<scalar_t>;
+  if (plan.vec == kVec) return f(std::integral_constant<int, kVec>{});
+  return f(std::integral_constant<int, 1>{});
+}
+
 // Carves typed arrays out of the caller's workspace. Run with a null base it
 // only measures, so the byte count and the launch agree by construction.
 class WorkspaceCarver {
@@ -1210,26 +1228,16 @@ template <typename scalar_t, typename param_t>
 cudaError_t launch_normalize(const Geometry& g, const scalar_t* input, scalar_t* output,
                              const NormalizeCoefficients<acc_type<scalar_t>, param_t>& coefficients,
                              cudaStream_t stream) {
-  constexpr int kVec = kVectorWidth<scalar_t>;
   const LaunchPlan plan = make_plan(g, pick_vector_width<scalar_t>(g, {input, output}));
-  if (g.layout == Layout::kChannelsFirst) {
-    if (plan.vec == kVec) {
-      channels_first_normalize_kernel<scalar_t, param_t, kVec><<<plan.grid, plan.block, 0, stream>>>(
-          input, output, g, plan.work_per_split, coefficients);
-    } else {
-      channels_first_normalize_kernel<scalar_t, param_t, 1><<<plan.grid, plan.block, 0, stream>>>(
-          input, output, g, plan.work_per_split, coefficients);
+  return with_vector_width<scalar_t>(plan, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    if (g.layout == Layout::kChannelsFirst) {
+      return launch_kernel<channels_first_normalize_kernel<scalar_t, param_t, kVec>, kMaxThreads>(
+          plan.grid, plan.block, stream, input, output, g, plan.work_per_split, coefficients);
     }
-  } else {
-    if (plan.vec == kVec) {
-      channels_last_normalize_kernel<scalar_t, param_t, kVec><<<plan.grid, plan.block, 0, stream>>>(
-          input, output, g, plan.work_per_split, coefficients);
-    } else {
-      channels_last_normalize_kernel<scalar_t, param_t, 1><<<plan.grid, plan.block, 0, stream>>>(
-          input, output, g, plan.work_per_split, coefficients);
-    }
-  }
-  return cudaGetLastError();
+    return launch_kernel<channels_last_normalize_kernel<scalar_t, param_t, kVec>, kMaxThreads>(
+        plan.grid, plan.block, stream, input, output, g, plan.work_per_split, coefficients);
+  });
 }
 
 }  // namespace
@@ -1249,40 +1257,27 @@ template <typename scalar_t, typename param_t>
 cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, param_t>& p,
                                             cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int kVec = kVectorWidth<scalar_t>;
   const Geometry& g = p.geometry;
   if (g.channels == 0) {
     if (p.num_batches_tracked == nullptr) return cudaSuccess;
-    increment_counter_kernel<<<1, 1, 0, stream>>>(p.num_batches_tracked);
-    return cudaGetLastError();
+    return launch_kernel<increment_counter_kernel, 1>(dim3(1), dim3(1), stream, p.num_batches_tracked);
   }
 
   // Pass 1 also runs for an empty batch: its partials are empty and it takes
   // the counter snapshot the finalize pass relies on.
   const LaunchPlan plan = forward_moments_plan(p);
   const ForwardWorkspace<acc_t> ws = carve_forward_workspace<acc_t>(p.workspace, g.channels, plan.splits);
-  if (g.layout == Layout::kChannelsFirst) {
-    if (plan.vec == kVec) {
-      channels_first_moments_kernel<scalar_t, kVec><<<plan.grid, plan.block, 0, stream>>>(
-          p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2, ws.partial_count,
-          p.num_batches_tracked, ws.counter_snapshot);
-    } else {
-      channels_first_moments_kernel<scalar_t, 1><<<plan.grid, plan.block, 0, stream>>>(
-          p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2, ws.partial_count,
-          p.num_batches_tracked, ws.counter_snapshot);
+  cudaError_t err = with_vector_width<scalar_t>(plan, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    if (g.layout == Layout::kChannelsFirst) {
+      return launch_kernel<channels_first_moments_kernel<scalar_t, kVec>, kMaxThreads>(
+          plan.grid, plan.block, stream, p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2,
+          ws.partial_count, p.num_batches_tracked, ws.counter_snapshot);
     }
-  } else {
-    if (plan.vec == kVec) {
-      channels_last_moments_kernel<scalar_t, kVec><<<plan.grid, plan.block, 0, stream>>>(
-          p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2, ws.partial_count,
-          p.num_batches_tracked, ws.counter_snapshot);
-    } else {
-      channels_last_moments_kernel<scalar_t, 1><<<plan.grid, plan.block, 0, stream>>>(
-          p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2, ws.partial_count,
-          p.num_batches_tracked, ws.counter_snapshot);
-    }
-  }
-  cudaError_t err = cudaGetLastError();
+    return launch_kernel<channels_last_moments_kernel<scalar_t, kVec>, kMaxThreads>(
+        plan.grid, plan.block, stream, p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2,
+        ws.partial_count, p.num_batches_tracked, ws.counter_snapshot);
+  });
   if (err != cudaSuccess) return err;
 
   FinalizeMomentsArgs<scalar_t, param_t> args;
@@ -1310,9 +1305,8 @@ cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, p
   args.momentum = p.momentum;
   args.cumulative_momentum = p.cumulative_momentum;
   const int64_t finalize_blocks = ceil_div(g.channels, kFinalizeChannelsPerBlock);
-  finalize_moments_kernel<scalar_t, param_t>
-      <<<static_cast<unsigned>(finalize_blocks), kFinalizeThreads, 0, stream>>>(args);
-  err = cudaGetLastError();
+  err = launch_kernel<finalize_moments_kernel<scalar_t, param_t>, kFinalizeThreads>(
+      dim3(static_cast<unsigned>(finalize_blocks)), dim3(kFinalizeThreads), stream, args);
   if (err != cudaSuccess) return err;
 
   if (count_per_channel(g) == 0) return cudaSuccess;
@@ -1350,44 +1344,30 @@ size_t backward_workspace_bytes(const BackwardParams<scalar_t, param_t>& params)
 template <typename scalar_t, typename param_t>
 cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& p, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int kVec = kVectorWidth<scalar_t>;
   const Geometry& g = p.geometry;
   const bool needs_sums = backward_needs_sums(p);
   if (g.channels == 0 || (!needs_sums && p.grad_input == nullptr)) return cudaSuccess;
   if (p.training && count_per_channel(g) == 2) {
-    two_values_backward_kernel<scalar_t, param_t>
-        <<<static_cast<unsigned>(ceil_div(g.channels, kFinalizeThreads)), kFinalizeThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel<two_values_backward_kernel<scalar_t, param_t>, kFinalizeThreads>(
+        dim3(static_cast<unsigned>(ceil_div(g.channels, kFinalizeThreads))), dim3(kFinalizeThreads), stream, p);
   }
 
   const LaunchPlan sums_plan = backward_sums_plan(p);
   const int64_t splits = needs_sums ? sums_plan.splits : 0;
   const BackwardWorkspace<acc_t> ws = carve_backward_workspace<acc_t>(p.workspace, g.channels, splits);
-  cudaError_t err;
   if (needs_sums) {
     // Also runs for an empty batch, leaving zero sums.
-    if (g.layout == Layout::kChannelsFirst) {
-      if (sums_plan.vec == kVec) {
-        channels_first_grad_sums_kernel<scalar_t, kVec><<<sums_plan.grid, sums_plan.block, 0, stream>>>(
-            p.grad_output, p.input, g, sums_plan.work_per_split, p.mean, ws.partial_sum_dy,
-            ws.partial_sum_dy_xmu);
-      } else {
-        channels_first_grad_sums_kernel<scalar_t, 1><<<sums_plan.grid, sums_plan.block, 0, stream>>>(
-            p.grad_output, p.input, g, sums_plan.work_per_split, p.mean, ws.partial_sum_dy,
-            ws.partial_sum_dy_xmu);
+    const cudaError_t err = with_vector_width<scalar_t>(sums_plan, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      if (g.layout == Layout::kChannelsFirst) {
+        return launch_kernel<channels_first_grad_sums_kernel<scalar_t, kVec>, kMaxThreads>(
+            sums_plan.grid, sums_plan.block, stream, p.grad_output, p.input, g, sums_plan.work_per_split, p.mean,
+            ws.partial_sum_dy, ws.partial_sum_dy_xmu);
       }
-    } else {
-      if (sums_plan.vec == kVec) {
-        channels_last_grad_sums_kernel<scalar_t, kVec><<<sums_plan.grid, sums_plan.block, 0, stream>>>(
-            p.grad_output, p.input, g, sums_plan.work_per_split, p.mean, ws.partial_sum_dy,
-            ws.partial_sum_dy_xmu);
-      } else {
-        channels_last_grad_sums_kernel<scalar_t, 1><<<sums_plan.grid, sums_plan.block, 0, stream>>>(
-            p.grad_output, p.input, g, sums_plan.work_per_split, p.mean, ws.partial_sum_dy,
-            ws.partial_sum_dy_xmu);
-      }
-    }
-    err = cudaGetLastError();
+      return launch_kernel<channels_last_grad_sums_kernel<scalar_t, kVec>, kMaxThreads>(
+          sums_plan.grid, sums_plan.block, stream, p.grad_output, p.input, g, sums_plan.work_per_split, p.mean,
+          ws.partial_sum_dy, ws.partial_sum_dy_xmu);
+    });
     if (err != cudaSuccess) return err;
   }
 
@@ -1406,9 +1386,8 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
   args.coef_x = ws.coef_x;
   args.coef_const = ws.coef_const;
   const int64_t finalize_blocks = ceil_div(g.channels, kFinalizeChannelsPerBlock);
-  finalize_grad_kernel<scalar_t, param_t>
-      <<<static_cast<unsigned>(finalize_blocks), kFinalizeThreads, 0, stream>>>(args);
-  err = cudaGetLastError();
+  const cudaError_t err = launch_kernel<finalize_grad_kernel<scalar_t, param_t>, kFinalizeThreads>(
+      dim3(static_cast<unsigned>(finalize_blocks)), dim3(kFinalizeThreads), stream, args);
   if (err != cudaSuccess) return err;
 
   if (p.grad_input == nullptr || count_per_channel(g) == 0) return cudaSuccess;
@@ -1416,24 +1395,17 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
   const LaunchPlan plan =
       make_plan(g, p.training ? pick_vector_width<scalar_t>(g, {p.grad_output, p.input, p.grad_input})
                               : pick_vector_width<scalar_t>(g, {p.grad_output, p.grad_input}));
-  if (g.layout == Layout::kChannelsFirst) {
-    if (plan.vec == kVec) {
-      channels_first_grad_input_kernel<scalar_t, kVec><<<plan.grid, plan.block, 0, stream>>>(
-          p.grad_output, p.input, p.grad_input, g, plan.work_per_split, coefficients);
-    } else {
-      channels_first_grad_input_kernel<scalar_t, 1><<<plan.grid, plan.block, 0, stream>>>(
-          p.grad_output, p.input, p.grad_input, g, plan.work_per_split, coefficients);
+  return with_vector_width<scalar_t>(plan, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    if (g.layout == Layout::kChannelsFirst) {
+      return launch_kernel<channels_first_grad_input_kernel<scalar_t, kVec>, kMaxThreads>(
+          plan.grid, plan.block, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split,
+          coefficients);
     }
-  } else {
-    if (plan.vec == kVec) {
-      channels_last_grad_input_kernel<scalar_t, kVec><<<plan.grid, plan.block, 0, stream>>>(
-          p.grad_output, p.input, p.grad_input, g, plan.work_per_split, coefficients);
-    } else {
-      channels_last_grad_input_kernel<scalar_t, 1><<<plan.grid, plan.block, 0, stream>>>(
-          p.grad_output, p.input, p.grad_input, g, plan.work_per_split, coefficients);
-    }
-  }
-  return cudaGetLastError();
+    return launch_kernel<channels_last_grad_input_kernel<scalar_t, kVec>, kMaxThreads>(
+        plan.grid, plan.block, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split,
+        coefficients);
+  });
 }
 
 // Every (input, parameter) dtype pair batch norm accepts.

@@ -53,9 +53,7 @@
 // synchronizes.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime_api.h>
+#include "cuda_platform.h"
 
 #include <cstddef>
 #include <cstdint>

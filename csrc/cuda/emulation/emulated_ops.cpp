@@ -1,0 +1,59 @@
+// The test-only extension's entry points (tests/emulated_cuda.py builds it):
+// the CUDA glue and kernels, compiled for the emulated GPU, registered for
+// fused_bn's ops on CPU tensors while enabled, and the emulated device's
+// settings. Enabling overrides fused_bn's own CPU kernels (the dispatcher
+// warns once); disabling drops the registration and restores them.
+#include <torch/library.h>
+
+#include <memory>
+#include <mutex>
+
+#include "cuda_emulation.h"
+
+namespace fused_bn {
+void register_cuda_glue(torch::Library& m);
+
+namespace emulation {
+namespace {
+
+std::mutex registration_mutex;
+std::unique_ptr<torch::Library> registration;
+
+void enable(bool on) {
+  std::lock_guard<std::mutex> lock(registration_mutex);
+  if (on && !registration) {
+    registration = std::make_unique<torch::Library>(torch::Library::IMPL, "fused_bn", c10::DispatchKey::CPU,
+                                                    __FILE__, __LINE__);
+    register_cuda_glue(*registration);
+  } else if (!on) {
+    registration.reset();
+  }
+}
+
+bool enabled() {
+  std::lock_guard<std::mutex> lock(registration_mutex);
+  return registration != nullptr;
+}
+
+void configure(int64_t multiprocessor_count, int64_t block_order, int64_t seed) {
+  TORCH_CHECK(multiprocessor_count >= 1, "emulated GPU: multiprocessor_count must be positive");
+  TORCH_CHECK(block_order >= 0 && block_order <= 2, "emulated GPU: block_order is 0 (forward), 1 (reverse) or 2 (shuffle)");
+  DeviceConfig c;
+  c.multiprocessor_count = static_cast<int>(multiprocessor_count);
+  c.order = static_cast<BlockOrder>(block_order);
+  c.seed = static_cast<uint64_t>(seed);
+  set_config(c);
+}
+
+int64_t launches() { return launch_count(); }
+
+}  // namespace
+}  // namespace emulation
+}  // namespace fused_bn
+
+TORCH_LIBRARY(fused_bn_emulation, m) {
+  m.def("enable(bool on) -> ()", &fused_bn::emulation::enable);
+  m.def("enabled() -> bool", &fused_bn::emulation::enabled);
+  m.def("configure(int multiprocessor_count, int block_order, int seed) -> ()", &fused_bn::emulation::configure);
+  m.def("launch_count() -> int", &fused_bn::emulation::launches);
+}

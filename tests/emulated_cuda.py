@@ -1,0 +1,84 @@
+"""The emulated GPU for the test suite: builds (once, cached under build/) and
+loads a test-only extension in which our CUDA glue and kernels are compiled
+by the host compiler against csrc/cuda/emulation/, and switches fused_bn's
+ops on CPU tensors over to it.
+
+Variants: ``default`` (-O2, with gcov coverage when FUSED_BN_EMULATION_COVERAGE
+is set) and ``asan`` (AddressSanitizer + UndefinedBehaviorSanitizer; Python
+must run with the ASan runtime in LD_PRELOAD, see the Makefile).
+"""
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+SOURCES = [
+    CSRC / "cuda" / "emulation" / "emulation.cpp",
+    CSRC / "cuda" / "emulation" / "emulated_ops.cpp",
+    CSRC / "cuda" / "emulation" / "kernels_emulated.cpp",
+    CSRC / "cuda" / "batch_norm_cuda.cpp",
+]
+# As torch.utils.cpp_extension builds CUDA extensions: half/bfloat16 only
+# through intrinsics, so the emulated build sees what nvcc sees.
+DEFINES = [
+    "-DFUSED_BN_CUDA_EMULATION", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+
+BLOCK_ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
+
+
+def cuda_include_dir():
+    """The CUDA toolkit's include directory (cuda_fp16.h and friends)."""
+    candidates = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    for c in candidates:
+        if (c / "cuda_fp16.h").exists() and (c / "crt" / "host_defines.h").exists():
+            return c
+    raise RuntimeError("emulated GPU: no CUDA headers found (set CUDA_HOME); cuda_fp16.h is needed")
+
+
+def build(variant="default"):
+    """Compiles (if sources changed) and loads the emulated extension."""
+    from torch.utils.cpp_extension import load
+
+    flags = ["-std=c++20", "-g", *DEFINES, f"-I{CSRC}", f"-I{cuda_include_dir()}"]
+    ldflags = []
+    if variant == "asan":
+        flags += ["-O1", *SANITIZE]
+        ldflags += SANITIZE
+    else:
+        flags += ["-O2"]
+        if os.environ.get("FUSED_BN_EMULATION_COVERAGE"):
+            flags += ["--coverage"]
+            ldflags += ["--coverage"]
+    name = "fused_bn_emulated_cuda" + ("_asan" if variant == "asan" else "")
+    if os.environ.get("FUSED_BN_EMULATION_COVERAGE") and variant != "asan":
+        name += "_coverage"
+    directory = ROOT / "build" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=ldflags,
+         build_directory=str(directory), is_python_module=False, verbose=False)
+    return directory
+
+
+def enable(on=True):
+    torch.ops.fused_bn_emulation.enable(on)
+
+
+def configure(multiprocessor_count=4, block_order="forward", seed=0):
+    torch.ops.fused_bn_emulation.configure(multiprocessor_count, BLOCK_ORDERS[block_order], seed)
+
+
+def launch_count():
+    return torch.ops.fused_bn_emulation.launch_count()
