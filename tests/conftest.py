@@ -7,7 +7,14 @@
   epilogues, issue 5; synchronised statistics, issue 6) is reported as xfailed
   with that message, so a GPU run's failures are the kernels' real faults. Any
   other error, and a case that then passes, are reported as they are.
+* ``FUSED_BN_EMULATED_CUDA=1``: the run goes through our CUDA glue and kernels
+  on the emulated GPU (tests/emulated_cuda.py): fused_bn's ops on CPU tensors
+  are served by them, the ``cuda`` cases are deselected (they need a real
+  GPU), and each test gets its own multiprocessor count and block/thread
+  order, drawn from its name (reproducible; shown in a failure's report).
+  ``FUSED_BN_EMULATION_VARIANT=asan`` loads the sanitized build.
 """
+import hashlib
 import os
 import tempfile
 
@@ -21,6 +28,47 @@ import torch
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fused_bn-tests-inductor-"))
 
 DEVICES = ("cpu", pytest.param("cuda", marks=pytest.mark.cuda))
+
+EMULATED_CUDA = os.environ.get("FUSED_BN_EMULATED_CUDA", "0") == "1"
+# Small counts make shapes of the tests split over several blocks and merge
+# partials; 132 is an H200's.
+EMULATED_MULTIPROCESSORS = (2, 3, 8, 132)
+EMULATED_ORDERS = ("forward", "reverse", "shuffle")
+
+
+def emulated_device_for(nodeid):
+    """(multiprocessor count, block order, seed) of a test on the emulated GPU."""
+    digest = int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:8], "little")
+    return (EMULATED_MULTIPROCESSORS[digest % len(EMULATED_MULTIPROCESSORS)],
+            EMULATED_ORDERS[digest // 7 % len(EMULATED_ORDERS)], digest % 100003)
+
+
+def pytest_configure(config):
+    if EMULATED_CUDA:
+        import fused_bn  # noqa: F401  (the op schemas the emulated kernels register for)
+        import emulated_cuda
+
+        emulated_cuda.build(os.environ.get("FUSED_BN_EMULATION_VARIANT", "default"))
+        emulated_cuda.enable(True)
+
+
+def pytest_report_header(config):
+    if EMULATED_CUDA:
+        return ["fused_bn: CPU tensors run our CUDA kernels on the emulated GPU "
+                f"({os.environ.get('FUSED_BN_EMULATION_VARIANT', 'default')} build)"]
+    return []
+
+
+@pytest.fixture(autouse=True)
+def _emulated_device(request):
+    if EMULATED_CUDA:
+        import emulated_cuda
+
+        multiprocessors, order, seed = emulated_device_for(request.node.nodeid)
+        emulated_cuda.configure(multiprocessors, order, seed)
+        request.node.user_properties.append(
+            ("emulated GPU", f"{multiprocessors} multiprocessors, {order} order, seed {seed}"))
+    yield
 
 
 @pytest.fixture(params=DEVICES)
@@ -42,6 +90,11 @@ def pytest_collection_modifyitems(config, items):
         if dropped:
             config.hook.pytest_deselected(items=dropped)
             items[:] = kept
+    if EMULATED_CUDA:
+        real_gpu = [item for item in items if item.get_closest_marker("cuda") is not None]
+        if real_gpu:
+            config.hook.pytest_deselected(items=real_gpu)
+            items[:] = [item for item in items if item.get_closest_marker("cuda") is None]
     if not torch.cuda.is_available():
         skip_cuda = pytest.mark.skip(reason="CUDA is not available")
         for item in items:
@@ -58,13 +111,19 @@ UNWRITTEN_CUDA_KERNELS = (
 
 
 def unwritten_cuda_kernel(item, excinfo):
-    """The refusal's message when a cuda case stopped on one, else None."""
-    if excinfo is None or item.get_closest_marker("cuda") is None:
+    """The refusal's message when a cuda case stopped on one (also when a
+    checker such as opcheck re-raised it as its own error), else None."""
+    if excinfo is None or (item.get_closest_marker("cuda") is None and not EMULATED_CUDA):
         return None
-    if not excinfo.errisinstance(NotImplementedError):
-        return None
-    message = str(excinfo.value)
-    return message if any(s in message for s in UNWRITTEN_CUDA_KERNELS) else None
+    error, seen = excinfo.value, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, NotImplementedError):
+            message = str(error)
+            if any(s in message for s in UNWRITTEN_CUDA_KERNELS):
+                return message
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -73,6 +132,10 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if call.when != "call":
         return
+    if EMULATED_CUDA and report.failed:
+        for name, value in item.user_properties:
+            if name == "emulated GPU":
+                report.sections.append(("emulated GPU", value))
     message = unwritten_cuda_kernel(item, call.excinfo)
     if message is not None:
         report.outcome = "skipped"

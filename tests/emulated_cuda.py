@@ -18,6 +18,7 @@ CSRC = ROOT / "csrc"
 SOURCES = [
     CSRC / "cuda" / "emulation" / "emulation.cpp",
     CSRC / "cuda" / "emulation" / "emulated_ops.cpp",
+    CSRC / "cuda" / "emulation" / "emulator_self_test.cpp",
     CSRC / "cuda" / "emulation" / "kernels_emulated.cpp",
     CSRC / "cuda" / "batch_norm_cuda.cpp",
 ]

@@ -31,6 +31,8 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+
+#include "../common/channel_math.h"
 #include <utility>
 #include <vector>
 
@@ -370,16 +372,9 @@ struct GradSums {
     sum_dy_xmu += other.sum_dy_xmu;
     sum_xmu += other.sum_xmu;
   }
-  // Σg·(x − x̄) over `count` values, x̄ the exact batch mean (training). The
-  // saved mean is x̄ rounded to the accumulation type, and Σg·(x − mean) carries
-  // that rounding times Σg: one ulp of the mean times Σg, which put bfloat16's
-  // grad_weight at 5x nn's error and left the dx of a dy constant over a channel
-  // (a loss of y.sum()) nonzero where nn's is 0. Non-finite sums are kept as
-  // they are, so inf and NaN propagate as nn's do.
+  // Σg·(x − x̄) over `count` values, x̄ the exact batch mean (training).
   double centered_sum_dy_xmu(int64_t count) const {
-    const double grad_mean = sum_dy / static_cast<double>(count);
-    if (!std::isfinite(grad_mean) || !std::isfinite(sum_xmu)) return sum_dy_xmu;
-    return sum_dy_xmu - grad_mean * sum_xmu;
+    return common::centered_sum_dy_xmu(sum_dy, sum_dy_xmu, sum_xmu, count);
   }
 };
 
@@ -1907,15 +1902,11 @@ void finalize_channel_grads(int64_t c, const GradSums& s, int64_t count, bool tr
   const double sum_dy_xmu = training && centered && count > 0 ? s.centered_sum_dy_xmu(count) : s.sum_dy_xmu;
   if (out.grad_weight) out.grad_weight[c] = static_cast<param_t>(sum_dy_xmu * istd);
   if (out.grad_bias) out.grad_bias[c] = static_cast<param_t>(s.sum_dy);
-  k.scale[c] = backward_scale<scalar_t>(weight, invstd, c);
-  if (training && count > 0) {
-    const double n = static_cast<double>(count);
-    k.projection[c] = static_cast<Acc>(istd * istd * sum_dy_xmu / n);
-    k.shift[c] = static_cast<Acc>(s.sum_dy / n);
-  } else {
-    k.projection[c] = Acc(0);
-    k.shift[c] = Acc(0);
-  }
+  const common::GradInputCoefficients coefs =
+      common::grad_input_coefficients(param_or(weight, c, 1.0), istd, s.sum_dy, sum_dy_xmu, count, training);
+  k.scale[c] = backward_scale<scalar_t>(weight, invstd, c);  // coefs.scale, as the ReLU mask needs it
+  k.projection[c] = static_cast<Acc>(coefs.projection);
+  k.shift[c] = static_cast<Acc>(coefs.shift);
 }
 
 // FusedSyncBatchNorm2d's training backward is two calls of `backward` around

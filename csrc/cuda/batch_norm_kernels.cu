@@ -2,6 +2,8 @@
 // is described at the top of batch_norm_kernels.cuh.
 #include "batch_norm_kernels.cuh"
 
+#include "../common/channel_math.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
@@ -31,6 +33,27 @@ constexpr int64_t kMaxGridY = 65535;
 constexpr int kFinalizeThreads = 256;
 constexpr int kFinalizeChannelsPerBlock = kFinalizeThreads / kWarpSize;  // one warp per channel
 constexpr size_t kWorkspaceAlignment = 16;
+
+// The forward statistics' accumulation type: double for float (and double)
+// input, so x − K is exact and the mean keeps the accuracy of nn's double sums
+// (float lanes of x − K left a batch mean of 1e-3 14 ulps off); float for
+// half/bfloat16, whose values keep few bits. The backward's sums are always
+// double: a dy constant over a channel then sums exactly to G·n (dx exactly 0,
+// as nn's), and Σdy·(x − mean) keeps no float-lane rounding tail.
+template <typename scalar_t>
+struct MomentsAccumulate {
+  using type = double;
+};
+template <>
+struct MomentsAccumulate<__half> {
+  using type = float;
+};
+template <>
+struct MomentsAccumulate<__nv_bfloat16> {
+  using type = float;
+};
+template <typename scalar_t>
+using moments_t = typename MomentsAccumulate<scalar_t>::type;
 
 // Elements per 16-byte load.
 template <typename scalar_t>
@@ -87,6 +110,14 @@ __device__ __forceinline__ To convert(From v) {
   return Converter<To, From>::run(v);
 }
 
+// K, the value a channel's moments are taken about: its first element, or 0
+// where that is not finite (x − inf would turn every value into NaN or -inf).
+template <typename T, typename scalar_t>
+__device__ __forceinline__ T moments_shift(scalar_t first) {
+  const T k = convert<T>(first);
+  return isfinite(k) ? k : T(0);
+}
+
 // kVec consecutive elements moved as one aligned load/store (16 bytes when
 // kVec == kVectorWidth, a plain scalar access when kVec == 1).
 template <typename T, int kVec>
@@ -131,8 +162,20 @@ __device__ __forceinline__ double reciprocal_of_count(double n) {
   return fma(r, fma(-n, r, 1.0), r);
 }
 
+__device__ __forceinline__ float fused_multiply_add(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fused_multiply_add(double a, double b, double c) { return fma(a, b, c); }
+
 // ---------------------------------------------------------------------------
 // Moments (count, mean, sum of squared deviations) and their merges.
+
+// The mean of two merged sides. Where either mean is infinite (an inf in the
+// data) delta is inf or NaN, and mean + delta * fraction would give NaN where
+// nn's Σx / n gives inf: the sides' means then add as their sums would
+// (inf + finite = inf, inf - inf = NaN; an empty side's mean is 0).
+template <typename T>
+__device__ __forceinline__ T merged_mean(T mean, T delta, T other_fraction, T other_mean) {
+  return isfinite(delta) ? mean + delta * other_fraction : mean + other_mean;
+}
 
 // Chan et al.'s pairwise merge; exact when either side is empty. The
 // (delta * weight) * delta order keeps a huge delta against an empty side at 0
@@ -143,7 +186,7 @@ __device__ __forceinline__ void merge_moments(T& mean, T& m2, T& count, T other_
   const T total = count + other_count;
   const T other_fraction = total > T(0) ? other_count * reciprocal_of_count(total) : T(0);
   const T delta = other_mean - mean;
-  mean += delta * other_fraction;
+  mean = merged_mean(mean, delta, other_fraction, other_mean);
   m2 += other_m2 + delta * (count * other_fraction) * delta;
   count = total;
 }
@@ -183,33 +226,32 @@ __device__ __forceinline__ void block_merge_moments(T& mean, T& m2, T& count) {
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void warp_sum_pair(T& a, T& b) {
+template <typename T, int kValues>
+__device__ __forceinline__ void warp_sum(T (&v)[kValues]) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
-    a += __shfl_down_sync(kFullWarpMask, a, offset);
-    b += __shfl_down_sync(kFullWarpMask, b, offset);
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) v[i] += __shfl_down_sync(kFullWarpMask, v[i], offset);
   }
 }
 
 // 1-D block, blockDim.x a multiple of 32; the result lands in thread 0.
-template <typename T>
-__device__ __forceinline__ void block_sum_pair(T& a, T& b) {
-  __shared__ T warp_a[kMaxThreads / kWarpSize];
-  __shared__ T warp_b[kMaxThreads / kWarpSize];
+template <typename T, int kValues>
+__device__ __forceinline__ void block_sum(T (&v)[kValues]) {
+  __shared__ T warp_v[kValues][kMaxThreads / kWarpSize];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
-  warp_sum_pair(a, b);
+  warp_sum(v);
   if (lane == 0) {
-    warp_a[warp] = a;
-    warp_b[warp] = b;
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) warp_v[i][warp] = v[i];
   }
   __syncthreads();
   if (warp == 0) {
-    a = lane < warps ? warp_a[lane] : T(0);
-    b = lane < warps ? warp_b[lane] : T(0);
-    warp_sum_pair(a, b);
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) v[i] = lane < warps ? warp_v[i][lane] : T(0);
+    warp_sum(v);
   }
 }
 
@@ -241,8 +283,9 @@ __device__ __forceinline__ void block_merge_column_moments(T (&mean)[kVec], T (&
       const T own_weight = count * other_fraction;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const T delta = shared_mean[j * kMaxThreads + other] - mean[j];
-        mean[j] += delta * other_fraction;
+        const T other_mean = shared_mean[j * kMaxThreads + other];
+        const T delta = other_mean - mean[j];
+        mean[j] = merged_mean(mean[j], delta, other_fraction, other_mean);
         m2[j] += shared_m2[j * kMaxThreads + other] + delta * own_weight * delta;
         shared_mean[j * kMaxThreads + tid] = mean[j];
         shared_m2[j * kMaxThreads + tid] = m2[j];
@@ -254,31 +297,31 @@ __device__ __forceinline__ void block_merge_column_moments(T (&mean)[kVec], T (&
   }
 }
 
-// Same tree as block_merge_column_moments, for two sums per channel.
-template <typename T, int kVec>
-__device__ __forceinline__ void block_sum_column_pairs(T (&a)[kVec], T (&b)[kVec]) {
-  __shared__ T shared_a[kVec * kMaxThreads];
-  __shared__ T shared_b[kVec * kMaxThreads];
+// Same tree as block_merge_column_moments, for kValues sums per channel, one
+// sum after another through one shared array (a third of the shared memory of
+// all at once: 16 KB for double sums of 8-wide columns).
+template <typename T, int kValues, int kVec>
+__device__ __forceinline__ void block_sum_columns(T (&v)[kValues][kVec]) {
+  __shared__ T shared_v[kVec * kMaxThreads];
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) {
-    shared_a[j * kMaxThreads + tid] = a[j];
-    shared_b[j * kMaxThreads + tid] = b[j];
-  }
-  for (int active = blockDim.y; active > 1;) {
-    const int half = (active + 1) / 2;
-    __syncthreads();
-    if (static_cast<int>(threadIdx.y) < active - half) {
-      const int other = tid + half * blockDim.x;
+  for (int i = 0; i < kValues; ++i) {
+    if (i > 0) __syncthreads();  // the previous sum's last reads are done
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        a[j] += shared_a[j * kMaxThreads + other];
-        b[j] += shared_b[j * kMaxThreads + other];
-        shared_a[j * kMaxThreads + tid] = a[j];
-        shared_b[j * kMaxThreads + tid] = b[j];
+    for (int j = 0; j < kVec; ++j) shared_v[j * kMaxThreads + tid] = v[i][j];
+    for (int active = blockDim.y; active > 1;) {
+      const int half = (active + 1) / 2;
+      __syncthreads();
+      if (static_cast<int>(threadIdx.y) < active - half) {
+        const int other = tid + half * blockDim.x;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          v[i][j] += shared_v[j * kMaxThreads + other];
+          shared_v[j * kMaxThreads + tid] = v[i][j];
+        }
       }
+      active = half;
     }
-    active = half;
   }
 }
 
@@ -337,7 +380,7 @@ __device__ __forceinline__ void fold_column_group(const acc_t (&values)[kRows][k
       }
     }
     const acc_t delta = group_mean - mean[j];
-    mean[j] += delta * group_fraction;
+    mean[j] = merged_mean(mean[j], delta, group_fraction, group_mean);
     m2[j] += group_m2 + delta * own_weight * delta;
   }
   count = total;
@@ -386,11 +429,10 @@ class PlaneCursor {
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_first_moments_kernel(const scalar_t* __restrict__ input, Geometry geometry,
-                                  int64_t vectors_per_split, acc_type<scalar_t>* __restrict__ partial_mean,
-                                  acc_type<scalar_t>* __restrict__ partial_m2,
-                                  acc_type<scalar_t>* __restrict__ partial_count,
+                                  int64_t vectors_per_split, double* __restrict__ partial_mean,
+                                  double* __restrict__ partial_m2, double* __restrict__ partial_count,
                                   const int64_t* __restrict__ counter, int64_t* __restrict__ counter_snapshot) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = moments_t<scalar_t>;
   const int64_t channel = blockIdx.x;
   const int64_t split = blockIdx.y;
   const int64_t plane_vectors = geometry.spatial / kVec;
@@ -404,7 +446,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   acc_t mean = acc_t(0), m2 = acc_t(0), count = acc_t(0);
   int64_t position = begin + threadIdx.x;
   if (position < end) {
-    const acc_t shift = convert<acc_t>(channel_input[0]);
+    const acc_t shift = moments_shift<acc_t>(channel_input[0]);
     PlaneCursor cursor(position, stride, plane_vectors);
     for (; position < end; position += stride * kUnroll) {
       acc_t values[kUnroll][kVec];
@@ -440,11 +482,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_last_moments_kernel(const scalar_t* __restrict__ input, Geometry geometry,
-                                 int64_t rows_per_split, acc_type<scalar_t>* __restrict__ partial_mean,
-                                 acc_type<scalar_t>* __restrict__ partial_m2,
-                                 acc_type<scalar_t>* __restrict__ partial_count,
+                                 int64_t rows_per_split, double* __restrict__ partial_mean,
+                                 double* __restrict__ partial_m2, double* __restrict__ partial_count,
                                  const int64_t* __restrict__ counter, int64_t* __restrict__ counter_snapshot) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = moments_t<scalar_t>;
   const int64_t columns = geometry.channels / kVec;
   const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t rows = geometry.batch * geometry.spatial;
@@ -462,7 +503,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const Bundle<scalar_t, kVec> first = load_bundle<scalar_t, kVec>(input + column * kVec);
     acc_t shift[kVec];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) shift[j] = convert<acc_t>(first.v[j]);
+    for (int j = 0; j < kVec; ++j) shift[j] = moments_shift<acc_t>(first.v[j]);
     const int64_t offset_step = row_step * geometry.channels;
     int64_t offset = row * geometry.channels + column * kVec;
     for (; row < end; row += row_step * kUnroll) {
@@ -508,9 +549,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename scalar_t, typename param_t>
 struct FinalizeMomentsArgs {
   using acc_t = acc_type<scalar_t>;
-  const acc_t* partial_mean;
-  const acc_t* partial_m2;
-  const acc_t* partial_count;
+  const double* partial_mean;
+  const double* partial_m2;
+  const double* partial_count;
   int64_t splits;
   int64_t channels;
   int64_t count_per_channel;  // N * HW
@@ -549,9 +590,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   double mean = 0.0, m2 = 0.0, count = 0.0;
   for (int64_t split = lane; split < args.splits; split += kWarpSize) {
     const int64_t slot = split * args.channels + channel;
-    merge_moments(mean, m2, count, static_cast<double>(args.partial_mean[slot]),
-                  static_cast<double>(args.partial_m2[slot]),
-                  static_cast<double>(args.partial_count[slot]));
+    merge_moments(mean, m2, count, args.partial_mean[slot], args.partial_m2[slot], args.partial_count[slot]);
   }
   warp_merge_moments(mean, m2, count);
   if (lane != 0) return;
@@ -559,7 +598,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   const double n = static_cast<double>(args.count_per_channel);
   const bool has_data = args.count_per_channel > 0;
   const double shift =
-      has_data ? convert<double>(args.input[channel * args.first_element_stride]) : 0.0;
+      has_data ? moments_shift<double>(args.input[channel * args.first_element_stride]) : 0.0;
   const double batch_mean = shift + mean;
   const double var = has_data ? m2 / n : 0.0;
   const double invstd = 1.0 / sqrt(var + args.eps);
@@ -714,17 +753,56 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // ---------------------------------------------------------------------------
-// Backward, pass 1: per-(split, channel) Σdy and Σdy·(x − mean).
+// The backward's sums and coefficients.
+
+constexpr int kGradSums = 3;  // Σdy, Σdy·(x − mean), Σ(x − mean)
+
+// Per-(split, channel) partial sums in the workspace, at [split][channel].
+struct GradPartials {
+  double* sum_dy;
+  double* sum_dy_xmu;
+  double* sum_xmu;
+
+  __device__ __forceinline__ void store(int64_t slot, const double (&s)[kGradSums]) const {
+    sum_dy[slot] = s[0];
+    sum_dy_xmu[slot] = s[1];
+    sum_xmu[slot] = s[2];
+  }
+  __device__ __forceinline__ void add_to(int64_t slot, double (&s)[kGradSums]) const {
+    s[0] += sum_dy[slot];
+    s[1] += sum_dy_xmu[slot];
+    s[2] += sum_xmu[slot];
+  }
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ void add_grad_sums(double (&s)[kGradSums], scalar_t dy, scalar_t x, double mean) {
+  const double g = convert<double>(dy);
+  const double xmu = convert<double>(x) - mean;
+  s[0] += g;
+  s[1] += g * xmu;
+  s[2] += xmu;
+}
+
+// Per channel, in the accumulation type (common::GradInputCoefficients).
+template <typename acc_t>
+struct GradInputCoefficients {
+  acc_t* scale;
+  acc_t* projection;
+  acc_t* shift;
+};
+
+// ---------------------------------------------------------------------------
+// Backward, pass 1: per-(split, channel) Σdy, Σdy·(x − mean) and Σ(x − mean),
+// in double (see MomentsAccumulate), with mean the saved (rounded) mean.
 
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_first_grad_sums_kernel(const scalar_t* __restrict__ grad_output,
                                     const scalar_t* __restrict__ input, Geometry geometry,
                                     int64_t vectors_per_split, const acc_type<scalar_t>* __restrict__ mean,
-                                    acc_type<scalar_t>* __restrict__ partial_sum_dy,
-                                    acc_type<scalar_t>* __restrict__ partial_sum_dy_xmu) {
+                                    GradPartials partials) {
   constexpr int kSteps = kDualUnroll<kVec>;
-  using acc_t = acc_type<scalar_t>;
   const int64_t channel = blockIdx.x;
   const int64_t split = blockIdx.y;
   const int64_t plane_vectors = geometry.spatial / kVec;
@@ -735,10 +813,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t stride = blockDim.x;
   const int64_t channel_offset = channel * geometry.spatial;
 
-  acc_t sum_dy = acc_t(0), sum_dy_xmu = acc_t(0);
+  double sums[kGradSums] = {0.0, 0.0, 0.0};
   int64_t position = begin + threadIdx.x;
   if (position < end) {
-    const acc_t channel_mean = mean[channel];
+    const double channel_mean = static_cast<double>(mean[channel]);
     PlaneCursor cursor(position, stride, plane_vectors);
     for (; position < end; position += stride * kSteps) {
       Bundle<scalar_t, kVec> dy[kSteps], x[kSteps];
@@ -755,22 +833,14 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int u = 0; u < kSteps; ++u) {
         if (position + u * stride < end) {
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) {
-            const acc_t g = convert<acc_t>(dy[u].v[j]);
-            sum_dy += g;
-            sum_dy_xmu += g * (convert<acc_t>(x[u].v[j]) - channel_mean);
-          }
+          for (int j = 0; j < kVec; ++j) add_grad_sums(sums, dy[u].v[j], x[u].v[j], channel_mean);
         }
       }
     }
   }
 
-  block_sum_pair(sum_dy, sum_dy_xmu);
-  if (threadIdx.x == 0) {
-    const int64_t slot = split * geometry.channels + channel;
-    partial_sum_dy[slot] = sum_dy;
-    partial_sum_dy_xmu[slot] = sum_dy_xmu;
-  }
+  block_sum(sums);
+  if (threadIdx.x == 0) partials.store(split * geometry.channels + channel, sums);
 }
 
 template <typename scalar_t, int kVec>
@@ -778,10 +848,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     channels_last_grad_sums_kernel(const scalar_t* __restrict__ grad_output,
                                    const scalar_t* __restrict__ input, Geometry geometry,
                                    int64_t rows_per_split, const acc_type<scalar_t>* __restrict__ mean,
-                                   acc_type<scalar_t>* __restrict__ partial_sum_dy,
-                                   acc_type<scalar_t>* __restrict__ partial_sum_dy_xmu) {
+                                   GradPartials partials) {
   constexpr int kSteps = kDualUnroll<kVec>;
-  using acc_t = acc_type<scalar_t>;
   const int64_t columns = geometry.channels / kVec;
   const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t rows = geometry.batch * geometry.spatial;
@@ -789,15 +857,18 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t end = min_index(rows, begin + rows_per_split);
   const int64_t row_step = blockDim.y;
 
-  acc_t sum_dy[kVec], sum_dy_xmu[kVec];
+  double sums[kGradSums][kVec];
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) sum_dy[j] = sum_dy_xmu[j] = acc_t(0);
+  for (int i = 0; i < kGradSums; ++i) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) sums[i][j] = 0.0;
+  }
 
   int64_t row = begin + threadIdx.y;
   if (column < columns && row < end) {
-    acc_t channel_mean[kVec];
+    double channel_mean[kVec];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) channel_mean[j] = mean[column * kVec + j];
+    for (int j = 0; j < kVec; ++j) channel_mean[j] = static_cast<double>(mean[column * kVec + j]);
     const int64_t offset_step = row_step * geometry.channels;
     int64_t offset = row * geometry.channels + column * kVec;
     for (; row < end; row += row_step * kSteps) {
@@ -814,9 +885,10 @@ __global__ void __launch_bounds__(kMaxThreads)
         if (row + u * row_step < end) {
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
-            const acc_t g = convert<acc_t>(dy[u].v[j]);
-            sum_dy[j] += g;
-            sum_dy_xmu[j] += g * (convert<acc_t>(x[u].v[j]) - channel_mean[j]);
+            double one[kGradSums] = {sums[0][j], sums[1][j], sums[2][j]};
+            add_grad_sums(one, dy[u].v[j], x[u].v[j], channel_mean[j]);
+#pragma unroll
+            for (int i = 0; i < kGradSums; ++i) sums[i][j] = one[i];
           }
         }
       }
@@ -824,13 +896,13 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
   }
 
-  block_sum_column_pairs(sum_dy, sum_dy_xmu);
+  block_sum_columns(sums);
   if (threadIdx.y == 0 && column < columns) {
     const int64_t slot = static_cast<int64_t>(blockIdx.y) * geometry.channels + column * kVec;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      partial_sum_dy[slot + j] = sum_dy[j];
-      partial_sum_dy_xmu[slot + j] = sum_dy_xmu[j];
+      const double one[kGradSums] = {sums[0][j], sums[1][j], sums[2][j]};
+      partials.store(slot + j, one);
     }
   }
 }
@@ -838,13 +910,12 @@ __global__ void __launch_bounds__(kMaxThreads)
 // ---------------------------------------------------------------------------
 // Backward, pass 2: per channel, merge the partials (fixed order, in double),
 // write grad_weight / grad_bias and the grad-input coefficients
-// dx = dy * coef_dy + (x - mean) * coef_x + coef_const.
+// (common::grad_input_coefficients, the CPU's formula).
 
 template <typename scalar_t, typename param_t>
 struct FinalizeGradArgs {
   using acc_t = acc_type<scalar_t>;
-  const acc_t* partial_sum_dy;
-  const acc_t* partial_sum_dy_xmu;
+  GradPartials partials;
   int64_t splits;  // 0: no sums were taken (eval, grad_input only)
   int64_t channels;
   int64_t count_per_channel;
@@ -853,9 +924,7 @@ struct FinalizeGradArgs {
   bool training;
   param_t* grad_weight;
   param_t* grad_bias;
-  acc_t* coef_dy;
-  acc_t* coef_x;
-  acc_t* coef_const;
+  GradInputCoefficients<acc_t> coefficients;
 };
 
 template <typename scalar_t, typename param_t>
@@ -867,28 +936,26 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       static_cast<int64_t>(blockIdx.x) * kFinalizeChannelsPerBlock + threadIdx.x / kWarpSize;
   if (channel >= args.channels) return;  // whole warps leave together
 
-  double sum_dy = 0.0, sum_dy_xmu = 0.0;
+  double sums[kGradSums] = {0.0, 0.0, 0.0};
   for (int64_t split = lane; split < args.splits; split += kWarpSize) {
-    const int64_t slot = split * args.channels + channel;
-    sum_dy += static_cast<double>(args.partial_sum_dy[slot]);
-    sum_dy_xmu += static_cast<double>(args.partial_sum_dy_xmu[slot]);
+    args.partials.add_to(split * args.channels + channel, sums);
   }
-  warp_sum_pair(sum_dy, sum_dy_xmu);
+  warp_sum(sums);
   if (lane != 0) return;
 
+  const double sum_dy = sums[0];
+  const int64_t n = args.count_per_channel;
+  const double sum_dy_xmu = args.training && n > 0 ? common::centered_sum_dy_xmu(sum_dy, sums[1], sums[2], n)
+                                                   : sums[1];
   const double invstd = static_cast<double>(args.invstd[channel]);
   const double w = args.weight != nullptr ? convert<double>(args.weight[channel]) : 1.0;
   if (args.grad_weight != nullptr) args.grad_weight[channel] = convert<param_t>(sum_dy_xmu * invstd);
   if (args.grad_bias != nullptr) args.grad_bias[channel] = convert<param_t>(sum_dy);
-  args.coef_dy[channel] = static_cast<acc_t>(w * invstd);
-  if (args.training && args.count_per_channel > 0) {
-    const double n = static_cast<double>(args.count_per_channel);
-    args.coef_x[channel] = static_cast<acc_t>(-w * invstd * invstd * invstd * sum_dy_xmu / n);
-    args.coef_const[channel] = static_cast<acc_t>(-w * invstd * sum_dy / n);
-  } else {
-    args.coef_x[channel] = acc_t(0);
-    args.coef_const[channel] = acc_t(0);
-  }
+  const common::GradInputCoefficients k =
+      common::grad_input_coefficients(w, invstd, sum_dy, sum_dy_xmu, n, args.training);
+  args.coefficients.scale[channel] = static_cast<acc_t>(k.scale);
+  args.coefficients.projection[channel] = static_cast<acc_t>(k.projection);
+  args.coefficients.shift[channel] = static_cast<acc_t>(k.shift);
 }
 
 // ---------------------------------------------------------------------------
@@ -935,23 +1002,31 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 // ---------------------------------------------------------------------------
-// Backward, pass 3: dx. In eval mode coef_x == 0 and x is not read.
+// Backward, pass 3: dx = (g − shift − (x − mean) · projection) · scale. In
+// eval mode projection == shift == 0 and x is not read.
 
 template <typename acc_t>
-struct GradInputCoefficients {
+struct GradInputArgs {
   const acc_t* mean;
-  const acc_t* coef_dy;
-  const acc_t* coef_x;
-  const acc_t* coef_const;
-  bool read_input;
+  GradInputCoefficients<acc_t> coefficients;
 };
 
-template <typename scalar_t, int kVec>
+// As the CPU's (fnmadd): (g − shift) − (x − mean) · projection fused, times
+// scale; eval's dx is g · scale (kTraining false: shift is 0, x not read).
+template <bool kTraining, typename acc_t, typename scalar_t>
+__device__ __forceinline__ scalar_t grad_input_value(scalar_t dy, scalar_t x, acc_t mean, acc_t scale,
+                                                     acc_t projection, acc_t shift) {
+  if constexpr (!kTraining) return convert<scalar_t>(convert<acc_t>(dy) * scale);
+  return convert<scalar_t>(fused_multiply_add(mean - convert<acc_t>(x), projection, convert<acc_t>(dy) - shift) *
+                           scale);
+}
+
+template <typename scalar_t, int kVec, bool kTraining>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_first_grad_input_kernel(const scalar_t* __restrict__ grad_output,
                                      const scalar_t* __restrict__ input, scalar_t* __restrict__ grad_input,
                                      Geometry geometry, int64_t vectors_per_split,
-                                     const GradInputCoefficients<acc_type<scalar_t>> coefficients) {
+                                     const GradInputArgs<acc_type<scalar_t>> args) {
   constexpr int kSteps = kDualUnroll<kVec>;
   using acc_t = acc_type<scalar_t>;
   const int64_t channel = blockIdx.x;
@@ -964,11 +1039,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   int64_t position = begin + threadIdx.x;
   if (position >= end) return;
 
-  const acc_t mean = coefficients.mean[channel];
-  const acc_t coef_dy = coefficients.coef_dy[channel];
-  const acc_t coef_x = coefficients.coef_x[channel];
-  const acc_t coef_const = coefficients.coef_const[channel];
-  const bool read_input = coefficients.read_input;
+  const acc_t mean = args.mean[channel];
+  const acc_t scale = args.coefficients.scale[channel];
+  const acc_t projection = args.coefficients.projection[channel];
+  const acc_t shift = args.coefficients.shift[channel];
   const int64_t channel_offset = channel * geometry.spatial;
   PlaneCursor cursor(position, stride, plane_vectors);
   for (; position < end; position += stride * kSteps) {
@@ -979,7 +1053,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       offsets[u] = channel_offset + cursor.offset(image_stride, kVec);
       if (position + u * stride < end) {
         dy[u] = load_bundle<scalar_t, kVec>(grad_output + offsets[u]);
-        if (read_input) x[u] = load_bundle<scalar_t, kVec>(input + offsets[u]);
+        if (kTraining) x[u] = load_bundle<scalar_t, kVec>(input + offsets[u]);
       }
       cursor.advance();
     }
@@ -989,8 +1063,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         Bundle<scalar_t, kVec> dx;
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          const acc_t centered = read_input ? convert<acc_t>(x[u].v[j]) - mean : acc_t(0);
-          dx.v[j] = convert<scalar_t>(convert<acc_t>(dy[u].v[j]) * coef_dy + (centered * coef_x + coef_const));
+          dx.v[j] = grad_input_value<kTraining>(dy[u].v[j], x[u].v[j], mean, scale, projection, shift);
         }
         store_bundle<scalar_t, kVec>(grad_input + offsets[u], dx);
       }
@@ -998,12 +1071,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-template <typename scalar_t, int kVec>
+template <typename scalar_t, int kVec, bool kTraining>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_last_grad_input_kernel(const scalar_t* __restrict__ grad_output,
                                     const scalar_t* __restrict__ input, scalar_t* __restrict__ grad_input,
                                     Geometry geometry, int64_t rows_per_split,
-                                    const GradInputCoefficients<acc_type<scalar_t>> coefficients) {
+                                    const GradInputArgs<acc_type<scalar_t>> args) {
   constexpr int kSteps = kDualUnroll<kVec>;
   using acc_t = acc_type<scalar_t>;
   const int64_t columns = geometry.channels / kVec;
@@ -1015,16 +1088,15 @@ __global__ void __launch_bounds__(kMaxThreads)
   int64_t row = begin + threadIdx.y;
   if (column >= columns || row >= end) return;
 
-  acc_t mean[kVec], coef_dy[kVec], coef_x[kVec], coef_const[kVec];
+  acc_t mean[kVec], scale[kVec], projection[kVec], shift[kVec];
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
     const int64_t c = column * kVec + j;
-    mean[j] = coefficients.mean[c];
-    coef_dy[j] = coefficients.coef_dy[c];
-    coef_x[j] = coefficients.coef_x[c];
-    coef_const[j] = coefficients.coef_const[c];
+    mean[j] = args.mean[c];
+    scale[j] = args.coefficients.scale[c];
+    projection[j] = args.coefficients.projection[c];
+    shift[j] = args.coefficients.shift[c];
   }
-  const bool read_input = coefficients.read_input;
   const int64_t offset_step = row_step * geometry.channels;
   int64_t offset = row * geometry.channels + column * kVec;
   for (; row < end; row += row_step * kSteps) {
@@ -1033,7 +1105,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int u = 0; u < kSteps; ++u) {
       if (row + u * row_step < end) {
         dy[u] = load_bundle<scalar_t, kVec>(grad_output + offset + u * offset_step);
-        if (read_input) x[u] = load_bundle<scalar_t, kVec>(input + offset + u * offset_step);
+        if (kTraining) x[u] = load_bundle<scalar_t, kVec>(input + offset + u * offset_step);
       }
     }
 #pragma unroll
@@ -1042,9 +1114,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         Bundle<scalar_t, kVec> dx;
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          const acc_t centered = read_input ? convert<acc_t>(x[u].v[j]) - mean[j] : acc_t(0);
-          dx.v[j] = convert<scalar_t>(convert<acc_t>(dy[u].v[j]) * coef_dy[j] +
-                                      (centered * coef_x[j] + coef_const[j]));
+          dx.v[j] = grad_input_value<kTraining>(dy[u].v[j], x[u].v[j], mean[j], scale[j], projection[j], shift[j]);
         }
         store_bundle<scalar_t, kVec>(grad_input + offset + u * offset_step, dx);
       }
@@ -1157,9 +1227,9 @@ class WorkspaceCarver {
 template <typename acc_t>
 struct ForwardWorkspace {
   int64_t* counter_snapshot;
-  acc_t* partial_mean;
-  acc_t* partial_m2;
-  acc_t* partial_count;
+  double* partial_mean;
+  double* partial_m2;
+  double* partial_count;
   acc_t* mean_hi;
   acc_t* mean_lo;
   acc_t* scale;
@@ -1172,9 +1242,9 @@ ForwardWorkspace<acc_t> carve_forward_workspace(void* base, int64_t channels, in
   WorkspaceCarver carver(base);
   ForwardWorkspace<acc_t> ws;
   ws.counter_snapshot = carver.take<int64_t>(1);
-  ws.partial_mean = carver.take<acc_t>(splits * channels);
-  ws.partial_m2 = carver.take<acc_t>(splits * channels);
-  ws.partial_count = carver.take<acc_t>(splits * channels);
+  ws.partial_mean = carver.take<double>(splits * channels);
+  ws.partial_m2 = carver.take<double>(splits * channels);
+  ws.partial_count = carver.take<double>(splits * channels);
   ws.mean_hi = carver.take<acc_t>(channels);
   ws.mean_lo = carver.take<acc_t>(channels);
   ws.scale = carver.take<acc_t>(channels);
@@ -1185,11 +1255,8 @@ ForwardWorkspace<acc_t> carve_forward_workspace(void* base, int64_t channels, in
 
 template <typename acc_t>
 struct BackwardWorkspace {
-  acc_t* partial_sum_dy;
-  acc_t* partial_sum_dy_xmu;
-  acc_t* coef_dy;
-  acc_t* coef_x;
-  acc_t* coef_const;
+  GradPartials partials;
+  GradInputCoefficients<acc_t> coefficients;
   size_t bytes;
 };
 
@@ -1197,11 +1264,12 @@ template <typename acc_t>
 BackwardWorkspace<acc_t> carve_backward_workspace(void* base, int64_t channels, int64_t splits) {
   WorkspaceCarver carver(base);
   BackwardWorkspace<acc_t> ws;
-  ws.partial_sum_dy = carver.take<acc_t>(splits * channels);
-  ws.partial_sum_dy_xmu = carver.take<acc_t>(splits * channels);
-  ws.coef_dy = carver.take<acc_t>(channels);
-  ws.coef_x = carver.take<acc_t>(channels);
-  ws.coef_const = carver.take<acc_t>(channels);
+  ws.partials.sum_dy = carver.take<double>(splits * channels);
+  ws.partials.sum_dy_xmu = carver.take<double>(splits * channels);
+  ws.partials.sum_xmu = carver.take<double>(splits * channels);
+  ws.coefficients.scale = carver.take<acc_t>(channels);
+  ws.coefficients.projection = carver.take<acc_t>(channels);
+  ws.coefficients.shift = carver.take<acc_t>(channels);
   ws.bytes = carver.bytes();
   return ws;
 }
@@ -1362,18 +1430,17 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
       if (g.layout == Layout::kChannelsFirst) {
         return launch_kernel<channels_first_grad_sums_kernel<scalar_t, kVec>, kMaxThreads>(
             sums_plan.grid, sums_plan.block, stream, p.grad_output, p.input, g, sums_plan.work_per_split, p.mean,
-            ws.partial_sum_dy, ws.partial_sum_dy_xmu);
+            ws.partials);
       }
       return launch_kernel<channels_last_grad_sums_kernel<scalar_t, kVec>, kMaxThreads>(
           sums_plan.grid, sums_plan.block, stream, p.grad_output, p.input, g, sums_plan.work_per_split, p.mean,
-          ws.partial_sum_dy, ws.partial_sum_dy_xmu);
+          ws.partials);
     });
     if (err != cudaSuccess) return err;
   }
 
   FinalizeGradArgs<scalar_t, param_t> args;
-  args.partial_sum_dy = ws.partial_sum_dy;
-  args.partial_sum_dy_xmu = ws.partial_sum_dy_xmu;
+  args.partials = ws.partials;
   args.splits = splits;
   args.channels = g.channels;
   args.count_per_channel = count_per_channel(g);
@@ -1382,29 +1449,29 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
   args.training = p.training;
   args.grad_weight = p.grad_weight;
   args.grad_bias = p.grad_bias;
-  args.coef_dy = ws.coef_dy;
-  args.coef_x = ws.coef_x;
-  args.coef_const = ws.coef_const;
+  args.coefficients = ws.coefficients;
   const int64_t finalize_blocks = ceil_div(g.channels, kFinalizeChannelsPerBlock);
   const cudaError_t err = launch_kernel<finalize_grad_kernel<scalar_t, param_t>, kFinalizeThreads>(
       dim3(static_cast<unsigned>(finalize_blocks)), dim3(kFinalizeThreads), stream, args);
   if (err != cudaSuccess) return err;
 
   if (p.grad_input == nullptr || count_per_channel(g) == 0) return cudaSuccess;
-  GradInputCoefficients<acc_t> coefficients{p.mean, ws.coef_dy, ws.coef_x, ws.coef_const, p.training};
+  const GradInputArgs<acc_t> args_dx{p.mean, ws.coefficients};
   const LaunchPlan plan =
       make_plan(g, p.training ? pick_vector_width<scalar_t>(g, {p.grad_output, p.input, p.grad_input})
                               : pick_vector_width<scalar_t>(g, {p.grad_output, p.grad_input}));
   return with_vector_width<scalar_t>(plan, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    if (g.layout == Layout::kChannelsFirst) {
-      return launch_kernel<channels_first_grad_input_kernel<scalar_t, kVec>, kMaxThreads>(
-          plan.grid, plan.block, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split,
-          coefficients);
-    }
-    return launch_kernel<channels_last_grad_input_kernel<scalar_t, kVec>, kMaxThreads>(
-        plan.grid, plan.block, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split,
-        coefficients);
+    auto launch = [&](auto training) {
+      constexpr bool kTraining = decltype(training)::value;
+      if (g.layout == Layout::kChannelsFirst) {
+        return launch_kernel<channels_first_grad_input_kernel<scalar_t, kVec, kTraining>, kMaxThreads>(
+            plan.grid, plan.block, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split, args_dx);
+      }
+      return launch_kernel<channels_last_grad_input_kernel<scalar_t, kVec, kTraining>, kMaxThreads>(
+          plan.grid, plan.block, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split, args_dx);
+    };
+    return p.training ? launch(std::true_type{}) : launch(std::false_type{});
   });
 }
 

@@ -34,6 +34,7 @@ const char* kernel_name() {
 }
 #endif
 
+#if defined(__CUDACC__) || defined(FUSED_BN_CUDA_EMULATION)
 // kernel<<<grid, block, 0, stream>>>(args...), returning the launch's error.
 // kMaxThreadsPerBlock is the kernel's __launch_bounds__ (the emulated launch
 // checks the block against it; a GPU refuses such a launch too).
@@ -50,6 +51,7 @@ cudaError_t launch_kernel(dim3 grid, dim3 block, cudaStream_t stream, const Args
   return cudaGetLastError();
 #endif
 }
+#endif
 
 }  // namespace cuda
 }  // namespace fused_bn

@@ -1,0 +1,124 @@
+"""The emulated GPU itself (tests/emulated_cuda.py, csrc/cuda/emulation/): its
+checks catch what a GPU leaves undefined, its warp and block built-ins compute
+what a GPU computes, and fused_bn's ops really run our CUDA kernels under it.
+Runs in the emulated pass of ``make test`` (FUSED_BN_EMULATED_CUDA=1)."""
+import pytest
+import torch
+
+import fused_bn
+from _helpers import CL, sample
+from conftest import EMULATED_CUDA
+
+pytestmark = pytest.mark.skipif(not EMULATED_CUDA, reason="runs in the emulated-GPU pass (FUSED_BN_EMULATED_CUDA=1)")
+
+if EMULATED_CUDA:
+    import emulated_cuda
+
+
+def self_test(case):
+    return torch.ops.fused_bn_emulation.self_test(case)
+
+
+@pytest.fixture
+def restore_device():
+    yield
+    emulated_cuda.configure(4, "forward", 0)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("barrier_in_branch", "barrier_in_branch_kernel.*__syncthreads at .* is not reached by every thread"),
+    ("two_barriers", "two_barriers_kernel.*threads wait at different barriers"),
+    ("partial_warp_shuffle", "partial_warp_shuffle_kernel.*has only 16 threads \\(a full-mask shuffle in a partial"),
+    ("skipped_shuffle", "skipped_shuffle_kernel.*is not reached by lane 5 of warp 0"),
+    ("over_launch_bounds", "with_barrier_kernel.*64 threads over the limit of 32 \\(__launch_bounds__\\)"),
+    ("over_1024_threads", "with_barrier_kernel.*1088 threads over the limit of 1024"),
+    ("grid_y_over_65535", "block_index_kernel.*grid \\(1, 65536, 1\\) over the limits"),
+])
+def test_checks_fail_the_launch_with_the_kernels_name(case, message):
+    with pytest.raises(RuntimeError, match="CUDA error \\(emulated GPU\\): cudaError"):
+        self_test(case)
+    with pytest.raises(RuntimeError, match=message):
+        self_test(case)
+
+
+def test_missing_barrier_changes_the_result(restore_device):
+    """Threads run between two barriers in the configured order: without the
+    barrier, a read of another thread's shared entry sees a stale value in
+    one order or the other."""
+    expected = torch.arange(64, 0, -1, dtype=torch.float32)
+    results = []
+    for order in ("forward", "reverse", "shuffle"):
+        emulated_cuda.configure(4, order, 7)
+        torch.testing.assert_close(self_test("with_barrier")[:64], expected, rtol=0, atol=0)
+        results.append(self_test("missing_barrier")[:64])
+    assert any(not torch.equal(r, expected) for r in results)
+
+
+def test_block_order_dependence_shows(restore_device):
+    """A kernel whose blocks depend on running in index order gives other
+    results in reverse or shuffled order."""
+    emulated_cuda.configure(4, "forward", 0)
+    forward = self_test("block_order_dependent")[:64]
+    torch.testing.assert_close(forward, torch.arange(1, 65, dtype=torch.float32), rtol=0, atol=0)
+    for order in ("reverse", "shuffle"):
+        emulated_cuda.configure(4, order, 3)
+        assert not torch.equal(self_test("block_order_dependent")[:64], forward)
+
+
+def test_shuffles_and_indices_compute_what_a_gpu_does():
+    out = self_test("shuffle_sum").view(64, 5)
+    lane = torch.arange(64) % 32
+    warp_sums = torch.tensor([sum(range(32)), sum(range(32, 64))], dtype=torch.float32)
+    torch.testing.assert_close(out[[0, 32], 0], warp_sums, rtol=0, atol=0)
+    assert torch.all(out[:, 1] == sum(range(32)))
+    torch.testing.assert_close(out[:, 2], torch.where(lane == 0, torch.arange(64), torch.arange(64) - 1).float(),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(out[:, 3], (torch.arange(64) // 32 * 32 + 3).float(), rtol=0, atol=0)
+    # width 8: lanes 6 and 7 of each 8-lane segment keep their own value
+    own = torch.arange(64) + 0.5
+    wide = torch.where(lane % 8 < 6, own + 2, own).float()
+    torch.testing.assert_close(out[:, 4], wide, rtol=0, atol=0)
+    grid = self_test("block_index")[:32].view(4, 8)
+    torch.testing.assert_close(grid, (torch.arange(8) + 100 * torch.arange(4).view(4, 1)).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_ops_run_the_emulated_kernels(training):
+    """fused_bn's ops on CPU tensors go through our CUDA kernels here: each
+    forward and backward launches emulated kernels."""
+    x = sample((4, 6, 5, 7)).requires_grad_()
+    m = fused_bn.FusedBatchNorm2d(6).train(training)
+    before = emulated_cuda.launch_count()
+    y = m(x)
+    after_forward = emulated_cuda.launch_count()
+    y.backward(torch.randn_like(y))
+    assert after_forward - before == (3 if training else 1)  # moments, finalize, normalize / normalize
+    assert emulated_cuda.launch_count() - after_forward == 3  # sums, finalize, dx
+
+
+SHAPES = [(6, 10, 9, 7), (3, 64, 4, 4), (40, 5, 1, 1), (2, 16, 33, 33)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bitwise_identical_in_any_block_and_thread_order(shape, dtype, layout, restore_device):
+    """Our kernels promise determinism for a given multiprocessor count: no
+    result may depend on the order in which blocks, or threads between two
+    barriers, run."""
+    x = sample(shape, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    gy = torch.randn(shape).to(dtype)
+    for multiprocessors in (2, 132):
+        results = []
+        for order, seed in (("forward", 0), ("reverse", 0), ("shuffle", 1), ("shuffle", 2)):
+            emulated_cuda.configure(multiprocessors, order, seed)
+            m = fused_bn.FusedBatchNorm2d(shape[1], momentum=None).to(dtype)
+            xr = x.clone().requires_grad_()
+            y = m(xr)
+            y.backward(gy)
+            results.append((y, xr.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var))
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                assert torch.equal(a.detach(), b.detach())
