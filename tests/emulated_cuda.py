@@ -14,14 +14,20 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
+# tools/planted_faults.py points these at a patched copy of csrc/ and a build
+# directory of its own.
+CSRC = Path(os.environ.get("FUSED_BN_EMULATION_CSRC", ROOT / "csrc"))
+BUILD_ROOT = Path(os.environ.get("FUSED_BN_EMULATION_BUILD", ROOT / "build"))
 SOURCES = [
-    CSRC / "cuda" / "emulation" / "emulation.cpp",
-    CSRC / "cuda" / "emulation" / "emulated_ops.cpp",
-    CSRC / "cuda" / "emulation" / "emulator_self_test.cpp",
-    CSRC / "cuda" / "emulation" / "kernels_emulated.cpp",
-    CSRC / "cuda" / "batch_norm_cuda.cpp",
+    "cuda/emulation/emulation.cpp",
+    "cuda/emulation/emulated_ops.cpp",
+    "cuda/emulation/emulator_self_test.cpp",
+    "cuda/emulation/kernels_emulated.cpp",
+    "cuda/batch_norm_cuda.cpp",
 ]
+# The kernel layer, whose line coverage `make test` reports.
+KERNEL_LAYER = ["cuda/batch_norm_kernels.cu", "cuda/batch_norm_kernels.cuh", "cuda/cuda_platform.h",
+                "common/channel_math.h"]
 # As torch.utils.cpp_extension builds CUDA extensions: half/bfloat16 only
 # through intrinsics, so the emulated build sees what nvcc sees.
 DEFINES = [
@@ -66,9 +72,9 @@ def build(variant="default"):
     name = "fused_bn_emulated_cuda" + ("_asan" if variant == "asan" else "")
     if os.environ.get("FUSED_BN_EMULATION_COVERAGE") and variant != "asan":
         name += "_coverage"
-    directory = ROOT / "build" / name
+    directory = BUILD_ROOT / name
     directory.mkdir(parents=True, exist_ok=True)
-    load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=ldflags,
+    load(name=name, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=flags, extra_ldflags=ldflags,
          build_directory=str(directory), is_python_module=False, verbose=False)
     return directory
 

@@ -96,7 +96,8 @@ def test_ops_run_the_emulated_kernels(training):
     assert emulated_cuda.launch_count() - after_forward == 3  # sums, finalize, dx
 
 
-SHAPES = [(6, 10, 9, 7), (3, 64, 4, 4), (40, 5, 1, 1), (2, 16, 33, 33)]
+# (4, 3, 96, 96) splits each channel over blocks at 2 multiprocessors.
+SHAPES = [(6, 10, 9, 7), (3, 64, 4, 4), (40, 5, 1, 1), (2, 16, 33, 33), (4, 3, 96, 96)]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -122,3 +123,23 @@ def test_bitwise_identical_in_any_block_and_thread_order(shape, dtype, layout, r
         for other in results[1:]:
             for a, b in zip(results[0], other):
                 assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.slow
+def test_offsets_past_two_to_the_31(restore_device):
+    """A tensor of more than 2^31 elements (bfloat16, 4.3 GB in and out): every
+    element offset is 64-bit. Each image is one constant, so the check is cheap;
+    a wrapped 32-bit offset writes elsewhere (or outside the tensor)."""
+    shape = (2, 1, 32768, 32769)
+    assert shape[0] * shape[2] * shape[3] > 2 ** 31
+    emulated_cuda.configure(132, "forward", 0)
+    x = torch.empty(shape, dtype=torch.bfloat16)
+    x[0].fill_(1.0)
+    x[1].fill_(-2.0)
+    m = fused_bn.FusedBatchNorm2d(1).to(torch.bfloat16).eval()
+    m.running_mean.fill_(0.5)
+    with torch.no_grad():
+        y = m(x)
+    del x
+    for image, expected in ((0, 0.5), (1, -2.5)):
+        assert torch.count_nonzero(y[image] != expected).item() == 0

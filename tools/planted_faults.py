@@ -1,0 +1,137 @@
+"""Plants known faults in a copy of csrc/ and shows that the emulated-GPU suite
+catches each one: for every fault, the copy is patched, the emulated extension
+is built from it (build/planted/<fault>/), and the named tests must fail.
+Usage: python tools/planted_faults.py [fault ...]   (all by default; ~1 min each)
+The list below is the README's planted-fault table."""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = "cuda/batch_norm_kernels.cu"
+
+
+@dataclass
+class Fault:
+    name: str
+    what: str
+    edits: list  # (file under csrc/, exact text, replacement)
+    tests: list  # pytest node ids under tests/ that must fail
+    variant: str = "default"  # or "asan": needs AddressSanitizer to be seen
+
+
+FAULTS = [
+    Fault("dropped-tail-vector", "the normalize pass skips each split's last vector",
+          [(KERNELS, "      if (position + u * stride < end) {\n        Bundle<scalar_t, kVec> y;",
+            "      if (position + u * stride < end - 1) {\n        Bundle<scalar_t, kVec> y;")],
+          ["test_parity.py::test_parity_grid"]),
+    Fault("split-boundary-off-by-one", "each split of the moments pass stops one vector short",
+          [(KERNELS, "  const int64_t end = min_index(total, begin + vectors_per_split);\n"
+                     "  const int64_t image_stride = geometry.channels * geometry.spatial;\n"
+                     "  const int64_t stride = blockDim.x;\n  const scalar_t* __restrict__ channel_input",
+            "  const int64_t end = min_index(total, begin + vectors_per_split - 1);\n"
+            "  const int64_t image_stride = geometry.channels * geometry.spatial;\n"
+            "  const int64_t stride = blockDim.x;\n  const scalar_t* __restrict__ channel_input")],
+          ["test_parity.py::test_parity_grid"]),
+    Fault("missing-syncthreads-in-block-merge", "warp 0 reads the other warps' moments without a barrier",
+          [(KERNELS, "    warp_count[warp] = count;\n  }\n  __syncthreads();", "    warp_count[warp] = count;\n  }")],
+          ["test_emulation.py::test_bitwise_identical_in_any_block_and_thread_order", "test_parity.py::test_parity_grid"]),
+    Fault("full-mask-shuffle-in-partial-warp", "channels-first blocks shrink to 16 threads for small planes",
+          [(KERNELS, "while (threads > kWarpSize && threads >= 2 * total) threads /= 2;",
+            "while (threads > kWarpSize / 2 && threads >= 2 * total) threads /= 2;")],
+          ["test_parity.py::test_parity_grid"]),
+    Fault("out-of-bounds-store", "the finalize pass lets channel C through and writes one past save_mean",
+          [(KERNELS, "  if (channel >= args.channels) return;  // whole warps leave together\n\n  double mean",
+            "  if (channel > args.channels) return;  // whole warps leave together\n\n  double mean")],
+          ["test_parity.py::test_parity_grid"], variant="asan"),
+    Fault("short-workspace", "the backward's workspace is 16 bytes short",
+          [(KERNELS, "  return carve_backward_workspace<acc_t>(nullptr, params.geometry.channels, splits).bytes;",
+            "  return carve_backward_workspace<acc_t>(nullptr, params.geometry.channels, splits).bytes - 16;")],
+          ["test_parity.py::test_parity_grid"], variant="asan"),
+    Fault("reads-partial-before-finalize", "the last split merges every split's partial itself, as if it ran last",
+          [(KERNELS, "    partial_count[slot] = count;\n    if (channel == 0 && split == 0 && counter != nullptr)",
+            "    partial_count[slot] = count;\n"
+            "    if (split > 0 && split + 1 == gridDim.y) {\n"
+            "      double m = 0.0, q = 0.0, n = 0.0;\n"
+            "      for (int64_t s = 0; s < split + 1; ++s) {\n"
+            "        const int64_t at = s * geometry.channels + channel;\n"
+            "        merge_moments(m, q, n, partial_mean[at], partial_m2[at], partial_count[at]);\n"
+            "      }\n"
+            "      partial_mean[channel] = m;\n      partial_m2[channel] = q;\n      partial_count[channel] = n;\n"
+            "    }\n"
+            "    if (channel == 0 && split == 0 && counter != nullptr)"),
+           (KERNELS, "  args.splits = plan.splits;",
+            "  args.splits = g.layout == Layout::kChannelsFirst ? 1 : plan.splits;")],
+          ["test_emulation.py::test_bitwise_identical_in_any_block_and_thread_order"]),
+    Fault("32-bit-offset-overflow", "the channels-first cursor's offset is computed in 32 bits",
+          [(KERNELS, "    return image_ * image_stride + vector_ * vec;",
+            "    return static_cast<int>(image_ * image_stride + vector_ * vec);")],
+          ["test_emulation.py::test_offsets_past_two_to_the_31"]),
+]
+
+
+def asan_preload():
+    lib = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return lib
+
+
+def run_fault(fault, keep):
+    work = ROOT / "build" / "planted" / fault.name
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(ROOT / "csrc", work / "csrc")
+    for file, old, new in fault.edits:
+        path = work / "csrc" / file
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"{fault.name}: the text to patch occurs {text.count(old)} times in {file}")
+        path.write_text(text.replace(old, new))
+    env = dict(os.environ, FUSED_BN_EMULATED_CUDA="1", FUSED_BN_EMULATION_CSRC=str(work / "csrc"),
+               FUSED_BN_EMULATION_BUILD=str(work / "build"), FUSED_BN_EMULATION_VARIANT=fault.variant)
+    env.pop("FUSED_BN_EMULATION_COVERAGE", None)
+    if fault.variant == "asan":
+        env["LD_PRELOAD"] = asan_preload()
+        env["ASAN_OPTIONS"] = "detect_leaks=0"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "slow or not slow",
+           *fault.tests]
+    start = time.time()
+    result = subprocess.run(cmd, cwd=ROOT / "tests", env=env, capture_output=True, text=True)
+    elapsed = time.time() - start
+    output = result.stdout + result.stderr
+    evidence = next((line for line in output.splitlines()
+                     if "ERROR: AddressSanitizer" in line or "CUDA error (emulated GPU)" in line
+                     or line.startswith("E ") or line.startswith("FAILED")), "")
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    caught = result.returncode != 0 and "Error building extension" not in output
+    return caught, evidence.strip()[:160], elapsed, output
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("faults", nargs="*", help="names (default: all)")
+    parser.add_argument("--keep", action="store_true", help="keep build/planted/<fault>/")
+    parser.add_argument("--verbose", action="store_true", help="print each run's pytest output")
+    args = parser.parse_args()
+    chosen = [f for f in FAULTS if not args.faults or f.name in args.faults]
+    missed = []
+    print(f"{'fault':38} {'caught':6} {'time':>6}  by / evidence")
+    for fault in chosen:
+        caught, evidence, elapsed, output = run_fault(fault, args.keep)
+        if args.verbose:
+            print(output)
+        print(f"{fault.name:38} {'yes' if caught else 'NO':6} {elapsed:5.0f}s  {' '.join(fault.tests)}\n"
+              f"{'':53}{evidence}", flush=True)
+        if not caught:
+            missed.append(fault.name)
+    if missed:
+        raise SystemExit(f"not caught: {', '.join(missed)}")
+
+
+if __name__ == "__main__":
+    main()
