@@ -10,7 +10,7 @@ NVCC ?= $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 CUDA_INCLUDE ?= $(patsubst %/cuda_runtime.h,%,$(firstword $(wildcard $(CUDA_HOME)/include/cuda_runtime.h \
 	$(dir $(realpath $(NVCC)))../include/cuda_runtime.h /usr/local/cuda/include/cuda_runtime.h)))
 
-.PHONY: deps test-deps bench-deps build test bench cuda-check clean
+.PHONY: deps test-deps bench-deps build test test-emulated planted-faults bench cuda-check clean
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
@@ -34,6 +34,27 @@ build: deps
 
 test: test-deps build
 	$(PYTHON) -m pytest -q tests
+	@$(MAKE) --no-print-directory test-emulated
+
+# Our CUDA glue and kernels on the emulated GPU (tests/emulated_cuda.py): the
+# suites below once more, with CPU tensors served by the CUDA kernels (built
+# with gcov), the kernel layer's line coverage, then a sanitized build
+# (ASan + UBSan, Python under LD_PRELOAD) on a focused subset.
+EMULATED_TESTS := tests/test_parity.py tests/test_ops.py tests/test_fused_relu.py tests/test_validation.py \
+	tests/test_reliability.py tests/test_properties.py tests/test_emulation.py
+SANITIZED_TESTS := tests/test_emulation.py tests/test_parity.py tests/test_validation.py
+ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
+
+test-emulated: test-deps build
+	@rm -f build/fused_bn_emulated_cuda_coverage/*.gcda
+	FUSED_BN_EMULATED_CUDA=1 FUSED_BN_EMULATION_COVERAGE=1 $(PYTHON) -m pytest -q $(EMULATED_TESTS)
+	$(PYTHON) tools/emulation_coverage.py --min 95
+	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 FUSED_BN_EMULATED_CUDA=1 \
+		FUSED_BN_EMULATION_VARIANT=asan $(PYTHON) -m pytest -q $(SANITIZED_TESTS)
+
+# Each planted fault (tools/planted_faults.py) must be caught by the emulated suite.
+planted-faults: test-deps build
+	$(PYTHON) tools/planted_faults.py
 
 bench: bench-deps build
 	$(PYTHON) -m bench.run

@@ -23,8 +23,8 @@ namespace cuda {
 // "ns::kernel<float, 4>", read off the compiler's name of this instantiation.
 template <auto kKernel>
 const char* kernel_name() {
-  static const std::string name = [] {
-    const std::string_view pretty = __PRETTY_FUNCTION__;
+  const std::string_view pretty = __PRETTY_FUNCTION__;  // this function's, not a lambda's
+  static const std::string name = [pretty] {
     const size_t begin = pretty.find("kKernel = ");
     if (begin == std::string_view::npos) return std::string(pretty);
     const std::string_view rest = pretty.substr(begin + 10);

@@ -35,7 +35,10 @@ constexpr unsigned kMaxGridX = 0x7fffffffu;
 constexpr unsigned kMaxGridYZ = 65535;
 constexpr size_t kMaxDynamicSharedBytes = 48 * 1024;  // without cudaFuncSetAttribute's opt-in
 #if defined(FUSED_BN_EMULATION_ASAN)
-constexpr size_t kStackBytes = 1 << 20;  // ASan's redzones grow every frame
+// ASan's swapcontext interceptor clears the shadow of the whole stack switched
+// to, on every switch: a small stack keeps that a memset (1 MB made it madvise,
+// and the ASan pass 6x slower). The kernels' frames need a few KB.
+constexpr size_t kStackBytes = 64 << 10;
 #else
 constexpr size_t kStackBytes = 256 << 10;
 #endif
