@@ -50,7 +50,7 @@ test-emulated: test-deps build
 	FUSED_BN_EMULATED_CUDA=1 FUSED_BN_EMULATION_COVERAGE=1 $(PYTHON) -m pytest -q $(EMULATED_TESTS)
 	$(PYTHON) tools/emulation_coverage.py --min 95
 	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 FUSED_BN_EMULATED_CUDA=1 \
-		FUSED_BN_EMULATION_VARIANT=asan $(PYTHON) -m pytest -q $(SANITIZED_TESTS)
+		FUSED_BN_EMULATION_VARIANT=asan $(PYTHON) -m pytest -q --capture=sys $(SANITIZED_TESTS)
 
 # Each planted fault (tools/planted_faults.py) must be caught by the emulated suite.
 planted-faults: test-deps build

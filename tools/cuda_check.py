@@ -17,6 +17,9 @@ ENTRY_RE = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
 PROPERTIES_RE = re.compile(r"Function properties for (\w+)")
 STACK_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 USED_RE = re.compile(r"Used (\d+) registers(.*)")
+# Static __shared__ arrays beyond 48 KB are refused at launch (larger needs
+# dynamic shared memory and an opt-in); the emulated GPU cannot measure them.
+STATIC_SHARED_LIMIT = 48 * 1024
 SMEM_RE = re.compile(r"(\d+) bytes smem")
 # Kernels that run once per channel, not per element: a stack frame there costs nothing.
 COLD_KERNEL_RE = re.compile(r"finalize_|increment_counter")
@@ -122,6 +125,8 @@ def main():
             failures.append(f"{arch} {pretty}: {row[5]} bytes spill stores, {row[6]} bytes spill loads")
         if hot and row[4]:
             failures.append(f"{arch} {pretty}: {row[4]} bytes stack frame in a hot kernel")
+        if row[3] > STATIC_SHARED_LIMIT:
+            failures.append(f"{arch} {pretty}: {row[3]} bytes of static shared memory (limit {STATIC_SHARED_LIMIT})")
     rows.sort(key=lambda r: (r[0], r[1]))
 
     width = max(len(r[1]) for r in rows)
@@ -137,7 +142,7 @@ def main():
         for f in failures:
             print("  " + f, file=sys.stderr)
         return 1
-    print("cuda-check: no spills, no stack frames in hot kernels")
+    print("cuda-check: no spills, no stack frames in hot kernels, static shared memory within 48 KB")
     return 0
 
 

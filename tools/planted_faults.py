@@ -76,8 +76,11 @@ FAULTS = [
 
 
 def asan_preload():
-    lib = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    return lib
+    """The ASan runtime first, and libstdc++ with it (Python is not C++: without
+    it ASan cannot intercept __cxa_throw and aborts at the first C++ exception)."""
+    def lib(name):
+        return subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    return f"{lib('libasan.so')} {lib('libstdc++.so')}"
 
 
 def run_fault(fault, keep):
@@ -97,18 +100,25 @@ def run_fault(fault, keep):
     if fault.variant == "asan":
         env["LD_PRELOAD"] = asan_preload()
         env["ASAN_OPTIONS"] = "detect_leaks=0"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "slow or not slow",
+    # --capture=sys: a sanitizer report or a crash goes to the real stderr (fd capture loses it).
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "--capture=sys", "-p", "no:cacheprovider", "-m", "slow or not slow",
            *fault.tests]
     start = time.time()
     result = subprocess.run(cmd, cwd=ROOT / "tests", env=env, capture_output=True, text=True)
     elapsed = time.time() - start
     output = result.stdout + result.stderr
     evidence = next((line for line in output.splitlines()
-                     if "ERROR: AddressSanitizer" in line or "CUDA error (emulated GPU)" in line
-                     or line.startswith("E ") or line.startswith("FAILED")), "")
+                     if "ERROR: AddressSanitizer" in line or "runtime error:" in line
+                     or "CUDA error (emulated GPU)" in line
+                     or line.startswith("Fatal Python error") or line.startswith("E ")
+                     or line.startswith("FAILED")), "")
+    if not evidence and result.returncode < 0:
+        evidence = f"the test process died of signal {-result.returncode}"
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
     caught = result.returncode != 0 and "Error building extension" not in output
+    if fault.variant == "asan":  # only a sanitizer's report counts as caught there
+        caught = caught and ("ERROR: AddressSanitizer" in output or "runtime error:" in output)
     return caught, evidence.strip()[:160], elapsed, output
 
 

@@ -41,10 +41,18 @@
 // (channels-last) is a multiple of 16 / sizeof(scalar); scalar otherwise.
 // All element offsets are 64-bit. C == 0 launches only a counter increment.
 //
-// Numerics. Welford/Chan moments are taken of x - K, with K the channel's first
-// element: for data far from zero (mean 1e4, std 1 in float32) the shifted
-// values are exact and their mean keeps full precision; the normalize pass uses
-// (x - K) - mean_shifted rather than x - rounded_mean.
+// Numerics (the CPU kernels' rules; the per-channel formulas are shared with
+// them in csrc/common/channel_math.h). Welford/Chan moments are taken of x - K,
+// with K the channel's first element (0 if it is not finite): for data far from
+// zero (mean 1e4, std 1 in float32) the shifted values are exact and their mean
+// keeps full precision; the normalize pass uses (x - K) - mean_shifted rather
+// than x - rounded_mean. float32 moments accumulate in double, half/bfloat16 in
+// float. The backward sums Σdy, Σdy·(x − mean) and Σ(x − mean) in double for
+// every dtype, centres Σdy·(x − mean) on the exact batch mean, and writes dx in
+// nn's factored form (dy − mean(dy) − (x − mean)·projection)·w·invstd. Double
+// accumulation costs a few FP64 operations per element: far below H100/H200's
+// FP64 rate, but it can make the reduction passes compute-bound on GPUs with
+// 1/64-rate FP64 (consumer and L40-class parts): unmeasured so far.
 //
 // num_batches_tracked. The moments kernel snapshots counter + 1 into the
 // workspace; the finalize kernel (a later launch in the same stream) derives
