@@ -143,3 +143,42 @@ def test_offsets_past_two_to_the_31(restore_device):
     del x
     for image, expected in ((0, 0.5), (1, -2.5)):
         assert torch.count_nonzero(y[image] != expected).item() == 0
+
+
+def test_zero_channels_count_the_batch():
+    """C = 0 (where nn itself raises an IndexError): nothing to normalize, the
+    counter still counts the batch (one one-thread launch), as our CPU kernels do."""
+    x = torch.randn(2, 0, 3, 3)
+    ours = fused_bn.FusedBatchNorm2d(0)
+    before = emulated_cuda.launch_count()
+    y = ours(x)
+    assert emulated_cuda.launch_count() - before == 1
+    emulated_cuda.enable(False)
+    try:
+        cpu = fused_bn.FusedBatchNorm2d(0)
+        y_cpu = cpu(x)
+    finally:
+        emulated_cuda.enable(True)
+    assert y.shape == y_cpu.shape == x.shape
+    assert ours.num_batches_tracked.item() == cpu.num_batches_tracked.item() == 1
+    before = emulated_cuda.launch_count()
+    fused_bn.FusedBatchNorm2d(0, track_running_stats=False)(x)
+    assert emulated_cuda.launch_count() == before
+
+
+def test_two_values_per_channel_with_nonfinite_grad():
+    """Two values per channel take the closed form only where everything is
+    finite; an inf or NaN grad_output falls back to the general formula, whose
+    NaN/inf pattern is nn's."""
+    x = torch.tensor([1.0, 3.0, -2.0, 5.0, 0.5, 0.25]).view(1, 3, 1, 2)
+    gy = torch.tensor([float("inf"), 1.0, float("nan"), 2.0, 1.0, -3.0]).view(1, 3, 1, 2)
+    grads = []
+    for m in (fused_bn.FusedBatchNorm2d(3), torch.nn.BatchNorm2d(3)):
+        xr = x.clone().requires_grad_()
+        m(xr).backward(gy)
+        grads.append((xr.grad, m.weight.grad, m.bias.grad))
+    for ours, ref in zip(*grads):
+        assert torch.equal(torch.isnan(ours), torch.isnan(ref))
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+        finite = torch.isfinite(ref)
+        torch.testing.assert_close(ours[finite], ref[finite])
