@@ -25,7 +25,8 @@
 #define __device__
 #define __global__
 #define __shared__ static
-// Checked at launch against the block size (FUSED_BN_LAUNCH_BOUNDS below).
+// g++ cannot see the attribute: the launch states the bound instead
+// (cuda::launch_kernel's kMaxThreadsPerBlock), and the emulated launch checks it.
 #define __launch_bounds__(...)
 
 #include <cuda_bf16.h>
