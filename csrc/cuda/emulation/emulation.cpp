@@ -97,7 +97,6 @@ struct Machine {
   std::string last_message;
 
   // The launch in flight.
-  const char* kernel = nullptr;
   KernelBody body = nullptr;
   const void* closure = nullptr;
   dim3 grid, block;
@@ -414,7 +413,6 @@ cudaError_t launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
     return m.last_error;
   }
 
-  m.kernel = kernel_name;
   m.body = body;
   m.closure = closure;
   m.grid = grid;
@@ -439,11 +437,9 @@ cudaError_t launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
       m.last_error = cudaErrorLaunchFailure;
       m.last_message = std::string(kernel_name) + ", block " + thread_name(m.block_index) + " of grid " +
                        dims(grid) + ", block size " + dims(block) + ": " + m.failure;
-      m.kernel = nullptr;
       return m.last_error;
     }
   }
-  m.kernel = nullptr;
   return cudaSuccess;
 }
 
