@@ -17,7 +17,7 @@ deps:
 	@$(PYTHON) -c "import ninja" 2>/dev/null || $(PIP) install ninja || true
 
 test-deps: deps
-	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) install pytest hypothesis
+	@$(PYTHON) -c "import pytest, hypothesis, expecttest" 2>/dev/null || $(PIP) install pytest hypothesis expecttest
 	@$(PYTHON) -c "import sklearn, matplotlib, tqdm" 2>/dev/null || $(PIP) install scikit-learn matplotlib tqdm
 
 bench-deps: deps

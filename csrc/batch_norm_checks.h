@@ -153,9 +153,9 @@ inline void check_exchanged(const at::Tensor& t, const char* name, const at::Ten
 // The momentum actually applied to the running statistics: nn.BatchNorm2d's
 // cumulative average (1/num_batches_tracked, after the increment) when
 // momentum is None. `batches_tracked` is the counter's value after increment.
-inline double running_average_factor(c10::optional<double> momentum, int64_t batches_tracked) {
+inline double running_average_factor(c10::optional<double> momentum, double batches_tracked) {
   if (momentum.has_value()) return *momentum;
-  return batches_tracked > 0 ? 1.0 / static_cast<double>(batches_tracked) : 0.0;
+  return batches_tracked > 0 ? 1.0 / batches_tracked : 0.0;
 }
 
 }  // namespace fused_bn

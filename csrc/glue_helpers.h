@@ -40,15 +40,18 @@ inline void check_updatable(const c10::optional<at::Tensor>& t, const char* name
               " must be contiguous to be updated in place");
 }
 
-// The counter is nn.BatchNorm2d's int64 scalar buffer, on the input's device.
+// The counter is nn.BatchNorm2d's one-element buffer on the input's device:
+// int64, or any real dtype once module.type()/to(dtype) cast every buffer
+// (nn counts in that dtype too).
 inline void check_batches_tracked(const c10::optional<at::Tensor>& t, const at::Tensor& input) {
   if (!is_defined(t)) return;
   TORCH_CHECK(t->device() == input.device(),
               "Expected all tensors to be on the same device, but num_batches_tracked is on ",
               t->device(), " and input is on ", input.device());
-  TORCH_CHECK(t->scalar_type() == at::kLong && t->numel() == 1,
-              "batch_norm: num_batches_tracked must be an int64 tensor with one element, got ",
-              t->scalar_type(), " of shape ", t->sizes());
+  const at::ScalarType dtype = t->scalar_type();
+  TORCH_CHECK(t->numel() == 1 && dtype != at::kBool && !at::isComplexType(dtype),
+              "batch_norm: num_batches_tracked must be a real tensor with one element, got ",
+              dtype, " of shape ", t->sizes());
 }
 
 // Parameters come in the input's dtype, or float32 for float16/bfloat16 input.

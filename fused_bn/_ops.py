@@ -249,6 +249,10 @@ def _save_epilogue_context(ctx, n_inputs, input, weight, bias, mean, invstd, rel
     """mean, invstd: the batch statistics in training, the running mean and
     variance in eval (_saved_for_grads turns them into statistics)."""
     ctx.n_inputs = n_inputs
+    # None, not zeros, for an input without a tangent (and an output without
+    # a gradient): the eval jvp must tell running statistics with tangents
+    # (which nn refuses) from ones without.
+    ctx.set_materialize_grads(False)
     ctx.mask = _grad_mask(ctx, weight, bias)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.relu = relu
@@ -389,8 +393,15 @@ class _BatchNormEval(torch.autograd.Function):
         return _epilogue_backward(ctx, grad_output, False, ctx.eps)
 
     @staticmethod
-    def jvp(ctx, input_t, weight_t, bias_t, _running_mean_t, _running_var_t, _eps_t, _relu_t,
+    def jvp(ctx, input_t, weight_t, bias_t, running_mean_t, running_var_t, _eps_t, _relu_t,
             residual_t):
+        differentiated = any(t is not None for t in (input_t, weight_t, bias_t, residual_t))
+        if differentiated and (running_mean_t is not None or running_var_t is not None):
+            # nn's refusal: in eval the output depends on the running
+            # statistics, whose tangents it will not propagate. (With tangents
+            # on them alone nn's output has no tangent; ours is zero.)
+            raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, "
+                               "they cannot have forward grad defined")
         return _epilogue_jvp(ctx, False, input_t, weight_t, bias_t, residual_t)
 
 

@@ -19,8 +19,40 @@ def _verify_batch_size(size):
             f"Expected more than 1 value per channel when training, got input size {size}")
 
 
+def _check_eps(eps, training):
+    # F.batch_norm's checks and messages, which it runs before any other check
+    # on the arguments (after the batch size's).
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _kernel_dtype(input, params):
+    """The dtype the kernels take per-channel tensors in: float32 for float16
+    or bfloat16 input whose first parameter is float32 (AMP), else the input's."""
+    first = next((p for p in params if p is not None), None)
+    if (first is not None and first.dtype == torch.float32
+            and input.dtype in (torch.float16, torch.bfloat16)):
+        return torch.float32
+    return input.dtype
+
+
+def _empty_batch_params(input, params):
+    """An empty batch's per-channel tensors in the kernels' dtype. nn returns an
+    empty batch before checking dtypes (a float64 batch into a float32 module
+    works); the kernels read no value of an empty batch and update no running
+    statistic, so copies of the running statistics lose nothing."""
+    dtype = _kernel_dtype(input, params)
+    return tuple(p if p is None or p.dtype == dtype or not p.is_floating_point() else p.to(dtype)
+                 for p in params)
+
+
 def _batch_norm_epilogue(input, running_mean, running_var, weight, bias, training, momentum, eps,
                          num_batches_tracked, relu, residual):
+    if input.numel() == 0 and input.is_floating_point():
+        running_mean, running_var, weight, bias = _empty_batch_params(
+            input, (running_mean, running_var, weight, bias))
     if torch.is_grad_enabled():
         # nn's message (its native_batch_norm refuses these), before any state changes.
         check_stats_not_requiring_grad("native_batch_norm", running_mean, running_var)
@@ -37,10 +69,12 @@ def _batch_norm_epilogue(input, running_mean, running_var, weight, bias, trainin
                 "running_mean and running_var must either both be None or neither be None")
         if input.dim() >= 2:
             _verify_batch_size(input.size())
+        _check_eps(eps, True)
         train = batch_norm_train_autograd if direct else ops.batch_norm_train
         output, _, _ = train(input, weight, bias, running_mean, running_var, num_batches_tracked,
                              momentum, eps, relu, residual)
         return output
+    _check_eps(eps, False)
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
         if stat is None:
             raise RuntimeError(f"{name} must be defined in evaluation mode")

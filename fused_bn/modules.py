@@ -22,14 +22,10 @@ def _record_leaf_call(module, proxy, args):
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
-class FusedBatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` computed by fused_bn's kernels.
-
-    A subclass with the same constructor, parameters, buffers and state_dict keys,
-    so checkpoints, optimizers and ``isinstance(m, nn.BatchNorm2d)`` keep working.
-    Unlike ``nn.BatchNorm2d``, an input that raises leaves ``num_batches_tracked``
-    untouched: every check runs before the op mutates any state.
-    """
+class _FusedBatchNormForward:
+    """The forward of a batch-norm module run by fused_bn's kernels; mixed into
+    subclasses of nn's batch norms, whose constructor, parameters, buffers and
+    input check (``_check_input_dim``) it uses as they are."""
 
     def _batch_norm_args(self, input: torch.Tensor) -> tuple:
         """(running_mean, running_var, weight, bias, training, momentum, eps,
@@ -52,10 +48,22 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         return _batch_norm_epilogue(input, *self._batch_norm_args(input), False, None)
 
 
-class FusedLazyBatchNorm2d(nn.modules.batchnorm._LazyNormBase, FusedBatchNorm2d):
+class FusedBatchNorm2d(_FusedBatchNormForward, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` computed by fused_bn's kernels.
+
+    A subclass with the same constructor, parameters, buffers and state_dict keys,
+    so checkpoints, optimizers and ``isinstance(m, nn.BatchNorm2d)`` keep working.
+    Unlike ``nn.BatchNorm2d``, an input that raises leaves ``num_batches_tracked``
+    untouched: every check runs before the op mutates any state.
+    """
+
+
+class FusedLazyBatchNorm2d(_FusedBatchNormForward, nn.LazyBatchNorm2d):
     """``nn.LazyBatchNorm2d`` computed by fused_bn's kernels: ``num_features`` is
     inferred from the first input's ``size(1)``, after which the module becomes
-    a ``FusedBatchNorm2d`` (as nn's becomes an ``nn.BatchNorm2d``)."""
+    a ``FusedBatchNorm2d`` (as nn's becomes an ``nn.BatchNorm2d``). Like nn's,
+    it is no ``nn.BatchNorm2d`` until then (init loops over BatchNorm2d
+    modules would meet uninitialized parameters)."""
 
     cls_to_become = FusedBatchNorm2d
 
@@ -173,6 +181,16 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
         converted = module
         if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not isinstance(module, cls):
             activation = "relu" if isinstance(module, FusedBatchNormReLU2d) else None
+            act = module._modules.get("act")
+            if act is not None or "drop" in module._modules:
+                # timm's BatchNormAct2d (ours or theirs): the activation goes into
+                # the synchronised module when it is a ReLU with no dropout.
+                if type(act) not in (nn.ReLU, nn.Identity) or type(module._modules.get("drop")) not in (
+                        nn.Identity, type(None)):
+                    raise NotImplementedError(
+                        f"FusedSyncBatchNorm2d.convert_sync_batchnorm: {type(module).__name__} with "
+                        f"{type(act).__name__} activation has no synchronised form (ReLU only)")
+                activation = "relu" if type(act) is nn.ReLU else None
             converted = _fused_from(module, lambda *args, **kwargs: cls(
                 *args, process_group=process_group, activation=activation, **kwargs))
             if hasattr(module, "qconfig"):
@@ -193,14 +211,78 @@ def _fused_from(bn: nn.BatchNorm2d, cls=FusedBatchNorm2d) -> FusedBatchNorm2d:
     fused = cls(
         bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
         track_running_stats=bn.track_running_stats, device="meta", **_bias_option(bn))
-    # The very same Parameter and buffer objects: optimizers holding them and any
-    # other reference stay valid.
+    # The very same Parameter, buffer and child module objects (a timm
+    # BatchNormAct2d's activation): optimizers holding them and any other
+    # reference stay valid.
     for name, param in bn.named_parameters(recurse=False):
         setattr(fused, name, param)
     for name, buf in bn.named_buffers(recurse=False):
         setattr(fused, name, buf)
+    for name, child in bn.named_children():
+        setattr(fused, name, child)
     fused.train(bn.training)
     return fused
+
+
+def _is_timm_batch_norm_act(module: nn.Module) -> bool:
+    """Exactly timm's BatchNormAct2d (batch norm, then its ``drop`` and ``act``
+    children; most timm models since efficientnet use it)."""
+    cls = type(module)
+    return cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.")
+
+
+class _FusedBatchNormActForward(_FusedBatchNormForward):
+    """The forward of timm's BatchNormAct2d on fused_bn's kernels: the ReLU in
+    the kernels' passes when ``fuses_relu`` is set (convert_model(fuse_relu=True))
+    and the module's activation is a ReLU with no dropout before it, else the
+    module's ``drop`` and ``act`` applied to the batch norm's output."""
+
+    fuses_relu = False
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, fx.Proxy):
+            return _record_leaf_call(self, input, (input,))
+        args = self._batch_norm_args(input)
+        if self.fuses_relu and type(self.act) is nn.ReLU and type(self.drop) is nn.Identity:
+            return _batch_norm_epilogue(input, *args, True, None)
+        return self.act(self.drop(_batch_norm_epilogue(input, *args, False, None)))
+
+
+_fused_act_classes = {}
+
+
+def _fused_act_class(base: type) -> type:
+    """``FusedBatchNormAct2d``: a subclass of timm's BatchNormAct2d (``base``)
+    with our forward, so that timm's isinstance checks keep working; made on
+    first use, so that fused_bn does not import timm."""
+    cls = _fused_act_classes.get(base)
+    if cls is None:
+        cls = type("FusedBatchNormAct2d", (_FusedBatchNormActForward, base), {
+            "__module__": __name__,
+            "__doc__": "timm's BatchNormAct2d computed by fused_bn's kernels (same state_dict).",
+        })
+        _fused_act_classes[base] = cls
+    return cls
+
+
+def __getattr__(name):
+    # Unpickling a model holding a FusedBatchNormAct2d looks the class up here.
+    if name == "FusedBatchNormAct2d":
+        from timm.layers.norm_act import BatchNormAct2d
+        return _fused_act_class(BatchNormAct2d)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _fused_batch_norm_act_from(bn: nn.Module, fuse_relu: bool) -> nn.Module:
+    fused = _fused_from(bn, _fused_act_class(type(bn)))
+    fused.fuses_relu = fuse_relu
+    return fused
+
+
+def _has_convertible(module: nn.Module) -> bool:
+    """Whether convert_model would swap ``module`` or one of its submodules."""
+    return any(type(m) in (nn.BatchNorm2d, nn.LazyBatchNorm2d) or _is_timm_batch_norm_act(m)
+               for m in module.modules())
 
 
 def _fused_lazy_from(bn: nn.LazyBatchNorm2d) -> FusedLazyBatchNorm2d:
@@ -222,11 +304,13 @@ def _convert_in_place(module: nn.Module, fuse_relu: bool) -> nn.Module:
         return _fused_from(module)
     if type(module) is nn.LazyBatchNorm2d:
         return _fused_lazy_from(module)
+    if _is_timm_batch_norm_act(module):
+        return _fused_batch_norm_act_from(module, fuse_relu)
     children = list(module.named_children())
     for i, (name, child) in enumerate(children):
         if type(child) is not nn.BatchNorm2d:
             converted = _convert_in_place(child, fuse_relu)
-            if converted is not child:  # an nn.LazyBatchNorm2d
+            if converted is not child:  # a lazy batch norm or a timm BatchNormAct2d
                 setattr(module, name, converted)
             continue
         # An nn.Sequential's BatchNorm2d right before an nn.ReLU: the pair
@@ -247,7 +331,10 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
     ``FusedBatchNorm2d`` sharing its parameters and buffers, and return the model.
     An ``nn.LazyBatchNorm2d`` not yet run (nothing to share) becomes a
     ``FusedLazyBatchNorm2d`` with its settings; one that has run is already an
-    ``nn.BatchNorm2d``.
+    ``nn.BatchNorm2d``. timm's ``BatchNormAct2d`` (batch norm plus its
+    activation) becomes a ``FusedBatchNormAct2d``, a subclass of it with the
+    same children; with ``fuse_relu=True`` a ReLU activation runs in the batch
+    norm's passes. Other subclasses of ``nn.BatchNorm2d`` are left as they are.
 
     With ``fuse_relu=False`` the model is converted in place (the new module is
     returned when ``module`` itself is an ``nn.BatchNorm2d``).
@@ -261,7 +348,12 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
     as it was, sharing its parameters and buffers with it). A model that does
     not trace is converted in place instead, folding only an ``nn.ReLU`` that
     directly follows a ``BatchNorm2d`` in an ``nn.Sequential``. Either way the
-    state_dict keys stay those of the original model.
+    state_dict keys stay those of the original model. The trace leaves every
+    parameter, buffer and training flag as it found them, and a module whose
+    code depends on its training flag (stochastic depth, a dropout path) stays
+    a module the graph calls, so the GraphModule follows ``.train()`` and
+    ``.eval()`` as the model does (a model whose own top-level forward reads
+    ``self.training`` is converted in place).
     """
     if fuse_relu:
         from ._fuse import fuse_with_fx

@@ -49,6 +49,12 @@ MODULE_CASES = {
     "f16-in-bf16-train": (3, {}, bf16, True, (2, 3, 4, 4), f16),
     "bf16-in-f16-eval": (3, {}, f16, False, (2, 3, 4, 4), bf16),
     "f64-in-f16-train": (3, {}, f16, True, (2, 3, 4, 4), f64),
+    "eps-zero-train": (3, dict(eps=0.0), f32, True, (2, 3, 4, 4), f32),
+    "eps-negative-train": (3, dict(eps=-1.0), f32, True, (2, 3, 4, 4), f32),
+    "eps-negative-eval": (3, dict(eps=-1.0), f32, False, (2, 3, 4, 4), f32),
+    "eps-zero-and-f64-in-f32-train": (3, dict(eps=0.0), f32, True, (2, 3, 4, 4), f64),
+    "one-value-per-channel-before-eps": (3, dict(eps=0.0), f32, True, (1, 3, 1, 1), f32),
+    "eps-zero-notrack-train": (3, dict(eps=0.0, track_running_stats=False), f32, True, (2, 3, 4, 4), f32),
 }
 
 
@@ -90,14 +96,14 @@ def test_module_error_matches_nn(device, case):
 
 
 def _functional_args(device, *, input_shape=(4, 3, 2, 2), input_dtype=f32, rm=(3, f32), rv=(3, f32),
-                     weight=None, bias=None):
+                     weight=None, bias=None, eps=1e-5):
     def t(spec, fill):
         if spec is None:
             return None
         n, dtype = spec
         return torch.full((n,), fill, dtype=dtype, device=device)
     return (_make_input(input_shape, input_dtype, device), t(rm, 0.25), t(rv, 1.5), t(weight, 1.25),
-            t(bias, -0.5))
+            t(bias, -0.5), eps)
 
 
 # id: (training, argument spec for _functional_args)
@@ -121,19 +127,23 @@ FUNCTIONAL_CASES = {
     "bf16-input-bf16-weight-f32-stats": (True, dict(input_dtype=bf16, weight=(3, bf16), bias=(3, bf16))),
     "f32-input-f32-weight-f64-bias": (False, dict(weight=(3, f32), bias=(3, f64))),
     "f16-input-f32-weight-f16-bias": (True, dict(input_dtype=f16, rm=None, rv=None, weight=(3, f32), bias=(3, f16))),
+    "eps-zero-train": (True, dict(eps=0.0)),
+    "eps-negative-eval": (False, dict(eps=-1e-3)),
+    "eps-negative-before-dtype-eval": (False, dict(eps=-1.0, input_dtype=f64)),
+    "eps-negative-before-missing-stats-eval": (False, dict(eps=-1.0, rm=None, rv=None)),
 }
 
 
 @pytest.mark.parametrize("case", list(FUNCTIONAL_CASES))
 def test_functional_error_matches_F(device, case):
     training, spec = FUNCTIONAL_CASES[case]
-    x, rm, rv, w, b = _functional_args(device, **spec)
+    x, rm, rv, w, b, eps = _functional_args(device, **spec)
     counter = torch.tensor(7, device=device)
     snapshots = [None if t is None else t.clone() for t in (rm, rv, w, b, counter)]
     _expect_same_error(
         lambda: F.batch_norm(x, None if rm is None else rm.clone(), None if rv is None else rv.clone(),
-                             w, b, training, 0.1, 1e-5),
-        lambda: fused_bn.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5,
+                             w, b, training, 0.1, eps),
+        lambda: fused_bn.batch_norm(x, rm, rv, w, b, training, 0.1, eps,
                                     num_batches_tracked=counter if training else None),
         f"[functional {case}]")
     for name, t, snap in zip(("running_mean", "running_var", "weight", "bias", "num_batches_tracked"),
@@ -158,18 +168,30 @@ def test_module_still_works_after_error(device):
 
 
 @pytest.mark.parametrize("counter_spec", [
-    pytest.param((torch.float32, ()), id="float32"),
-    pytest.param((torch.int32, ()), id="int32"),
+    pytest.param((torch.bool, ()), id="bool"),
+    pytest.param((torch.complex64, ()), id="complex"),
     pytest.param((torch.int64, (2,)), id="two-elements"),
 ])
-def test_counter_must_be_one_int64(device, counter_spec):
-    """nn has no such argument (its counter is always its own int64 buffer), so the
+def test_counter_must_be_one_real_element(device, counter_spec):
+    """nn has no such argument (its counter is always its own buffer), so the
     functional form's num_batches_tracked gets a clear error of its own, on every
     device alike, before any state changes."""
     dtype, shape = counter_spec
     x = torch.randn(2, 3, 4, 4, device=device)
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
     counter = torch.zeros(shape, dtype=dtype, device=device)
-    with pytest.raises(RuntimeError, match="num_batches_tracked must be an int64 tensor with one element"):
+    with pytest.raises(RuntimeError, match="num_batches_tracked must be a real tensor with one element"):
         fused_bn.batch_norm(x, rm, rv, None, None, True, None, 1e-5, num_batches_tracked=counter)
     assert not counter.any() and not rm.any() and bool((rv == 1).all())
+
+
+def test_eval_eps_zero_is_allowed_like_nn(device):
+    """eps = 0 is refused in training only (nn normalizes by the running
+    variance as it is in eval)."""
+    ours, theirs = fused_bn.FusedBatchNorm2d(3, eps=0.0), nn.BatchNorm2d(3, eps=0.0)
+    for m in (ours, theirs):
+        m.to(device).eval()
+        m.running_var.uniform_(0.5, 1.5)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 4, 4, device=device)
+    torch.testing.assert_close(ours(x), theirs(x))

@@ -487,3 +487,156 @@ def test_convert_model_keeps_a_batch_norm_whose_output_is_reused():
     converted = fused_bn.convert_model(copy.deepcopy(model), fuse_relu=True)
     assert type(converted.bn) is fused_bn.FusedBatchNorm2d
     _check_converted(model, converted, (2, 3, 5, 5))
+
+
+class _DropPath(nn.Module):
+    """Stochastic depth as timm's DropPath and torchvision's StochasticDepth
+    write it: the code run depends on self.training."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(0.5)
+        return x * keep * 2.0
+
+
+class _DropPathBlock(nn.Module):
+    def __init__(self, channels=3):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.drop_path = _DropPath()
+
+    def forward(self, x):
+        return torch.relu(x + self.drop_path(torch.relu(self.bn(self.conv(x)))))
+
+
+@pytest.mark.parametrize("converted_in", ["train", "eval"])
+def test_convert_model_keeps_training_dependent_modules_whole(converted_in):
+    """A module whose code reads self.training (stochastic depth) stays a call
+    of the graph, so the converted model follows .train()/.eval(): eval is
+    deterministic and equal to the original's, training drops paths as the
+    original does with the same random numbers, whichever mode it was
+    converted in."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_DropPathBlock(), _DropPathBlock())
+    _randomize_bn(model)
+    model.train(converted_in == "train")
+    original = copy.deepcopy(model)
+    converted = fused_bn.convert_model(model, fuse_relu=True)
+    assert isinstance(converted, torch.fx.GraphModule)
+    assert [type(m) for m in converted.modules()].count(fused_bn.FusedBatchNormReLU2d) == 2
+    assert converted.training == (converted_in == "train")
+    x = sample((4, 3, 6, 6))
+    for mode in (False, True, False):
+        converted.train(mode)
+        original.train(mode)
+        # A training call updates the running statistics: each model runs
+        # once per mode, and again only in eval.
+        outputs = []
+        for m in (converted, original) + (() if mode else (converted,)):
+            torch.manual_seed(1)
+            outputs.append(m(x))
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+        if not mode:
+            torch.testing.assert_close(outputs[0], outputs[2], rtol=0, atol=0)
+        else:
+            assert (outputs[0] == torch.relu(x)).any() and (outputs[0] != torch.relu(x)).any()
+
+
+def test_convert_model_falls_back_when_the_root_reads_training():
+    class RootDrop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(x))
+            return y * 0.5 if self.training else y
+
+    model = RootDrop()
+    converted = fused_bn.convert_model(model, fuse_relu=True)
+    assert converted is model and type(model.bn) is fused_bn.FusedBatchNorm2d
+    for mode in (True, False):
+        model.train(mode)
+        reference = copy.deepcopy(RootDrop()).train(mode)
+        reference.load_state_dict(model.state_dict())
+        x = sample((2, 3, 4, 4))
+        torch.testing.assert_close(model(x), reference(x))
+
+
+def test_convert_model_trace_leaves_state_and_flags_as_found():
+    """Tracing runs the forward's Python: an in-place update of a real buffer
+    (a batch norm subclass counting its batches, code touching a buffer)
+    would run on the model's own tensors. Conversion leaves every parameter,
+    buffer and training flag as it found them."""
+    class CountingBatchNorm(nn.BatchNorm2d):
+        def forward(self, x):
+            self.num_batches_tracked.add_(1)
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                self.training, 0.1, self.eps)
+
+    class Touches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.counting = CountingBatchNorm(3)
+            self.register_buffer("steps", torch.zeros(()))
+
+        def forward(self, x):
+            self.steps.add_(1)
+            return self.counting(torch.relu(self.bn(x)))
+
+    model = Touches()
+    model.counting.eval()  # a mixed-mode model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {name: m.training for name, m in model.named_modules()}
+    converted = fused_bn.convert_model(model, fuse_relu=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by the conversion"
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    assert {name: m.training for name, m in converted.named_modules() if name in flags} == flags
+
+
+def test_convert_model_refuses_add_relu_fusion_into_an_aliased_residual():
+    """`a += bn2(conv(x))` writes into a's tensor, which `alias` still reads;
+    the fused call would leave it unchanged."""
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            a = self.bn1(x)
+            alias = a
+            a += self.bn2(self.conv(x))
+            return torch.relu(a) + alias
+
+    torch.manual_seed(0)
+    model = Aliased()
+    _randomize_bn(model)
+    converted = fused_bn.convert_model(copy.deepcopy(model), fuse_relu=True)
+    assert fused_bn.FusedBatchNormAddReLU2d not in [type(m) for m in converted.modules()]
+    _check_converted(model, converted, (2, 4, 5, 5))
+
+
+def test_convert_model_fuses_add_relu_that_writes_into_the_batch_norms_output():
+    """torchvision's ResNet block: `out = bn2(out); out += identity; relu(out)`."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            out = self.bn(self.conv(x))
+            out += x
+            return torch.relu(out)
+
+    torch.manual_seed(0)
+    model = Block()
+    _randomize_bn(model)
+    converted = fused_bn.convert_model(copy.deepcopy(model), fuse_relu=True)
+    assert type(converted.bn) is fused_bn.FusedBatchNormAddReLU2d
+    _check_converted(model, converted, (2, 4, 5, 5))

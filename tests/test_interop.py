@@ -146,6 +146,42 @@ def test_forward_ad_matches_nn(device, kind, training, grad_mode):
                                    atol=FLOOR[f64], msg=name)
 
 
+@pytest.mark.parametrize("stats_with_tangent", ["running_mean", "running_var"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", list(OURS))
+def test_forward_ad_running_stats_tangents_like_nn(device, kind, training, stats_with_tangent):
+    """Running statistics that carry tangents: in eval (where the output
+    depends on them) nn refuses with its message and so do we; in training
+    their tangents are ignored by both, and the output's tangent is the input's
+    part, as nn's."""
+    ours, theirs = make_pair(kind, device, training, track_running_stats=True)
+    x, z = sample(SHAPE, f64, device), sample(SHAPE, f64, device, mean=1.0)
+    x_t, stat_t = sample(SHAPE, f64, device), torch.randn(SHAPE[1], dtype=f64, device=device)
+    outcomes = []
+    for module in (ours, theirs):
+        prefix = "" if module is ours else "bn."
+        bn = module if module is ours else module.bn
+        with fwAD.dual_level():
+            buffers = {prefix + stats_with_tangent: fwAD.make_dual(
+                getattr(bn, stats_with_tangent).clone(), stat_t)}
+            args = (fwAD.make_dual(x, x_t), z)
+            try:
+                out = functional_call(module, buffers, args if kind == "bn_add_relu" else args[:1])
+            except RuntimeError as e:
+                outcomes.append(("raised", str(e)))
+                continue
+            primal, out_t = fwAD.unpack_dual(out)
+            outcomes.append(("ok", (primal.detach(), out_t.detach())))
+    assert outcomes[0][0] == outcomes[1][0], f"ours {outcomes[0]}, nn {outcomes[1]}"
+    if outcomes[1][0] == "raised":
+        assert outcomes[0][1] == outcomes[1][1]
+        assert not training
+    else:
+        assert training
+        assert_matches_nn(outcomes[0][1][0], outcomes[1][1][0], "output")
+        assert_matches_nn(outcomes[0][1][1], outcomes[1][1][1], "output tangent")
+
+
 @pytest.mark.parametrize("kind", list(OURS))
 def test_torch_func_grad_updates_running_stats_once(device, kind):
     """Where nn refuses (its in-place update of captured buffers), ours runs

@@ -399,3 +399,48 @@ def test_lazy_batchnorm_wrong_dims_same_error():
     for module in (FusedLazyBatchNorm2d(), nn.LazyBatchNorm2d()):
         with pytest.raises(ValueError, match=r"^expected 4D input \(got 3D input\)$"):
             module(torch.randn(3, 4, 5))
+
+
+def test_lazy_batchnorm_is_no_batchnorm2d_until_run():
+    """As nn.LazyBatchNorm2d is not an nn.BatchNorm2d: the usual init loop over
+    BatchNorm2d modules skips it instead of meeting uninitialized parameters."""
+    from fused_bn import FusedLazyBatchNorm2d
+    model = convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d()))
+    assert isinstance(model[1], nn.LazyBatchNorm2d) and not isinstance(model[1], nn.BatchNorm2d)
+    assert not isinstance(FusedLazyBatchNorm2d(), FusedBatchNorm2d)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+    model(torch.randn(2, 3, 6, 6))
+    assert type(model[1]) is FusedBatchNorm2d and isinstance(model[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("counter_dtype", [torch.float64, torch.float32, torch.int32],
+                         ids=["float64", "float32", "int32"])
+@pytest.mark.parametrize("momentum", [None, 0.1], ids=["cumulative", "momentum"])
+def test_counter_of_another_dtype_counts_like_nn(device, counter_dtype, momentum):
+    """module.type(dtype) casts every buffer, num_batches_tracked included; nn
+    keeps counting in that dtype (and averaging with it when momentum=None)."""
+    ours, theirs = FusedBatchNorm2d(3, momentum=momentum), nn.BatchNorm2d(3, momentum=momentum)
+    for m in (ours, theirs):
+        m.to(device)
+        m.num_batches_tracked = m.num_batches_tracked.to(counter_dtype)
+    for step in range(3):
+        x = sample((4, 3, 5, 5), torch.float32, device)
+        torch.testing.assert_close(ours(x), theirs(x))
+    assert ours.num_batches_tracked.dtype == theirs.num_batches_tracked.dtype == counter_dtype
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_module_type_float64_matches_nn(device):
+    """module.type(torch.float64), the one-call cast of every tensor of a model."""
+    ours, theirs = FusedBatchNorm2d(3, momentum=None), nn.BatchNorm2d(3, momentum=None)
+    for m in (ours, theirs):
+        m.to(device).type(torch.float64)
+    for step in range(2):
+        x = sample((4, 3, 5, 5), torch.float64, device)
+        torch.testing.assert_close(ours(x), theirs(x))
+    assert ours.num_batches_tracked.dtype == torch.float64
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-12, atol=1e-12)

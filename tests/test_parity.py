@@ -380,3 +380,28 @@ def test_functional_cumulative_average(device, shape):
         assert_accurate(rm, nn_bn.running_mean, ref_bn.running_mean, name=f"{label} running_mean")
         assert_accurate(rv, nn_bn.running_var, ref_bn.running_var, name=f"{label} running_var")
         assert int(counter) == int(nn_bn.num_batches_tracked) == step + 1
+
+
+@pytest.mark.parametrize("input_dtype, module_dtype", [
+    (torch.float64, torch.float32), (torch.float32, torch.float64), (torch.float16, torch.float64),
+    (torch.bfloat16, torch.float32)], ids=["f64-into-f32", "f32-into-f64", "f16-into-f64", "bf16-amp"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch_of_another_dtype(device, training, input_dtype, module_dtype):
+    """nn returns an empty batch before it checks dtypes: an empty float64
+    batch into a float32 module gives an empty float64 output (and counts the
+    batch in training); the parameters get zero grads in their own dtype."""
+    ours, theirs = (cls(3).to(device=device, dtype=module_dtype).train(training)
+                    for cls in (fused_bn.FusedBatchNorm2d, torch.nn.BatchNorm2d))
+    before = state_of(ours)
+    results = []
+    for m in (ours, theirs):
+        x = torch.randn(0, 3, 4, 4, dtype=input_dtype, device=device, requires_grad=True)
+        y = m(x)
+        y.sum().backward()
+        results.append((y, x.grad, m.weight.grad, m.bias.grad))
+    for name, a, b in zip(("output", "grad_input", "grad_weight", "grad_bias"), *results):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride(), name
+        assert torch.equal(a, b), name
+    for key in ("running_mean", "running_var"):
+        assert_bitwise_equal(getattr(ours, key), before[key], key + " changed")
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == int(training)

@@ -84,10 +84,10 @@ std::tuple<Tensor, Tensor, Tensor> train_cpu(
   Tensor save_invstd = at::empty({in.geometry.C}, stats_options);
 
   // Every check has passed: from here on, state may change.
-  int64_t batches_tracked = 0;
+  double batches_tracked = 0;
   if (is_defined(num_batches_tracked)) {
     num_batches_tracked->add_(1);
-    batches_tracked = num_batches_tracked->item<int64_t>();
+    batches_tracked = num_batches_tracked->item<double>();
   }
   const double factor = running_average_factor(momentum, batches_tracked);
 

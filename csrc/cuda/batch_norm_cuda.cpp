@@ -157,17 +157,22 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
   PreparedInput in = prepare(input);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor rm = as_tensor_or_undefined(running_mean), rv = as_tensor_or_undefined(running_var);
+  // The kernels count in int64 on the device (no host sync): a counter of
+  // another dtype counts through an int64 copy.
   const Tensor counter = as_tensor_or_undefined(num_batches_tracked);
+  const bool counter_is_long = !counter.defined() || counter.scalar_type() == at::kLong;
+  const Tensor counter64 = counter_is_long ? counter : counter.to(at::kLong);
   Tensor output = empty_output(input, in.format);
   const auto stats_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
   Tensor save_mean = at::empty({in.geometry.channels}, stats_options);
   Tensor save_invstd = at::empty({in.geometry.channels}, stats_options);
 
   // Every check has passed: from here on, the kernels may change state.
-  const TrainForwardTensors tensors{in, w, b, rm, rv, counter, momentum, eps, output, save_mean, save_invstd};
+  const TrainForwardTensors tensors{in, w, b, rm, rv, counter64, momentum, eps, output, save_mean, save_invstd};
   dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
     RunTrainForward::run<typename decltype(scalar)::type, typename decltype(param)::type>(tensors);
   });
+  if (!counter_is_long) num_batches_tracked->copy_(counter64);
   return {output, save_mean, save_invstd};
 }
 
