@@ -10,17 +10,31 @@ NVCC ?= $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 CUDA_INCLUDE ?= $(patsubst %/cuda_runtime.h,%,$(firstword $(wildcard $(CUDA_HOME)/include/cuda_runtime.h \
 	$(dir $(realpath $(NVCC)))../include/cuda_runtime.h /usr/local/cuda/include/cuda_runtime.h)))
 
-.PHONY: deps test-deps bench-deps build test test-emulated planted-faults bench cuda-check clean
+.PHONY: deps test-deps zoo-deps bench-deps build test test-emulated planted-faults bench cuda-check clean
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	@$(PYTHON) -c "import ninja" 2>/dev/null || $(PIP) install ninja || true
 
-test-deps: deps
+test-deps: deps zoo-deps
 	@$(PYTHON) -c "import pytest, hypothesis, expecttest" 2>/dev/null || $(PIP) install pytest hypothesis expecttest
 	@$(PYTHON) -c "import sklearn, matplotlib, tqdm" 2>/dev/null || $(PIP) install scikit-learn matplotlib tqdm
 
-bench-deps: deps
+# The model zoo (bench/zoo.py): torchvision 0.28.0 is built for exactly torch
+# 2.13.0, so it is installed only beside that torch, with --no-deps (as timm)
+# so torch is never replaced; elsewhere the zoo tests and benchmark skip.
+ZOO_TORCH := 2.13.0
+# installed, without importing (the index's torchvision needs bench/zoo.py's help to import)
+FIND_SPEC := import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)
+zoo-deps: deps
+	@if $(PYTHON) -c "import torch, sys; sys.exit(not torch.__version__.startswith('$(ZOO_TORCH)'))"; then \
+		$(PYTHON) -c "$(FIND_SPEC)" torchvision || $(PIP) install --no-deps torchvision==0.28.0; \
+		$(PYTHON) -c "$(FIND_SPEC)" timm || $(PIP) install --no-deps timm; \
+		$(PYTHON) -c "import PIL, numpy, yaml, safetensors, huggingface_hub" 2>/dev/null || \
+			$(PIP) install pillow numpy pyyaml safetensors huggingface_hub; \
+	else echo "zoo-deps: torch is not $(ZOO_TORCH); the torchvision/timm zoo is skipped"; fi
+
+bench-deps: deps zoo-deps
 	@$(PYTHON) -c "import matplotlib, tqdm" 2>/dev/null || $(PIP) install matplotlib tqdm
 
 $(BUILT): $(SOURCES)

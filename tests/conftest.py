@@ -2,7 +2,8 @@
 
 * ``device`` fixture: every test taking it runs on ``cpu`` and on ``cuda``; the
   cuda case carries the ``cuda`` marker and is skipped cleanly without a GPU.
-* ``slow`` tests are deselected unless the ``-m`` expression names ``slow``.
+* ``slow`` and ``zoo`` tests are deselected unless the ``-m`` expression names
+  them.
 * a cuda case that stops on one of the "no CUDA kernel yet" refusals below (the
   epilogues, issue 5; synchronised statistics, issue 6) is reported as xfailed
   with that message, so a GPU run's failures are the kernels' real faults. Any
@@ -84,12 +85,13 @@ def _seed():
 
 def pytest_collection_modifyitems(config, items):
     markexpr = config.getoption("markexpr") or ""
-    if "slow" not in markexpr:
-        kept = [item for item in items if item.get_closest_marker("slow") is None]
-        dropped = [item for item in items if item.get_closest_marker("slow") is not None]
-        if dropped:
-            config.hook.pytest_deselected(items=dropped)
-            items[:] = kept
+    for marker in ("slow", "zoo"):
+        if marker not in markexpr:
+            kept = [item for item in items if item.get_closest_marker(marker) is None]
+            dropped = [item for item in items if item.get_closest_marker(marker) is not None]
+            if dropped:
+                config.hook.pytest_deselected(items=dropped)
+                items[:] = kept
     if EMULATED_CUDA:
         real_gpu = [item for item in items if item.get_closest_marker("cuda") is not None]
         if real_gpu:
