@@ -74,6 +74,7 @@ bench: bench-deps build
 	$(PYTHON) -m bench.run
 	$(PYTHON) -m bench.blocks
 	$(PYTHON) -m bench.sync
+	$(PYTHON) -m bench.models
 
 clean:
 	rm -rf build fused_bn/*.so *.egg-info

@@ -430,12 +430,17 @@ _BatchNormEvalEager = _without_setup_context(_BatchNormEval)
 
 
 def _forward_with_autograd(op_name, function, eager_function, input, weight, bias, running_mean,
-                           running_var, args):
+                           running_var, args, cpp_autograd_op=None):
     if _needs_autograd():
         # The op has not run yet: this raises before any state changes.
         check_stats_not_requiring_grad(f"fused_bn::{op_name}", running_mean, running_var)
-        chosen = function if torch._C._are_functorch_transforms_active() else eager_function
-        return chosen.apply(input, weight, bias, running_mean, running_var, *args)
+        if torch._C._are_functorch_transforms_active():
+            return function.apply(input, weight, bias, running_mean, running_var, *args)
+        if cpp_autograd_op is not None and forward_ad._current_level < 0:
+            # Plain reverse mode: the autograd node recorded in C++
+            # (csrc/autograd.cpp), without the Python Function's host time.
+            return cpp_autograd_op(input, weight, bias, running_mean, running_var, *args)
+        return eager_function.apply(input, weight, bias, running_mean, running_var, *args)
     # Nothing to record (e.g. inference, or swa_utils.update_bn's training-mode
     # passes under no_grad): skip autograd.Function's bookkeeping.
     with torch._C._AutoDispatchBelowAutograd():
@@ -448,7 +453,8 @@ def batch_norm_train_autograd(input, weight, bias, running_mean, running_var, nu
                               momentum, eps, relu=False, residual=None):
     return _forward_with_autograd("batch_norm_train", _BatchNormTrain, _BatchNormTrainEager, input,
                                   weight, bias, running_mean, running_var,
-                                  (num_batches_tracked, momentum, eps, relu, residual))
+                                  (num_batches_tracked, momentum, eps, relu, residual),
+                                  ops.batch_norm_train_eager)
 
 
 def batch_norm_eval_autograd(input, weight, bias, running_mean, running_var, eps, relu=False,
