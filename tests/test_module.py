@@ -444,3 +444,61 @@ def test_module_type_float64_matches_nn(device):
         torch.testing.assert_close(ours(x), theirs(x))
     assert ours.num_batches_tracked.dtype == torch.float64
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------ parameters and buffers as nn's forward sees them
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return weight * 2
+
+
+def _parametrized(module):
+    torch.nn.utils.parametrize.register_parametrization(module, "weight", _Doubled())
+    return module
+
+
+def _weight_as_attribute(module):
+    """What old-style hooks (torch.nn.utils.weight_norm) do: the parameter
+    leaves the registry and a plain attribute of that name is set before each
+    forward."""
+    weight = module.weight.detach().clone().requires_grad_()
+    del module._parameters["weight"]
+    module.register_forward_pre_hook(lambda m, args: setattr(m, "weight", weight * 3))
+    return module
+
+
+@pytest.mark.parametrize("wrap", [_parametrized, _weight_as_attribute], ids=["parametrize", "attribute"])
+def test_weight_outside_the_parameter_registry_matches_nn(device, wrap):
+    """A weight that is no registered parameter (a parametrization's property,
+    an attribute a hook sets) is the one the forward uses, as in nn (our
+    forward reads the registries directly when they hold the name)."""
+    ours, theirs = FusedBatchNorm2d(3).to(device), nn.BatchNorm2d(3).to(device)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            wrap(m)
+    x = sample((4, 3, 5, 5), torch.float32, device)
+    y_ours, y_nn = ours(x), theirs(x)
+    torch.testing.assert_close(y_ours, y_nn)
+    # The wrapped weight is not the raw one: the outputs would differ otherwise.
+    raw = nn.BatchNorm2d(3).to(device)
+    with torch.no_grad():
+        raw.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    assert not torch.allclose(y_ours, raw(x))
+
+
+def test_counter_version_bumps_like_nn(device):
+    """The in-place increment of num_batches_tracked bumps its version counter
+    as nn's add_ does (autograd's check of saved tensors relies on it)."""
+    ours, theirs = FusedBatchNorm2d(3).to(device), nn.BatchNorm2d(3).to(device)
+    x = sample((4, 3, 5, 5), torch.float32, device)
+    for m in (ours, theirs):
+        before = m.num_batches_tracked._version
+        m(x)
+        m(x)
+        assert m.num_batches_tracked._version > before
+        assert m.num_batches_tracked.item() == 2
+    with torch.inference_mode():
+        inference_counted = FusedBatchNorm2d(3).to(device)
+        inference_counted(x)
+        assert inference_counted.num_batches_tracked.item() == 1
