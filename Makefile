@@ -14,6 +14,9 @@ CUDA_INCLUDE ?= $(patsubst %/cuda_runtime.h,%,$(firstword $(wildcard $(CUDA_HOME
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	@# --no-build-isolation builds with what is installed: a fresh venv may lack setuptools, and a
+	@# setuptools before 70.1 builds wheels only with the wheel package (newer ones vendor it)
+	@$(PYTHON) -c "import setuptools, wheel" 2>/dev/null || $(PIP) install "setuptools>=64" wheel
 	@$(PYTHON) -c "import ninja" 2>/dev/null || $(PIP) install ninja || true
 
 test-deps: deps zoo-deps

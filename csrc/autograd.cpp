@@ -1,4 +1,4 @@
-// The training forward's autograd in C++, for eager calls (fused_bn/_ops.py
+// The training forward's autograd in C++, for eager calls (fused_bn/_autograd.py
 // takes this path when no torch.func transform and no forward-mode AD is
 // active; those, torch.compile and tensor subclasses keep the Python
 // autograd.Function registered for batch_norm_train). The Python Function's
@@ -60,7 +60,7 @@ Tensor relu_mask(const Tensor& input, const Tensor& weight, const Tensor& bias, 
 }
 
 // First-order grads from differentiable ATen ops, for double backward (as
-// _differentiable_backward in fused_bn/_ops.py): the batch statistics are
+// _differentiable_backward in fused_bn/_autograd.py): the batch statistics are
 // recomputed from the input so that their dependence on it is differentiated.
 std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& grad_output, const Tensor& input,
                                                            const Tensor& weight, double eps,

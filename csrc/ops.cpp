@@ -1,6 +1,6 @@
 // Operator schemas for every fused_bn op. Device kernels register elsewhere
 // (csrc/cpu/, csrc/cuda/) with TORCH_LIBRARY_IMPL; fake kernels and autograd
-// are registered from Python (fused_bn/_ops.py).
+// are registered from Python (fused_bn/_registration.py).
 #include <Python.h>
 #include <torch/library.h>
 

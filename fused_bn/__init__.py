@@ -7,7 +7,7 @@ with the ReLU (and a ResNet block's residual add) fused in: ``FusedBatchNormReLU
 ``batch_norm_add_relu`` and ``convert_model(model, fuse_relu=True)``; and for data-parallel
 training, ``FusedSyncBatchNorm2d`` (statistics synchronised over ``torch.distributed``).
 """
-from . import _ops  # noqa: F401  (loads the extension, registers fake kernels and autograd)
+from . import _registration  # noqa: F401  (loads the extension, registers fake kernels and autograd)
 from .functional import batch_norm, batch_norm_add_relu
 from .modules import (FusedBatchNorm2d, FusedBatchNormAddReLU2d, FusedBatchNormReLU2d,
                       FusedLazyBatchNorm2d, FusedSyncBatchNorm2d, convert_model)

@@ -19,7 +19,7 @@ synchronised path).
 import torch
 import torch.distributed as dist
 
-from ._ops import ops
+from ._extension import ops
 
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated); older releases

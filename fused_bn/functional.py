@@ -5,8 +5,8 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from ._ops import (batch_norm_eval_autograd, batch_norm_train_autograd,
-                   check_stats_not_requiring_grad, ops)
+from ._autograd import batch_norm_eval_autograd, batch_norm_train_autograd, check_stats_not_requiring_grad
+from ._extension import ops
 
 
 def _verify_batch_size(size):

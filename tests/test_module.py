@@ -260,7 +260,7 @@ def test_converted_model_matches_original(device, training):
 def test_training_forward_without_autograd(device, context, momentum):
     """Training-mode forwards with nothing to record, as
     torch.optim.swa_utils.update_bn runs them, take the op below autograd
-    directly (fused_bn/_ops.py): outputs, running statistics and the counter
+    directly (fused_bn/_autograd.py): outputs, running statistics and the counter
     must still follow nn.BatchNorm2d step by step."""
     guard = torch.no_grad if context == "no_grad" else torch.inference_mode
     torch.manual_seed(0)

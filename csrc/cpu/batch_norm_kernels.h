@@ -1754,7 +1754,7 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
 }
 
 // The inverse standard deviation eval normalizes with. Its backward gets the
-// same value rounded to Acc (fused_bn/_ops.py computes it the same way), and a
+// same value rounded to Acc (fused_bn/_autograd.py computes it the same way), and a
 // ReLU epilogue normalizes with that rounded value too, so the backward's
 // recomputed mask is the forward's (ChannelCoefs).
 inline double eval_invstd(double running_var, double eps) { return 1.0 / std::sqrt(running_var + eps); }

@@ -1,48 +1,13 @@
-"""Python side of the registered ops: fake (meta) kernels and autograd.
-
-The schemas live in csrc/ops.cpp and the device kernels in csrc/cpu and csrc/cuda.
-Registering fake kernels and autograd through ``torch.library`` (rather than wrapping
-the kernels in an ``autograd.Function``) is what lets ``torch.compile(fullgraph=True)``
-keep ``fused_bn`` ops whole in its graph and ``torch.library.opcheck`` verify them.
-"""
+"""Autograd of the two forward ops: the backward is itself a registered op
+(batch_norm_backward, batch_norm_add_relu_backward), called from the
+Functions below, from torch.func's transforms and forward mode, and from the C++
+node of eager reverse mode (csrc/autograd.cpp). Registered as the ops'
+Autograd kernels by fused_bn/_registration.py."""
 import torch
 from torch.autograd import forward_ad
-from torch._prims_common import suggest_memory_format
 
-from . import _C  # noqa: F401  (importing the extension runs its op registrations)
-
-ops = torch.ops.fused_bn
-
-
-def _accumulate_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _output_like(input):
-    # Mirrors empty_output() in csrc/glue_helpers.h and batch_norm_memory_format()
-    # in csrc/batch_norm_checks.h.
-    if input.numel() == 0:
-        return torch.empty_like(input)
-    fmt = torch.contiguous_format
-    if input.dim() == 4 and not input.is_contiguous():
-        if (input.is_contiguous(memory_format=torch.channels_last)
-                or suggest_memory_format(input) == torch.channels_last):
-            fmt = torch.channels_last
-    return torch.empty_like(input, memory_format=fmt)
-
-
-def _grad_input_like(grad_output, input):
-    return torch.empty_like(grad_output) if input.numel() == 0 else _output_like(input)
-
-
-def _check_same_device(input, **tensors):
-    """The device check of the real kernels (csrc/batch_norm_checks.h), with
-    their message. A meta tensor among CPU or CUDA ones sends the call to the
-    fake kernel, which must refuse it as the real kernel would."""
-    for name, t in tensors.items():
-        if t is not None and t.device != input.device:
-            raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
-                               f"{t.device} and input is on {input.device}")
+from ._extension import ops
+from ._fake import _accumulate_dtype
 
 
 def check_stats_not_requiring_grad(function_name, running_mean, running_var):
@@ -53,79 +18,6 @@ def check_stats_not_requiring_grad(function_name, running_mean, running_var):
         if t is not None and t.requires_grad:
             raise RuntimeError(f"The function '{function_name}' is not differentiable with respect "
                                f"to argument '{name}'. This input cannot have requires_grad True.")
-
-
-@torch.library.register_fake("fused_bn::batch_norm_train")
-def _batch_norm_train_fake(input, weight, bias, running_mean, running_var,
-                           num_batches_tracked, momentum, eps, relu=False, residual=None):
-    _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
-                       bias=bias, residual=residual, num_batches_tracked=num_batches_tracked)
-    stats = input.new_empty((input.shape[1],), dtype=_accumulate_dtype(input.dtype))
-    return _output_like(input), stats, torch.empty_like(stats)
-
-
-@torch.library.register_fake("fused_bn::batch_norm_eval")
-def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps, relu=False,
-                          residual=None):
-    _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
-                       bias=bias, residual=residual)
-    return _output_like(input)
-
-
-def _param_grads_fake(input, params, output_mask):
-    channels = input.shape[1]
-    param = next((p for p in params if p is not None), None)
-    param_dtype = param.dtype if param is not None else _accumulate_dtype(input.dtype)
-    grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=param_dtype)
-    grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=param_dtype)
-    return grad_weight, grad_bias
-
-
-@torch.library.register_fake("fused_bn::batch_norm_backward")
-def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training, eps, output_mask,
-                              bias=None, relu=False):
-    _check_same_device(input, grad_output=grad_output, weight=weight, mean=mean, invstd=invstd,
-                       bias=bias)
-    grad_input = _grad_input_like(grad_output, input) if output_mask[0] else input.new_empty((0,))
-    params = (weight, bias) if relu else (weight,)
-    return (grad_input,) + _param_grads_fake(input, params, output_mask)
-
-
-@torch.library.register_fake("fused_bn::batch_norm_add_relu_backward")
-def _batch_norm_add_relu_backward_fake(grad_output, output, input, weight, mean, invstd, training,
-                                       eps, output_mask):
-    _check_same_device(input, grad_output=grad_output, output=output, weight=weight, mean=mean,
-                       invstd=invstd)
-    grad_input = _grad_input_like(grad_output, input) if output_mask[0] else input.new_empty((0,))
-    grad_weight, grad_bias = _param_grads_fake(input, (weight,), output_mask)
-    return grad_input, _grad_input_like(grad_output, input), grad_weight, grad_bias
-
-
-# FusedSyncBatchNorm2d's ops (the collectives between them are in fused_bn/_sync.py).
-@torch.library.register_fake("fused_bn::batch_norm_stats")
-def _batch_norm_stats_fake(input, weight, bias, running_mean, running_var):
-    return input.new_empty((input.shape[1], 3), dtype=torch.float64)
-
-
-@torch.library.register_fake("fused_bn::batch_norm_train_with_stats")
-def _batch_norm_train_with_stats_fake(input, weight, bias, running_mean, running_var,
-                                      num_batches_tracked, momentum, eps, all_stats, relu=False):
-    return _batch_norm_train_fake(input, weight, bias, running_mean, running_var,
-                                  num_batches_tracked, momentum, eps, relu)
-
-
-@torch.library.register_fake("fused_bn::batch_norm_backward_sums")
-def _batch_norm_backward_sums_fake(grad_output, input, weight, mean, invstd, param_mask,
-                                   bias=None, relu=False):
-    params = (weight, bias) if relu else (weight,)
-    sums = input.new_empty((input.shape[1], 3), dtype=torch.float64)
-    return (sums,) + _param_grads_fake(input, params, [False, *param_mask])
-
-
-@torch.library.register_fake("fused_bn::batch_norm_backward_with_sums")
-def _batch_norm_backward_with_sums_fake(grad_output, input, weight, mean, invstd, sums, count,
-                                        bias=None, relu=False):
-    return _grad_input_like(grad_output, input)
 
 
 def _grad_mask(ctx, weight, bias):
@@ -461,8 +353,3 @@ def batch_norm_eval_autograd(input, weight, bias, running_mean, running_var, eps
                              residual=None):
     return _forward_with_autograd("batch_norm_eval", _BatchNormEval, _BatchNormEvalEager, input,
                                   weight, bias, running_mean, running_var, (eps, relu, residual))
-
-
-_autograd_lib = torch.library.Library("fused_bn", "IMPL")
-_autograd_lib.impl("batch_norm_train", batch_norm_train_autograd, "Autograd")
-_autograd_lib.impl("batch_norm_eval", batch_norm_eval_autograd, "Autograd")

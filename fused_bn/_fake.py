@@ -1,0 +1,115 @@
+"""Fake (meta) kernels of the fused_bn ops: output shapes, dtypes, strides and
+the device check, as the real kernels give them (csrc/glue_helpers.h,
+csrc/batch_norm_checks.h), for torch.compile, FakeTensor and opcheck.
+Registered by fused_bn/_registration.py."""
+import torch
+from torch._prims_common import suggest_memory_format
+
+
+def _accumulate_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _output_like(input):
+    # Mirrors empty_output() in csrc/glue_helpers.h and batch_norm_memory_format()
+    # in csrc/batch_norm_checks.h.
+    if input.numel() == 0:
+        return torch.empty_like(input)
+    fmt = torch.contiguous_format
+    if input.dim() == 4 and not input.is_contiguous():
+        if (input.is_contiguous(memory_format=torch.channels_last)
+                or suggest_memory_format(input) == torch.channels_last):
+            fmt = torch.channels_last
+    return torch.empty_like(input, memory_format=fmt)
+
+
+def _grad_input_like(grad_output, input):
+    return torch.empty_like(grad_output) if input.numel() == 0 else _output_like(input)
+
+
+def _check_same_device(input, **tensors):
+    """The device check of the real kernels (csrc/batch_norm_checks.h), with
+    their message. A meta tensor among CPU or CUDA ones sends the call to the
+    fake kernel, which must refuse it as the real kernel would."""
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but {name} is on "
+                               f"{t.device} and input is on {input.device}")
+
+
+def _batch_norm_train_fake(input, weight, bias, running_mean, running_var,
+                           num_batches_tracked, momentum, eps, relu=False, residual=None):
+    _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
+                       bias=bias, residual=residual, num_batches_tracked=num_batches_tracked)
+    stats = input.new_empty((input.shape[1],), dtype=_accumulate_dtype(input.dtype))
+    return _output_like(input), stats, torch.empty_like(stats)
+
+
+def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps, relu=False,
+                          residual=None):
+    _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
+                       bias=bias, residual=residual)
+    return _output_like(input)
+
+
+def _param_grads_fake(input, params, output_mask):
+    channels = input.shape[1]
+    param = next((p for p in params if p is not None), None)
+    param_dtype = param.dtype if param is not None else _accumulate_dtype(input.dtype)
+    grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=param_dtype)
+    grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=param_dtype)
+    return grad_weight, grad_bias
+
+
+def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training, eps, output_mask,
+                              bias=None, relu=False):
+    _check_same_device(input, grad_output=grad_output, weight=weight, mean=mean, invstd=invstd,
+                       bias=bias)
+    grad_input = _grad_input_like(grad_output, input) if output_mask[0] else input.new_empty((0,))
+    params = (weight, bias) if relu else (weight,)
+    return (grad_input,) + _param_grads_fake(input, params, output_mask)
+
+
+def _batch_norm_add_relu_backward_fake(grad_output, output, input, weight, mean, invstd, training,
+                                       eps, output_mask):
+    _check_same_device(input, grad_output=grad_output, output=output, weight=weight, mean=mean,
+                       invstd=invstd)
+    grad_input = _grad_input_like(grad_output, input) if output_mask[0] else input.new_empty((0,))
+    grad_weight, grad_bias = _param_grads_fake(input, (weight,), output_mask)
+    return grad_input, _grad_input_like(grad_output, input), grad_weight, grad_bias
+
+
+# FusedSyncBatchNorm2d's ops (the collectives between them are in fused_bn/_sync.py).
+def _batch_norm_stats_fake(input, weight, bias, running_mean, running_var):
+    return input.new_empty((input.shape[1], 3), dtype=torch.float64)
+
+
+def _batch_norm_train_with_stats_fake(input, weight, bias, running_mean, running_var,
+                                      num_batches_tracked, momentum, eps, all_stats, relu=False):
+    return _batch_norm_train_fake(input, weight, bias, running_mean, running_var,
+                                  num_batches_tracked, momentum, eps, relu)
+
+
+def _batch_norm_backward_sums_fake(grad_output, input, weight, mean, invstd, param_mask,
+                                   bias=None, relu=False):
+    params = (weight, bias) if relu else (weight,)
+    sums = input.new_empty((input.shape[1], 3), dtype=torch.float64)
+    return (sums,) + _param_grads_fake(input, params, [False, *param_mask])
+
+
+def _batch_norm_backward_with_sums_fake(grad_output, input, weight, mean, invstd, sums, count,
+                                        bias=None, relu=False):
+    return _grad_input_like(grad_output, input)
+
+
+# op name -> fake kernel
+FAKE_KERNELS = {
+    "batch_norm_train": _batch_norm_train_fake,
+    "batch_norm_eval": _batch_norm_eval_fake,
+    "batch_norm_backward": _batch_norm_backward_fake,
+    "batch_norm_add_relu_backward": _batch_norm_add_relu_backward_fake,
+    "batch_norm_stats": _batch_norm_stats_fake,
+    "batch_norm_train_with_stats": _batch_norm_train_with_stats_fake,
+    "batch_norm_backward_sums": _batch_norm_backward_sums_fake,
+    "batch_norm_backward_with_sums": _batch_norm_backward_with_sums_fake,
+}

@@ -1,0 +1,19 @@
+"""Registers the Python side of the fused_bn ops with torch.library: fake
+kernels (fused_bn/_fake.py) and the forward ops' Autograd kernels
+(fused_bn/_autograd.py). The schemas are in csrc/ops.cpp and the device
+kernels in csrc/cpu and csrc/cuda. Registering through torch.library (rather
+than wrapping the kernels in an autograd.Function) is what lets
+torch.compile(fullgraph=True) keep fused_bn ops whole in its graph and
+torch.library.opcheck verify them."""
+import torch
+
+from . import _extension  # noqa: F401  (the schemas must exist first)
+from ._autograd import batch_norm_eval_autograd, batch_norm_train_autograd
+from ._fake import FAKE_KERNELS
+
+for _name, _kernel in FAKE_KERNELS.items():
+    torch.library.register_fake(f"fused_bn::{_name}")(_kernel)
+
+_autograd_lib = torch.library.Library("fused_bn", "IMPL")
+_autograd_lib.impl("batch_norm_train", batch_norm_train_autograd, "Autograd")
+_autograd_lib.impl("batch_norm_eval", batch_norm_eval_autograd, "Autograd")

@@ -1,0 +1,151 @@
+"""Bitwise before/after check for refactors of the kernels (issue 25).
+
+    python tools/compare_builds.py save before.pt      # with the old build installed
+    python tools/compare_builds.py compare before.pt   # after rebuilding
+
+Runs every op (training and eval forwards, all epilogues, the backward with
+every output mask, the data-parallel ops) over a grid of shapes, dtypes and
+layouts chosen to reach each CPU strategy (short and long planes, channel
+blocks, streaming and staged outputs, one thread and two), records every
+output, and compares the two records bit for bit. `--emulated` runs the same
+grid through the CUDA kernels on the emulated GPU (tests/emulated_cuda.py).
+"""
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (N, C, H, W): C=1, N=1, HW=1, primes, planes below and above the short-plane
+# and streaming thresholds, wide channels, a cache-spilling case.
+SHAPES = [
+    (1, 1, 1, 1), (2, 1, 5, 5), (1, 3, 1, 1), (7, 5, 3, 3), (4, 13, 1, 1), (2, 3, 17, 19),
+    (8, 16, 4, 4), (3, 64, 7, 7), (2, 512, 2, 2), (16, 32, 8, 8), (4, 96, 15, 15),
+    (2, 8, 64, 64), (1, 4, 128, 129), (32, 64, 28, 28), (8, 256, 14, 14), (2, 2048, 1, 1),
+]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def param_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cases():
+    for shape, dtype, layout in itertools.product(SHAPES, DTYPES, LAYOUTS):
+        if dtype in (torch.bfloat16, torch.float16) and shape[0] * shape[1] * shape[2] * shape[3] > 2_000_000:
+            continue
+        yield shape, dtype, layout
+
+
+def make_inputs(shape, dtype, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    pd = param_dtype(dtype)
+
+    def rand(*s, dt=dtype):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dt)
+
+    x = (rand(*shape, dt=torch.float64) * 3 + 1.5).to(dtype).contiguous(memory_format=layout)
+    z = rand(*shape).contiguous(memory_format=layout)
+    dy = rand(*shape).contiguous(memory_format=layout)
+    w, b = rand(C, dt=pd), rand(C, dt=pd)
+    rm, rv = rand(C, dt=pd), rand(C, dt=pd).abs() + 0.5
+    return x, z, dy, w, b, rm, rv
+
+
+def run_case(shape, dtype, layout, seed):
+    ops = torch.ops.fused_bn
+    x, z, dy, w, b, rm, rv = make_inputs(shape, dtype, layout, seed)
+    out = {}
+    eps = 1e-5
+    for relu, residual, momentum in [(False, None, 0.1), (True, None, None), (True, z, 0.3)]:
+        key = f"relu={relu},res={residual is not None},m={momentum}"
+        rmc, rvc, nbt = rm.clone(), rv.clone(), torch.zeros((), dtype=torch.long)
+        y, mean, invstd = ops.batch_norm_train(x, w, b, rmc, rvc, nbt, momentum, eps, relu, residual)
+        out[f"train/{key}"] = (y, mean, invstd, rmc, rvc, nbt)
+        out[f"eval/{key}"] = ops.batch_norm_eval(x, w, b, rm, rv, eps, relu, residual)
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            if residual is None:
+                out[f"backward/{key}/{mask}"] = ops.batch_norm_backward(
+                    dy, x, w, mean, invstd, True, eps, mask, b, relu)
+            else:
+                out[f"add_relu_backward/{key}/{mask}"] = ops.batch_norm_add_relu_backward(
+                    dy, y, x, w, mean, invstd, True, eps, mask)
+        eval_invstd = (rv + eps).rsqrt()
+        out[f"eval_backward/{key}"] = ops.batch_norm_backward(
+            dy, x, w, rm, eval_invstd, False, eps, [True, True, True], b, relu)
+    out["train/no_affine"] = ops.batch_norm_train(x, None, None, None, None, None, 0.1, eps)
+    # Data-parallel ops, one rank.
+    stats = ops.batch_norm_stats(x, w, b, rm, rv)
+    rmc, rvc, nbt = rm.clone(), rv.clone(), torch.zeros((), dtype=torch.long)
+    y, mean, invstd = ops.batch_norm_train_with_stats(x, w, b, rmc, rvc, nbt, 0.1, eps, stats[None], True)
+    sums, gw, gb = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, True)
+    count = x.numel() // x.shape[1]
+    dx = ops.batch_norm_backward_with_sums(dy, x, w, mean, invstd, sums, count, b, True)
+    out["sync"] = (stats, y, mean, invstd, rmc, rvc, nbt, sums, gw, gb, dx)
+    return out
+
+
+def flatten(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for v in value for t in flatten(v)]
+
+
+def record(threads):
+    results = {}
+    for i, (shape, dtype, layout) in enumerate(cases()):
+        for t in threads:
+            torch.set_num_threads(t)
+            name = f"{shape}/{dtype}/{'NHWC' if layout == torch.channels_last else 'NCHW'}/threads={t}"
+            for key, value in run_case(shape, dtype, layout, seed=i).items():
+                results[f"{name}/{key}"] = [
+                    (tuple(v.shape), tuple(v.stride()), v.dtype, v.contiguous().view(-1).view(torch.uint8).clone()
+                     if v.numel() else v.clone()) for v in flatten(value)]
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("action", choices=["save", "compare"])
+    p.add_argument("path")
+    p.add_argument("--emulated", action="store_true", help="through the CUDA kernels on the emulated GPU")
+    args = p.parse_args(argv)
+    import fused_bn  # noqa: F401  (registers the ops)
+
+    threads = [1, 2]
+    if args.emulated:
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        import emulated_cuda
+
+        emulated_cuda.build()
+        emulated_cuda.configure()
+        emulated_cuda.enable(True)
+        threads = [1]
+    results = record(threads)
+    if args.action == "save":
+        torch.save(results, args.path)
+        print(f"saved {len(results)} cases to {args.path}")
+        return 0
+    before = torch.load(args.path)
+    mismatches = []
+    for key in sorted(set(before) | set(results)):
+        if key not in before or key not in results:
+            mismatches.append(f"{key}: only in {'after' if key in results else 'before'}")
+            continue
+        for j, (old, new) in enumerate(zip(before[key], results[key])):
+            if old[:3] != new[:3] or not torch.equal(old[3], new[3]):
+                mismatches.append(f"{key}[{j}]: shape/stride/dtype {old[:3]} -> {new[:3]}"
+                                  if old[:3] != new[:3] else f"{key}[{j}]: values differ")
+    print(f"compared {len(results)} cases: {len(mismatches)} differ")
+    for m in mismatches[:50]:
+        print("  " + m)
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
