@@ -7,8 +7,9 @@ PIP := $(PYTHON) -m pip
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 BUILT := build/.fused_bn_built
 NVCC ?= $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-CUDA_INCLUDE ?= $(patsubst %/cuda_runtime.h,%,$(firstword $(wildcard $(CUDA_HOME)/include/cuda_runtime.h \
-	$(dir $(realpath $(NVCC)))../include/cuda_runtime.h /usr/local/cuda/include/cuda_runtime.h)))
+# tools/cuda_toolkit.py: CUDA_HOME, else the toolkit of the nvcc on PATH (a wrapper script too)
+CUDA_INCLUDE ?= $(patsubst %/cuda_runtime.h,%,$(firstword $(wildcard $(shell $(PYTHON) tools/cuda_toolkit.py \
+	2>/dev/null)/include/cuda_runtime.h)))
 
 .PHONY: deps test-deps zoo-deps bench-deps build test test-emulated planted-faults bench cuda-check clean
 

@@ -7,8 +7,8 @@ Variants: ``default`` (-O2, with gcov coverage when FUSED_BN_EMULATION_COVERAGE
 is set) and ``asan`` (AddressSanitizer + UndefinedBehaviorSanitizer; Python
 must run with the ASan runtime in LD_PRELOAD, see the Makefile).
 """
+import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -40,19 +40,16 @@ BLOCK_ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
 
 
 def cuda_include_dir():
-    """The CUDA toolkit's include directory (cuda_fp16.h and friends)."""
-    candidates = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(Path(os.environ[var]) / "include")
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(Path(os.path.realpath(nvcc)).parent.parent / "include")
-    candidates.append(Path("/usr/local/cuda/include"))
-    for c in candidates:
-        if (c / "cuda_fp16.h").exists() and (c / "crt" / "host_defines.h").exists():
-            return c
-    raise RuntimeError("emulated GPU: no CUDA headers found (set CUDA_HOME); cuda_fp16.h is needed")
+    """The CUDA toolkit's include directory (cuda_fp16.h and friends), found as
+    setup.py finds the toolkit (tools/cuda_toolkit.py)."""
+    spec = importlib.util.spec_from_file_location("cuda_toolkit", ROOT / "tools" / "cuda_toolkit.py")
+    cuda_toolkit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_toolkit)
+    home = cuda_toolkit.find_cuda_home()
+    include = Path(home) / "include" if home else None
+    if include is None or not (include / "cuda_fp16.h").exists() or not (include / "crt" / "host_defines.h").exists():
+        raise RuntimeError("emulated GPU: no CUDA headers found (set CUDA_HOME); cuda_fp16.h is needed")
+    return include
 
 
 def build(variant="default"):

@@ -1,6 +1,6 @@
 // Torch glue for the CPU kernels: argument checks, layout and dtype dispatch,
 // allocation, and registration for the CPU dispatch key. The arithmetic lives
-// in batch_norm_kernels.h.
+// in kernels.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -9,7 +9,7 @@
 
 #include "../batch_norm_checks.h"
 #include "../glue_helpers.h"
-#include "batch_norm_kernels.h"
+#include "kernels.h"
 
 namespace fused_bn {
 namespace {

@@ -1,0 +1,63 @@
+// FusedSyncBatchNorm2d's forward ops: this rank's statistics in the
+// exchange format, and the training forward from all ranks' statistics.
+// (The backward's exchange is SumsExchange, backward.h.)
+#pragma once
+
+#include <cstdint>
+
+#include "channel_finalize.h"
+#include "channel_statistics.h"
+#include "forward.h"
+
+namespace fused_bn::cpu {
+
+// One channel's moments as the ops exchange them: three doubles (count, mean,
+// M2), so a rank's statistics are one [C, 3] float64 tensor and all ranks'
+// one all_gather.
+constexpr int64_t kExchangedMoments = 3;
+
+// Per-channel count, mean and M2 of x into out[C][3].
+template <typename scalar_t>
+void batch_stats(const scalar_t* x, const Geometry& g, double* out) {
+  auto store = [&](int64_t c, const Moments& m) {
+    out[c * kExchangedMoments] = static_cast<double>(m.count);
+    out[c * kExchangedMoments + 1] = m.mean;
+    out[c * kExchangedMoments + 2] = m.m2;
+  };
+  if (g.per_channel() == 0) {
+    for (int64_t c = 0; c < g.C; ++c) store(c, Moments{});
+  } else if (g.channels_last) {
+    const int64_t rows = g.per_channel();
+    nhwc_channel_moments(x, rows, g.C, [&](int64_t c_begin, int64_t c_end, const double* mean, const double* m2) {
+      for (int64_t c = c_begin; c < c_end; ++c) store(c, Moments{rows, mean[c], m2[c]});
+    });
+  } else if (walks_channel_blocks<scalar_t>(g)) {
+    const ChannelBlocking cb(g, sizeof(scalar_t));
+    parallel_over(cb.blocks, [&](int64_t b) { channel_block_moments(x, g, cb.begin(b), cb.end(b, g.C), store); });
+  } else {
+    split_channel_moments(x, g, store);
+  }
+}
+
+// The training forward with statistics gathered from `ranks` ranks
+// (all_stats[ranks][C][3], as batch_stats writes them): the ranks' moments
+// merge in rank order (Chan's formula, as within a rank), so every rank
+// computes the same statistics and running-statistics update, bit for bit.
+template <typename scalar_t, typename param_t, Epilogue kEpilogue>
+void train_forward_with_stats(const scalar_t* x, scalar_t* y, const Geometry& g, const ChannelTensors<param_t>& t,
+                              double factor, double eps, const double* all_stats, int64_t ranks,
+                              acc_t<scalar_t>* save_mean, acc_t<scalar_t>* save_invstd) {
+  ChannelCoefs<scalar_t> k(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    Moments m;
+    for (int64_t r = 0; r < ranks; ++r) {
+      const double* rank_stats = all_stats + (r * g.C + c) * kExchangedMoments;
+      m.merge(Moments{static_cast<int64_t>(rank_stats[0]), rank_stats[1], rank_stats[2]});
+    }
+    finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd,
+                                     /*coefs_from_saved=*/kEpilogue != Epilogue::kNone, k);
+  }
+  normalize<scalar_t, kEpilogue>(x, nullptr, y, g, k, streams_training_output<scalar_t>(g));
+}
+
+}  // namespace fused_bn::cpu

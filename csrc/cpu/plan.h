@@ -1,0 +1,233 @@
+// Which path runs when: the geometry of the work, how it is split into blocks
+// and tasks, and every predicate that picks a strategy. The kernels branch on
+// these alone.
+//
+//   op / input                          predicate                      traversal (file)
+//   ----------------------------------  -----------------------------  -----------------------------------
+//   training forward, backward, stats:
+//     NHWC                              g.channels_last                RowBlocking row blocks, merged per
+//                                                                      channel; rows by row_grain (rows.h)
+//     NCHW, planes <= kShortPlaneBytes,  walks_channel_blocks           ChannelBlocking blocks image by image
+//       C >= 4 x threads                                               (nchw_short_planes.h); element pass
+//                                                                      plane by plane when kPlanesOneByOne
+//                                                                      (float, double), else as the block's
+//                                                                      runs (rows.h)
+//     NCHW, C >= 4 x threads            !split_channels_across_threads one channel per task: its PlaneBlocking
+//                                                                      blocks, then its planes while in cache
+//                                                                      (nchw_planes.h)
+//     NCHW, C < 4 x threads             split_channels_across_threads  every channel's blocks over all threads,
+//                                                                      merged in block order, then the planes
+//                                                                      over all threads (nchw_planes.h)
+//   training backward, 2 values/channel has_two_values_per_channel     closed form in double (backward.h)
+//   eval forward (normalize):
+//     NHWC                              g.channels_last                rows (rows.h)
+//     NCHW bf16/fp16, short planes      eval_walks_block_runs          channel blocks as runs (rows.h)
+//       under four pairs
+//     otherwise                                                        planes in memory order (nchw_planes.h)
+//
+//   outputs: training streams y / dx past kTrainingStreamBytes (streams_training_output) except on the
+//   channel-block path, which stages its runs (stages_training_output); eval streams past
+//   kCacheResidentBytes (streams_eval_output); NHWC streams only rows_stream_aligned rows.
+//   loads: the NCHW walks prefetch when prefetch_planes.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "parallel.h"
+#include "tuning.h"
+#include "vec.h"
+
+namespace fused_bn::cpu {
+
+// A batch-norm input viewed as N planes of C channels by HW positions (NCHW),
+// or as N*HW rows of C channels (NHWC).
+struct Geometry {
+  int64_t N, C, HW;
+  bool channels_last;
+  int64_t per_channel() const { return N * HW; }
+  int64_t numel() const { return N * C * HW; }
+};
+
+// Rows of `width` elements, `stride` elements apart, with per-column
+// coefficients: an NHWC tensor's N·H·W rows of C channels (stride C), or an
+// NCHW channel block's N image runs, each the block's planes back to back
+// (stride C·H·W; a column is then one position of one channel's plane).
+struct Rows {
+  int64_t width, stride;
+};
+
+// NCHW blocks of one channel: either a chunk of one plane (large planes) or a
+// group of whole planes (small planes).
+struct PlaneBlocking {
+  int64_t planes_per_block, chunk, chunks_per_plane, blocks;
+  PlaneBlocking(int64_t N, int64_t HW) {
+    if (HW >= kBlockElements) {
+      planes_per_block = 1;
+      chunk = kBlockElements;
+      chunks_per_plane = (HW + chunk - 1) / chunk;
+    } else {
+      planes_per_block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(HW, 1));
+      chunk = HW;
+      chunks_per_plane = 1;
+    }
+    blocks = ((N + planes_per_block - 1) / planes_per_block) * chunks_per_plane;
+  }
+  // Planes [n_begin, n_end) and positions [hw_begin, hw_end) of block b.
+  void range(int64_t b, int64_t N, int64_t HW, int64_t& n_begin, int64_t& n_end,
+             int64_t& hw_begin, int64_t& hw_end) const {
+    const int64_t group = b / chunks_per_plane, piece = b % chunks_per_plane;
+    n_begin = group * planes_per_block;
+    n_end = std::min(N, n_begin + planes_per_block);
+    hw_begin = piece * chunk;
+    hw_end = std::min(HW, hw_begin + chunk);
+  }
+};
+
+// NHWC row blocks: a fixed count (by shape) so partials stay small for any C.
+// Every block costs O(C) beyond its rows (zeroed totals, per-channel moments
+// or sums, one more step of the merge), so a block spans at least
+// kMinRowsPerBlock rows: with 64 blocks of 49 rows (64x512x7x7), the merge
+// alone took 9% of the training forward's CPU time (bench/NOTES.md).
+struct RowBlocking {
+  static constexpr int64_t kMaxBlocks = 64;
+  static constexpr int64_t kMinRowsPerBlock = 256;
+  int64_t rows_per_block, blocks;
+  RowBlocking(int64_t rows, int64_t C) {
+    const int64_t min_rows = std::max<int64_t>(kMinRowsPerBlock, kBlockElements / std::max<int64_t>(C, 1));
+    blocks = std::min(kMaxBlocks, std::max<int64_t>(1, (rows + min_rows - 1) / min_rows));
+    rows_per_block = (rows + blocks - 1) / blocks;
+    blocks = rows == 0 ? 0 : (rows + rows_per_block - 1) / rows_per_block;
+  }
+  int64_t begin(int64_t b) const { return b * rows_per_block; }
+  int64_t end(int64_t b, int64_t rows) const { return std::min(rows, (b + 1) * rows_per_block); }
+};
+
+// Channels handled whole by one thread (statistics, then the element pass while
+// the channel is still in cache) when there are enough of them to keep every
+// thread busy; otherwise blocks of every channel are spread across threads.
+inline bool split_channels_across_threads(const Geometry& g) {
+  return g.C < 4 * static_cast<int64_t>(thread_count());
+}
+
+// Whether a tensor of this many elements is larger than `bytes`.
+template <typename scalar_t>
+inline bool larger_than(int64_t numel, int64_t bytes) {
+  return numel * static_cast<int64_t>(sizeof(scalar_t)) > bytes;
+}
+
+// How far ahead of the loads the NCHW passes prefetch, in elements.
+template <typename scalar_t>
+constexpr int64_t kPrefetchElements = kPrefetchBytes / sizeof(scalar_t);
+
+// Whether the NCHW passes prefetch (see kCacheResidentBytes). Planes shorter
+// than the prefetch distance always do: one channel's planes are only a few
+// cache lines each, a page or more apart, so even from L3 every plane is a
+// fresh miss the hardware prefetcher never sees coming (7x7 planes inside a
+// training step: forward+backward 1.36 -> 1.1 ms for 64x512x7x7). Longer
+// planes stream well from L3 and only pay for it once they come from DRAM.
+template <typename scalar_t>
+inline bool prefetch_planes(const Geometry& g) {
+  return g.HW < kPrefetchElements<scalar_t> || larger_than<scalar_t>(g.numel(), kCacheResidentBytes);
+}
+
+// One channel's planes of a few cache lines each lie C·H·W elements apart:
+// walked a channel at a time they are a gather the hardware prefetcher cannot
+// follow (64x512x7x7 training forward, one thread: 0.73 ns per element from
+// L3 against 0.42 from L2). A block of consecutive channels is walked image by
+// image instead: one image's planes of the block are a single contiguous run,
+// and the block, over all images, stays in L2 for the pass that re-reads it.
+struct ChannelBlocking {
+  int64_t per_block, blocks;
+  // reread_bytes: bytes per element of the tensors the second pass re-reads.
+  ChannelBlocking(const Geometry& g, int64_t reread_bytes) {
+    const int64_t channel_bytes = std::max<int64_t>(1, g.N * g.HW * reread_bytes);
+    const int64_t threads = std::max<int64_t>(1, thread_count());
+    int64_t wanted = (g.C * channel_bytes + kChannelBlockBytes - 1) / kChannelBlockBytes;
+    // A whole number of blocks per thread: the last thread is not left a
+    // block behind.
+    wanted = std::max<int64_t>(1, (wanted + threads - 1) / threads) * threads;
+    per_block = std::max<int64_t>(1, (g.C + wanted - 1) / wanted);
+    // Few images make wide runs, and RunCoefs' per-column scratch would then
+    // outweigh the block's data: the run is capped.
+    per_block = std::min(per_block, std::max<int64_t>(1, kMaxRunColumns / std::max<int64_t>(g.HW, 1)));
+    blocks = (g.C + per_block - 1) / per_block;
+  }
+  int64_t begin(int64_t b) const { return b * per_block; }
+  int64_t end(int64_t b, int64_t C) const { return std::min(C, (b + 1) * per_block); }
+  // Block b as rows (see Rows), from the block's first plane in image 0.
+  Rows run(const Geometry& g, int64_t b) const { return {(end(b, g.C) - begin(b)) * g.HW, g.C * g.HW}; }
+};
+
+template <typename scalar_t>
+inline bool walks_channel_blocks(const Geometry& g) {
+  return !g.channels_last && g.numel() > 0 &&
+         g.HW * static_cast<int64_t>(sizeof(scalar_t)) <= kShortPlaneBytes &&
+         !split_channels_across_threads(g);
+}
+
+// How the element pass of a channel block goes: plane by plane (normalize_run,
+// grad_input_run), or as the block's image runs in pieces of kRowsPerFold
+// runs by one tile (normalize_rows, grad_input_rows over RunCoefs), with no
+// tail at each plane's end. Runs were 20% faster for bfloat16 (64x512x7x7
+// forward+backward 0.61 -> 0.48 ms: a plane of 49 fills 49 of 64 lanes, and
+// each tail converts through a buffer) and 5-10% slower for float32, whose
+// 16 strided runs at once cost more in L1 than the tails do (bench/NOTES.md).
+template <typename scalar_t>
+constexpr bool kPlanesOneByOne = VecPair<scalar_t>::kNative;
+
+// Whether a training pass streams its output in place (kTrainingStreamBytes).
+// Not on the channel-block path: a short plane starts on a streamable (64-byte)
+// boundary only every few planes (fp32 14x14: one in four; 7x7: one in
+// sixteen), so its output would go out as a mix of streamed and ordinary
+// lines, which measured slower than ordinary stores alone (bench/NOTES.md).
+// That path stages its runs instead (stages_training_output).
+template <typename scalar_t>
+inline bool streams_training_output(const Geometry& g) {
+  return larger_than<scalar_t>(g.numel(), kTrainingStreamBytes) && !walks_channel_blocks<scalar_t>(g);
+}
+
+// The channel-block path's planes-one-by-one element passes (kPlanesOneByOne)
+// stream a large training output through StagedRun instead: each image's run
+// of the block's planes is computed into an L1 buffer and copied out in whole
+// lines. Stored in place, every line of the cold output buffer was read for
+// ownership and written back later: fp32 forward+backward steps of
+// 32x256x14x14 and 64x512x7x7 ran 0.63-0.73 and 0.90 ms against 0.49-0.50 and
+// 0.67 ms staged (bench/NOTES.md).
+template <typename scalar_t>
+inline bool stages_training_output(const Geometry& g) {
+  return kPlanesOneByOne<scalar_t> && larger_than<scalar_t>(g.numel(), kTrainingStreamBytes) &&
+         walks_channel_blocks<scalar_t>(g);
+}
+
+// Streaming stores of NHWC tiles need every row to start aligned.
+template <typename scalar_t>
+inline bool rows_stream_aligned(const scalar_t* out, int64_t C) {
+  return stream_aligned(out) && (C * static_cast<int64_t>(sizeof(scalar_t))) % kStreamAlignment == 0;
+}
+
+// Rows per parallel task of an NHWC element pass.
+inline int64_t row_grain(int64_t C) {
+  return std::max<int64_t>(kRowsPerFold, kBlockElements / std::max<int64_t>(C, 1));
+}
+
+// A channel of two values has a closed-form backward (two_values_backward).
+inline bool has_two_values_per_channel(const Geometry& g) { return g.per_channel() == 2; }
+
+// Eval of bfloat16/float16 planes under four pairs walks channel blocks as runs
+// like the training element pass (kPlanesOneByOne): bf16 64x512x7x7 eval
+// 0.125 -> 0.091 ms, but 32x256x14x14 (six whole pairs a plane) 0.081 ->
+// 0.095, where the memory-order walk wins.
+template <typename scalar_t>
+inline bool eval_walks_block_runs(const Geometry& g) {
+  return !kPlanesOneByOne<scalar_t> && walks_channel_blocks<scalar_t>(g) && g.HW < 4 * VecPair<scalar_t>::kWidth;
+}
+
+// Eval's output is read by the next layer right away: streamed only past what
+// stays in cache (kCacheResidentBytes).
+template <typename scalar_t>
+inline bool streams_eval_output(const Geometry& g) {
+  return larger_than<scalar_t>(g.numel(), kCacheResidentBytes);
+}
+
+}  // namespace fused_bn::cpu

@@ -1,0 +1,329 @@
+// Rows of channels walked tile by tile: NHWC tensors, and NCHW channel
+// blocks' element passes (a block's image runs as rows).
+#pragma once
+
+#include <cstdint>
+
+#include "accumulators.h"
+#include "coefficients.h"
+#include "epilogue.h"
+#include "plan.h"
+#include "scratch.h"
+#include "vec.h"
+
+namespace fused_bn::cpu {
+
+// kTileWidth consecutive columns of one row as accumulation-type vectors.
+// Named members, not an array: gcc keeps a struct of vectors in registers but
+// spills an array of them to the stack on every access.
+template <typename scalar_t>
+struct Tile {
+  using IO = VecPair<scalar_t>;
+  using AccVec = typename IO::AccVec;
+  static constexpr int64_t kWidth = kTileWidth<scalar_t>;
+  AccVec v0, v1, v2, v3;
+
+  // Tile of f applied lane-wise to the tiles' vectors.
+  template <typename F, typename... Tiles>
+  static inline Tile zip(F&& f, const Tiles&... t) {
+    return {f(t.v0...), f(t.v1...), f(t.v2...), f(t.v3...)};
+  }
+  static inline Tile zero() {
+    const AccVec z(acc_t<scalar_t>(0));
+    return {z, z, z, z};
+  }
+  // The first n columns (n <= kWidth); the rest read as zero, and a second
+  // pair with no columns is not loaded at all.
+  static inline Tile load(const scalar_t* p, int64_t n) {
+    Tile t;
+    if (n == kWidth) {
+      std::tie(t.v0, t.v1) = IO::load(p);
+      std::tie(t.v2, t.v3) = IO::load(p + IO::kWidth);
+    } else {
+      std::tie(t.v0, t.v1) = IO::load(p, std::min(n, IO::kWidth));
+      if (n > IO::kWidth) {
+        std::tie(t.v2, t.v3) = IO::load(p + IO::kWidth, n - IO::kWidth);
+      } else {
+        t.v2 = t.v3 = AccVec(acc_t<scalar_t>(0));
+      }
+    }
+    return t;
+  }
+  // Per-column coefficients from a padded array.
+  static inline Tile coefs(const acc_t<scalar_t>* p) {
+    constexpr int64_t W = AccVec::size();
+    return {AccVec::loadu(p), AccVec::loadu(p + W), AccVec::loadu(p + 2 * W), AccVec::loadu(p + 3 * W)};
+  }
+  // The inverse of coefs.
+  inline void store_coefs(acc_t<scalar_t>* p) const {
+    constexpr int64_t W = AccVec::size();
+    v0.store(p);
+    v1.store(p + W);
+    v2.store(p + 2 * W);
+    v3.store(p + 3 * W);
+  }
+  inline void store(scalar_t* p, int64_t n, bool stream) const {
+    if (n == kWidth) {
+      if (stream) {
+        IO::stream(p, {v0, v1});
+        IO::stream(p + IO::kWidth, {v2, v3});
+      } else {
+        IO::store(p, {v0, v1});
+        IO::store(p + IO::kWidth, {v2, v3});
+      }
+      return;
+    }
+    if (n >= IO::kWidth && stream) {
+      IO::stream(p, {v0, v1});
+    } else {
+      IO::store(p, {v0, v1}, std::min(n, IO::kWidth));
+    }
+    if (n > IO::kWidth) IO::store(p + IO::kWidth, {v2, v3}, n - IO::kWidth);
+  }
+  // Adds the lanes into totals[0..kWidth) in double (see LaneSum::fold).
+  inline void fold_into(double* totals) const {
+    constexpr int64_t W = AccVec::size();
+    acc_t<scalar_t> lanes[kWidth];
+    v0.store(lanes);
+    v1.store(lanes + W);
+    v2.store(lanes + 2 * W);
+    v3.store(lanes + 3 * W);
+    for (int64_t i = 0; i < kWidth; ++i) totals[i] += static_cast<double>(lanes[i]);
+  }
+};
+
+// g of a tile under kMask (see GradMask, masked_grad); per-column coefficients
+// from k at column c0, output and grad at element offset `at`.
+template <typename scalar_t, GradMask kMask, typename Coefs>
+__attribute__((always_inline)) inline Tile<scalar_t> masked_grad_tile(const Coefs& k, int64_t c0,
+                                                                      const Tile<scalar_t>& x,
+                                                                      const Tile<scalar_t>& dy,
+                                                                      const Tile<scalar_t>& mean,
+                                                                      const scalar_t* output, scalar_t* grad,
+                                                                      int64_t at, int64_t n) {
+  using T = Tile<scalar_t>;
+  if constexpr (kMask == GradMask::kReluOfInput) {
+    const T sc = T::coefs(k.scale + c0), fs = T::coefs(k.forward_shift + c0);
+    return T::zip([](auto g, auto xx, auto mm, auto s_, auto h) {
+      return keep_where_positive(g, at::vec::fmadd(xx - mm, s_, h));
+    }, dy, x, mean, sc, fs);
+  } else if constexpr (kMask == GradMask::kReluOfOutput) {
+    const T g = T::zip([](auto d, auto y) { return keep_where_positive(d, y); }, dy, T::load(output + at, n));
+    g.store(grad + at, n, /*stream=*/false);
+    return g;
+  } else {
+    return dy;
+  }
+}
+
+// Visits rows [row_begin, row_end) as pieces (at most kRowsPerFold rows × one
+// tile of columns), tiles innermost: a piece's per-column vectors stay in
+// registers while its rows stay in L1. f(r0, r1, c0, n): rows [r0, r1),
+// columns [c0, c0 + n). With reversed, spans of about kReverseSpanBytes go
+// from the end of the range (rows within a span still go forward, which the
+// hardware prefetcher needs): a pass that follows a reduction over the same
+// rows starts on what the reduction read last, still in the last-level cache.
+template <typename scalar_t, typename F>
+__attribute__((always_inline)) inline void rows_walk(const Rows& rows, int64_t row_begin, int64_t row_end, bool reversed,
+                                                     F&& f) {
+  const int64_t width = rows.width;
+  const int64_t row_bytes = std::max<int64_t>(1, width * static_cast<int64_t>(sizeof(scalar_t)));
+  const int64_t span = reversed ? std::max<int64_t>(1, kReverseSpanBytes / row_bytes / kRowsPerFold) * kRowsPerFold
+                                : row_end - row_begin;
+  const int64_t spans = span > 0 ? (row_end - row_begin + span - 1) / span : 0;
+  for (int64_t k = 0; k < spans; ++k) {
+    const int64_t s0 = row_begin + (reversed ? spans - 1 - k : k) * span;
+    const int64_t s1 = std::min(row_end, s0 + span);
+    for (int64_t r0 = s0; r0 < s1; r0 += kRowsPerFold) {
+      const int64_t r1 = std::min(s1, r0 + kRowsPerFold);
+      for (int64_t c0 = 0; c0 < width; c0 += kTileWidth<scalar_t>) {
+        f(r0, r1, c0, std::min(kTileWidth<scalar_t>, width - c0));
+      }
+    }
+  }
+}
+
+// Per-channel mean and M2 of rows [row_begin, row_end), written to
+// mean_out[0..C) and m2_out[0..C) (structure of arrays: see merge_row_blocks).
+template <typename scalar_t>
+void nhwc_block_moments(const scalar_t* x, int64_t C, int64_t row_begin, int64_t row_end,
+                        double* mean_out, double* m2_out) {
+  using Acc = acc_t<scalar_t>;
+  using T = Tile<scalar_t>;
+  const int64_t padded = padded_channels<scalar_t>(C);
+  Acc* shift = thread_scratch_filled<Acc, ScratchSlot::kBlockShift>(padded, Acc(0));
+  double* total = thread_scratch_filled<double, ScratchSlot::kBlockSum1>(padded, 0.0);
+  double* total_sq = thread_scratch_filled<double, ScratchSlot::kBlockSum2>(padded, 0.0);
+  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<Acc>(x[row_begin * C + c]);
+  rows_walk<scalar_t>(Rows{C, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+    // Lanes past n load as zero from both x and the padded shift: they add nothing.
+    const T k = T::coefs(shift + c0);
+    T sum = T::zero(), sum_sq = T::zero();
+    WideSum wide[2];
+    for (int64_t r = r0; r < r1; ++r) {
+      const T tx = T::load(x + r * C + c0, n);
+      if constexpr (kSumInDouble<scalar_t>) {
+        wide[0].add(tx.v0, tx.v1);
+        wide[1].add(tx.v2, tx.v3);
+      }
+      const T d = T::zip([](auto x, auto kk) { return x - kk; }, tx, k);
+      if constexpr (!kSumInDouble<scalar_t>) sum = T::zip([](auto s_, auto d_) { return s_ + d_; }, sum, d);
+      sum_sq = T::zip([](auto q, auto d_) { return at::vec::fmadd(d_, d_, q); }, sum_sq, d);
+    }
+    if constexpr (kSumInDouble<scalar_t>) {
+      wide[0].add_lanes_to(total + c0);
+      wide[1].add_lanes_to(total + c0 + T::kWidth / 2);
+    } else {
+      sum.fold_into(total + c0);
+    }
+    sum_sq.fold_into(total_sq + c0);
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    const Moments m = Moments::from_sums<scalar_t>(row_end - row_begin, shift[c], total[c], total_sq[c]);
+    mean_out[c] = m.mean;
+    m2_out[c] = m.m2;
+  }
+}
+
+// Merges the row blocks' per-channel moments in block order (Chan's formula,
+// as Moments::merge) for channels [c_begin, c_end). Every channel of a block
+// has the same count, so the weights are per block and the loop over channels
+// vectorizes: with many channels and 64 blocks, merging Moments one channel at
+// a time took a tenth of the training forward.
+inline void merge_row_blocks(const RowBlocking& rb, int64_t rows, int64_t C, const double* block_mean,
+                             const double* block_m2, int64_t c_begin, int64_t c_end, double* mean,
+                             double* m2) {
+  std::copy(block_mean + c_begin, block_mean + c_end, mean + c_begin);
+  std::copy(block_m2 + c_begin, block_m2 + c_end, m2 + c_begin);
+  double count = static_cast<double>(rb.end(0, rows) - rb.begin(0));
+  for (int64_t b = 1; b < rb.blocks; ++b) {
+    const double block_count = static_cast<double>(rb.end(b, rows) - rb.begin(b));
+    const double fraction = block_count / (count + block_count);
+    const double weight = count * fraction;
+    const double* bm = block_mean + b * C;
+    const double* bm2 = block_m2 + b * C;
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const double delta = bm[c] - mean[c];
+      mean[c] += delta * fraction;
+      m2[c] += bm2[c] + delta * delta * weight;
+    }
+    count += block_count;
+  }
+}
+
+// Per-channel GradSums of rows [row_begin, row_end), as structure of arrays
+// (see merge_row_blocks); mean is padded to whole tiles.
+// (g of GradMask: kReluOfOutput reads `output` and writes g to `grad`, both
+// laid out as x.) A non-null eval_dx also gets eval's dx = g · k.scale in the
+// same pass (eval's dx needs no sums; k.scale set beforehand).
+template <typename scalar_t, GradMask kMask>
+void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
+                          const ChannelCoefs<scalar_t>& k, const scalar_t* output, scalar_t* grad,
+                          int64_t row_begin, int64_t row_end,
+                          double* sum_dy_out, double* sum_dy_xmu_out, double* sum_xmu_out,
+                          scalar_t* eval_dx = nullptr, bool stream_dx = false) {
+  using Acc = acc_t<scalar_t>;
+  using T = Tile<scalar_t>;
+  const int64_t padded = padded_channels<scalar_t>(C);
+  double* sum_dy = thread_scratch_filled<double, ScratchSlot::kBlockSum1>(padded, 0.0);
+  double* sum_dy_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum2>(padded, 0.0);
+  double* sum_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum3>(padded, 0.0);
+  // g != the block's first dy, OR-ed per column (see block_sum_dy_xmu).
+  Acc* first_dy = thread_scratch_filled<Acc, ScratchSlot::kBlockShift>(padded, Acc(0));
+  Acc* differs = thread_scratch_filled<Acc, ScratchSlot::kBlockFlagLanes>(padded, Acc(0));
+  for (int64_t c = 0; c < C; ++c) first_dy[c] = static_cast<Acc>(dy[row_begin * C + c]);
+  rows_walk<scalar_t>(Rows{C, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+    const T m = T::coefs(k.mean + c0), g0 = T::coefs(first_dy + c0);
+    T s_dy = T::zero(), s_dy_xmu = T::zero(), s_xmu = T::zero(), d = T::zero();
+    for (int64_t r = r0; r < r1; ++r) {
+      const T tx = T::load(x + r * C + c0, n);
+      const T tg = masked_grad_tile<scalar_t, kMask>(k, c0, tx, T::load(dy + r * C + c0, n), m, output, grad,
+                                                     r * C + c0, n);
+      if (eval_dx) {
+        T::zip([](auto g, auto s_) { return g * s_; }, tg, T::coefs(k.scale + c0))
+            .store(eval_dx + r * C + c0, n, stream_dx);
+      }
+      s_dy = T::zip([](auto s_, auto g) { return s_ + g; }, s_dy, tg);
+      // Columns past n: x, mean, dy and first_dy all load as 0.
+      const T xm = T::zip([](auto xx, auto mm) { return xx - mm; }, tx, m);
+      s_dy_xmu = T::zip([](auto s_, auto g, auto u) { return at::vec::fmadd(g, u, s_); }, s_dy_xmu, tg, xm);
+      s_xmu = T::zip([](auto s_, auto u) { return s_ + u; }, s_xmu, xm);
+      d = T::zip([](auto f, auto g, auto h) { return f | (g != h); }, d, tg, g0);
+    }
+    T::zip([](auto f, auto g) { return f | g; }, d, T::coefs(differs + c0)).store_coefs(differs + c0);
+    s_dy.fold_into(sum_dy + c0);
+    s_dy_xmu.fold_into(sum_dy_xmu + c0);
+    s_xmu.fold_into(sum_xmu + c0);
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    Acc flag = differs[c];
+    unsigned char bits[sizeof(Acc)];
+    std::memcpy(bits, &flag, sizeof(Acc));
+    const bool g_constant = std::all_of(bits, bits + sizeof(Acc), [](unsigned char b) { return b == 0; });
+    const GradSums s = block_grad_sums(g_constant, dy + row_begin * C + c, row_end - row_begin, sum_dy[c],
+                                       sum_dy_xmu[c], sum_xmu[c]);
+    sum_dy_out[c] = s.sum_dy;
+    sum_dy_xmu_out[c] = s.sum_dy_xmu;
+    sum_xmu_out[c] = s.sum_xmu;
+  }
+}
+
+// y = epilogue((x − mean) · scale + shift) over rows [row_begin, row_end); k
+// holds per-column coefficients (ChannelCoefs or RunCoefs); the residual
+// (kAddRelu) is laid out as x.
+template <typename scalar_t, Epilogue kEpilogue, typename Coefs>
+void normalize_rows(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Rows& rows,
+                    int64_t row_begin, int64_t row_end, const Coefs& k, bool stream, bool reversed) {
+  using T = Tile<scalar_t>;
+  rows_walk<scalar_t>(rows, row_begin, row_end, reversed, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+    const T m = T::coefs(k.mean + c0), sc = T::coefs(k.scale + c0),
+            sh = T::coefs(k.shift + c0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t at = r * rows.stride + c0;
+      T z = T::zip([](auto xx, auto mm, auto s_, auto h) { return at::vec::fmadd(xx - mm, s_, h); },
+                   T::load(x + at, n), m, sc, sh);
+      if constexpr (kEpilogue == Epilogue::kRelu) {
+        z = T::zip([](auto v) { return relu(v); }, z);
+      } else if constexpr (kEpilogue == Epilogue::kAddRelu) {
+        z = T::zip([](auto v, auto res) { return relu(v + res); }, z, T::load(residual + at, n));
+      }
+      z.store(y + at, n, stream);
+    }
+  });
+}
+
+// Training's dx = (g − shift − (x − mean) · projection) · scale (see ChannelCoefs), or eval's g · scale,
+// with g = dy under kMask (kNone or kReluOfInput).
+template <typename scalar_t, GradMask kMask, typename Coefs>
+void grad_input_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const Rows& rows,
+                     int64_t row_begin, int64_t row_end, const Coefs& k,
+                     bool training, bool stream, bool reversed) {
+  static_assert(kMask != GradMask::kReluOfOutput, "the reduction pass writes that g; pass it as dy");
+  using T = Tile<scalar_t>;
+  rows_walk<scalar_t>(rows, row_begin, row_end, reversed, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+    const T sc = T::coefs(k.scale + c0), m = T::coefs(k.mean + c0);
+    auto grad = [&](int64_t at, const T& tx) __attribute__((always_inline)) {
+      return masked_grad_tile<scalar_t, kMask>(k, c0, tx, T::load(dy + at, n), m, nullptr, nullptr, at, n);
+    };
+    if (!training) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t at = r * rows.stride + c0;
+        const T tx = kMask == GradMask::kReluOfInput ? T::load(x + at, n) : T::zero();
+        T::zip([](auto g, auto s_) { return g * s_; }, grad(at, tx), sc).store(dx + at, n, stream);
+      }
+      return;
+    }
+    const T pr = T::coefs(k.projection + c0), sh = T::coefs(k.shift + c0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t at = r * rows.stride + c0;
+      const T tx = T::load(x + at, n);
+      T::zip([](auto g, auto s_, auto xx, auto mm, auto p_, auto h) {
+               return at::vec::fnmadd(xx - mm, p_, g - h) * s_;
+             },
+             grad(at, tx), sc, tx, m, pr, sh)
+          .store(dx + at, n, stream);
+    }
+  });
+}
+
+}  // namespace fused_bn::cpu

@@ -1,0 +1,155 @@
+// Vector primitives of the CPU kernels: ATen's Vectorized (the only ATen-vec
+// include of the kernel layer), streaming stores, widening, prefetch, and
+// VecPair, the load/store unit every pass walks in.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include "tuning.h"
+
+namespace fused_bn::cpu {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+
+constexpr int64_t kStreamAlignment = sizeof(Vectorized<float>);
+
+inline bool stream_aligned(const void* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % kStreamAlignment == 0;
+}
+
+template <typename V>
+inline void stream_vector(void* p, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+    _mm512_stream_ps(static_cast<float*>(p), v);
+  } else if constexpr (std::is_same_v<V, Vectorized<double>>) {
+    _mm512_stream_pd(static_cast<double*>(p), v);
+  } else {
+    _mm512_stream_si512(static_cast<__m512i*>(p), v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, Vectorized<float>>) {
+    _mm256_stream_ps(static_cast<float*>(p), v);
+  } else if constexpr (std::is_same_v<V, Vectorized<double>>) {
+    _mm256_stream_pd(static_cast<double*>(p), v);
+  } else {
+    _mm256_stream_si256(static_cast<__m256i*>(p), v);
+  }
+#else
+  v.store(p);
+#endif
+}
+
+// The lanes of a float vector as two double vectors (first half, second half).
+inline std::pair<Vectorized<double>, Vectorized<double>> widen(const Vectorized<float>& v) {
+  static_assert(Vectorized<float>::size() == 2 * Vectorized<double>::size(), "float lanes are twice double lanes");
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = v;
+  return {_mm512_cvtps_pd(_mm512_castps512_ps256(f)),
+          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)))};
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  return {_mm256_cvtps_pd(_mm256_castps256_ps128(f)), _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1))};
+#else
+  constexpr int64_t kHalf = Vectorized<double>::size();
+  float lanes[2 * kHalf];
+  v.store(lanes);
+  double first[kHalf], second[kHalf];
+  for (int64_t i = 0; i < kHalf; ++i) {
+    first[i] = lanes[i];
+    second[i] = lanes[kHalf + i];
+  }
+  return {Vectorized<double>::loadu(first), Vectorized<double>::loadu(second)};
+#endif
+}
+
+// Streaming stores are weakly ordered: each thread fences its own before the
+// parallel region ends, so the output is complete when the op returns.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+inline void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 3); }
+
+// Every cache line of the `bytes` from p.
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* first = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) prefetch_line(first + b);
+}
+
+// Two accumulation-type vectors' worth of elements, so float16/bfloat16 data
+// converts in whole native vectors.
+template <typename scalar_t>
+struct VecPair {
+  using Acc = acc_t<scalar_t>;
+  using AccVec = Vectorized<Acc>;
+  using Pair = std::pair<AccVec, AccVec>;
+  static constexpr int64_t kHalf = AccVec::size();
+  static constexpr int64_t kWidth = 2 * kHalf;
+  static constexpr int64_t kBytes = kWidth * sizeof(scalar_t);
+  static constexpr bool kNative = std::is_same_v<scalar_t, Acc>;
+
+  // The first n elements (0 <= n <= kWidth); the other lanes read as zero and
+  // their memory is not touched.
+  static inline Pair load(const scalar_t* p, int64_t n = kWidth) {
+    if constexpr (kNative) {
+      if (n == kWidth) return {AccVec::loadu(p), AccVec::loadu(p + kHalf)};
+      return {AccVec::loadu(p, std::min(n, kHalf)),
+              n > kHalf ? AccVec::loadu(p + kHalf, n - kHalf) : AccVec(Acc(0))};
+    } else {
+      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(
+          n == kWidth ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n));
+      return {lo, hi};
+    }
+  }
+  // The first n elements. A partial pair goes through a buffer: masked vector
+  // stores are microcoded and slow on AMD's AVX-512 cores.
+  static inline void store(scalar_t* p, const Pair& v, int64_t n = kWidth) {
+    if constexpr (kNative) {
+      if (n == kWidth) {
+        v.first.store(p);
+        v.second.store(p + kHalf);
+      } else {
+        v.first.store(p, std::min(n, kHalf));
+        if (n > kHalf) v.second.store(p + kHalf, n - kHalf);
+      }
+    } else {
+      at::vec::convert_from_float<scalar_t>(v.first, v.second).store(p, n);
+    }
+  }
+  // A whole pair with streaming stores; p must be stream_aligned.
+  static inline void stream(scalar_t* p, const Pair& v) {
+    if constexpr (kNative) {
+      stream_vector(p, v.first);
+      stream_vector(p + kHalf, v.second);
+    } else {
+      stream_vector(p, at::vec::convert_from_float<scalar_t>(v.first, v.second));
+    }
+  }
+  static inline void prefetch_pair(const scalar_t* p) { prefetch_span(p, kBytes); }
+};
+
+// The element count of a whole pair as a type: loop bodies written as generic
+// lambdas get a separate instantiation for whole pairs, in which every
+// `n == kWidth` test folds away (gcc does not always inline the body).
+template <typename scalar_t>
+constexpr std::integral_constant<int64_t, VecPair<scalar_t>::kWidth> kFullPair{};
+
+}  // namespace fused_bn::cpu
