@@ -93,11 +93,16 @@ CUDA_CHECK_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90
 	-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
 	-D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
 
+# The kernel layer's translation units (one per pass family; nvcc builds them in parallel).
+CUDA_UNITS := forward backward
+
 cuda-check:
 	@test -n "$(NVCC)" || { echo "cuda-check: nvcc not found (PATH or /usr/local/cuda/bin)" >&2; exit 1; }
 	@mkdir -p build/cuda-check
-	$(PYTHON) tools/cuda_check.py --nvcc "$(NVCC)" --source csrc/cuda/batch_norm_kernels.cu \
-		--output build/cuda-check/batch_norm_kernels.o -- $(CUDA_CHECK_FLAGS)
+	@for unit in $(CUDA_UNITS); do \
+		$(PYTHON) tools/cuda_check.py --nvcc "$(NVCC)" --source csrc/cuda/$$unit.cu \
+			--output build/cuda-check/$$unit.o -- $(CUDA_CHECK_FLAGS) || exit 1; \
+	done
 	@echo "cuda-check: the torch glue (csrc/cuda/batch_norm_cuda.cpp), syntax only, against torch's headers"
 	@test -n "$(CUDA_INCLUDE)" || { echo "cuda-check: no CUDA include directory (set CUDA_HOME)" >&2; exit 1; }
 	@$(CXX) -std=c++20 -fsyntax-only -DFUSED_BN_WITH_CUDA -Icsrc -I"$(CUDA_INCLUDE)" \

@@ -22,12 +22,14 @@ SOURCES = [
     "cuda/emulation/emulation.cpp",
     "cuda/emulation/emulated_ops.cpp",
     "cuda/emulation/emulator_self_test.cpp",
-    "cuda/emulation/kernels_emulated.cpp",
+    "cuda/emulation/forward_emulated.cpp",
+    "cuda/emulation/backward_emulated.cpp",
     "cuda/batch_norm_cuda.cpp",
 ]
 # The kernel layer, whose line coverage `make test` reports.
-KERNEL_LAYER = ["cuda/batch_norm_kernels.cu", "cuda/batch_norm_kernels.cuh", "cuda/cuda_platform.h",
-                "common/channel_math.h"]
+KERNEL_LAYER = ["cuda/forward.cu", "cuda/backward.cu", "cuda/batch_norm_kernels.cuh", "cuda/device_primitives.cuh",
+                "cuda/reductions.cuh", "cuda/traversals.cuh", "cuda/forward_kernels.cuh", "cuda/backward_kernels.cuh",
+                "cuda/launch.cuh", "cuda/cuda_platform.h", "common/channel_math.h"]
 # As torch.utils.cpp_extension builds CUDA extensions: half/bfloat16 only
 # through intrinsics, so the emulated build sees what nvcc sees.
 DEFINES = [

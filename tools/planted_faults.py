@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = "cuda/batch_norm_kernels.cu"
+# Edits marked KERNELS go to whichever file of the CUDA kernel layer holds the text.
+KERNELS = "<cuda kernel layer>"
+KERNEL_LAYER_FILES = ["cuda/forward.cu", "cuda/backward.cu", "cuda/device_primitives.cuh", "cuda/reductions.cuh",
+                      "cuda/traversals.cuh", "cuda/forward_kernels.cuh", "cuda/backward_kernels.cuh", "cuda/launch.cuh"]
 
 
 @dataclass
@@ -92,6 +95,11 @@ def run_fault(fault, keep):
         shutil.rmtree(work)
     shutil.copytree(ROOT / "csrc", work / "csrc")
     for file, old, new in fault.edits:
+        if file == KERNELS:
+            holders = [f for f in KERNEL_LAYER_FILES if old in (work / "csrc" / f).read_text()]
+            if len(holders) != 1:
+                raise SystemExit(f"{fault.name}: the text to patch is in {len(holders)} kernel-layer files")
+            file = holders[0]
         path = work / "csrc" / file
         text = path.read_text()
         if text.count(old) != 1:

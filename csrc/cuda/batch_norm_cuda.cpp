@@ -1,7 +1,7 @@
 // Torch glue for the CUDA kernels: argument checks (shared with the CPU glue),
 // layout and dtype dispatch, allocation of outputs and workspace, and
-// registration for the CUDA dispatch key. The arithmetic lives in
-// batch_norm_kernels.cu and never sees a torch type.
+// registration for the CUDA dispatch key. The arithmetic lives in the kernel
+// layer (forward.cu, backward.cu and their headers) and never sees a torch type.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>

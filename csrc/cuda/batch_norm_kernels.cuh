@@ -2,6 +2,13 @@
 // compiles (and is checked with ptxas, `make cuda-check`) on its own. The torch
 // glue (batch_norm_cuda.cpp) validates, allocates and fills the params below.
 //
+// Files: this header (params and launchers, the public interface);
+// device_primitives.cuh (constants, conversions, bundles), reductions.cuh (warp
+// -> block -> column merges and sums), traversals.cuh; forward_kernels.cuh and
+// backward_kernels.cuh (the kernels of each pass family); launch.cuh (vector
+// width, grid plans, the layout x vector-width switch); forward.cu and
+// backward.cu (the launchers, one translation unit each, built in parallel).
+//
 // Layouts. Every input is seen as N x C x HW, either channels-first (NCHW
 // contiguous, also 3-D/5-D contiguous input) or channels-last (NHWC: N*HW rows
 // of C channels; also any input with HW == 1). Each layout has its own kernels.

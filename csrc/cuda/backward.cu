@@ -1,0 +1,140 @@
+// The backward's launcher: grad sums, finalize, grad input (or the
+// two-values closed form). The design is described in batch_norm_kernels.cuh.
+#include "backward_kernels.cuh"
+#include "batch_norm_kernels.cuh"
+#include "launch.cuh"
+
+#include <cstdint>
+#include <type_traits>
+
+namespace fused_bn {
+namespace cuda {
+
+using namespace detail;
+
+namespace {
+
+template <typename acc_t>
+struct BackwardWorkspace {
+  GradPartials partials;
+  GradInputCoefficients<acc_t> coefficients;
+  size_t bytes;
+};
+
+template <typename acc_t>
+BackwardWorkspace<acc_t> carve_backward_workspace(void* base, int64_t channels, int64_t splits) {
+  WorkspaceCarver carver(base);
+  BackwardWorkspace<acc_t> ws;
+  ws.partials.sum_dy = carver.take<double>(splits * channels);
+  ws.partials.sum_dy_xmu = carver.take<double>(splits * channels);
+  ws.partials.sum_xmu = carver.take<double>(splits * channels);
+  ws.coefficients.scale = carver.take<acc_t>(channels);
+  ws.coefficients.projection = carver.take<acc_t>(channels);
+  ws.coefficients.shift = carver.take<acc_t>(channels);
+  ws.bytes = carver.bytes();
+  return ws;
+}
+
+template <typename scalar_t, typename param_t>
+bool backward_needs_sums(const BackwardParams<scalar_t, param_t>& p) {
+  return (p.training && p.grad_input != nullptr) || p.grad_weight != nullptr || p.grad_bias != nullptr;
+}
+
+template <typename scalar_t, typename param_t>
+LaunchPlan backward_sums_plan(const BackwardParams<scalar_t, param_t>& p) {
+  return make_plan(p.geometry, pick_vector_width<scalar_t>(p.geometry, {p.input, p.grad_output}));
+}
+
+}  // namespace
+
+template <typename scalar_t, typename param_t>
+size_t backward_workspace_bytes(const BackwardParams<scalar_t, param_t>& params) {
+  using acc_t = acc_type<scalar_t>;
+  if (params.geometry.channels == 0) return 0;
+  const int64_t splits = backward_needs_sums(params) ? backward_sums_plan(params).splits : 0;
+  return carve_backward_workspace<acc_t>(nullptr, params.geometry.channels, splits).bytes;
+}
+
+template <typename scalar_t, typename param_t>
+cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& p, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const Geometry& g = p.geometry;
+  const bool needs_sums = backward_needs_sums(p);
+  if (g.channels == 0 || (!needs_sums && p.grad_input == nullptr)) return cudaSuccess;
+  if (p.training && count_per_channel(g) == 2) {
+    return launch_kernel<two_values_backward_kernel<scalar_t, param_t>, kFinalizeThreads>(
+        dim3(static_cast<unsigned>(ceil_div(g.channels, kFinalizeThreads))), dim3(kFinalizeThreads), stream, p);
+  }
+
+  const LaunchPlan sums_plan = backward_sums_plan(p);
+  const int64_t splits = needs_sums ? sums_plan.splits : 0;
+  const BackwardWorkspace<acc_t> ws = carve_backward_workspace<acc_t>(p.workspace, g.channels, splits);
+  if (needs_sums) {
+    // Also runs for an empty batch, leaving zero sums.
+    const cudaError_t err = with_vector_width<scalar_t>(sums_plan, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      if (g.layout == Layout::kChannelsFirst) {
+        return launch_kernel<channels_first_grad_sums_kernel<scalar_t, kVec>, kMaxThreads>(
+            sums_plan.grid, sums_plan.block, stream, p.grad_output, p.input, g, sums_plan.work_per_split, p.mean,
+            ws.partials);
+      }
+      return launch_kernel<channels_last_grad_sums_kernel<scalar_t, kVec>, kMaxThreads>(
+          sums_plan.grid, sums_plan.block, stream, p.grad_output, p.input, g, sums_plan.work_per_split, p.mean,
+          ws.partials);
+    });
+    if (err != cudaSuccess) return err;
+  }
+
+  FinalizeGradArgs<scalar_t, param_t> args;
+  args.partials = ws.partials;
+  args.splits = splits;
+  args.channels = g.channels;
+  args.count_per_channel = count_per_channel(g);
+  args.weight = p.weight;
+  args.invstd = p.invstd;
+  args.training = p.training;
+  args.grad_weight = p.grad_weight;
+  args.grad_bias = p.grad_bias;
+  args.coefficients = ws.coefficients;
+  const int64_t finalize_blocks = ceil_div(g.channels, kFinalizeChannelsPerBlock);
+  const cudaError_t err = launch_kernel<finalize_grad_kernel<scalar_t, param_t>, kFinalizeThreads>(
+      dim3(static_cast<unsigned>(finalize_blocks)), dim3(kFinalizeThreads), stream, args);
+  if (err != cudaSuccess) return err;
+
+  if (p.grad_input == nullptr || count_per_channel(g) == 0) return cudaSuccess;
+  const GradInputArgs<acc_t> args_dx{p.mean, ws.coefficients};
+  const LaunchPlan plan =
+      make_plan(g, p.training ? pick_vector_width<scalar_t>(g, {p.grad_output, p.input, p.grad_input})
+                              : pick_vector_width<scalar_t>(g, {p.grad_output, p.grad_input}));
+  return with_vector_width<scalar_t>(plan, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    auto launch = [&](auto training) {
+      constexpr bool kTraining = decltype(training)::value;
+      if (g.layout == Layout::kChannelsFirst) {
+        return launch_kernel<channels_first_grad_input_kernel<scalar_t, kVec, kTraining>, kMaxThreads>(
+            plan.grid, plan.block, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split, args_dx);
+      }
+      return launch_kernel<channels_last_grad_input_kernel<scalar_t, kVec, kTraining>, kMaxThreads>(
+          plan.grid, plan.block, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split, args_dx);
+    };
+    return p.training ? launch(std::true_type{}) : launch(std::false_type{});
+  });
+}
+
+// Every (input, parameter) dtype pair batch norm accepts.
+#define FUSED_BN_INSTANTIATE(scalar_t, param_t) \
+  template size_t backward_workspace_bytes<scalar_t, param_t>(const BackwardParams<scalar_t, param_t>&); \
+  template cudaError_t launch_batch_norm_backward<scalar_t, param_t>(const BackwardParams<scalar_t, param_t>&, \
+                                                                     cudaStream_t);
+
+FUSED_BN_INSTANTIATE(float, float)
+FUSED_BN_INSTANTIATE(double, double)
+FUSED_BN_INSTANTIATE(__half, __half)
+FUSED_BN_INSTANTIATE(__half, float)
+FUSED_BN_INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
+FUSED_BN_INSTANTIATE(__nv_bfloat16, float)
+
+#undef FUSED_BN_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fused_bn

@@ -1,0 +1,390 @@
+// The backward's kernels: grad sums, finalize, the two-values closed form and
+// grad input.
+#pragma once
+
+#include "../common/channel_math.h"
+#include "device_primitives.cuh"
+#include "reductions.cuh"
+#include "traversals.cuh"
+
+#include <cstdint>
+
+namespace fused_bn {
+namespace cuda {
+// Internal to the kernel layer (forward.cu, backward.cu).
+namespace detail {
+
+// ---------------------------------------------------------------------------
+// The backward's sums and coefficients.
+
+constexpr int kGradSums = 3;  // Σdy, Σdy·(x − mean), Σ(x − mean)
+
+// Per-(split, channel) partial sums in the workspace, at [split][channel].
+struct GradPartials {
+  double* sum_dy;
+  double* sum_dy_xmu;
+  double* sum_xmu;
+
+  __device__ __forceinline__ void store(int64_t slot, const double (&s)[kGradSums]) const {
+    sum_dy[slot] = s[0];
+    sum_dy_xmu[slot] = s[1];
+    sum_xmu[slot] = s[2];
+  }
+  __device__ __forceinline__ void add_to(int64_t slot, double (&s)[kGradSums]) const {
+    s[0] += sum_dy[slot];
+    s[1] += sum_dy_xmu[slot];
+    s[2] += sum_xmu[slot];
+  }
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ void add_grad_sums(double (&s)[kGradSums], scalar_t dy, scalar_t x, double mean) {
+  const double g = convert<double>(dy);
+  const double xmu = convert<double>(x) - mean;
+  s[0] += g;
+  s[1] += g * xmu;
+  s[2] += xmu;
+}
+
+// Per channel, in the accumulation type (common::GradInputCoefficients).
+template <typename acc_t>
+struct GradInputCoefficients {
+  acc_t* scale;
+  acc_t* projection;
+  acc_t* shift;
+};
+
+// ---------------------------------------------------------------------------
+// Backward, pass 1: per-(split, channel) Σdy, Σdy·(x − mean) and Σ(x − mean),
+// in double (see MomentsAccumulate), with mean the saved (rounded) mean.
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kMaxThreads)
+    channels_first_grad_sums_kernel(const scalar_t* __restrict__ grad_output,
+                                    const scalar_t* __restrict__ input, Geometry geometry,
+                                    int64_t vectors_per_split, const acc_type<scalar_t>* __restrict__ mean,
+                                    GradPartials partials) {
+  constexpr int kSteps = kDualUnroll<kVec>;
+  const int64_t channel = blockIdx.x;
+  const int64_t split = blockIdx.y;
+  const int64_t plane_vectors = geometry.spatial / kVec;
+  const int64_t total = geometry.batch * plane_vectors;
+  const int64_t begin = split * vectors_per_split;
+  const int64_t end = min_index(total, begin + vectors_per_split);
+  const int64_t image_stride = geometry.channels * geometry.spatial;
+  const int64_t stride = blockDim.x;
+  const int64_t channel_offset = channel * geometry.spatial;
+
+  double sums[kGradSums] = {0.0, 0.0, 0.0};
+  int64_t position = begin + threadIdx.x;
+  if (position < end) {
+    const double channel_mean = static_cast<double>(mean[channel]);
+    PlaneCursor cursor(position, stride, plane_vectors);
+    for (; position < end; position += stride * kSteps) {
+      Bundle<scalar_t, kVec> dy[kSteps], x[kSteps];
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u) {
+        if (position + u * stride < end) {
+          const int64_t offset = channel_offset + cursor.offset(image_stride, kVec);
+          dy[u] = load_bundle<scalar_t, kVec>(grad_output + offset);
+          x[u] = load_bundle<scalar_t, kVec>(input + offset);
+        }
+        cursor.advance();
+      }
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u) {
+        if (position + u * stride < end) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) add_grad_sums(sums, dy[u].v[j], x[u].v[j], channel_mean);
+        }
+      }
+    }
+  }
+
+  block_sum(sums);
+  if (threadIdx.x == 0) partials.store(split * geometry.channels + channel, sums);
+}
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kMaxThreads)
+    channels_last_grad_sums_kernel(const scalar_t* __restrict__ grad_output,
+                                   const scalar_t* __restrict__ input, Geometry geometry,
+                                   int64_t rows_per_split, const acc_type<scalar_t>* __restrict__ mean,
+                                   GradPartials partials) {
+  constexpr int kSteps = kDualUnroll<kVec>;
+  const int64_t columns = geometry.channels / kVec;
+  const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t rows = geometry.batch * geometry.spatial;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t end = min_index(rows, begin + rows_per_split);
+  const int64_t row_step = blockDim.y;
+
+  double sums[kGradSums][kVec];
+#pragma unroll
+  for (int i = 0; i < kGradSums; ++i) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) sums[i][j] = 0.0;
+  }
+
+  int64_t row = begin + threadIdx.y;
+  if (column < columns && row < end) {
+    double channel_mean[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) channel_mean[j] = static_cast<double>(mean[column * kVec + j]);
+    const int64_t offset_step = row_step * geometry.channels;
+    int64_t offset = row * geometry.channels + column * kVec;
+    for (; row < end; row += row_step * kSteps) {
+      Bundle<scalar_t, kVec> dy[kSteps], x[kSteps];
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u) {
+        if (row + u * row_step < end) {
+          dy[u] = load_bundle<scalar_t, kVec>(grad_output + offset + u * offset_step);
+          x[u] = load_bundle<scalar_t, kVec>(input + offset + u * offset_step);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kSteps; ++u) {
+        if (row + u * row_step < end) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            double one[kGradSums] = {sums[0][j], sums[1][j], sums[2][j]};
+            add_grad_sums(one, dy[u].v[j], x[u].v[j], channel_mean[j]);
+#pragma unroll
+            for (int i = 0; i < kGradSums; ++i) sums[i][j] = one[i];
+          }
+        }
+      }
+      offset += kSteps * offset_step;
+    }
+  }
+
+  block_sum_columns(sums);
+  if (threadIdx.y == 0 && column < columns) {
+    const int64_t slot = static_cast<int64_t>(blockIdx.y) * geometry.channels + column * kVec;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const double one[kGradSums] = {sums[0][j], sums[1][j], sums[2][j]};
+      partials.store(slot + j, one);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward, pass 2: per channel, merge the partials (fixed order, in double),
+// write grad_weight / grad_bias and the grad-input coefficients
+// (common::grad_input_coefficients, the CPU's formula).
+
+template <typename scalar_t, typename param_t>
+struct FinalizeGradArgs {
+  using acc_t = acc_type<scalar_t>;
+  GradPartials partials;
+  int64_t splits;  // 0: no sums were taken (eval, grad_input only)
+  int64_t channels;
+  int64_t count_per_channel;
+  const param_t* weight;
+  const acc_t* invstd;
+  bool training;
+  param_t* grad_weight;
+  param_t* grad_bias;
+  GradInputCoefficients<acc_t> coefficients;
+};
+
+template <typename scalar_t, typename param_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_grad_kernel(const FinalizeGradArgs<scalar_t, param_t> args) {
+  using acc_t = acc_type<scalar_t>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t channel =
+      static_cast<int64_t>(blockIdx.x) * kFinalizeChannelsPerBlock + threadIdx.x / kWarpSize;
+  if (channel >= args.channels) return;  // whole warps leave together
+
+  double sums[kGradSums] = {0.0, 0.0, 0.0};
+  for (int64_t split = lane; split < args.splits; split += kWarpSize) {
+    args.partials.add_to(split * args.channels + channel, sums);
+  }
+  warp_sum(sums);
+  if (lane != 0) return;
+
+  const double sum_dy = sums[0];
+  const int64_t n = args.count_per_channel;
+  const double sum_dy_xmu = args.training && n > 0 ? common::centered_sum_dy_xmu(sum_dy, sums[1], sums[2], n)
+                                                   : sums[1];
+  const double invstd = static_cast<double>(args.invstd[channel]);
+  const double w = args.weight != nullptr ? convert<double>(args.weight[channel]) : 1.0;
+  if (args.grad_weight != nullptr) args.grad_weight[channel] = convert<param_t>(sum_dy_xmu * invstd);
+  if (args.grad_bias != nullptr) args.grad_bias[channel] = convert<param_t>(sum_dy);
+  const common::GradInputCoefficients k =
+      common::grad_input_coefficients(w, invstd, sum_dy, sum_dy_xmu, n, args.training);
+  args.coefficients.scale[channel] = static_cast<acc_t>(k.scale);
+  args.coefficients.projection[channel] = static_cast<acc_t>(k.projection);
+  args.coefficients.shift[channel] = static_cast<acc_t>(k.shift);
+}
+
+// ---------------------------------------------------------------------------
+// Training backward of channels of two values, x̄ ± d, one thread per channel.
+// There x̂ = ±d/√(d² + ε) and dx = w·invstd·(g − ḡ − x̂·mean(g·x̂)) cancels to
+// w·invstd·(g₀ − g₁)/2 · ε/(d² + ε), which the three passes would leave to the
+// float rounding of their terms and of the saved invstd. So it is computed in
+// double from ε and the exact variance: in closed form where every value is
+// finite, else by the general formula (nn's NaN/inf pattern). The same
+// arithmetic as the CPU's cpu::two_values_backward.
+
+template <typename scalar_t, typename param_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    two_values_backward_kernel(const BackwardParams<scalar_t, param_t> p) {
+  using acc_t = acc_type<scalar_t>;
+  const Geometry& g = p.geometry;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= g.channels) return;
+  // Two rows of C channels (channels-last, or N = 2 with HW = 1), else
+  // neighbours in the channel's plane (N = 1, HW = 2).
+  const bool rows = g.layout == Layout::kChannelsLast || g.spatial == 1;
+  const int64_t at[2] = {rows ? c : 2 * c, rows ? g.channels + c : 2 * c + 1};
+  double x[2], dy[2];
+  for (int i = 0; i < 2; ++i) {
+    x[i] = static_cast<double>(convert<acc_t>(p.input[at[i]]));
+    dy[i] = static_cast<double>(convert<acc_t>(p.grad_output[at[i]]));
+  }
+  const double d = (x[0] - x[1]) / 2;  // x₀ − x̄; x₁ − x̄ is −d
+  const double denom = d * d + p.eps;
+  const double invstd = 1.0 / sqrt(denom);
+  const double sum_dy = dy[0] + dy[1], sum_dy_xmu = (dy[0] - dy[1]) * d;
+  if (p.grad_weight != nullptr) p.grad_weight[c] = convert<param_t>(sum_dy_xmu * invstd);
+  if (p.grad_bias != nullptr) p.grad_bias[c] = convert<param_t>(sum_dy);
+  if (p.grad_input == nullptr) return;
+  const double scale = (p.weight != nullptr ? convert<double>(p.weight[c]) : 1.0) * invstd;
+  const bool finite = isfinite(dy[0]) && isfinite(dy[1]) && isfinite(d) && denom > 0;
+  const double closed_dx0 = scale * (dy[0] - dy[1]) / 2 * (p.eps / denom);  // dx₁ = −dx₀
+  for (int i = 0; i < 2; ++i) {
+    const double xmu = i == 0 ? d : -d;
+    const double dx = finite ? (i == 0 ? closed_dx0 : -closed_dx0)
+                             : scale * (dy[i] - sum_dy / 2 - xmu * sum_dy_xmu / (2 * denom));
+    p.grad_input[at[i]] = convert<scalar_t>(dx);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward, pass 3: dx = (g − shift − (x − mean) · projection) · scale. In
+// eval mode projection == shift == 0 and x is not read.
+
+template <typename acc_t>
+struct GradInputArgs {
+  const acc_t* mean;
+  GradInputCoefficients<acc_t> coefficients;
+};
+
+// As the CPU's (fnmadd): (g − shift) − (x − mean) · projection fused, times
+// scale; eval's dx is g · scale (kTraining false: shift is 0, x not read).
+template <bool kTraining, typename acc_t, typename scalar_t>
+__device__ __forceinline__ scalar_t grad_input_value(scalar_t dy, scalar_t x, acc_t mean, acc_t scale,
+                                                     acc_t projection, acc_t shift) {
+  if constexpr (!kTraining) return convert<scalar_t>(convert<acc_t>(dy) * scale);
+  return convert<scalar_t>(fused_multiply_add(mean - convert<acc_t>(x), projection, convert<acc_t>(dy) - shift) *
+                           scale);
+}
+
+template <typename scalar_t, int kVec, bool kTraining>
+__global__ void __launch_bounds__(kMaxThreads)
+    channels_first_grad_input_kernel(const scalar_t* __restrict__ grad_output,
+                                     const scalar_t* __restrict__ input, scalar_t* __restrict__ grad_input,
+                                     Geometry geometry, int64_t vectors_per_split,
+                                     const GradInputArgs<acc_type<scalar_t>> args) {
+  constexpr int kSteps = kDualUnroll<kVec>;
+  using acc_t = acc_type<scalar_t>;
+  const int64_t channel = blockIdx.x;
+  const int64_t plane_vectors = geometry.spatial / kVec;
+  const int64_t total = geometry.batch * plane_vectors;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * vectors_per_split;
+  const int64_t end = min_index(total, begin + vectors_per_split);
+  const int64_t image_stride = geometry.channels * geometry.spatial;
+  const int64_t stride = blockDim.x;
+  int64_t position = begin + threadIdx.x;
+  if (position >= end) return;
+
+  const acc_t mean = args.mean[channel];
+  const acc_t scale = args.coefficients.scale[channel];
+  const acc_t projection = args.coefficients.projection[channel];
+  const acc_t shift = args.coefficients.shift[channel];
+  const int64_t channel_offset = channel * geometry.spatial;
+  PlaneCursor cursor(position, stride, plane_vectors);
+  for (; position < end; position += stride * kSteps) {
+    Bundle<scalar_t, kVec> dy[kSteps], x[kSteps];
+    int64_t offsets[kSteps];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      offsets[u] = channel_offset + cursor.offset(image_stride, kVec);
+      if (position + u * stride < end) {
+        dy[u] = load_bundle<scalar_t, kVec>(grad_output + offsets[u]);
+        if (kTraining) x[u] = load_bundle<scalar_t, kVec>(input + offsets[u]);
+      }
+      cursor.advance();
+    }
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      if (position + u * stride < end) {
+        Bundle<scalar_t, kVec> dx;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          dx.v[j] = grad_input_value<kTraining>(dy[u].v[j], x[u].v[j], mean, scale, projection, shift);
+        }
+        store_bundle<scalar_t, kVec>(grad_input + offsets[u], dx);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, int kVec, bool kTraining>
+__global__ void __launch_bounds__(kMaxThreads)
+    channels_last_grad_input_kernel(const scalar_t* __restrict__ grad_output,
+                                    const scalar_t* __restrict__ input, scalar_t* __restrict__ grad_input,
+                                    Geometry geometry, int64_t rows_per_split,
+                                    const GradInputArgs<acc_type<scalar_t>> args) {
+  constexpr int kSteps = kDualUnroll<kVec>;
+  using acc_t = acc_type<scalar_t>;
+  const int64_t columns = geometry.channels / kVec;
+  const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t rows = geometry.batch * geometry.spatial;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t end = min_index(rows, begin + rows_per_split);
+  const int64_t row_step = blockDim.y;
+  int64_t row = begin + threadIdx.y;
+  if (column >= columns || row >= end) return;
+
+  acc_t mean[kVec], scale[kVec], projection[kVec], shift[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    const int64_t c = column * kVec + j;
+    mean[j] = args.mean[c];
+    scale[j] = args.coefficients.scale[c];
+    projection[j] = args.coefficients.projection[c];
+    shift[j] = args.coefficients.shift[c];
+  }
+  const int64_t offset_step = row_step * geometry.channels;
+  int64_t offset = row * geometry.channels + column * kVec;
+  for (; row < end; row += row_step * kSteps) {
+    Bundle<scalar_t, kVec> dy[kSteps], x[kSteps];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      if (row + u * row_step < end) {
+        dy[u] = load_bundle<scalar_t, kVec>(grad_output + offset + u * offset_step);
+        if (kTraining) x[u] = load_bundle<scalar_t, kVec>(input + offset + u * offset_step);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      if (row + u * row_step < end) {
+        Bundle<scalar_t, kVec> dx;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          dx.v[j] = grad_input_value<kTraining>(dy[u].v[j], x[u].v[j], mean[j], scale[j], projection[j], shift[j]);
+        }
+        store_bundle<scalar_t, kVec>(grad_input + offset + u * offset_step, dx);
+      }
+    }
+    offset += kSteps * offset_step;
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace fused_bn

@@ -1,0 +1,170 @@
+// Device primitives of the CUDA kernels: grid constants, accumulation types,
+// half/bfloat16 conversions (through intrinsics, as PyTorch builds
+// extensions), 16-byte bundles and the scalar helpers the passes share.
+#pragma once
+
+#include "batch_norm_kernels.cuh"
+
+#include <cstdint>
+#include <type_traits>
+
+namespace fused_bn {
+namespace cuda {
+// Internal to the kernel layer (forward.cu, backward.cu).
+namespace detail {
+
+constexpr int kMaxThreads = 256;
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullWarpMask = 0xffffffffu;
+// Vectors (channels-first) or rows (channels-last) each thread loads before
+// using any of them: enough bytes in flight per thread to cover DRAM latency.
+constexpr int kUnroll = 4;
+// Kernels reading both x and dy with 16-byte vectors already have twice the
+// bytes in flight per step; a smaller unroll keeps them near 64 registers.
+template <int kVec>
+constexpr int kDualUnroll = kVec == 1 ? 4 : 2;
+// A block should run at least this many unrolled iterations per thread before
+// the grid is split further: block-level merging is not free.
+constexpr int kMinIterationsPerThread = 4;
+// Grids are sized for this many resident threads per multiprocessor (half of
+// sm_80/sm_90's 2048), which the kernels' register use allows.
+constexpr int kTargetThreadsPerMultiprocessor = 1024;
+constexpr int64_t kMaxGridY = 65535;
+constexpr int kFinalizeThreads = 256;
+constexpr int kFinalizeChannelsPerBlock = kFinalizeThreads / kWarpSize;  // one warp per channel
+constexpr size_t kWorkspaceAlignment = 16;
+
+// The forward statistics' accumulation type: double for float (and double)
+// input, so x − K is exact and the mean keeps the accuracy of nn's double sums
+// (float lanes of x − K left a batch mean of 1e-3 14 ulps off); float for
+// half/bfloat16, whose values keep few bits. The backward's sums are always
+// double: a dy constant over a channel then sums exactly to G·n (dx exactly 0,
+// as nn's), and Σdy·(x − mean) keeps no float-lane rounding tail.
+template <typename scalar_t>
+struct MomentsAccumulate {
+  using type = double;
+};
+template <>
+struct MomentsAccumulate<__half> {
+  using type = float;
+};
+template <>
+struct MomentsAccumulate<__nv_bfloat16> {
+  using type = float;
+};
+template <typename scalar_t>
+using moments_t = typename MomentsAccumulate<scalar_t>::type;
+
+// Elements per 16-byte load.
+template <typename scalar_t>
+constexpr int kVectorWidth = static_cast<int>(16 / sizeof(scalar_t));
+
+__device__ __forceinline__ int64_t min_index(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ---------------------------------------------------------------------------
+// Conversions. PyTorch builds extensions with __CUDA_NO_HALF_CONVERSIONS__ and
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, so half/bfloat16 go through intrinsics.
+
+template <typename To, typename From>
+struct Converter {
+  __device__ __forceinline__ static To run(From v) { return static_cast<To>(v); }
+};
+template <>
+struct Converter<float, __half> {
+  __device__ __forceinline__ static float run(__half v) { return __half2float(v); }
+};
+template <>
+struct Converter<float, __nv_bfloat16> {
+  __device__ __forceinline__ static float run(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+template <>
+struct Converter<double, __half> {
+  __device__ __forceinline__ static double run(__half v) { return __half2float(v); }
+};
+template <>
+struct Converter<double, __nv_bfloat16> {
+  __device__ __forceinline__ static double run(__nv_bfloat16 v) { return __bfloat162float(v); }
+};
+template <>
+struct Converter<__half, float> {
+  __device__ __forceinline__ static __half run(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Converter<__nv_bfloat16, float> {
+  __device__ __forceinline__ static __nv_bfloat16 run(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Converter<__half, double> {
+  __device__ __forceinline__ static __half run(double v) { return __double2half(v); }
+};
+template <>
+struct Converter<__nv_bfloat16, double> {
+  __device__ __forceinline__ static __nv_bfloat16 run(double v) { return __double2bfloat16(v); }
+};
+
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From v) {
+  return Converter<To, From>::run(v);
+}
+
+// K, the value a channel's moments are taken about: its first element, or 0
+// where that is not finite (x − inf would turn every value into NaN or -inf).
+template <typename T, typename scalar_t>
+__device__ __forceinline__ T moments_shift(scalar_t first) {
+  const T k = convert<T>(first);
+  return isfinite(k) ? k : T(0);
+}
+
+// kVec consecutive elements moved as one aligned load/store (16 bytes when
+// kVec == kVectorWidth, a plain scalar access when kVec == 1).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Bundle {
+  T v[kVec];
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ Bundle<T, kVec> load_bundle(const T* p) {
+  return *reinterpret_cast<const Bundle<T, kVec>*>(p);
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void store_bundle(T* p, const Bundle<T, kVec>& b) {
+  *reinterpret_cast<Bundle<T, kVec>*>(p) = b;
+}
+
+// 1/n for an element count n (positive, normal, finite; n == 0 gives NaN,
+// which every caller discards). '/' and the correctly rounded rcp.rn
+// expand to a slow-path subroutine whose calling convention spills registers
+// in the hot loops; the hardware approximation refined by Newton steps (each
+// doubles the correct bits) needs no special cases for such inputs and is
+// within an ulp or so of 1/n.
+__device__ __forceinline__ float reciprocal_of_count(float n) {
+  float r;
+#if defined(FUSED_BN_CUDA_EMULATION)
+  r = emulation::rcp_approx_ftz(n);
+#else
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(n));
+#endif
+  return fmaf(r, fmaf(-n, r, 1.0f), r);
+}
+__device__ __forceinline__ double reciprocal_of_count(double n) {
+  double r;
+#if defined(FUSED_BN_CUDA_EMULATION)
+  r = emulation::rcp_approx_ftz(n);
+#else
+  asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(n));
+#endif
+  r = fma(r, fma(-n, r, 1.0), r);
+  r = fma(r, fma(-n, r, 1.0), r);
+  return fma(r, fma(-n, r, 1.0), r);
+}
+
+__device__ __forceinline__ float fused_multiply_add(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fused_multiply_add(double a, double b, double c) { return fma(a, b, c); }
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace fused_bn

@@ -1,0 +1,175 @@
+// The forwards' launchers: training (moments, finalize, normalize) and eval
+// (normalize). The design is described in batch_norm_kernels.cuh.
+#include "batch_norm_kernels.cuh"
+#include "forward_kernels.cuh"
+#include "launch.cuh"
+
+#include <cstdint>
+
+namespace fused_bn {
+namespace cuda {
+
+using namespace detail;
+
+namespace {
+
+template <typename acc_t>
+struct ForwardWorkspace {
+  int64_t* counter_snapshot;
+  double* partial_mean;
+  double* partial_m2;
+  double* partial_count;
+  acc_t* mean_hi;
+  acc_t* mean_lo;
+  acc_t* scale;
+  acc_t* shift;
+  size_t bytes;
+};
+
+template <typename acc_t>
+ForwardWorkspace<acc_t> carve_forward_workspace(void* base, int64_t channels, int64_t splits) {
+  WorkspaceCarver carver(base);
+  ForwardWorkspace<acc_t> ws;
+  ws.counter_snapshot = carver.take<int64_t>(1);
+  ws.partial_mean = carver.take<double>(splits * channels);
+  ws.partial_m2 = carver.take<double>(splits * channels);
+  ws.partial_count = carver.take<double>(splits * channels);
+  ws.mean_hi = carver.take<acc_t>(channels);
+  ws.mean_lo = carver.take<acc_t>(channels);
+  ws.scale = carver.take<acc_t>(channels);
+  ws.shift = carver.take<acc_t>(channels);
+  ws.bytes = carver.bytes();
+  return ws;
+}
+
+// The moments and grad-sums passes run with this plan; the workspace is sized by it.
+template <typename scalar_t, typename param_t>
+LaunchPlan forward_moments_plan(const TrainForwardParams<scalar_t, param_t>& p) {
+  return make_plan(p.geometry, pick_vector_width<scalar_t>(p.geometry, {p.input}));
+}
+
+template <typename scalar_t, typename param_t>
+cudaError_t launch_normalize(const Geometry& g, const scalar_t* input, scalar_t* output,
+                             const NormalizeCoefficients<acc_type<scalar_t>, param_t>& coefficients,
+                             cudaStream_t stream) {
+  const LaunchPlan plan = make_plan(g, pick_vector_width<scalar_t>(g, {input, output}));
+  return with_vector_width<scalar_t>(plan, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    if (g.layout == Layout::kChannelsFirst) {
+      return launch_kernel<channels_first_normalize_kernel<scalar_t, param_t, kVec>, kMaxThreads>(
+          plan.grid, plan.block, stream, input, output, g, plan.work_per_split, coefficients);
+    }
+    return launch_kernel<channels_last_normalize_kernel<scalar_t, param_t, kVec>, kMaxThreads>(
+        plan.grid, plan.block, stream, input, output, g, plan.work_per_split, coefficients);
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t, typename param_t>
+size_t train_forward_workspace_bytes(const TrainForwardParams<scalar_t, param_t>& params) {
+  using acc_t = acc_type<scalar_t>;
+  if (params.geometry.channels == 0) return 0;
+  return carve_forward_workspace<acc_t>(nullptr, params.geometry.channels, forward_moments_plan(params).splits)
+      .bytes;
+}
+
+template <typename scalar_t, typename param_t>
+cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, param_t>& p,
+                                            cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const Geometry& g = p.geometry;
+  if (g.channels == 0) {
+    if (p.num_batches_tracked == nullptr) return cudaSuccess;
+    return launch_kernel<increment_counter_kernel, 1>(dim3(1), dim3(1), stream, p.num_batches_tracked);
+  }
+
+  // Pass 1 also runs for an empty batch: its partials are empty and it takes
+  // the counter snapshot the finalize pass relies on.
+  const LaunchPlan plan = forward_moments_plan(p);
+  const ForwardWorkspace<acc_t> ws = carve_forward_workspace<acc_t>(p.workspace, g.channels, plan.splits);
+  cudaError_t err = with_vector_width<scalar_t>(plan, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    if (g.layout == Layout::kChannelsFirst) {
+      return launch_kernel<channels_first_moments_kernel<scalar_t, kVec>, kMaxThreads>(
+          plan.grid, plan.block, stream, p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2,
+          ws.partial_count, p.num_batches_tracked, ws.counter_snapshot);
+    }
+    return launch_kernel<channels_last_moments_kernel<scalar_t, kVec>, kMaxThreads>(
+        plan.grid, plan.block, stream, p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2,
+        ws.partial_count, p.num_batches_tracked, ws.counter_snapshot);
+  });
+  if (err != cudaSuccess) return err;
+
+  FinalizeMomentsArgs<scalar_t, param_t> args;
+  args.partial_mean = ws.partial_mean;
+  args.partial_m2 = ws.partial_m2;
+  args.partial_count = ws.partial_count;
+  args.splits = plan.splits;
+  args.channels = g.channels;
+  args.count_per_channel = count_per_channel(g);
+  args.input = p.input;
+  args.first_element_stride = g.layout == Layout::kChannelsFirst ? g.spatial : 1;
+  args.weight = p.weight;
+  args.bias = p.bias;
+  args.running_mean = p.running_mean;
+  args.running_var = p.running_var;
+  args.counter = p.num_batches_tracked;
+  args.counter_snapshot = ws.counter_snapshot;
+  args.save_mean = p.save_mean;
+  args.save_invstd = p.save_invstd;
+  args.mean_hi = ws.mean_hi;
+  args.mean_lo = ws.mean_lo;
+  args.scale = ws.scale;
+  args.shift = ws.shift;
+  args.eps = p.eps;
+  args.momentum = p.momentum;
+  args.cumulative_momentum = p.cumulative_momentum;
+  const int64_t finalize_blocks = ceil_div(g.channels, kFinalizeChannelsPerBlock);
+  err = launch_kernel<finalize_moments_kernel<scalar_t, param_t>, kFinalizeThreads>(
+      dim3(static_cast<unsigned>(finalize_blocks)), dim3(kFinalizeThreads), stream, args);
+  if (err != cudaSuccess) return err;
+
+  if (count_per_channel(g) == 0) return cudaSuccess;
+  NormalizeCoefficients<acc_t, param_t> coefficients;
+  coefficients.mean_hi = ws.mean_hi;
+  coefficients.mean_lo = ws.mean_lo;
+  coefficients.scale = ws.scale;
+  coefficients.shift = ws.shift;
+  return launch_normalize<scalar_t, param_t>(g, p.input, p.output, coefficients, stream);
+}
+
+template <typename scalar_t, typename param_t>
+cudaError_t launch_batch_norm_eval_forward(const EvalForwardParams<scalar_t, param_t>& p,
+                                           cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const Geometry& g = p.geometry;
+  if (g.channels == 0 || count_per_channel(g) == 0) return cudaSuccess;
+  NormalizeCoefficients<acc_t, param_t> coefficients;
+  coefficients.running_mean = p.running_mean;
+  coefficients.running_var = p.running_var;
+  coefficients.weight = p.weight;
+  coefficients.bias = p.bias;
+  coefficients.eps = p.eps;
+  return launch_normalize<scalar_t, param_t>(g, p.input, p.output, coefficients, stream);
+}
+
+// Every (input, parameter) dtype pair batch norm accepts.
+#define FUSED_BN_INSTANTIATE(scalar_t, param_t) \
+  template size_t train_forward_workspace_bytes<scalar_t, param_t>(const TrainForwardParams<scalar_t, param_t>&); \
+  template cudaError_t launch_batch_norm_train_forward<scalar_t, param_t>(const TrainForwardParams<scalar_t, param_t>&, \
+                                                                          cudaStream_t); \
+  template cudaError_t launch_batch_norm_eval_forward<scalar_t, param_t>(const EvalForwardParams<scalar_t, param_t>&, \
+                                                                         cudaStream_t);
+
+FUSED_BN_INSTANTIATE(float, float)
+FUSED_BN_INSTANTIATE(double, double)
+FUSED_BN_INSTANTIATE(__half, __half)
+FUSED_BN_INSTANTIATE(__half, float)
+FUSED_BN_INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
+FUSED_BN_INSTANTIATE(__nv_bfloat16, float)
+
+#undef FUSED_BN_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fused_bn

@@ -1,0 +1,349 @@
+// The training forward's kernels (moments, finalize) and the normalize
+// kernels both forwards use.
+#pragma once
+
+#include "../common/channel_math.h"
+#include "device_primitives.cuh"
+#include "reductions.cuh"
+#include "traversals.cuh"
+
+#include <cstdint>
+
+namespace fused_bn {
+namespace cuda {
+// Internal to the kernel layer (forward.cu, backward.cu).
+namespace detail {
+
+// ---------------------------------------------------------------------------
+// Training forward, pass 1: per-(split, channel) moments of x - K, K the
+// channel's first element.
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kMaxThreads)
+    channels_first_moments_kernel(const scalar_t* __restrict__ input, Geometry geometry,
+                                  int64_t vectors_per_split, double* __restrict__ partial_mean,
+                                  double* __restrict__ partial_m2, double* __restrict__ partial_count,
+                                  const int64_t* __restrict__ counter, int64_t* __restrict__ counter_snapshot) {
+  using acc_t = moments_t<scalar_t>;
+  const int64_t channel = blockIdx.x;
+  const int64_t split = blockIdx.y;
+  const int64_t plane_vectors = geometry.spatial / kVec;
+  const int64_t total = geometry.batch * plane_vectors;
+  const int64_t begin = split * vectors_per_split;
+  const int64_t end = min_index(total, begin + vectors_per_split);
+  const int64_t image_stride = geometry.channels * geometry.spatial;
+  const int64_t stride = blockDim.x;
+  const scalar_t* __restrict__ channel_input = input + channel * geometry.spatial;
+
+  acc_t mean = acc_t(0), m2 = acc_t(0), count = acc_t(0);
+  int64_t position = begin + threadIdx.x;
+  if (position < end) {
+    const acc_t shift = moments_shift<acc_t>(channel_input[0]);
+    PlaneCursor cursor(position, stride, plane_vectors);
+    for (; position < end; position += stride * kUnroll) {
+      acc_t values[kUnroll][kVec];
+      int valid_rows = 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (position + u * stride < end) {
+          const Bundle<scalar_t, kVec> x =
+              load_bundle<scalar_t, kVec>(channel_input + cursor.offset(image_stride, kVec));
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) values[u][j] = convert<acc_t>(x.v[j]) - shift;
+          valid_rows = u + 1;
+        } else {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) values[u][j] = acc_t(0);
+        }
+        cursor.advance();
+      }
+      fold_channel_group(values, valid_rows, mean, m2, count);
+    }
+  }
+
+  block_merge_moments(mean, m2, count);
+  if (threadIdx.x == 0) {
+    const int64_t slot = split * geometry.channels + channel;
+    partial_mean[slot] = mean;
+    partial_m2[slot] = m2;
+    partial_count[slot] = count;
+    if (channel == 0 && split == 0 && counter != nullptr) *counter_snapshot = *counter + 1;
+  }
+}
+
+template <typename scalar_t, int kVec>
+__global__ void __launch_bounds__(kMaxThreads)
+    channels_last_moments_kernel(const scalar_t* __restrict__ input, Geometry geometry,
+                                 int64_t rows_per_split, double* __restrict__ partial_mean,
+                                 double* __restrict__ partial_m2, double* __restrict__ partial_count,
+                                 const int64_t* __restrict__ counter, int64_t* __restrict__ counter_snapshot) {
+  using acc_t = moments_t<scalar_t>;
+  const int64_t columns = geometry.channels / kVec;
+  const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t rows = geometry.batch * geometry.spatial;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t end = min_index(rows, begin + rows_per_split);
+  const int64_t row_step = blockDim.y;
+
+  acc_t mean[kVec], m2[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) mean[j] = m2[j] = acc_t(0);
+  acc_t count = acc_t(0);
+
+  int64_t row = begin + threadIdx.y;
+  if (column < columns && row < end) {
+    const Bundle<scalar_t, kVec> first = load_bundle<scalar_t, kVec>(input + column * kVec);
+    acc_t shift[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) shift[j] = moments_shift<acc_t>(first.v[j]);
+    const int64_t offset_step = row_step * geometry.channels;
+    int64_t offset = row * geometry.channels + column * kVec;
+    for (; row < end; row += row_step * kUnroll) {
+      acc_t values[kUnroll][kVec];
+      int valid_rows = 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (row + u * row_step < end) {
+          const Bundle<scalar_t, kVec> x = load_bundle<scalar_t, kVec>(input + offset);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) values[u][j] = convert<acc_t>(x.v[j]) - shift[j];
+          valid_rows = u + 1;
+        } else {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) values[u][j] = acc_t(0);
+        }
+        offset += offset_step;
+      }
+      fold_column_group(values, valid_rows, mean, m2, count);
+    }
+  }
+
+  block_merge_column_moments(mean, m2, count);
+  if (threadIdx.y == 0 && column < columns) {
+    const int64_t slot = static_cast<int64_t>(blockIdx.y) * geometry.channels + column * kVec;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      partial_mean[slot + j] = mean[j];
+      partial_m2[slot + j] = m2[j];
+      partial_count[slot + j] = count;
+    }
+  }
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0 && counter != nullptr) {
+    *counter_snapshot = *counter + 1;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Training forward, pass 2: per channel, merge the partials (fixed order, in
+// double), write the saved statistics, update the running statistics and the
+// counter, and leave the normalize coefficients in the workspace.
+
+template <typename scalar_t, typename param_t>
+struct FinalizeMomentsArgs {
+  using acc_t = acc_type<scalar_t>;
+  const double* partial_mean;
+  const double* partial_m2;
+  const double* partial_count;
+  int64_t splits;
+  int64_t channels;
+  int64_t count_per_channel;  // N * HW
+  const scalar_t* input;      // for the shift K: input[channel * first_element_stride]
+  int64_t first_element_stride;
+  const param_t* weight;
+  const param_t* bias;
+  param_t* running_mean;
+  param_t* running_var;
+  int64_t* counter;
+  const int64_t* counter_snapshot;
+  acc_t* save_mean;
+  acc_t* save_invstd;
+  acc_t* mean_hi;  // normalize: ((x - mean_hi) - mean_lo) * scale + shift
+  acc_t* mean_lo;
+  acc_t* scale;
+  acc_t* shift;
+  double eps;
+  double momentum;
+  bool cumulative_momentum;
+};
+
+template <typename scalar_t, typename param_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_moments_kernel(const FinalizeMomentsArgs<scalar_t, param_t> args) {
+  using acc_t = acc_type<scalar_t>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t channel =
+      static_cast<int64_t>(blockIdx.x) * kFinalizeChannelsPerBlock + threadIdx.x / kWarpSize;
+  // Only this kernel writes the counter, and no block of it reads the counter.
+  if (blockIdx.x == 0 && threadIdx.x == 0 && args.counter != nullptr) {
+    *args.counter = *args.counter_snapshot;
+  }
+  if (channel >= args.channels) return;  // whole warps leave together
+
+  double mean = 0.0, m2 = 0.0, count = 0.0;
+  for (int64_t split = lane; split < args.splits; split += kWarpSize) {
+    const int64_t slot = split * args.channels + channel;
+    merge_moments(mean, m2, count, args.partial_mean[slot], args.partial_m2[slot], args.partial_count[slot]);
+  }
+  warp_merge_moments(mean, m2, count);
+  if (lane != 0) return;
+
+  const double n = static_cast<double>(args.count_per_channel);
+  const bool has_data = args.count_per_channel > 0;
+  const double shift =
+      has_data ? moments_shift<double>(args.input[channel * args.first_element_stride]) : 0.0;
+  const double batch_mean = shift + mean;
+  const double var = has_data ? m2 / n : 0.0;
+  const double invstd = 1.0 / sqrt(var + args.eps);
+  args.save_mean[channel] = static_cast<acc_t>(batch_mean);
+  args.save_invstd[channel] = static_cast<acc_t>(invstd);
+
+  double factor = args.momentum;
+  if (args.cumulative_momentum) {
+    const int64_t batches = args.counter != nullptr ? *args.counter_snapshot : 0;
+    factor = batches > 0 ? 1.0 / static_cast<double>(batches) : 0.0;
+  }
+  if (has_data && args.running_mean != nullptr) {
+    const double old = convert<double>(args.running_mean[channel]);
+    args.running_mean[channel] = convert<param_t>((1.0 - factor) * old + factor * batch_mean);
+  }
+  if (has_data && args.running_var != nullptr) {
+    // Unbiased; a single value per channel gives inf/nan, as in nn.BatchNorm2d.
+    const double unbiased = m2 / (n - 1.0);
+    const double old = convert<double>(args.running_var[channel]);
+    args.running_var[channel] = convert<param_t>((1.0 - factor) * old + factor * unbiased);
+  }
+  const double w = args.weight != nullptr ? convert<double>(args.weight[channel]) : 1.0;
+  const double b = args.bias != nullptr ? convert<double>(args.bias[channel]) : 0.0;
+  args.mean_hi[channel] = static_cast<acc_t>(shift);
+  args.mean_lo[channel] = static_cast<acc_t>(mean);
+  args.scale[channel] = static_cast<acc_t>(invstd * w);
+  args.shift[channel] = static_cast<acc_t>(b);
+}
+
+// Only launched for C == 0, where no finalize kernel runs.
+__global__ void increment_counter_kernel(int64_t* counter) { *counter += 1; }
+
+// ---------------------------------------------------------------------------
+// Normalize: y = ((x - mean_hi) - mean_lo) * scale + shift, in acc_t.
+
+template <typename acc_t, typename param_t>
+struct NormalizeCoefficients {
+  // Training: the finalize kernel's per-channel coefficients.
+  const acc_t* mean_hi = nullptr;
+  const acc_t* mean_lo = nullptr;
+  const acc_t* scale = nullptr;
+  const acc_t* shift = nullptr;
+  // Eval (mean_hi == nullptr): derived per thread from the running statistics,
+  // which saves a launch.
+  const param_t* running_mean = nullptr;
+  const param_t* running_var = nullptr;
+  const param_t* weight = nullptr;
+  const param_t* bias = nullptr;
+  double eps = 0.0;
+
+  __device__ __forceinline__ void load(int64_t c, acc_t& hi, acc_t& lo, acc_t& sc, acc_t& sh) const {
+    if (mean_hi != nullptr) {
+      hi = mean_hi[c];
+      lo = mean_lo[c];
+      sc = scale[c];
+      sh = shift[c];
+      return;
+    }
+    const double w = weight != nullptr ? convert<double>(weight[c]) : 1.0;
+    const double invstd = 1.0 / sqrt(convert<double>(running_var[c]) + eps);
+    hi = convert<acc_t>(running_mean[c]);
+    lo = acc_t(0);
+    sc = static_cast<acc_t>(invstd * w);
+    sh = bias != nullptr ? convert<acc_t>(bias[c]) : acc_t(0);
+  }
+};
+
+template <typename scalar_t, typename param_t, int kVec>
+__global__ void __launch_bounds__(kMaxThreads)
+    channels_first_normalize_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
+                                    Geometry geometry, int64_t vectors_per_split,
+                                    const NormalizeCoefficients<acc_type<scalar_t>, param_t> coefficients) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t channel = blockIdx.x;
+  const int64_t plane_vectors = geometry.spatial / kVec;
+  const int64_t total = geometry.batch * plane_vectors;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * vectors_per_split;
+  const int64_t end = min_index(total, begin + vectors_per_split);
+  const int64_t image_stride = geometry.channels * geometry.spatial;
+  const int64_t stride = blockDim.x;
+  int64_t position = begin + threadIdx.x;
+  if (position >= end) return;
+
+  acc_t mean_hi, mean_lo, scale, shift;
+  coefficients.load(channel, mean_hi, mean_lo, scale, shift);
+  const scalar_t* __restrict__ channel_input = input + channel * geometry.spatial;
+  scalar_t* __restrict__ channel_output = output + channel * geometry.spatial;
+  PlaneCursor cursor(position, stride, plane_vectors);
+  for (; position < end; position += stride * kUnroll) {
+    Bundle<scalar_t, kVec> x[kUnroll];
+    int64_t offsets[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      offsets[u] = cursor.offset(image_stride, kVec);
+      if (position + u * stride < end) x[u] = load_bundle<scalar_t, kVec>(channel_input + offsets[u]);
+      cursor.advance();
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (position + u * stride < end) {
+        Bundle<scalar_t, kVec> y;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          y.v[j] = convert<scalar_t>(((convert<acc_t>(x[u].v[j]) - mean_hi) - mean_lo) * scale + shift);
+        }
+        store_bundle<scalar_t, kVec>(channel_output + offsets[u], y);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename param_t, int kVec>
+__global__ void __launch_bounds__(kMaxThreads)
+    channels_last_normalize_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
+                                   Geometry geometry, int64_t rows_per_split,
+                                   const NormalizeCoefficients<acc_type<scalar_t>, param_t> coefficients) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t columns = geometry.channels / kVec;
+  const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t rows = geometry.batch * geometry.spatial;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t end = min_index(rows, begin + rows_per_split);
+  const int64_t row_step = blockDim.y;
+  int64_t row = begin + threadIdx.y;
+  if (column >= columns || row >= end) return;
+
+  acc_t mean_hi[kVec], mean_lo[kVec], scale[kVec], shift[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) coefficients.load(column * kVec + j, mean_hi[j], mean_lo[j], scale[j], shift[j]);
+  const int64_t offset_step = row_step * geometry.channels;
+  int64_t offset = row * geometry.channels + column * kVec;
+  for (; row < end; row += row_step * kUnroll) {
+    Bundle<scalar_t, kVec> x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (row + u * row_step < end) x[u] = load_bundle<scalar_t, kVec>(input + offset + u * offset_step);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (row + u * row_step < end) {
+        Bundle<scalar_t, kVec> y;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          y.v[j] = convert<scalar_t>(((convert<acc_t>(x[u].v[j]) - mean_hi[j]) - mean_lo[j]) * scale[j] +
+                                     shift[j]);
+        }
+        store_bundle<scalar_t, kVec>(output + offset + u * offset_step, y);
+      }
+    }
+    offset += kUnroll * offset_step;
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace fused_bn
