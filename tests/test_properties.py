@@ -461,7 +461,7 @@ def test_empty_channels_last_layout_counterexample():
     """hypothesis' falsifying example: shape (0, 1, 0, 1) in channels_last
     (strides (0, 1, 1, 1): contiguous and channels_last at once), eval with
     batch statistics; nn's output keeps those strides (input.clone()), and so
-    does ours now (empty_output in csrc/glue_helpers.h; it was (1, 1, 1, 1))."""
+    does ours now (empty_output in csrc/torch/tensors.h; it was (1, 1, 1, 1))."""
     trio = make_trio(1, PRECISIONS[0], "cpu", momentum=None, affine=False, track_running_stats=False)
     for m in trio:
         m.eval()

@@ -6,11 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FUSED_BN_HOST_DEVICE __host__ __device__
-#else
-#define FUSED_BN_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace fused_bn {
 namespace common {

@@ -7,8 +7,10 @@
 
 #include <tuple>
 
-#include "../batch_norm_checks.h"
-#include "../glue_helpers.h"
+#include "../torch/checks.h"
+#include "../torch/dispatch.h"
+#include "../torch/prepare.h"
+#include "../torch/tensors.h"
 #include "kernels.h"
 
 namespace fused_bn {
@@ -16,22 +18,6 @@ namespace {
 
 using at::Tensor;
 using c10::optional;
-
-// The input in a layout the kernels handle natively (one copy otherwise) and
-// its geometry.
-struct PreparedInput {
-  Tensor tensor;
-  cpu::Geometry geometry;
-  at::MemoryFormat format;
-};
-
-PreparedInput prepare(const Tensor& input) {
-  const at::MemoryFormat format = batch_norm_memory_format(input);
-  Tensor x = input.contiguous(format);
-  int64_t spatial = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
-  return {x, {x.size(0), x.size(1), spatial, format == at::MemoryFormat::ChannelsLast}, format};
-}
 
 template <typename T>
 const T* data_or_null(const Tensor& t) {

@@ -34,20 +34,15 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../common/geometry.h"
 #include "parallel.h"
 #include "tuning.h"
 #include "vec.h"
 
 namespace fused_bn::cpu {
 
-// A batch-norm input viewed as N planes of C channels by HW positions (NCHW),
-// or as N*HW rows of C channels (NHWC).
-struct Geometry {
-  int64_t N, C, HW;
-  bool channels_last;
-  int64_t per_channel() const { return N * HW; }
-  int64_t numel() const { return N * C * HW; }
-};
+// The input as N x C x HW, channels-first or channels-last (csrc/common).
+using Geometry = common::Geometry;
 
 // Rows of `width` elements, `stride` elements apart, with per-column
 // coefficients: an NHWC tensor's N·H·W rows of C channels (stride C), or an

@@ -50,9 +50,9 @@ LaunchPlan backward_sums_plan(const BackwardParams<scalar_t, param_t>& p) {
 template <typename scalar_t, typename param_t>
 size_t backward_workspace_bytes(const BackwardParams<scalar_t, param_t>& params) {
   using acc_t = acc_type<scalar_t>;
-  if (params.geometry.channels == 0) return 0;
+  if (params.geometry.C == 0) return 0;
   const int64_t splits = backward_needs_sums(params) ? backward_sums_plan(params).splits : 0;
-  return carve_backward_workspace<acc_t>(nullptr, params.geometry.channels, splits).bytes;
+  return carve_backward_workspace<acc_t>(nullptr, params.geometry.C, splits).bytes;
 }
 
 template <typename scalar_t, typename param_t>
@@ -60,20 +60,20 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
   using acc_t = acc_type<scalar_t>;
   const Geometry& g = p.geometry;
   const bool needs_sums = backward_needs_sums(p);
-  if (g.channels == 0 || (!needs_sums && p.grad_input == nullptr)) return cudaSuccess;
+  if (g.C == 0 || (!needs_sums && p.grad_input == nullptr)) return cudaSuccess;
   if (p.training && count_per_channel(g) == 2) {
     return launch_kernel<two_values_backward_kernel<scalar_t, param_t>, kFinalizeThreads>(
-        dim3(static_cast<unsigned>(ceil_div(g.channels, kFinalizeThreads))), dim3(kFinalizeThreads), stream, p);
+        dim3(static_cast<unsigned>(ceil_div(g.C, kFinalizeThreads))), dim3(kFinalizeThreads), stream, p);
   }
 
   const LaunchPlan sums_plan = backward_sums_plan(p);
   const int64_t splits = needs_sums ? sums_plan.splits : 0;
-  const BackwardWorkspace<acc_t> ws = carve_backward_workspace<acc_t>(p.workspace, g.channels, splits);
+  const BackwardWorkspace<acc_t> ws = carve_backward_workspace<acc_t>(p.workspace, g.C, splits);
   if (needs_sums) {
     // Also runs for an empty batch, leaving zero sums.
     const cudaError_t err = with_vector_width<scalar_t>(sums_plan, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      if (g.layout == Layout::kChannelsFirst) {
+      if (!g.channels_last) {
         return launch_kernel<channels_first_grad_sums_kernel<scalar_t, kVec>, kMaxThreads>(
             sums_plan.grid, sums_plan.block, stream, p.grad_output, p.input, g, sums_plan.work_per_split, p.mean,
             ws.partials);
@@ -88,7 +88,7 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
   FinalizeGradArgs<scalar_t, param_t> args;
   args.partials = ws.partials;
   args.splits = splits;
-  args.channels = g.channels;
+  args.channels = g.C;
   args.count_per_channel = count_per_channel(g);
   args.weight = p.weight;
   args.invstd = p.invstd;
@@ -96,7 +96,7 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
   args.grad_weight = p.grad_weight;
   args.grad_bias = p.grad_bias;
   args.coefficients = ws.coefficients;
-  const int64_t finalize_blocks = ceil_div(g.channels, kFinalizeChannelsPerBlock);
+  const int64_t finalize_blocks = ceil_div(g.C, kFinalizeChannelsPerBlock);
   const cudaError_t err = launch_kernel<finalize_grad_kernel<scalar_t, param_t>, kFinalizeThreads>(
       dim3(static_cast<unsigned>(finalize_blocks)), dim3(kFinalizeThreads), stream, args);
   if (err != cudaSuccess) return err;
@@ -110,7 +110,7 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
     constexpr int kVec = decltype(vec)::value;
     auto launch = [&](auto training) {
       constexpr bool kTraining = decltype(training)::value;
-      if (g.layout == Layout::kChannelsFirst) {
+      if (!g.channels_last) {
         return launch_kernel<channels_first_grad_input_kernel<scalar_t, kVec, kTraining>, kMaxThreads>(
             plan.grid, plan.block, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split, args_dx);
       }

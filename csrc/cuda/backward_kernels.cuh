@@ -67,13 +67,13 @@ __global__ void __launch_bounds__(kMaxThreads)
   constexpr int kSteps = kDualUnroll<kVec>;
   const int64_t channel = blockIdx.x;
   const int64_t split = blockIdx.y;
-  const int64_t plane_vectors = geometry.spatial / kVec;
-  const int64_t total = geometry.batch * plane_vectors;
+  const int64_t plane_vectors = geometry.HW / kVec;
+  const int64_t total = geometry.N * plane_vectors;
   const int64_t begin = split * vectors_per_split;
   const int64_t end = min_index(total, begin + vectors_per_split);
-  const int64_t image_stride = geometry.channels * geometry.spatial;
+  const int64_t image_stride = geometry.C * geometry.HW;
   const int64_t stride = blockDim.x;
-  const int64_t channel_offset = channel * geometry.spatial;
+  const int64_t channel_offset = channel * geometry.HW;
 
   double sums[kGradSums] = {0.0, 0.0, 0.0};
   int64_t position = begin + threadIdx.x;
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 
   block_sum(sums);
-  if (threadIdx.x == 0) partials.store(split * geometry.channels + channel, sums);
+  if (threadIdx.x == 0) partials.store(split * geometry.C + channel, sums);
 }
 
 template <typename scalar_t, int kVec>
@@ -112,9 +112,9 @@ __global__ void __launch_bounds__(kMaxThreads)
                                    int64_t rows_per_split, const acc_type<scalar_t>* __restrict__ mean,
                                    GradPartials partials) {
   constexpr int kSteps = kDualUnroll<kVec>;
-  const int64_t columns = geometry.channels / kVec;
+  const int64_t columns = geometry.C / kVec;
   const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = geometry.batch * geometry.spatial;
+  const int64_t rows = geometry.N * geometry.HW;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t end = min_index(rows, begin + rows_per_split);
   const int64_t row_step = blockDim.y;
@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     double channel_mean[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) channel_mean[j] = static_cast<double>(mean[column * kVec + j]);
-    const int64_t offset_step = row_step * geometry.channels;
-    int64_t offset = row * geometry.channels + column * kVec;
+    const int64_t offset_step = row_step * geometry.C;
+    int64_t offset = row * geometry.C + column * kVec;
     for (; row < end; row += row_step * kSteps) {
       Bundle<scalar_t, kVec> dy[kSteps], x[kSteps];
 #pragma unroll
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   block_sum_columns(sums);
   if (threadIdx.y == 0 && column < columns) {
-    const int64_t slot = static_cast<int64_t>(blockIdx.y) * geometry.channels + column * kVec;
+    const int64_t slot = static_cast<int64_t>(blockIdx.y) * geometry.C + column * kVec;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const double one[kGradSums] = {sums[0][j], sums[1][j], sums[2][j]};
@@ -235,11 +235,11 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   using acc_t = acc_type<scalar_t>;
   const Geometry& g = p.geometry;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= g.channels) return;
+  if (c >= g.C) return;
   // Two rows of C channels (channels-last, or N = 2 with HW = 1), else
   // neighbours in the channel's plane (N = 1, HW = 2).
-  const bool rows = g.layout == Layout::kChannelsLast || g.spatial == 1;
-  const int64_t at[2] = {rows ? c : 2 * c, rows ? g.channels + c : 2 * c + 1};
+  const bool rows = g.channels_last || g.HW == 1;
+  const int64_t at[2] = {rows ? c : 2 * c, rows ? g.C + c : 2 * c + 1};
   double x[2], dy[2];
   for (int i = 0; i < 2; ++i) {
     x[i] = static_cast<double>(convert<acc_t>(p.input[at[i]]));
@@ -292,11 +292,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   constexpr int kSteps = kDualUnroll<kVec>;
   using acc_t = acc_type<scalar_t>;
   const int64_t channel = blockIdx.x;
-  const int64_t plane_vectors = geometry.spatial / kVec;
-  const int64_t total = geometry.batch * plane_vectors;
+  const int64_t plane_vectors = geometry.HW / kVec;
+  const int64_t total = geometry.N * plane_vectors;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * vectors_per_split;
   const int64_t end = min_index(total, begin + vectors_per_split);
-  const int64_t image_stride = geometry.channels * geometry.spatial;
+  const int64_t image_stride = geometry.C * geometry.HW;
   const int64_t stride = blockDim.x;
   int64_t position = begin + threadIdx.x;
   if (position >= end) return;
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const acc_t scale = args.coefficients.scale[channel];
   const acc_t projection = args.coefficients.projection[channel];
   const acc_t shift = args.coefficients.shift[channel];
-  const int64_t channel_offset = channel * geometry.spatial;
+  const int64_t channel_offset = channel * geometry.HW;
   PlaneCursor cursor(position, stride, plane_vectors);
   for (; position < end; position += stride * kSteps) {
     Bundle<scalar_t, kVec> dy[kSteps], x[kSteps];
@@ -341,9 +341,9 @@ __global__ void __launch_bounds__(kMaxThreads)
                                     const GradInputArgs<acc_type<scalar_t>> args) {
   constexpr int kSteps = kDualUnroll<kVec>;
   using acc_t = acc_type<scalar_t>;
-  const int64_t columns = geometry.channels / kVec;
+  const int64_t columns = geometry.C / kVec;
   const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = geometry.batch * geometry.spatial;
+  const int64_t rows = geometry.N * geometry.HW;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t end = min_index(rows, begin + rows_per_split);
   const int64_t row_step = blockDim.y;
@@ -359,8 +359,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     projection[j] = args.coefficients.projection[c];
     shift[j] = args.coefficients.shift[c];
   }
-  const int64_t offset_step = row_step * geometry.channels;
-  int64_t offset = row * geometry.channels + column * kVec;
+  const int64_t offset_step = row_step * geometry.C;
+  int64_t offset = row * geometry.C + column * kVec;
   for (; row < end; row += row_step * kSteps) {
     Bundle<scalar_t, kVec> dy[kSteps], x[kSteps];
 #pragma unroll

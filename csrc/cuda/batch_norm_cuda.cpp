@@ -10,8 +10,10 @@
 #include <tuple>
 #include <type_traits>
 
-#include "../batch_norm_checks.h"
-#include "../glue_helpers.h"
+#include "../torch/checks.h"
+#include "../torch/dispatch.h"
+#include "../torch/prepare.h"
+#include "../torch/tensors.h"
 #include "batch_norm_kernels.cuh"
 #include "glue_device.h"
 
@@ -52,36 +54,21 @@ void check_on_input_device(const Tensor& t, const char* name, const Tensor& inpu
               " is on ", t.device(), " and input is on ", input.device());
 }
 
-// The input in a layout the kernels read natively (one copy otherwise), the
-// memory format of every output, and the kernels' view of the shape.
-struct PreparedInput {
-  Tensor tensor;
-  at::MemoryFormat format;
-  cuda::Geometry geometry;
-};
-
-PreparedInput prepare(const Tensor& input) {
-  const at::MemoryFormat format = batch_norm_memory_format(input);
-  Tensor x = input.contiguous(format);
-  cuda::Geometry g;
-  g.batch = x.size(0);
-  g.channels = x.size(1);
-  g.spatial = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) g.spatial *= x.size(d);
-  // With HW == 1 (or C == 1) both layouts address memory identically: take
-  // the one whose contiguous run is longer, so loads vectorize and coalesce.
-  if (g.spatial == 1) {
-    g.layout = cuda::Layout::kChannelsLast;
-  } else if (g.channels == 1) {
-    g.layout = cuda::Layout::kChannelsFirst;
-  } else {
-    g.layout = format == at::MemoryFormat::ChannelsLast ? cuda::Layout::kChannelsLast
-                                                        : cuda::Layout::kChannelsFirst;
+// The shared preparation (csrc/torch/prepare.h), with the CUDA kernels'
+// choices: with HW == 1 (or C == 1) both layouts address memory identically,
+// so take the one whose contiguous run is longer (loads vectorize and
+// coalesce), and size the grids for this device.
+PreparedInput prepare_for_cuda(const Tensor& input) {
+  PreparedInput in = prepare(input);
+  cuda::Geometry& g = in.geometry;
+  if (g.HW == 1) {
+    g.channels_last = true;
+  } else if (g.C == 1) {
+    g.channels_last = false;
   }
   g.multiprocessor_count = device::multiprocessor_count();
-  return {x, format, g};
+  return in;
 }
-
 
 Tensor allocate_workspace(size_t bytes, const Tensor& input) {
   // The caching allocator's blocks are at least 512-byte aligned.
@@ -154,7 +141,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
   const bool float_params = has_float_params(input, {&weight, &bias, &running_mean, &running_var});
   const device::DeviceGuard device_guard(input.device());
 
-  PreparedInput in = prepare(input);
+  PreparedInput in = prepare_for_cuda(input);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor rm = as_tensor_or_undefined(running_mean), rv = as_tensor_or_undefined(running_var);
   // The kernels count in int64 on the device (no host sync): a counter of
@@ -164,8 +151,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
   const Tensor counter64 = counter_is_long ? counter : counter.to(at::kLong);
   Tensor output = empty_output(input, in.format);
   const auto stats_options = input.options().dtype(accumulate_dtype(input.scalar_type()));
-  Tensor save_mean = at::empty({in.geometry.channels}, stats_options);
-  Tensor save_invstd = at::empty({in.geometry.channels}, stats_options);
+  Tensor save_mean = at::empty({in.geometry.C}, stats_options);
+  Tensor save_invstd = at::empty({in.geometry.C}, stats_options);
 
   // Every check has passed: from here on, the kernels may change state.
   const TrainForwardTensors tensors{in, w, b, rm, rv, counter64, momentum, eps, output, save_mean, save_invstd};
@@ -217,7 +204,7 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const optional<Tensor>& weight,
   const bool float_params = has_float_params(input, {&weight, &bias, &mean_opt, &var_opt});
   const device::DeviceGuard device_guard(input.device());
 
-  PreparedInput in = prepare(input);
+  PreparedInput in = prepare_for_cuda(input);
   Tensor output = empty_output(input, in.format);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor mean = running_mean.contiguous(), var = running_var.contiguous();
@@ -295,11 +282,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   const bool float_params = has_float_params(input, {&weight});
   const device::DeviceGuard device_guard(input.device());
 
-  PreparedInput in = prepare(input);
+  PreparedInput in = prepare_for_cuda(input);
   const Tensor dy = grad_output.contiguous(in.format);
   const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
   const Tensor w = dense_or_undefined(weight);
-  const int64_t channels = in.geometry.channels;
+  const int64_t channels = in.geometry.C;
   const auto param_options = input.options().dtype(is_defined(weight) ? weight->scalar_type() : acc_dtype);
   Tensor grad_input = output_mask[0] ? empty_output(grad_output, in.format) : at::empty({0}, input.options());
   Tensor grad_weight = at::empty({output_mask[1] ? channels : 0}, param_options);

@@ -68,6 +68,7 @@
 // synchronizes.
 #pragma once
 
+#include "../common/geometry.h"
 #include "cuda_platform.h"
 
 #include <cstddef>
@@ -75,11 +76,6 @@
 
 namespace fused_bn {
 namespace cuda {
-
-enum class Layout : int {
-  kChannelsFirst = 0,  // NCHW contiguous: element (n, c, s) at (n * C + c) * HW + s
-  kChannelsLast = 1,   // NHWC contiguous: element (n, c, s) at (n * HW + s) * C + c
-};
 
 // float for float/half/bfloat16 input, double for double input.
 template <typename scalar_t>
@@ -93,13 +89,9 @@ struct AccumulateType<double> {
 template <typename scalar_t>
 using acc_type = typename AccumulateType<scalar_t>::type;
 
-struct Geometry {
-  int64_t batch = 0;     // N
-  int64_t channels = 0;  // C
-  int64_t spatial = 0;   // HW: product of the sizes after the channel dimension
-  Layout layout = Layout::kChannelsFirst;
-  int multiprocessor_count = 1;  // sizes the grids; part of the determinism key
-};
+// The input as N x C x HW, channels-first or channels-last, and the
+// multiprocessor count the grids are sized for (csrc/common/geometry.h).
+using Geometry = common::Geometry;
 
 // param_t is the dtype of weight/bias/running stats: scalar_t, or float for
 // half/bfloat16 input (mixed precision). Nullable pointers are marked.

@@ -55,7 +55,7 @@ cudaError_t launch_normalize(const Geometry& g, const scalar_t* input, scalar_t*
   const LaunchPlan plan = make_plan(g, pick_vector_width<scalar_t>(g, {input, output}));
   return with_vector_width<scalar_t>(plan, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    if (g.layout == Layout::kChannelsFirst) {
+    if (!g.channels_last) {
       return launch_kernel<channels_first_normalize_kernel<scalar_t, param_t, kVec>, kMaxThreads>(
           plan.grid, plan.block, stream, input, output, g, plan.work_per_split, coefficients);
     }
@@ -69,8 +69,8 @@ cudaError_t launch_normalize(const Geometry& g, const scalar_t* input, scalar_t*
 template <typename scalar_t, typename param_t>
 size_t train_forward_workspace_bytes(const TrainForwardParams<scalar_t, param_t>& params) {
   using acc_t = acc_type<scalar_t>;
-  if (params.geometry.channels == 0) return 0;
-  return carve_forward_workspace<acc_t>(nullptr, params.geometry.channels, forward_moments_plan(params).splits)
+  if (params.geometry.C == 0) return 0;
+  return carve_forward_workspace<acc_t>(nullptr, params.geometry.C, forward_moments_plan(params).splits)
       .bytes;
 }
 
@@ -79,7 +79,7 @@ cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, p
                                             cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   const Geometry& g = p.geometry;
-  if (g.channels == 0) {
+  if (g.C == 0) {
     if (p.num_batches_tracked == nullptr) return cudaSuccess;
     return launch_kernel<increment_counter_kernel, 1>(dim3(1), dim3(1), stream, p.num_batches_tracked);
   }
@@ -87,10 +87,10 @@ cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, p
   // Pass 1 also runs for an empty batch: its partials are empty and it takes
   // the counter snapshot the finalize pass relies on.
   const LaunchPlan plan = forward_moments_plan(p);
-  const ForwardWorkspace<acc_t> ws = carve_forward_workspace<acc_t>(p.workspace, g.channels, plan.splits);
+  const ForwardWorkspace<acc_t> ws = carve_forward_workspace<acc_t>(p.workspace, g.C, plan.splits);
   cudaError_t err = with_vector_width<scalar_t>(plan, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    if (g.layout == Layout::kChannelsFirst) {
+    if (!g.channels_last) {
       return launch_kernel<channels_first_moments_kernel<scalar_t, kVec>, kMaxThreads>(
           plan.grid, plan.block, stream, p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2,
           ws.partial_count, p.num_batches_tracked, ws.counter_snapshot);
@@ -106,10 +106,10 @@ cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, p
   args.partial_m2 = ws.partial_m2;
   args.partial_count = ws.partial_count;
   args.splits = plan.splits;
-  args.channels = g.channels;
+  args.channels = g.C;
   args.count_per_channel = count_per_channel(g);
   args.input = p.input;
-  args.first_element_stride = g.layout == Layout::kChannelsFirst ? g.spatial : 1;
+  args.first_element_stride = !g.channels_last ? g.HW : 1;
   args.weight = p.weight;
   args.bias = p.bias;
   args.running_mean = p.running_mean;
@@ -125,7 +125,7 @@ cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, p
   args.eps = p.eps;
   args.momentum = p.momentum;
   args.cumulative_momentum = p.cumulative_momentum;
-  const int64_t finalize_blocks = ceil_div(g.channels, kFinalizeChannelsPerBlock);
+  const int64_t finalize_blocks = ceil_div(g.C, kFinalizeChannelsPerBlock);
   err = launch_kernel<finalize_moments_kernel<scalar_t, param_t>, kFinalizeThreads>(
       dim3(static_cast<unsigned>(finalize_blocks)), dim3(kFinalizeThreads), stream, args);
   if (err != cudaSuccess) return err;
@@ -144,7 +144,7 @@ cudaError_t launch_batch_norm_eval_forward(const EvalForwardParams<scalar_t, par
                                            cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   const Geometry& g = p.geometry;
-  if (g.channels == 0 || count_per_channel(g) == 0) return cudaSuccess;
+  if (g.C == 0 || count_per_channel(g) == 0) return cudaSuccess;
   NormalizeCoefficients<acc_t, param_t> coefficients;
   coefficients.running_mean = p.running_mean;
   coefficients.running_var = p.running_var;

@@ -27,13 +27,13 @@ __global__ void __launch_bounds__(kMaxThreads)
   using acc_t = moments_t<scalar_t>;
   const int64_t channel = blockIdx.x;
   const int64_t split = blockIdx.y;
-  const int64_t plane_vectors = geometry.spatial / kVec;
-  const int64_t total = geometry.batch * plane_vectors;
+  const int64_t plane_vectors = geometry.HW / kVec;
+  const int64_t total = geometry.N * plane_vectors;
   const int64_t begin = split * vectors_per_split;
   const int64_t end = min_index(total, begin + vectors_per_split);
-  const int64_t image_stride = geometry.channels * geometry.spatial;
+  const int64_t image_stride = geometry.C * geometry.HW;
   const int64_t stride = blockDim.x;
-  const scalar_t* __restrict__ channel_input = input + channel * geometry.spatial;
+  const scalar_t* __restrict__ channel_input = input + channel * geometry.HW;
 
   acc_t mean = acc_t(0), m2 = acc_t(0), count = acc_t(0);
   int64_t position = begin + threadIdx.x;
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   block_merge_moments(mean, m2, count);
   if (threadIdx.x == 0) {
-    const int64_t slot = split * geometry.channels + channel;
+    const int64_t slot = split * geometry.C + channel;
     partial_mean[slot] = mean;
     partial_m2[slot] = m2;
     partial_count[slot] = count;
@@ -78,9 +78,9 @@ __global__ void __launch_bounds__(kMaxThreads)
                                  double* __restrict__ partial_m2, double* __restrict__ partial_count,
                                  const int64_t* __restrict__ counter, int64_t* __restrict__ counter_snapshot) {
   using acc_t = moments_t<scalar_t>;
-  const int64_t columns = geometry.channels / kVec;
+  const int64_t columns = geometry.C / kVec;
   const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = geometry.batch * geometry.spatial;
+  const int64_t rows = geometry.N * geometry.HW;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t end = min_index(rows, begin + rows_per_split);
   const int64_t row_step = blockDim.y;
@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     acc_t shift[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) shift[j] = moments_shift<acc_t>(first.v[j]);
-    const int64_t offset_step = row_step * geometry.channels;
-    int64_t offset = row * geometry.channels + column * kVec;
+    const int64_t offset_step = row_step * geometry.C;
+    int64_t offset = row * geometry.C + column * kVec;
     for (; row < end; row += row_step * kUnroll) {
       acc_t values[kUnroll][kVec];
       int valid_rows = 0;
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   block_merge_column_moments(mean, m2, count);
   if (threadIdx.y == 0 && column < columns) {
-    const int64_t slot = static_cast<int64_t>(blockIdx.y) * geometry.channels + column * kVec;
+    const int64_t slot = static_cast<int64_t>(blockIdx.y) * geometry.C + column * kVec;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       partial_mean[slot + j] = mean[j];
@@ -265,19 +265,19 @@ __global__ void __launch_bounds__(kMaxThreads)
                                     const NormalizeCoefficients<acc_type<scalar_t>, param_t> coefficients) {
   using acc_t = acc_type<scalar_t>;
   const int64_t channel = blockIdx.x;
-  const int64_t plane_vectors = geometry.spatial / kVec;
-  const int64_t total = geometry.batch * plane_vectors;
+  const int64_t plane_vectors = geometry.HW / kVec;
+  const int64_t total = geometry.N * plane_vectors;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * vectors_per_split;
   const int64_t end = min_index(total, begin + vectors_per_split);
-  const int64_t image_stride = geometry.channels * geometry.spatial;
+  const int64_t image_stride = geometry.C * geometry.HW;
   const int64_t stride = blockDim.x;
   int64_t position = begin + threadIdx.x;
   if (position >= end) return;
 
   acc_t mean_hi, mean_lo, scale, shift;
   coefficients.load(channel, mean_hi, mean_lo, scale, shift);
-  const scalar_t* __restrict__ channel_input = input + channel * geometry.spatial;
-  scalar_t* __restrict__ channel_output = output + channel * geometry.spatial;
+  const scalar_t* __restrict__ channel_input = input + channel * geometry.HW;
+  scalar_t* __restrict__ channel_output = output + channel * geometry.HW;
   PlaneCursor cursor(position, stride, plane_vectors);
   for (; position < end; position += stride * kUnroll) {
     Bundle<scalar_t, kVec> x[kUnroll];
@@ -308,9 +308,9 @@ __global__ void __launch_bounds__(kMaxThreads)
                                    Geometry geometry, int64_t rows_per_split,
                                    const NormalizeCoefficients<acc_type<scalar_t>, param_t> coefficients) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t columns = geometry.channels / kVec;
+  const int64_t columns = geometry.C / kVec;
   const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = geometry.batch * geometry.spatial;
+  const int64_t rows = geometry.N * geometry.HW;
   const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t end = min_index(rows, begin + rows_per_split);
   const int64_t row_step = blockDim.y;
@@ -320,8 +320,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   acc_t mean_hi[kVec], mean_lo[kVec], scale[kVec], shift[kVec];
 #pragma unroll
   for (int j = 0; j < kVec; ++j) coefficients.load(column * kVec + j, mean_hi[j], mean_lo[j], scale[j], shift[j]);
-  const int64_t offset_step = row_step * geometry.channels;
-  int64_t offset = row * geometry.channels + column * kVec;
+  const int64_t offset_step = row_step * geometry.C;
+  int64_t offset = row * geometry.C + column * kVec;
   for (; row < end; row += row_step * kUnroll) {
     Bundle<scalar_t, kVec> x[kUnroll];
 #pragma unroll

@@ -22,7 +22,7 @@ namespace detail {
 template <typename scalar_t>
 int pick_vector_width(const Geometry& geometry, std::initializer_list<const void*> pointers) {
   constexpr int vec = kVectorWidth<scalar_t>;
-  const int64_t run = geometry.layout == Layout::kChannelsFirst ? geometry.spatial : geometry.channels;
+  const int64_t run = !geometry.channels_last ? geometry.HW : geometry.C;
   if (run % vec != 0) return 1;
   for (const void* p : pointers) {
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
@@ -44,16 +44,16 @@ struct LaunchPlan {
 inline LaunchPlan make_plan(const Geometry& g, int vec) {
   LaunchPlan plan;
   plan.vec = vec;
-  if (g.channels <= 0) return plan;  // nothing is launched for C == 0
+  if (g.C <= 0) return plan;  // nothing is launched for C == 0
   const int64_t target_threads = static_cast<int64_t>(std::max(g.multiprocessor_count, 1)) *
                                  kTargetThreadsPerMultiprocessor;
-  if (g.layout == Layout::kChannelsFirst) {
-    const int64_t total = g.batch * (g.spatial / vec);
+  if (!g.channels_last) {
+    const int64_t total = g.N * (g.HW / vec);
     // Small planes get small blocks rather than idle threads.
     int threads = kMaxThreads;
     while (threads > kWarpSize && threads >= 2 * total) threads /= 2;
     const int64_t blocks_wanted = std::max<int64_t>(1, target_threads / threads);
-    int64_t splits = ceil_div(blocks_wanted, g.channels);
+    int64_t splits = ceil_div(blocks_wanted, g.C);
     const int64_t splits_with_work =
         ceil_div(total, static_cast<int64_t>(threads) * kUnroll * kMinIterationsPerThread);
     splits = std::min(splits, std::max<int64_t>(1, splits_with_work));
@@ -62,12 +62,12 @@ inline LaunchPlan make_plan(const Geometry& g, int vec) {
     // same number of iterations.
     plan.work_per_split = std::max<int64_t>(threads, round_up(ceil_div(total, splits), threads));
     plan.splits = std::max<int64_t>(1, ceil_div(total, plan.work_per_split));
-    plan.grid = dim3(static_cast<unsigned>(g.channels), static_cast<unsigned>(plan.splits), 1);
+    plan.grid = dim3(static_cast<unsigned>(g.C), static_cast<unsigned>(plan.splits), 1);
     plan.block = dim3(static_cast<unsigned>(threads), 1, 1);
     return plan;
   }
-  const int64_t columns = g.channels / vec;
-  const int64_t rows = g.batch * g.spatial;
+  const int64_t columns = g.C / vec;
+  const int64_t rows = g.N * g.HW;
   const int block_x = static_cast<int>(std::min<int64_t>(columns, kWarpSize));
   int block_y = kMaxThreads / block_x;
   while (block_y > 1 && block_y >= 2 * rows) block_y /= 2;
@@ -114,7 +114,7 @@ class WorkspaceCarver {
   size_t bytes_ = 0;
 };
 
-inline int64_t count_per_channel(const Geometry& g) { return g.batch * g.spatial; }
+inline int64_t count_per_channel(const Geometry& g) { return g.N * g.HW; }
 
 }  // namespace detail
 }  // namespace cuda

@@ -1,16 +1,13 @@
-// Torch-side helpers shared by the CPU and CUDA glue (csrc/cpu/batch_norm_cpu.cpp,
-// csrc/cuda/batch_norm_cuda.cpp): optional-tensor handling, the checks on the
-// mutated buffers, and the dtype dispatch. The argument checks that mirror
-// nn.BatchNorm2d's messages live in batch_norm_checks.h.
+// Tensor handling shared by the CPU and CUDA glue: optional tensors, dense
+// per-channel views, output allocation by the batch-norm layout rule, and the
+// checks on the buffers the training ops mutate.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 
 #include <initializer_list>
-#include <type_traits>
 
-#include "batch_norm_checks.h"
+#include "checks.h"
 
 namespace fused_bn {
 
@@ -62,36 +59,6 @@ inline bool has_float_params(const at::Tensor& input,
     if (is_defined(*p)) return (*p)->scalar_type() == at::kFloat;
   }
   return false;
-}
-
-// The kernels' Epilogue / GradMask value as a compile-time constant:
-// f(std::integral_constant<E, value>{}).
-template <typename E, E... kValues, typename F>
-void dispatch_enum(E value, F&& f) {
-  const bool matched = ((value == kValues ? (f(std::integral_constant<E, kValues>{}), true) : false) || ...);
-  TORCH_INTERNAL_ASSERT(matched, "fused_bn: unhandled enum value");
-}
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls f(TypeTag<scalar_t>{}, TypeTag<param_t>{}) for the input's dtype, with
-// param_t float for float16/bfloat16 input with float32 parameters (mixed
-// precision) and scalar_t otherwise. Integer input raises nn's
-// NotImplementedError: "batch_norm" not implemented for 'Long'.
-template <typename F>
-void dispatch_input_and_params(const at::Tensor& input, bool float_params, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
-    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-      if (float_params) {
-        f(TypeTag<scalar_t>{}, TypeTag<float>{});
-        return;
-      }
-    }
-    f(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
-  });
 }
 
 }  // namespace fused_bn

@@ -1,0 +1,32 @@
+// The one preparation both devices' glue makes of an input: the tensor in a
+// layout the kernels read natively (one copy otherwise), the memory format of
+// every output (checks.h's batch_norm_memory_format, nn's rule), and the
+// kernels' Geometry (csrc/common/geometry.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../common/geometry.h"
+#include "checks.h"
+
+namespace fused_bn {
+
+struct PreparedInput {
+  at::Tensor tensor;
+  at::MemoryFormat format;
+  common::Geometry geometry;
+};
+
+inline PreparedInput prepare(const at::Tensor& input) {
+  const at::MemoryFormat format = batch_norm_memory_format(input);
+  at::Tensor x = input.contiguous(format);
+  common::Geometry g;
+  g.N = x.size(0);
+  g.C = x.size(1);
+  g.HW = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) g.HW *= x.size(d);
+  g.channels_last = format == at::MemoryFormat::ChannelsLast;
+  return {x, format, g};
+}
+
+}  // namespace fused_bn
