@@ -19,6 +19,33 @@ FUSED_BN_HOST_DEVICE inline bool finite(double v) {
 #endif
 }
 
+FUSED_BN_HOST_DEVICE inline double square_root(double v) {
+#if defined(__CUDA_ARCH__)
+  return sqrt(v);
+#else
+  return std::sqrt(v);
+#endif
+}
+
+// 1/√(var + ε): the saved invstd (from the biased batch variance) and eval's
+// (from running_var).
+FUSED_BN_HOST_DEVICE inline double inverse_std(double var, double eps) { return 1.0 / square_root(var + eps); }
+
+// The variance running_var tracks, Σ(x − x̄)²/(n − 1): unbiased, as nn's; a
+// single value per channel gives inf or NaN there too.
+FUSED_BN_HOST_DEVICE inline double unbiased_variance(double m2, double n) { return m2 / (n - 1.0); }
+
+// nn's running-statistics update, in double.
+FUSED_BN_HOST_DEVICE inline double running_average(double old, double value, double factor) {
+  return (1.0 - factor) * old + factor * value;
+}
+
+// momentum=None: the cumulative average, factor 1/num_batches_tracked (0
+// before the first batch).
+FUSED_BN_HOST_DEVICE inline double cumulative_average_factor(double batches_tracked) {
+  return batches_tracked > 0 ? 1.0 / batches_tracked : 0.0;
+}
+
 // Σg·(x − x̄) over `count` values, x̄ the exact batch mean, from the sums about
 // the saved mean (x̄ rounded to the accumulation type): Σg·(x − mean) carries
 // that rounding times Σg, one ulp of the mean times Σg, which put bfloat16's
@@ -57,6 +84,40 @@ FUSED_BN_HOST_DEVICE inline GradInputCoefficients grad_input_coefficients(double
     k.shift = sum_dy / n;
   }
   return k;
+}
+
+// The training backward of a channel of two values, x̄ ± d. There
+// x̂ = ±d/√(d² + ε), and dx = w·invstd·(g − ḡ − x̂·mean(g·x̂)) cancels to
+// w·invstd·(g₀ − g₁)/2 · ε/(d² + ε): a value ε/(d² + ε) times the size of its
+// terms, which the general path leaves to the float rounding of those terms
+// and of the saved invstd (the rounding of invstd² alone moves it by
+// 2·ulp·d²/ε). So such a channel is computed in double from ε and the exact
+// variance, in closed form where every value is finite; elsewhere the general
+// formula (in double) keeps nn's NaN/inf pattern. x and g are the two values
+// and their gradients (already masked by an epilogue's ReLU).
+struct TwoValuesGrads {
+  double grad_weight, grad_bias;
+  double grad_input[2];
+};
+
+FUSED_BN_HOST_DEVICE inline TwoValuesGrads two_values_grads(const double (&x)[2], const double (&g)[2], double weight,
+                                                            double eps) {
+  const double d = (x[0] - x[1]) / 2;  // x₀ − x̄; x₁ − x̄ is −d
+  const double var = d * d, denom = var + eps;
+  const double istd = 1.0 / square_root(denom);
+  const double sum_g = g[0] + g[1], sum_g_xmu = (g[0] - g[1]) * d;
+  TwoValuesGrads r;
+  r.grad_weight = sum_g_xmu * istd;
+  r.grad_bias = sum_g;
+  const double scale = weight * istd;
+  const bool all_finite = finite(g[0]) && finite(g[1]) && finite(d) && denom > 0;
+  const double closed_dx0 = scale * (g[0] - g[1]) / 2 * (eps / denom);  // dx₁ = −dx₀
+  for (int i = 0; i < 2; ++i) {
+    const double xmu = i == 0 ? d : -d;
+    r.grad_input[i] = all_finite ? (i == 0 ? closed_dx0 : -closed_dx0)
+                                 : scale * (g[i] - sum_g / 2 - xmu * sum_g_xmu / (2 * denom));
+  }
+  return r;
 }
 
 }  // namespace common

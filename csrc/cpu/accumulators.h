@@ -170,7 +170,7 @@ template <typename scalar_t>
 inline GradSums block_grad_sums(bool g_constant, const scalar_t* first_dy, int64_t count, double lanes_sum_dy,
                                 double lanes_sum_dy_xmu, double sum_xmu) {
   if (!g_constant) return {lanes_sum_dy, lanes_sum_dy_xmu, sum_xmu};
-  const double g = static_cast<double>(static_cast<acc_t<scalar_t>>(*first_dy));
+  const double g = static_cast<double>(static_cast<acc_type<scalar_t>>(*first_dy));
   // + 0.0: an all-zero g sums to +0 in the lanes, and so it does here.
   return {g * static_cast<double>(count) + 0.0, g * sum_xmu + 0.0, sum_xmu};
 }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../common/channel_math.h"
+#include "../common/exchange.h"
 #include "accumulators.h"
 #include "channel_finalize.h"
 #include "coefficients.h"
@@ -34,17 +35,17 @@ struct BackwardOutputs {
 // The backward's scale, w · invstd: also the ReLU forward's scale (set_normalize_coefs
 // from the saved invstd), which kReluOfInput's recomputed mask relies on.
 template <typename scalar_t, typename param_t>
-inline acc_t<scalar_t> backward_scale(const param_t* weight, const acc_t<scalar_t>* invstd, int64_t c) {
-  return static_cast<acc_t<scalar_t>>(param_or(weight, c, 1.0) * static_cast<double>(invstd[c]));
+inline acc_type<scalar_t> backward_scale(const param_t* weight, const acc_type<scalar_t>* invstd, int64_t c) {
+  return static_cast<acc_type<scalar_t>>(param_or(weight, c, 1.0) * static_cast<double>(invstd[c]));
 }
 
 // Backward coefficients of channel c from its sums (see ChannelCoefs); k.mean
 // is already set.
 template <typename scalar_t, typename param_t>
 void finalize_channel_grads(int64_t c, const GradSums& s, int64_t count, bool training, bool centered,
-                            const param_t* weight, const acc_t<scalar_t>* invstd,
+                            const param_t* weight, const acc_type<scalar_t>* invstd,
                             const BackwardOutputs<scalar_t, param_t>& out, ChannelCoefs<scalar_t>& k) {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   const double istd = static_cast<double>(invstd[c]);
   // Σg·(x − x̄) needs every value's sums: a rank's own share (SumsExchange's
   // local) takes its sums about the saved mean, as ranks add up those shares.
@@ -69,21 +70,16 @@ struct SumsExchange {
   const GradSums* global = nullptr;
   int64_t global_count = 0;
 };
-static_assert(sizeof(GradSums) == 3 * sizeof(double), "GradSums is exchanged as three doubles per channel");
+static_assert(sizeof(GradSums) == common::kExchangedGradSums * sizeof(double),
+              "GradSums is exchanged as three doubles per channel (csrc/common/exchange.h)");
 
-// The training backward of a channel of two values, x̄ ± d. There x̂ = ±d/√(d² + ε),
-// and dx = w·invstd·(g − ḡ − x̂·mean(g·x̂)) cancels to w·invstd·(g₀ − g₁)/2 ·
-// ε/(d² + ε): a value ε/(d² + ε) times the size of its terms, which the general
-// path leaves to the float rounding of those terms and of the saved invstd
-// (the rounding of invstd² alone moves it by 2·ulp·d²/ε). So this channel is
-// computed in double from ε and the exact variance, in closed form where every
-// value is finite; elsewhere the general formula (in double) keeps nn's
-// NaN/inf pattern. g is dy under kMask, as in the general path.
+// The training backward of a channel of two values (common::two_values_grads);
+// g is dy under kMask, as in the general path.
 template <typename scalar_t, typename param_t, GradMask kMask>
 void two_values_backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const param_t* weight,
-                         const param_t* bias, const scalar_t* output, const acc_t<scalar_t>* mean,
-                         const acc_t<scalar_t>* invstd, double eps, const BackwardOutputs<scalar_t, param_t>& out) {
-  using Acc = acc_t<scalar_t>;
+                         const param_t* bias, const scalar_t* output, const acc_type<scalar_t>* mean,
+                         const acc_type<scalar_t>* invstd, double eps, const BackwardOutputs<scalar_t, param_t>& out) {
+  using Acc = acc_type<scalar_t>;
   // The two values are two rows of C channels (NHWC, or N = 2 with H·W = 1),
   // else neighbours in the channel's plane.
   const bool rows = g.channels_last || g.HW == 1;
@@ -104,22 +100,11 @@ void two_values_backward(const scalar_t* dy, const scalar_t* x, const Geometry& 
       xv[i] = static_cast<double>(xi);
       gv[i] = static_cast<double>(static_cast<Acc>(gi));
     }
-    const double d = (xv[0] - xv[1]) / 2;  // x₀ − x̄; x₁ − x̄ is −d
-    const double var = d * d, denom = var + eps;
-    const double istd = 1.0 / std::sqrt(denom);
-    const double sum_g = gv[0] + gv[1], sum_g_xmu = (gv[0] - gv[1]) * d;
-    if (out.grad_weight) out.grad_weight[c] = static_cast<param_t>(sum_g_xmu * istd);
-    if (out.grad_bias) out.grad_bias[c] = static_cast<param_t>(sum_g);
+    const common::TwoValuesGrads r = common::two_values_grads(xv, gv, param_or(weight, c, 1.0), eps);
+    if (out.grad_weight) out.grad_weight[c] = static_cast<param_t>(r.grad_weight);
+    if (out.grad_bias) out.grad_bias[c] = static_cast<param_t>(r.grad_bias);
     if (!out.grad_input) continue;
-    const double scale = param_or(weight, c, 1.0) * istd;
-    const bool finite = std::isfinite(gv[0]) && std::isfinite(gv[1]) && std::isfinite(d) && denom > 0;
-    const double closed_dx0 = scale * (gv[0] - gv[1]) / 2 * (eps / denom);  // dx₁ = −dx₀
-    for (int64_t i = 0; i < 2; ++i) {
-      const double xmu = i == 0 ? d : -d;
-      const double dx = finite ? (i == 0 ? closed_dx0 : -closed_dx0)
-                               : scale * (gv[i] - sum_g / 2 - xmu * sum_g_xmu / (2 * denom));
-      out.grad_input[at[i]] = static_cast<scalar_t>(dx);
-    }
+    for (int64_t i = 0; i < 2; ++i) out.grad_input[at[i]] = static_cast<scalar_t>(r.grad_input[i]);
   }
 }
 
@@ -134,7 +119,7 @@ void two_values_backward(const scalar_t* dy, const scalar_t* x, const Geometry& 
 // reduce and dx passes are one.
 template <typename scalar_t, typename param_t, GradMask kMask>
 struct BackwardCall {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   // The dx pass: kReluOfOutput's g is already masked and written out.
   static constexpr GradMask kDxMask = kMask == GradMask::kReluOfOutput ? GradMask::kNone : kMask;
 
@@ -286,7 +271,7 @@ void nhwc_backward(const BackwardCall<scalar_t, param_t, kMask>& call) {
 template <typename scalar_t, typename param_t, GradMask kMask>
 void channel_blocks_backward(const BackwardCall<scalar_t, param_t, kMask>& call) {
   using Call = BackwardCall<scalar_t, param_t, kMask>;
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   const Geometry& g = call.g;
   const auto& out = call.out;
   const int64_t N = g.N, C = g.C, HW = g.HW;
@@ -323,7 +308,7 @@ void channel_blocks_backward(const BackwardCall<scalar_t, param_t, kMask>& call)
       if (call.staged) stream_fence();
     };
     // Not on the runs path: its dx goes a tile of runs at a time.
-    const bool dx_with_sums = kPlanesOneByOne<scalar_t> && call.eval_dx_with_sums;
+    const bool dx_with_sums = kChannelBlockPassesByPlane<scalar_t> && call.eval_dx_with_sums;
     if (dx_with_sums) {
       planes_dx(/*with_sums=*/std::true_type{});
     } else if (call.need_sums) {
@@ -338,7 +323,7 @@ void channel_blocks_backward(const BackwardCall<scalar_t, param_t, kMask>& call)
     }
     // dx
     if (!out.grad_input || dx_with_sums) return;
-    if constexpr (kPlanesOneByOne<scalar_t>) {
+    if constexpr (kChannelBlockPassesByPlane<scalar_t>) {
       planes_dx(/*with_sums=*/std::false_type{});
     } else {
       grad_input_rows<scalar_t, Call::kDxMask>(x + c0 * HW, call.dx_grad + c0 * HW, out.grad_input + c0 * HW,
@@ -407,8 +392,8 @@ void split_channels_backward(const BackwardCall<scalar_t, param_t, kMask>& call)
 // runs is plan.h's table.
 template <typename scalar_t, typename param_t, GradMask kMask>
 void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const param_t* weight,
-              const param_t* bias, const scalar_t* output, const acc_t<scalar_t>* mean,
-              const acc_t<scalar_t>* invstd, bool training, double eps,
+              const param_t* bias, const scalar_t* output, const acc_type<scalar_t>* mean,
+              const acc_type<scalar_t>* invstd, bool training, double eps,
               const BackwardOutputs<scalar_t, param_t>& out, const SumsExchange& exchange = {}) {
   if (training && !exchange.local && !exchange.global && has_two_values_per_channel(g)) {
     two_values_backward<scalar_t, param_t, kMask>(dy, x, g, weight, bias, output, mean, invstd, eps, out);
@@ -422,7 +407,7 @@ void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const pa
     nhwc_backward(call);
   } else if (walks_channel_blocks<scalar_t>(g)) {
     channel_blocks_backward(call);
-  } else if (!split_channels_across_threads(g)) {
+  } else if (!has_few_channels_per_thread(g)) {
     channel_per_task_backward(call);
   } else {
     split_channels_backward(call);

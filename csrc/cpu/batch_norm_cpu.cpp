@@ -91,7 +91,7 @@ std::tuple<Tensor, Tensor, Tensor> train_cpu(
   dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
     using scalar_t = typename decltype(scalar)::type;
     using param_t = typename decltype(param)::type;
-    using Acc = cpu::acc_t<scalar_t>;
+    using Acc = cpu::acc_type<scalar_t>;
     cpu::ChannelTensors<param_t> t{data_or_null<param_t>(w), data_or_null<param_t>(b),
                                    mutable_data_or_null<param_t>(running_mean),
                                    mutable_data_or_null<param_t>(running_var)};
@@ -128,7 +128,7 @@ Tensor batch_norm_stats_cpu(const Tensor& input, const optional<Tensor>& weight,
                             const optional<Tensor>& running_mean, const optional<Tensor>& running_var) {
   check_forward_args(input, weight, bias, running_mean, running_var);
   PreparedInput in = prepare(input);
-  Tensor stats = at::empty({in.geometry.C, cpu::kExchangedMoments}, input.options().dtype(at::kDouble));
+  Tensor stats = at::empty({in.geometry.C, common::kExchangedMoments}, input.options().dtype(at::kDouble));
   dispatch_input_and_params(input, false, [&](auto scalar, auto) {
     using scalar_t = typename decltype(scalar)::type;
     cpu::batch_stats(in.tensor.const_data_ptr<scalar_t>(), in.geometry, stats.mutable_data_ptr<double>());
@@ -146,7 +146,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_with_stats_cpu(
     bool relu) {
   check_input_tensor(input);
   TORCH_CHECK(all_stats.dim() == 3, "batch_norm: all_stats must be [ranks, C, 3], got ", all_stats.sizes());
-  check_exchanged(all_stats, "all_stats", input, {all_stats.size(0)}, cpu::kExchangedMoments);
+  check_exchanged(all_stats, "all_stats", input, {all_stats.size(0)}, common::kExchangedMoments);
   const Tensor stats = all_stats.contiguous();
   return train_cpu(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu,
                    c10::nullopt,
@@ -229,7 +229,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
   Tensor grad_weight = at::empty({output_mask[1] ? C : 0}, param_options);
   Tensor grad_bias = at::empty({output_mask[2] ? C : 0}, param_options);
   Tensor grad_residual = mask == cpu::GradMask::kReluOfOutput ? like_input() : Tensor();
-  Tensor local_sums = exchange_args.want_local ? at::empty({C, 3}, input.options().dtype(at::kDouble)) : Tensor();
+  Tensor local_sums = exchange_args.want_local
+                          ? at::empty({C, common::kExchangedGradSums}, input.options().dtype(at::kDouble))
+                          : Tensor();
   const Tensor global_sums = exchange_args.global.defined() ? exchange_args.global.contiguous() : Tensor();
   cpu::SumsExchange exchange;
   if (local_sums.defined()) exchange.local = reinterpret_cast<cpu::GradSums*>(local_sums.mutable_data_ptr<double>());
@@ -241,7 +243,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
   dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
     using scalar_t = typename decltype(scalar)::type;
     using param_t = typename decltype(param)::type;
-    using Acc = cpu::acc_t<scalar_t>;
+    using Acc = cpu::acc_type<scalar_t>;
     // Without a weight the parameter grads are in the accumulation dtype.
     using grad_param_t = std::conditional_t<std::is_same_v<param_t, scalar_t>, Acc, param_t>;
     auto run = [&]<typename out_param_t>() {
@@ -308,7 +310,7 @@ Tensor batch_norm_backward_with_sums_cpu(const Tensor& grad_output, const Tensor
                                          const Tensor& sums, int64_t count, const optional<Tensor>& bias,
                                          bool relu) {
   check_input_tensor(input);
-  check_exchanged(sums, "sums", input, {}, 3);
+  check_exchanged(sums, "sums", input, {}, common::kExchangedGradSums);
   TORCH_CHECK(count >= 0, "batch_norm: count must be non-negative, got ", count);
   auto [grad_input, unused_w, unused_b, unused_sums] =
       backward_cpu(relu ? cpu::GradMask::kReluOfInput : cpu::GradMask::kNone, grad_output, input, weight, bias,

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../common/channel_math.h"
 #include "accumulators.h"
 #include "coefficients.h"
 
@@ -28,7 +29,7 @@ inline double param_or(const param_t* p, int64_t c, double fallback) {
 template <typename scalar_t, typename param_t>
 void set_normalize_coefs(int64_t c, double mean, double invstd, const ChannelTensors<param_t>& t,
                          ChannelCoefs<scalar_t>& k) {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   const double scale = invstd * param_or(t.weight, c, 1.0);
   const Acc mean_rounded = static_cast<Acc>(mean);
   k.mean[c] = mean_rounded;
@@ -42,23 +43,20 @@ void set_normalize_coefs(int64_t c, double mean, double invstd, const ChannelTen
 // ReLU epilogue: see ChannelCoefs).
 template <typename scalar_t, typename param_t>
 void finalize_channel_stats(int64_t c, const Moments& m, const ChannelTensors<param_t>& t,
-                            double factor, double eps, acc_t<scalar_t>* save_mean,
-                            acc_t<scalar_t>* save_invstd, bool coefs_from_saved, ChannelCoefs<scalar_t>& k) {
-  using Acc = acc_t<scalar_t>;
+                            double factor, double eps, acc_type<scalar_t>* save_mean,
+                            acc_type<scalar_t>* save_invstd, bool coefs_from_saved, ChannelCoefs<scalar_t>& k) {
+  using Acc = acc_type<scalar_t>;
   const double n = static_cast<double>(m.count);
   const double var = m.count > 0 ? m.m2 / n : 0.0;
-  const double invstd = 1.0 / std::sqrt(var + eps);
+  const double invstd = common::inverse_std(var, eps);
   save_mean[c] = static_cast<Acc>(m.mean);
   save_invstd[c] = static_cast<Acc>(invstd);
   if (m.count > 0 && t.running_mean) {
-    t.running_mean[c] =
-        static_cast<param_t>((1.0 - factor) * static_cast<double>(t.running_mean[c]) + factor * m.mean);
+    t.running_mean[c] = static_cast<param_t>(common::running_average(static_cast<double>(t.running_mean[c]), m.mean, factor));
   }
   if (m.count > 0 && t.running_var) {
-    // Unbiased, like nn.BatchNorm2d; a single value per channel gives inf/nan there too.
-    const double unbiased = m.m2 / (n - 1.0);
-    t.running_var[c] =
-        static_cast<param_t>((1.0 - factor) * static_cast<double>(t.running_var[c]) + factor * unbiased);
+    t.running_var[c] = static_cast<param_t>(
+        common::running_average(static_cast<double>(t.running_var[c]), common::unbiased_variance(m.m2, n), factor));
   }
   if (coefs_from_saved) {
     set_normalize_coefs<scalar_t>(c, static_cast<double>(save_mean[c]), static_cast<double>(save_invstd[c]), t, k);

@@ -39,7 +39,7 @@ void nhwc_channel_moments(const scalar_t* x, int64_t rows, int64_t C, F&& on_cha
 // for each.
 template <typename scalar_t, typename F>
 void channel_block_moments(const scalar_t* x, const Geometry& g, int64_t c0, int64_t c1, F&& on_channel) {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   const int64_t N = g.N, C = g.C, HW = g.HW;
   const ShortPlane<scalar_t> plane(HW, g.numel());
   constexpr int64_t P = ShortPlane<scalar_t>::kPartials;

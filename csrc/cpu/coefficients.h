@@ -35,7 +35,7 @@ constexpr int64_t padded_channels(int64_t C) {
 // recomputes the forward's z from forward_shift, bit for bit (GradMask).
 template <typename scalar_t>
 struct ChannelCoefs {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   Acc *mean, *scale, *projection, *shift, *forward_shift;
   explicit ChannelCoefs(int64_t channels) {
     const int64_t padded = padded_channels<scalar_t>(channels);

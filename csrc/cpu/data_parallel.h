@@ -5,24 +5,23 @@
 
 #include <cstdint>
 
+#include "../common/exchange.h"
 #include "channel_finalize.h"
 #include "channel_statistics.h"
 #include "forward.h"
 
 namespace fused_bn::cpu {
 
-// One channel's moments as the ops exchange them: three doubles (count, mean,
-// M2), so a rank's statistics are one [C, 3] float64 tensor and all ranks'
-// one all_gather.
-constexpr int64_t kExchangedMoments = 3;
+// The exchange format (csrc/common/exchange.h).
+using common::kExchangedMoments;
 
 // Per-channel count, mean and M2 of x into out[C][3].
 template <typename scalar_t>
 void batch_stats(const scalar_t* x, const Geometry& g, double* out) {
   auto store = [&](int64_t c, const Moments& m) {
-    out[c * kExchangedMoments] = static_cast<double>(m.count);
-    out[c * kExchangedMoments + 1] = m.mean;
-    out[c * kExchangedMoments + 2] = m.m2;
+    out[c * kExchangedMoments + common::kMomentsCount] = static_cast<double>(m.count);
+    out[c * kExchangedMoments + common::kMomentsMean] = m.mean;
+    out[c * kExchangedMoments + common::kMomentsM2] = m.m2;
   };
   if (g.per_channel() == 0) {
     for (int64_t c = 0; c < g.C; ++c) store(c, Moments{});
@@ -46,13 +45,14 @@ void batch_stats(const scalar_t* x, const Geometry& g, double* out) {
 template <typename scalar_t, typename param_t, Epilogue kEpilogue>
 void train_forward_with_stats(const scalar_t* x, scalar_t* y, const Geometry& g, const ChannelTensors<param_t>& t,
                               double factor, double eps, const double* all_stats, int64_t ranks,
-                              acc_t<scalar_t>* save_mean, acc_t<scalar_t>* save_invstd) {
+                              acc_type<scalar_t>* save_mean, acc_type<scalar_t>* save_invstd) {
   ChannelCoefs<scalar_t> k(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
     Moments m;
     for (int64_t r = 0; r < ranks; ++r) {
       const double* rank_stats = all_stats + (r * g.C + c) * kExchangedMoments;
-      m.merge(Moments{static_cast<int64_t>(rank_stats[0]), rank_stats[1], rank_stats[2]});
+      m.merge(Moments{static_cast<int64_t>(rank_stats[common::kMomentsCount]), rank_stats[common::kMomentsMean],
+                       rank_stats[common::kMomentsM2]});
     }
     finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd,
                                      /*coefs_from_saved=*/kEpilogue != Epilogue::kNone, k);

@@ -1,25 +1,14 @@
-// What the element passes do after the normalization (Epilogue), the
-// gradient the backward passes take (GradMask), and their vector helpers.
+// The CPU passes' epilogue and gradient-mask helpers (the enums are both
+// devices', csrc/common/epilogue.h).
 #pragma once
 
+#include "../common/epilogue.h"
 #include "vec.h"
 
 namespace fused_bn::cpu {
 
-// What follows the normalization z = (x − mean) · scale + shift in a forward
-// element pass: y = z, y = max(z, 0), or y = max(z + residual, 0).
-enum class Epilogue { kNone, kRelu, kAddRelu };
-
-// The gradient the backward passes reduce and scale, g:
-//   kNone        : g = dy.
-//   kReluOfInput : g = dy where z > 0, z recomputed from x with the forward's
-//                  coefficients (ChannelCoefs::forward_shift): the same mask
-//                  as the forward's, with no tensor saved for it.
-//   kReluOfOutput: g = dy where y > 0, y the forward's output (add+relu: z
-//                  there includes the residual). The reduction pass writes g
-//                  (it is the residual's gradient) and the dx pass reads it
-//                  in place of dy, so dy and y are each read once.
-enum class GradMask { kNone, kReluOfInput, kReluOfOutput };
+using common::Epilogue;
+using common::GradMask;
 
 // max(v, 0), NaN kept (as torch.relu).
 template <typename V>
@@ -37,9 +26,9 @@ inline V keep_where_positive(const V& g, const V& z) {
 template <typename scalar_t>
 inline typename VecPair<scalar_t>::Pair relu_of_input(const typename VecPair<scalar_t>::Pair& x,
                                                        const typename VecPair<scalar_t>::Pair& dy,
-                                                       const Vectorized<acc_t<scalar_t>>& mean,
-                                                       const Vectorized<acc_t<scalar_t>>& scale,
-                                                       const Vectorized<acc_t<scalar_t>>& shift) {
+                                                       const Vectorized<acc_type<scalar_t>>& mean,
+                                                       const Vectorized<acc_type<scalar_t>>& scale,
+                                                       const Vectorized<acc_type<scalar_t>>& shift) {
   return {keep_where_positive(dy.first, at::vec::fmadd(x.first - mean, scale, shift)),
           keep_where_positive(dy.second, at::vec::fmadd(x.second - mean, scale, shift))};
 }

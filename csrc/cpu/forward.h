@@ -20,8 +20,8 @@ namespace fused_bn::cpu {
 // y = epilogue(batch_norm(x)); `residual` (kAddRelu only) is laid out as x.
 template <typename scalar_t, typename param_t, Epilogue kEpilogue>
 void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Geometry& g,
-                   const ChannelTensors<param_t>& t, double factor, double eps, acc_t<scalar_t>* save_mean,
-                   acc_t<scalar_t>* save_invstd) {
+                   const ChannelTensors<param_t>& t, double factor, double eps, acc_type<scalar_t>* save_mean,
+                   acc_type<scalar_t>* save_invstd) {
   constexpr bool kFromSaved = kEpilogue != Epilogue::kNone;
   const int64_t N = g.N, C = g.C, HW = g.HW;
   ChannelCoefs<scalar_t> k(C);
@@ -63,7 +63,7 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
       channel_block_moments(x, g, c0, c1, [&](int64_t c, const Moments& m) {
         finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, kFromSaved, k);
       });
-      if constexpr (kPlanesOneByOne<scalar_t>) {
+      if constexpr (kChannelBlockPassesByPlane<scalar_t>) {
         for_block_planes_into(g, c0, c1, y, staged, [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable) {
           normalize_plane_into(c, n, dst, writable, /*stream_dst=*/false);
         });
@@ -75,7 +75,7 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
     });
     return;
   }
-  if (!split_channels_across_threads(g)) {
+  if (!has_few_channels_per_thread(g)) {
     parallel_over(C, [&](int64_t c) {
       const Moments m = nchw_channel_moments(x, g, c);
       finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd, kFromSaved, k);
@@ -93,7 +93,7 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
 // same value rounded to Acc (fused_bn/_autograd.py computes it the same way), and a
 // ReLU epilogue normalizes with that rounded value too, so the backward's
 // recomputed mask is the forward's (ChannelCoefs).
-inline double eval_invstd(double running_var, double eps) { return 1.0 / std::sqrt(running_var + eps); }
+inline double eval_invstd(double running_var, double eps) { return common::inverse_std(running_var, eps); }
 
 // The element pass y = epilogue((x − mean) · scale + shift) over the whole
 // input with fixed coefficients (eval, and training with statistics from
@@ -137,7 +137,7 @@ void normalize(const scalar_t* x, const scalar_t* residual, scalar_t* y, const G
 template <typename scalar_t, typename param_t, Epilogue kEpilogue>
 void eval_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Geometry& g,
                   const ChannelTensors<param_t>& t, double eps) {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   const int64_t C = g.C;
   ChannelCoefs<scalar_t> k(C);
   for (int64_t c = 0; c < C; ++c) {

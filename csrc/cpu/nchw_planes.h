@@ -81,8 +81,8 @@ struct TailMask {
   AccVec lo, hi;
   explicit TailMask(int64_t n) {
     const AccVec lane = AccVec::arange(0, 1);
-    lo = lane < AccVec(static_cast<acc_t<scalar_t>>(n));
-    hi = (lane + AccVec(static_cast<acc_t<scalar_t>>(IO::kHalf))) < AccVec(static_cast<acc_t<scalar_t>>(n));
+    lo = lane < AccVec(static_cast<acc_type<scalar_t>>(n));
+    hi = (lane + AccVec(static_cast<acc_type<scalar_t>>(IO::kHalf))) < AccVec(static_cast<acc_type<scalar_t>>(n));
   }
   typename IO::Pair apply(const AccVec& a, const AccVec& b) const { return {a & lo, b & hi}; }
   // apply() where `masked` (a pair's tail), the pair as it is otherwise.
@@ -94,7 +94,7 @@ struct TailMask {
 template <typename scalar_t>
 Moments nchw_block_moments(const scalar_t* x_channel, const PlaneWalk<scalar_t>& walk,
                            int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end) {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   using IO = VecPair<scalar_t>;
   using AccVec = Vectorized<Acc>;
   if (n_end <= n_begin || hw_end <= hw_begin) return {};
@@ -135,7 +135,7 @@ Moments nchw_block_moments(const scalar_t* x_channel, const PlaneWalk<scalar_t>&
 // at the channel's base, like x's and dy's).
 template <typename scalar_t>
 struct ChannelMask {
-  acc_t<scalar_t> scale = 0, forward_shift = 0;  // kReluOfInput
+  acc_type<scalar_t> scale = 0, forward_shift = 0;  // kReluOfInput
   const scalar_t* output = nullptr;              // kReluOfOutput: read
   scalar_t* grad = nullptr;                      // kReluOfOutput: g written
 };
@@ -145,7 +145,7 @@ struct ChannelMask {
 template <typename scalar_t, GradMask kMask, typename N>
 __attribute__((always_inline)) inline typename VecPair<scalar_t>::Pair masked_grad(
     const ChannelMask<scalar_t>& mask, const typename VecPair<scalar_t>::Pair& x,
-    const typename VecPair<scalar_t>::Pair& dy, const Vectorized<acc_t<scalar_t>>& mean, int64_t at, N n,
+    const typename VecPair<scalar_t>::Pair& dy, const Vectorized<acc_type<scalar_t>>& mean, int64_t at, N n,
     bool whole) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
@@ -167,10 +167,10 @@ __attribute__((always_inline)) inline typename VecPair<scalar_t>::Pair masked_gr
 
 template <typename scalar_t, GradMask kMask>
 GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_channel,
-                              const PlaneWalk<scalar_t>& walk, acc_t<scalar_t> mean,
+                              const PlaneWalk<scalar_t>& walk, acc_type<scalar_t> mean,
                               const ChannelMask<scalar_t>& mask,
                               int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end) {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   using IO = VecPair<scalar_t>;
   using AccVec = Vectorized<Acc>;
   const AccVec mean_vec(mean);
@@ -259,7 +259,7 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
 // residual (kAddRelu) at the same offsets as x.
 template <typename scalar_t, Epilogue kEpilogue>
 void normalize_run(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t len, int64_t readable,
-                   int64_t writable, acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> shift,
+                   int64_t writable, acc_type<scalar_t> mean, acc_type<scalar_t> scale, acc_type<scalar_t> shift,
                    bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
@@ -290,7 +290,7 @@ void normalize_run(const scalar_t* x, const scalar_t* residual, scalar_t* y, int
 // must not reach dx; under the mask it zeroes g, as relu's backward does).
 template <typename scalar_t, GradMask kMask>
 void scale_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len, int64_t readable,
-               int64_t writable, acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> forward_shift, bool stream) {
+               int64_t writable, acc_type<scalar_t> mean, acc_type<scalar_t> scale, acc_type<scalar_t> forward_shift, bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
   using Pair = typename IO::Pair;
@@ -310,8 +310,8 @@ void scale_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
 // Training's dx = (g − shift − (x − mean) · projection) · scale (see ChannelCoefs)
 template <typename scalar_t, GradMask kMask>
 void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
-                    int64_t readable, int64_t writable, acc_t<scalar_t> mean, acc_t<scalar_t> scale, acc_t<scalar_t> projection,
-                    acc_t<scalar_t> shift, acc_t<scalar_t> forward_shift, bool stream) {
+                    int64_t readable, int64_t writable, acc_type<scalar_t> mean, acc_type<scalar_t> scale, acc_type<scalar_t> projection,
+                    acc_type<scalar_t> shift, acc_type<scalar_t> forward_shift, bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
   using Pair = typename IO::Pair;

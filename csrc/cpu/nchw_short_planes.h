@@ -18,7 +18,7 @@ namespace fused_bn::cpu {
 // repeated over the H·W positions of its plane (see ChannelCoefs).
 template <typename scalar_t>
 struct RunCoefs {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   Acc *mean, *scale, *projection, *shift, *forward_shift;
   RunCoefs(const ChannelCoefs<scalar_t>& k, int64_t c0, int64_t c1, int64_t HW) {
     const int64_t padded = padded_channels<scalar_t>((c1 - c0) * HW);
@@ -125,7 +125,7 @@ struct ShortPlane {
   static constexpr int64_t kPartials = DoubleVec::size();
   static void add_lanes(const AccVec& lo, const AccVec& hi, double* partials) {
     DoubleVec p = DoubleVec::loadu(partials);
-    if constexpr (std::is_same_v<acc_t<scalar_t>, double>) {
+    if constexpr (std::is_same_v<acc_type<scalar_t>, double>) {
       p = p + (lo + hi);
     } else {
       const auto [first, second] = widen(lo + hi);
@@ -152,7 +152,7 @@ struct ShortPlane {
 // channel's partials (ShortPlane::add_lanes).
 template <typename scalar_t>
 __attribute__((always_inline)) inline void short_plane_moment_sums(
-    const scalar_t* x, int64_t offset, const ShortPlane<scalar_t>& plane, acc_t<scalar_t> shift,
+    const scalar_t* x, int64_t offset, const ShortPlane<scalar_t>& plane, acc_type<scalar_t> shift,
     double* sum, double* sum_sq) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
@@ -190,7 +190,7 @@ __attribute__((always_inline)) inline void short_plane_moment_sums(
 template <typename scalar_t, GradMask kMask>
 __attribute__((always_inline)) inline void short_plane_grad_sums(
     const scalar_t* x, const scalar_t* dy, int64_t offset, const ShortPlane<scalar_t>& plane,
-    acc_t<scalar_t> mean, acc_t<scalar_t> first_dy, const ChannelMask<scalar_t>& mask, double* sum_dy,
+    acc_type<scalar_t> mean, acc_type<scalar_t> first_dy, const ChannelMask<scalar_t>& mask, double* sum_dy,
     double* sum_dy_xmu, double* sum_xmu, unsigned char* g_differs) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;

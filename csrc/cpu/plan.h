@@ -2,28 +2,28 @@
 // and tasks, and every predicate that picks a strategy. The kernels branch on
 // these alone.
 //
-//   op / input                          predicate                      traversal (file)
-//   ----------------------------------  -----------------------------  -----------------------------------
+//   op / input                           predicate                    traversal (file)
+//   -----------------------------------  ---------------------------  ----------------------------------------
 //   training forward, backward, stats:
-//     NHWC                              g.channels_last                RowBlocking row blocks, merged per
-//                                                                      channel; rows by row_grain (rows.h)
-//     NCHW, planes <= kShortPlaneBytes,  walks_channel_blocks           ChannelBlocking blocks image by image
-//       C >= 4 x threads                                               (nchw_short_planes.h); element pass
-//                                                                      plane by plane when kPlanesOneByOne
-//                                                                      (float, double), else as the block's
-//                                                                      runs (rows.h)
-//     NCHW, C >= 4 x threads            !split_channels_across_threads one channel per task: its PlaneBlocking
-//                                                                      blocks, then its planes while in cache
-//                                                                      (nchw_planes.h)
-//     NCHW, C < 4 x threads             split_channels_across_threads  every channel's blocks over all threads,
-//                                                                      merged in block order, then the planes
-//                                                                      over all threads (nchw_planes.h)
-//   training backward, 2 values/channel has_two_values_per_channel     closed form in double (backward.h)
+//     NHWC                               g.channels_last              RowBlocking row blocks, merged per
+//                                                                     channel; rows by row_grain (rows.h)
+//     NCHW, planes <= kShortPlaneBytes,  walks_channel_blocks         ChannelBlocking blocks image by image
+//       C >= 4 x threads                                              (nchw_short_planes.h); element pass plane
+//                                                                     by plane when kChannelBlockPassesByPlane
+//                                                                     (float, double), else as the block's
+//                                                                     runs (rows.h)
+//     NCHW, C >= 4 x threads             !has_few_channels_per_thread one channel per task: its PlaneBlocking
+//                                                                     blocks, then its planes while in cache
+//                                                                     (nchw_planes.h)
+//     NCHW, C < 4 x threads              has_few_channels_per_thread  every channel's blocks over all threads,
+//                                                                     merged in block order, then the planes
+//                                                                     over all threads (nchw_planes.h)
+//   training backward, 2 values/channel  has_two_values_per_channel   closed form in double (backward.h)
 //   eval forward (normalize):
-//     NHWC                              g.channels_last                rows (rows.h)
-//     NCHW bf16/fp16, short planes      eval_walks_block_runs          channel blocks as runs (rows.h)
+//     NHWC                               g.channels_last              rows (rows.h)
+//     NCHW bf16/fp16, short planes       eval_walks_block_runs        channel blocks as runs (rows.h)
 //       under four pairs
-//     otherwise                                                        planes in memory order (nchw_planes.h)
+//     otherwise                                                       planes in memory order (nchw_planes.h)
 //
 //   outputs: training streams y / dx past kTrainingStreamBytes (streams_training_output) except on the
 //   channel-block path, which stages its runs (stages_training_output); eval streams past
@@ -98,10 +98,11 @@ struct RowBlocking {
   int64_t end(int64_t b, int64_t rows) const { return std::min(rows, (b + 1) * rows_per_block); }
 };
 
-// Channels handled whole by one thread (statistics, then the element pass while
-// the channel is still in cache) when there are enough of them to keep every
-// thread busy; otherwise blocks of every channel are spread across threads.
-inline bool split_channels_across_threads(const Geometry& g) {
+// Too few channels to keep every thread busy with whole channels: then the
+// blocks of every channel are spread across the threads. Otherwise each
+// channel is handled whole by one thread (statistics, then the element pass
+// while the channel is still in cache).
+inline bool has_few_channels_per_thread(const Geometry& g) {
   return g.C < 4 * static_cast<int64_t>(thread_count());
 }
 
@@ -158,7 +159,7 @@ template <typename scalar_t>
 inline bool walks_channel_blocks(const Geometry& g) {
   return !g.channels_last && g.numel() > 0 &&
          g.HW * static_cast<int64_t>(sizeof(scalar_t)) <= kShortPlaneBytes &&
-         !split_channels_across_threads(g);
+         !has_few_channels_per_thread(g);
 }
 
 // How the element pass of a channel block goes: plane by plane (normalize_run,
@@ -169,7 +170,7 @@ inline bool walks_channel_blocks(const Geometry& g) {
 // each tail converts through a buffer) and 5-10% slower for float32, whose
 // 16 strided runs at once cost more in L1 than the tails do (bench/NOTES.md).
 template <typename scalar_t>
-constexpr bool kPlanesOneByOne = VecPair<scalar_t>::kNative;
+constexpr bool kChannelBlockPassesByPlane = VecPair<scalar_t>::kNative;
 
 // Whether a training pass streams its output in place (kTrainingStreamBytes).
 // Not on the channel-block path: a short plane starts on a streamable (64-byte)
@@ -182,8 +183,8 @@ inline bool streams_training_output(const Geometry& g) {
   return larger_than<scalar_t>(g.numel(), kTrainingStreamBytes) && !walks_channel_blocks<scalar_t>(g);
 }
 
-// The channel-block path's planes-one-by-one element passes (kPlanesOneByOne)
-// stream a large training output through StagedRun instead: each image's run
+// The channel-block path's plane-by-plane element passes
+// (kChannelBlockPassesByPlane) stream a large training output through StagedRun instead: each image's run
 // of the block's planes is computed into an L1 buffer and copied out in whole
 // lines. Stored in place, every line of the cold output buffer was read for
 // ownership and written back later: fp32 forward+backward steps of
@@ -191,7 +192,7 @@ inline bool streams_training_output(const Geometry& g) {
 // 0.67 ms staged (bench/NOTES.md).
 template <typename scalar_t>
 inline bool stages_training_output(const Geometry& g) {
-  return kPlanesOneByOne<scalar_t> && larger_than<scalar_t>(g.numel(), kTrainingStreamBytes) &&
+  return kChannelBlockPassesByPlane<scalar_t> && larger_than<scalar_t>(g.numel(), kTrainingStreamBytes) &&
          walks_channel_blocks<scalar_t>(g);
 }
 
@@ -210,12 +211,12 @@ inline int64_t row_grain(int64_t C) {
 inline bool has_two_values_per_channel(const Geometry& g) { return g.per_channel() == 2; }
 
 // Eval of bfloat16/float16 planes under four pairs walks channel blocks as runs
-// like the training element pass (kPlanesOneByOne): bf16 64x512x7x7 eval
+// like the training element pass (kChannelBlockPassesByPlane): bf16 64x512x7x7 eval
 // 0.125 -> 0.091 ms, but 32x256x14x14 (six whole pairs a plane) 0.081 ->
 // 0.095, where the memory-order walk wins.
 template <typename scalar_t>
 inline bool eval_walks_block_runs(const Geometry& g) {
-  return !kPlanesOneByOne<scalar_t> && walks_channel_blocks<scalar_t>(g) && g.HW < 4 * VecPair<scalar_t>::kWidth;
+  return !kChannelBlockPassesByPlane<scalar_t> && walks_channel_blocks<scalar_t>(g) && g.HW < 4 * VecPair<scalar_t>::kWidth;
 }
 
 // Eval's output is read by the next layer right away: streamed only past what

@@ -29,7 +29,7 @@ struct Tile {
     return {f(t.v0...), f(t.v1...), f(t.v2...), f(t.v3...)};
   }
   static inline Tile zero() {
-    const AccVec z(acc_t<scalar_t>(0));
+    const AccVec z(acc_type<scalar_t>(0));
     return {z, z, z, z};
   }
   // The first n columns (n <= kWidth); the rest read as zero, and a second
@@ -44,18 +44,18 @@ struct Tile {
       if (n > IO::kWidth) {
         std::tie(t.v2, t.v3) = IO::load(p + IO::kWidth, n - IO::kWidth);
       } else {
-        t.v2 = t.v3 = AccVec(acc_t<scalar_t>(0));
+        t.v2 = t.v3 = AccVec(acc_type<scalar_t>(0));
       }
     }
     return t;
   }
   // Per-column coefficients from a padded array.
-  static inline Tile coefs(const acc_t<scalar_t>* p) {
+  static inline Tile coefs(const acc_type<scalar_t>* p) {
     constexpr int64_t W = AccVec::size();
     return {AccVec::loadu(p), AccVec::loadu(p + W), AccVec::loadu(p + 2 * W), AccVec::loadu(p + 3 * W)};
   }
   // The inverse of coefs.
-  inline void store_coefs(acc_t<scalar_t>* p) const {
+  inline void store_coefs(acc_type<scalar_t>* p) const {
     constexpr int64_t W = AccVec::size();
     v0.store(p);
     v1.store(p + W);
@@ -83,7 +83,7 @@ struct Tile {
   // Adds the lanes into totals[0..kWidth) in double (see LaneSum::fold).
   inline void fold_into(double* totals) const {
     constexpr int64_t W = AccVec::size();
-    acc_t<scalar_t> lanes[kWidth];
+    acc_type<scalar_t> lanes[kWidth];
     v0.store(lanes);
     v1.store(lanes + W);
     v2.store(lanes + 2 * W);
@@ -148,7 +148,7 @@ __attribute__((always_inline)) inline void rows_walk(const Rows& rows, int64_t r
 template <typename scalar_t>
 void nhwc_block_moments(const scalar_t* x, int64_t C, int64_t row_begin, int64_t row_end,
                         double* mean_out, double* m2_out) {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   using T = Tile<scalar_t>;
   const int64_t padded = padded_channels<scalar_t>(C);
   Acc* shift = thread_scratch_filled<Acc, ScratchSlot::kBlockShift>(padded, Acc(0));
@@ -222,7 +222,7 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
                           int64_t row_begin, int64_t row_end,
                           double* sum_dy_out, double* sum_dy_xmu_out, double* sum_xmu_out,
                           scalar_t* eval_dx = nullptr, bool stream_dx = false) {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   using T = Tile<scalar_t>;
   const int64_t padded = padded_channels<scalar_t>(C);
   double* sum_dy = thread_scratch_filled<double, ScratchSlot::kBlockSum1>(padded, 0.0);

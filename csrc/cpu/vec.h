@@ -24,7 +24,7 @@ namespace fused_bn::cpu {
 using at::vec::Vectorized;
 
 template <typename scalar_t>
-using acc_t = at::opmath_type<scalar_t>;
+using acc_type = at::opmath_type<scalar_t>;
 
 constexpr int64_t kStreamAlignment = sizeof(Vectorized<float>);
 
@@ -98,7 +98,7 @@ inline void prefetch_span(const void* p, int64_t bytes) {
 // converts in whole native vectors.
 template <typename scalar_t>
 struct VecPair {
-  using Acc = acc_t<scalar_t>;
+  using Acc = acc_type<scalar_t>;
   using AccVec = Vectorized<Acc>;
   using Pair = std::pair<AccVec, AccVec>;
   static constexpr int64_t kHalf = AccVec::size();

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "../common/channel_math.h"
+#include "../common/exchange.h"
 #include "device_primitives.cuh"
 #include "reductions.cuh"
 #include "traversals.cuh"
@@ -17,7 +18,8 @@ namespace detail {
 // ---------------------------------------------------------------------------
 // The backward's sums and coefficients.
 
-constexpr int kGradSums = 3;  // Σdy, Σdy·(x − mean), Σ(x − mean)
+// Σdy, Σdy·(x − mean), Σ(x − mean): the exchange format (csrc/common/exchange.h).
+constexpr int kGradSums = static_cast<int>(common::kExchangedGradSums);
 
 // Per-(split, channel) partial sums in the workspace, at [split][channel].
 struct GradPartials {
@@ -221,14 +223,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 // ---------------------------------------------------------------------------
-// Training backward of channels of two values, x̄ ± d, one thread per channel.
-// There x̂ = ±d/√(d² + ε) and dx = w·invstd·(g − ḡ − x̂·mean(g·x̂)) cancels to
-// w·invstd·(g₀ − g₁)/2 · ε/(d² + ε), which the three passes would leave to the
-// float rounding of their terms and of the saved invstd. So it is computed in
-// double from ε and the exact variance: in closed form where every value is
-// finite, else by the general formula (nn's NaN/inf pattern). The same
-// arithmetic as the CPU's cpu::two_values_backward.
-
+// Training backward of channels of two values (common::two_values_grads), one
+// thread per channel.
 template <typename scalar_t, typename param_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
     two_values_backward_kernel(const BackwardParams<scalar_t, param_t> p) {
@@ -245,22 +241,12 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     x[i] = static_cast<double>(convert<acc_t>(p.input[at[i]]));
     dy[i] = static_cast<double>(convert<acc_t>(p.grad_output[at[i]]));
   }
-  const double d = (x[0] - x[1]) / 2;  // x₀ − x̄; x₁ − x̄ is −d
-  const double denom = d * d + p.eps;
-  const double invstd = 1.0 / sqrt(denom);
-  const double sum_dy = dy[0] + dy[1], sum_dy_xmu = (dy[0] - dy[1]) * d;
-  if (p.grad_weight != nullptr) p.grad_weight[c] = convert<param_t>(sum_dy_xmu * invstd);
-  if (p.grad_bias != nullptr) p.grad_bias[c] = convert<param_t>(sum_dy);
+  const common::TwoValuesGrads r =
+      common::two_values_grads(x, dy, p.weight != nullptr ? convert<double>(p.weight[c]) : 1.0, p.eps);
+  if (p.grad_weight != nullptr) p.grad_weight[c] = convert<param_t>(r.grad_weight);
+  if (p.grad_bias != nullptr) p.grad_bias[c] = convert<param_t>(r.grad_bias);
   if (p.grad_input == nullptr) return;
-  const double scale = (p.weight != nullptr ? convert<double>(p.weight[c]) : 1.0) * invstd;
-  const bool finite = isfinite(dy[0]) && isfinite(dy[1]) && isfinite(d) && denom > 0;
-  const double closed_dx0 = scale * (dy[0] - dy[1]) / 2 * (p.eps / denom);  // dx₁ = −dx₀
-  for (int i = 0; i < 2; ++i) {
-    const double xmu = i == 0 ? d : -d;
-    const double dx = finite ? (i == 0 ? closed_dx0 : -closed_dx0)
-                             : scale * (dy[i] - sum_dy / 2 - xmu * sum_dy_xmu / (2 * denom));
-    p.grad_input[at[i]] = convert<scalar_t>(dx);
-  }
+  for (int i = 0; i < 2; ++i) p.grad_input[at[i]] = convert<scalar_t>(r.grad_input[i]);
 }
 
 // ---------------------------------------------------------------------------

@@ -193,24 +193,22 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       has_data ? moments_shift<double>(args.input[channel * args.first_element_stride]) : 0.0;
   const double batch_mean = shift + mean;
   const double var = has_data ? m2 / n : 0.0;
-  const double invstd = 1.0 / sqrt(var + args.eps);
+  const double invstd = common::inverse_std(var, args.eps);
   args.save_mean[channel] = static_cast<acc_t>(batch_mean);
   args.save_invstd[channel] = static_cast<acc_t>(invstd);
 
   double factor = args.momentum;
   if (args.cumulative_momentum) {
     const int64_t batches = args.counter != nullptr ? *args.counter_snapshot : 0;
-    factor = batches > 0 ? 1.0 / static_cast<double>(batches) : 0.0;
+    factor = common::cumulative_average_factor(static_cast<double>(batches));
   }
   if (has_data && args.running_mean != nullptr) {
     const double old = convert<double>(args.running_mean[channel]);
-    args.running_mean[channel] = convert<param_t>((1.0 - factor) * old + factor * batch_mean);
+    args.running_mean[channel] = convert<param_t>(common::running_average(old, batch_mean, factor));
   }
   if (has_data && args.running_var != nullptr) {
-    // Unbiased; a single value per channel gives inf/nan, as in nn.BatchNorm2d.
-    const double unbiased = m2 / (n - 1.0);
     const double old = convert<double>(args.running_var[channel]);
-    args.running_var[channel] = convert<param_t>((1.0 - factor) * old + factor * unbiased);
+    args.running_var[channel] = convert<param_t>(common::running_average(old, common::unbiased_variance(m2, n), factor));
   }
   const double w = args.weight != nullptr ? convert<double>(args.weight[channel]) : 1.0;
   const double b = args.bias != nullptr ? convert<double>(args.bias[channel]) : 0.0;
@@ -250,7 +248,7 @@ struct NormalizeCoefficients {
       return;
     }
     const double w = weight != nullptr ? convert<double>(weight[c]) : 1.0;
-    const double invstd = 1.0 / sqrt(convert<double>(running_var[c]) + eps);
+    const double invstd = common::inverse_std(convert<double>(running_var[c]), eps);
     hi = convert<acc_t>(running_mean[c]);
     lo = acc_t(0);
     sc = static_cast<acc_t>(invstd * w);

@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "../common/channel_math.h"
+
 namespace fused_bn {
 
 inline bool is_reduced_float(at::ScalarType t) {
@@ -155,7 +157,7 @@ inline void check_exchanged(const at::Tensor& t, const char* name, const at::Ten
 // momentum is None. `batches_tracked` is the counter's value after increment.
 inline double running_average_factor(c10::optional<double> momentum, double batches_tracked) {
   if (momentum.has_value()) return *momentum;
-  return batches_tracked > 0 ? 1.0 / batches_tracked : 0.0;
+  return common::cumulative_average_factor(batches_tracked);
 }
 
 }  // namespace fused_bn
