@@ -37,9 +37,9 @@ class _FusedBatchNormForward:
         training = self.training
         buffers_in_use = not training or self.track_running_stats
         parameters, buffers = self._parameters, self._buffers
-        # Module.__getattr__ costs ~1.5 µs a name, as much as a fifth of a
-        # small layer's forward: read the registries directly when they hold
-        # the name, as __getattr__ would. A name they do not hold (a
+        # Module.__getattr__ costs a small layer's forward a good share of its
+        # host time (bench/NOTES.md): read the registries directly when they
+        # hold the name, as __getattr__ would. A name they do not hold (a
         # parametrization's property, weight_norm's attribute) and dynamo's
         # tracing take the ordinary attribute.
         direct = ("weight" in parameters and "bias" in parameters and "running_mean" in buffers

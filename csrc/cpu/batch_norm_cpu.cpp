@@ -47,8 +47,8 @@ void dispatch_epilogue(cpu::Epilogue e, F&& f) {
 }
 
 // num_batches_tracked += 1, returning the new count. nn's int64 counter is
-// incremented in place without add_ and item (two dispatches, ~3 µs of a
-// small layer's step); the version bump is what add_ would have done.
+// incremented in place without add_ and item (two dispatches: a small layer
+// pays for them, bench/NOTES.md); the version bump is what add_ would have done.
 double count_batch(const Tensor& num_batches_tracked) {
   if (num_batches_tracked.scalar_type() == at::kLong) {
     int64_t& count = *num_batches_tracked.mutable_data_ptr<int64_t>();

@@ -220,8 +220,8 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
 
 // The element passes over a contiguous run of one channel (NCHW) are plain
 // loops: written as a lambda handed to a shared driver, gcc left the lambda
-// out of line and reloaded the coefficients every iteration (35% slower for
-// bfloat16). Whole pairs are streamed when asked and the output is aligned.
+// out of line and reloaded the coefficients every iteration (bench/NOTES.md,
+// "Figures behind the kernels' choices"). Whole pairs are streamed when asked and the output is aligned.
 // The tail is stored whole where the `writable` elements from `out` allow:
 // the caller writes what lies past the run, with ordinary stores, right after
 // (the next plane of a run of planes); otherwise it is masked. A masked store

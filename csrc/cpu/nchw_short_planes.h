@@ -120,7 +120,7 @@ struct ShortPlane {
   // channel. Summing across lanes in float at every plane rounded at the scale
   // of the whole plane (grad_weight twice nn's error on cancelling sums), and
   // summing across in double at every plane put a chain of dependent adds on
-  // each plane (7x7 backward 0.30 -> 0.40 ms).
+  // each plane (bench/NOTES.md, "Figures behind the kernels' choices").
   using DoubleVec = Vectorized<double>;
   static constexpr int64_t kPartials = DoubleVec::size();
   static void add_lanes(const AccVec& lo, const AccVec& hi, double* partials) {

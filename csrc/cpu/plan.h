@@ -82,8 +82,8 @@ struct PlaneBlocking {
 // NHWC row blocks: a fixed count (by shape) so partials stay small for any C.
 // Every block costs O(C) beyond its rows (zeroed totals, per-channel moments
 // or sums, one more step of the merge), so a block spans at least
-// kMinRowsPerBlock rows: with 64 blocks of 49 rows (64x512x7x7), the merge
-// alone took 9% of the training forward's CPU time (bench/NOTES.md).
+// kMinRowsPerBlock rows: with many blocks of few rows the merge dominated
+// (bench/NOTES.md, "Figures behind the kernels' choices").
 struct RowBlocking {
   static constexpr int64_t kMaxBlocks = 64;
   static constexpr int64_t kMinRowsPerBlock = 256;
@@ -119,8 +119,7 @@ constexpr int64_t kPrefetchElements = kPrefetchBytes / sizeof(scalar_t);
 // Whether the NCHW passes prefetch (see kCacheResidentBytes). Planes shorter
 // than the prefetch distance always do: one channel's planes are only a few
 // cache lines each, a page or more apart, so even from L3 every plane is a
-// fresh miss the hardware prefetcher never sees coming (7x7 planes inside a
-// training step: forward+backward 1.36 -> 1.1 ms for 64x512x7x7). Longer
+// fresh miss the hardware prefetcher never sees coming (bench/NOTES.md, "Figures behind the kernels' choices"). Longer
 // planes stream well from L3 and only pay for it once they come from DRAM.
 template <typename scalar_t>
 inline bool prefetch_planes(const Geometry& g) {
@@ -129,8 +128,7 @@ inline bool prefetch_planes(const Geometry& g) {
 
 // One channel's planes of a few cache lines each lie C·H·W elements apart:
 // walked a channel at a time they are a gather the hardware prefetcher cannot
-// follow (64x512x7x7 training forward, one thread: 0.73 ns per element from
-// L3 against 0.42 from L2). A block of consecutive channels is walked image by
+// follow, and they come from L3 rather than L2 (bench/NOTES.md, "Figures behind the kernels' choices"). A block of consecutive channels is walked image by
 // image instead: one image's planes of the block are a single contiguous run,
 // and the block, over all images, stays in L2 for the pass that re-reads it.
 struct ChannelBlocking {
@@ -165,10 +163,10 @@ inline bool walks_channel_blocks(const Geometry& g) {
 // How the element pass of a channel block goes: plane by plane (normalize_run,
 // grad_input_run), or as the block's image runs in pieces of kRowsPerFold
 // runs by one tile (normalize_rows, grad_input_rows over RunCoefs), with no
-// tail at each plane's end. Runs were 20% faster for bfloat16 (64x512x7x7
-// forward+backward 0.61 -> 0.48 ms: a plane of 49 fills 49 of 64 lanes, and
-// each tail converts through a buffer) and 5-10% slower for float32, whose
-// 16 strided runs at once cost more in L1 than the tails do (bench/NOTES.md).
+// tail at each plane's end. Runs are faster for bfloat16 (a plane of 49 fills
+// 49 of 64 lanes, and each tail converts through a buffer) and slower for
+// float32, whose 16 strided runs at once cost more in L1 than the tails do
+// (bench/NOTES.md, "Figures behind the kernels' choices").
 template <typename scalar_t>
 constexpr bool kChannelBlockPassesByPlane = VecPair<scalar_t>::kNative;
 
@@ -184,12 +182,11 @@ inline bool streams_training_output(const Geometry& g) {
 }
 
 // The channel-block path's plane-by-plane element passes
-// (kChannelBlockPassesByPlane) stream a large training output through StagedRun instead: each image's run
-// of the block's planes is computed into an L1 buffer and copied out in whole
-// lines. Stored in place, every line of the cold output buffer was read for
-// ownership and written back later: fp32 forward+backward steps of
-// 32x256x14x14 and 64x512x7x7 ran 0.63-0.73 and 0.90 ms against 0.49-0.50 and
-// 0.67 ms staged (bench/NOTES.md).
+// (kChannelBlockPassesByPlane) stream a large training output through
+// StagedRun instead: each image's run of the block's planes is computed into
+// an L1 buffer and copied out in whole lines. Stored in place, every line of
+// the cold output buffer was read for ownership and written back later
+// (bench/NOTES.md, "Figures behind the kernels' choices").
 template <typename scalar_t>
 inline bool stages_training_output(const Geometry& g) {
   return kChannelBlockPassesByPlane<scalar_t> && larger_than<scalar_t>(g.numel(), kTrainingStreamBytes) &&
@@ -211,9 +208,8 @@ inline int64_t row_grain(int64_t C) {
 inline bool has_two_values_per_channel(const Geometry& g) { return g.per_channel() == 2; }
 
 // Eval of bfloat16/float16 planes under four pairs walks channel blocks as runs
-// like the training element pass (kChannelBlockPassesByPlane): bf16 64x512x7x7 eval
-// 0.125 -> 0.091 ms, but 32x256x14x14 (six whole pairs a plane) 0.081 ->
-// 0.095, where the memory-order walk wins.
+// like the training element pass (kChannelBlockPassesByPlane); from four
+// whole pairs a plane the memory-order walk wins (bench/NOTES.md, "Figures behind the kernels' choices").
 template <typename scalar_t>
 inline bool eval_walks_block_runs(const Geometry& g) {
   return !kChannelBlockPassesByPlane<scalar_t> && walks_channel_blocks<scalar_t>(g) && g.HW < 4 * VecPair<scalar_t>::kWidth;

@@ -10,9 +10,8 @@ namespace fused_bn::cpu {
 // Per-thread scratch memory that outlives the call. Temporaries of a few
 // hundred KB (the per-block partials) allocated on every call went through
 // mmap/munmap or heap trimming, so every call page-faulted them in again and
-// the munmaps cost TLB shootdowns on the other core: the 64x512x7x7
-// channels_last training forward ran 1.0-1.8 ms instead of 0.15 ms whenever
-// glibc's thresholds fell that way. The contents are stale: callers
+// the munmaps cost TLB shootdowns on the other core, whenever glibc's
+// thresholds fell that way (bench/NOTES.md, "Figures behind the kernels' choices"). The contents are stale: callers
 // initialize what they read. Each use site has its own slot, so buffers live
 // at the same time never alias.
 enum class ScratchSlot {

@@ -36,9 +36,8 @@ constexpr int64_t kCacheResidentBytes = int64_t{16} << 20;
 // buffers are fresh allocations, cold in cache, so an ordinary store pays a
 // read for ownership of every line and a write-back later, and it evicts the
 // x and dy the next pass re-reads. Below that, the lines an ordinary store
-// brings in stay in cache for the step (and y for the next layer): training
-// steps of 2-4 MB tensors ran 5-25% faster with ordinary stores, 6.4 MB and
-// larger ones 15-45% slower (bench/NOTES.md).
+// brings in stay in cache for the step (and y for the next layer)
+// (bench/NOTES.md, "Figures behind the kernels' choices").
 constexpr int64_t kTrainingStreamBytes = int64_t{4} << 20;
 
 // How far ahead of the loads the NCHW passes prefetch.
@@ -54,7 +53,7 @@ constexpr int64_t kShortPlaneBytes = 1024;
 constexpr int64_t kChannelBlockBytes = int64_t{256} << 10;
 constexpr int64_t kMaxRunColumns = 8192;
 
-// Granularity of the NHWC passes that walk their rows backwards (nhwc_walk).
+// Granularity of the row passes that walk their rows backwards (rows_walk).
 constexpr int64_t kReverseSpanBytes = int64_t{256} << 10;
 
 }  // namespace fused_bn::cpu
