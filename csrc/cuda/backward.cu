@@ -121,18 +121,12 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
   });
 }
 
-// Every (input, parameter) dtype pair batch norm accepts.
 #define FUSED_BN_INSTANTIATE(scalar_t, param_t) \
   template size_t backward_workspace_bytes<scalar_t, param_t>(const BackwardParams<scalar_t, param_t>&); \
   template cudaError_t launch_batch_norm_backward<scalar_t, param_t>(const BackwardParams<scalar_t, param_t>&, \
                                                                      cudaStream_t);
 
-FUSED_BN_INSTANTIATE(float, float)
-FUSED_BN_INSTANTIATE(double, double)
-FUSED_BN_INSTANTIATE(__half, __half)
-FUSED_BN_INSTANTIATE(__half, float)
-FUSED_BN_INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
-FUSED_BN_INSTANTIATE(__nv_bfloat16, float)
+FUSED_BN_CUDA_DTYPE_PAIRS(FUSED_BN_INSTANTIATE)
 
 #undef FUSED_BN_INSTANTIATE
 

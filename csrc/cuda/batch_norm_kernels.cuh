@@ -145,6 +145,16 @@ struct BackwardParams {
   void* workspace = nullptr;        // backward_workspace_bytes(), 16-byte aligned
 };
 
+// Every (input, parameter) dtype pair batch norm accepts: X(scalar_t, param_t)
+// for each; the launchers are instantiated for these (forward.cu, backward.cu).
+#define FUSED_BN_CUDA_DTYPE_PAIRS(X) \
+  X(float, float)                    \
+  X(double, double)                  \
+  X(__half, __half)                  \
+  X(__half, float)                   \
+  X(__nv_bfloat16, __nv_bfloat16)    \
+  X(__nv_bfloat16, float)
+
 template <typename scalar_t, typename param_t>
 size_t train_forward_workspace_bytes(const TrainForwardParams<scalar_t, param_t>& params);
 

@@ -154,7 +154,6 @@ cudaError_t launch_batch_norm_eval_forward(const EvalForwardParams<scalar_t, par
   return launch_normalize<scalar_t, param_t>(g, p.input, p.output, coefficients, stream);
 }
 
-// Every (input, parameter) dtype pair batch norm accepts.
 #define FUSED_BN_INSTANTIATE(scalar_t, param_t) \
   template size_t train_forward_workspace_bytes<scalar_t, param_t>(const TrainForwardParams<scalar_t, param_t>&); \
   template cudaError_t launch_batch_norm_train_forward<scalar_t, param_t>(const TrainForwardParams<scalar_t, param_t>&, \
@@ -162,12 +161,7 @@ cudaError_t launch_batch_norm_eval_forward(const EvalForwardParams<scalar_t, par
   template cudaError_t launch_batch_norm_eval_forward<scalar_t, param_t>(const EvalForwardParams<scalar_t, param_t>&, \
                                                                          cudaStream_t);
 
-FUSED_BN_INSTANTIATE(float, float)
-FUSED_BN_INSTANTIATE(double, double)
-FUSED_BN_INSTANTIATE(__half, __half)
-FUSED_BN_INSTANTIATE(__half, float)
-FUSED_BN_INSTANTIATE(__nv_bfloat16, __nv_bfloat16)
-FUSED_BN_INSTANTIATE(__nv_bfloat16, float)
+FUSED_BN_CUDA_DTYPE_PAIRS(FUSED_BN_INSTANTIATE)
 
 #undef FUSED_BN_INSTANTIATE
 
