@@ -37,73 +37,128 @@ __device__ __forceinline__ void merge_moments(T& mean, T& m2, T& count, T other_
   count = total;
 }
 
+// The reductions are written once, over an operator: Op::State is what a
+// thread holds, Op::combine(a, b) folds b into a, Op::identity() is what an
+// absent warp contributes, Op::shuffle_down(s, offset) is s from the lane
+// `offset` above. Each layer has one fixed tree, so a result depends on the
+// shape and the grid alone (determinism).
+
+// Chan merges of (mean, m2, count).
 template <typename T>
-__device__ __forceinline__ void warp_merge_moments(T& mean, T& m2, T& count) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
-    const T other_mean = __shfl_down_sync(kFullWarpMask, mean, offset);
-    const T other_m2 = __shfl_down_sync(kFullWarpMask, m2, offset);
-    const T other_count = __shfl_down_sync(kFullWarpMask, count, offset);
-    merge_moments(mean, m2, count, other_mean, other_m2, other_count);
+struct MomentsMerge {
+  struct State {
+    T mean, m2, count;
+  };
+  __device__ __forceinline__ static State identity() { return {T(0), T(0), T(0)}; }
+  __device__ __forceinline__ static void combine(State& a, const State& b) {
+    merge_moments(a.mean, a.m2, a.count, b.mean, b.m2, b.count);
   }
+  __device__ __forceinline__ static State shuffle_down(const State& s, int offset) {
+    return {__shfl_down_sync(kFullWarpMask, s.mean, offset), __shfl_down_sync(kFullWarpMask, s.m2, offset),
+            __shfl_down_sync(kFullWarpMask, s.count, offset)};
+  }
+};
+
+// Sums of kValues values.
+template <typename T, int kValues>
+struct Sums {
+  struct State {
+    T v[kValues];
+  };
+  __device__ __forceinline__ static State identity() {
+    State s;
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) s.v[i] = T(0);
+    return s;
+  }
+  __device__ __forceinline__ static void combine(State& a, const State& b) {
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) a.v[i] += b.v[i];
+  }
+  __device__ __forceinline__ static State shuffle_down(const State& s, int offset) {
+    State r;
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) r.v[i] = __shfl_down_sync(kFullWarpMask, s.v[i], offset);
+    return r;
+  }
+};
+
+// Warp layer: a shuffle tree; the result lands in lane 0.
+template <typename Op>
+__device__ __forceinline__ void warp_reduce(typename Op::State& s) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) Op::combine(s, Op::shuffle_down(s, offset));
 }
 
-// 1-D block, blockDim.x a multiple of 32; the result lands in thread 0.
-template <typename T>
-__device__ __forceinline__ void block_merge_moments(T& mean, T& m2, T& count) {
-  __shared__ T warp_mean[kMaxThreads / kWarpSize];
-  __shared__ T warp_m2[kMaxThreads / kWarpSize];
-  __shared__ T warp_count[kMaxThreads / kWarpSize];
+// Block layer (1-D block, blockDim.x a multiple of 32): each warp's result
+// through shared memory into warp 0's tree; the result lands in thread 0.
+template <typename Op>
+__device__ __forceinline__ void block_reduce(typename Op::State& s) {
+  __shared__ typename Op::State warp_state[kMaxThreads / kWarpSize];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
-  warp_merge_moments(mean, m2, count);
-  if (lane == 0) {
-    warp_mean[warp] = mean;
-    warp_m2[warp] = m2;
-    warp_count[warp] = count;
-  }
+  warp_reduce<Op>(s);
+  if (lane == 0) warp_state[warp] = s;
   __syncthreads();
   if (warp == 0) {
-    mean = lane < warps ? warp_mean[lane] : T(0);
-    m2 = lane < warps ? warp_m2[lane] : T(0);
-    count = lane < warps ? warp_count[lane] : T(0);
-    warp_merge_moments(mean, m2, count);
+    s = lane < warps ? warp_state[lane] : Op::identity();
+    warp_reduce<Op>(s);
   }
+}
+
+template <typename T>
+__device__ __forceinline__ void warp_merge_moments(T& mean, T& m2, T& count) {
+  typename MomentsMerge<T>::State s{mean, m2, count};
+  warp_reduce<MomentsMerge<T>>(s);
+  mean = s.mean, m2 = s.m2, count = s.count;
+}
+
+template <typename T>
+__device__ __forceinline__ void block_merge_moments(T& mean, T& m2, T& count) {
+  typename MomentsMerge<T>::State s{mean, m2, count};
+  block_reduce<MomentsMerge<T>>(s);
+  mean = s.mean, m2 = s.m2, count = s.count;
 }
 
 template <typename T, int kValues>
 __device__ __forceinline__ void warp_sum(T (&v)[kValues]) {
+  typename Sums<T, kValues>::State s;
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+  for (int i = 0; i < kValues; ++i) s.v[i] = v[i];
+  warp_reduce<Sums<T, kValues>>(s);
 #pragma unroll
-    for (int i = 0; i < kValues; ++i) v[i] += __shfl_down_sync(kFullWarpMask, v[i], offset);
-  }
+  for (int i = 0; i < kValues; ++i) v[i] = s.v[i];
 }
 
-// 1-D block, blockDim.x a multiple of 32; the result lands in thread 0.
 template <typename T, int kValues>
 __device__ __forceinline__ void block_sum(T (&v)[kValues]) {
-  __shared__ T warp_v[kValues][kMaxThreads / kWarpSize];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  warp_sum(v);
-  if (lane == 0) {
+  typename Sums<T, kValues>::State s;
 #pragma unroll
-    for (int i = 0; i < kValues; ++i) warp_v[i][warp] = v[i];
-  }
-  __syncthreads();
-  if (warp == 0) {
+  for (int i = 0; i < kValues; ++i) s.v[i] = v[i];
+  block_reduce<Sums<T, kValues>>(s);
 #pragma unroll
-    for (int i = 0; i < kValues; ++i) v[i] = lane < warps ? warp_v[i][lane] : T(0);
-    warp_sum(v);
+  for (int i = 0; i < kValues; ++i) v[i] = s.v[i];
+}
+
+// Column layer. Channels-last blocks are (columns x rows): each column is
+// reduced over threadIdx.y with a fixed halving tree in shared memory, rows
+// [half, active) folding into rows [0, active - half); reads and writes of one
+// step touch disjoint rows, so one barrier per step suffices. fold(other)
+// folds the values of thread `other` (same column) into this thread's and
+// stores the result at this thread's slot. The result lands in threadIdx.y == 0.
+template <typename Fold>
+__device__ __forceinline__ void column_tree(Fold&& fold) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int active = blockDim.y; active > 1;) {
+    const int half = (active + 1) / 2;
+    __syncthreads();
+    if (static_cast<int>(threadIdx.y) < active - half) fold(tid + half * blockDim.x);
+    active = half;
   }
 }
 
-// Channels-last blocks are (columns x rows): merges each column's moments over
-// threadIdx.y with a fixed halving tree in shared memory. Column threads hold
-// kVec channels that share one count. The result lands in threadIdx.y == 0.
+// Each column's moments; column threads hold kVec channels that share one count.
 template <typename T, int kVec>
 __device__ __forceinline__ void block_merge_column_moments(T (&mean)[kVec], T (&m2)[kVec], T& count) {
   __shared__ T shared_mean[kVec * kMaxThreads];
@@ -116,36 +171,28 @@ __device__ __forceinline__ void block_merge_column_moments(T (&mean)[kVec], T (&
     shared_m2[j * kMaxThreads + tid] = m2[j];
   }
   shared_count[tid] = count;
-  // Rows [half, active) fold into rows [0, active - half): reads and writes of
-  // one step touch disjoint rows, so one barrier per step suffices.
-  for (int active = blockDim.y; active > 1;) {
-    const int half = (active + 1) / 2;
-    __syncthreads();
-    if (static_cast<int>(threadIdx.y) < active - half) {
-      const int other = tid + half * blockDim.x;
-      const T other_count = shared_count[other];
-      const T total = count + other_count;
-      const T other_fraction = total > T(0) ? other_count * reciprocal_of_count(total) : T(0);
-      const T own_weight = count * other_fraction;
+  column_tree([&](int other) {
+    const T other_count = shared_count[other];
+    const T total = count + other_count;
+    const T other_fraction = total > T(0) ? other_count * reciprocal_of_count(total) : T(0);
+    const T own_weight = count * other_fraction;
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const T other_mean = shared_mean[j * kMaxThreads + other];
-        const T delta = other_mean - mean[j];
-        mean[j] = merged_mean(mean[j], delta, other_fraction, other_mean);
-        m2[j] += shared_m2[j * kMaxThreads + other] + delta * own_weight * delta;
-        shared_mean[j * kMaxThreads + tid] = mean[j];
-        shared_m2[j * kMaxThreads + tid] = m2[j];
-      }
-      count = total;
-      shared_count[tid] = count;
+    for (int j = 0; j < kVec; ++j) {
+      const T other_mean = shared_mean[j * kMaxThreads + other];
+      const T delta = other_mean - mean[j];
+      mean[j] = merged_mean(mean[j], delta, other_fraction, other_mean);
+      m2[j] += shared_m2[j * kMaxThreads + other] + delta * own_weight * delta;
+      shared_mean[j * kMaxThreads + tid] = mean[j];
+      shared_m2[j * kMaxThreads + tid] = m2[j];
     }
-    active = half;
-  }
+    count = total;
+    shared_count[tid] = count;
+  });
 }
 
-// Same tree as block_merge_column_moments, for kValues sums per channel, one
-// sum after another through one shared array (a third of the shared memory of
-// all at once: 16 KB for double sums of 8-wide columns).
+// Each column's kValues sums per channel, one sum after another through one
+// shared array (a third of the shared memory of all at once: 16 KB for double
+// sums of 8-wide columns).
 template <typename T, int kValues, int kVec>
 __device__ __forceinline__ void block_sum_columns(T (&v)[kValues][kVec]) {
   __shared__ T shared_v[kVec * kMaxThreads];
@@ -155,19 +202,13 @@ __device__ __forceinline__ void block_sum_columns(T (&v)[kValues][kVec]) {
     if (i > 0) __syncthreads();  // the previous sum's last reads are done
 #pragma unroll
     for (int j = 0; j < kVec; ++j) shared_v[j * kMaxThreads + tid] = v[i][j];
-    for (int active = blockDim.y; active > 1;) {
-      const int half = (active + 1) / 2;
-      __syncthreads();
-      if (static_cast<int>(threadIdx.y) < active - half) {
-        const int other = tid + half * blockDim.x;
+    column_tree([&](int other) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          v[i][j] += shared_v[j * kMaxThreads + other];
-          shared_v[j * kMaxThreads + tid] = v[i][j];
-        }
+      for (int j = 0; j < kVec; ++j) {
+        v[i][j] += shared_v[j * kMaxThreads + other];
+        shared_v[j * kMaxThreads + tid] = v[i][j];
       }
-      active = half;
-    }
+    });
   }
 }
 
