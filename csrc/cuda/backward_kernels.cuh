@@ -269,54 +269,34 @@ __device__ __forceinline__ scalar_t grad_input_value(scalar_t dy, scalar_t x, ac
                            scale);
 }
 
+// One channel's dx (grad_input_value) from (dy, x).
+template <typename scalar_t, bool kTraining>
+struct GradInputChannel {
+  using acc_t = acc_type<scalar_t>;
+  using Source = GradInputArgs<acc_t>;
+  acc_t mean, scale, projection, shift;
+  __device__ __forceinline__ static GradInputChannel of_channel(const Source& args, int64_t c) {
+    GradInputChannel op;
+    op.mean = args.mean[c];
+    op.scale = args.coefficients.scale[c];
+    op.projection = args.coefficients.projection[c];
+    op.shift = args.coefficients.shift[c];
+    return op;
+  }
+  __device__ __forceinline__ scalar_t operator()(scalar_t dy, scalar_t x) const {
+    return grad_input_value<kTraining>(dy, x, mean, scale, projection, shift);
+  }
+};
+
+// Eval's dx reads dy alone.
 template <typename scalar_t, int kVec, bool kTraining>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_first_grad_input_kernel(const scalar_t* __restrict__ grad_output,
                                      const scalar_t* __restrict__ input, scalar_t* __restrict__ grad_input,
                                      Geometry geometry, int64_t vectors_per_split,
                                      const GradInputArgs<acc_type<scalar_t>> args) {
-  constexpr int kSteps = kDualUnroll<kVec>;
-  using acc_t = acc_type<scalar_t>;
-  const int64_t channel = blockIdx.x;
-  const int64_t plane_vectors = geometry.HW / kVec;
-  const int64_t total = geometry.N * plane_vectors;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * vectors_per_split;
-  const int64_t end = min_index(total, begin + vectors_per_split);
-  const int64_t image_stride = geometry.C * geometry.HW;
-  const int64_t stride = blockDim.x;
-  int64_t position = begin + threadIdx.x;
-  if (position >= end) return;
-
-  const acc_t mean = args.mean[channel];
-  const acc_t scale = args.coefficients.scale[channel];
-  const acc_t projection = args.coefficients.projection[channel];
-  const acc_t shift = args.coefficients.shift[channel];
-  const int64_t channel_offset = channel * geometry.HW;
-  PlaneCursor cursor(position, stride, plane_vectors);
-  for (; position < end; position += stride * kSteps) {
-    Bundle<scalar_t, kVec> dy[kSteps], x[kSteps];
-    int64_t offsets[kSteps];
-#pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
-      offsets[u] = channel_offset + cursor.offset(image_stride, kVec);
-      if (position + u * stride < end) {
-        dy[u] = load_bundle<scalar_t, kVec>(grad_output + offsets[u]);
-        if (kTraining) x[u] = load_bundle<scalar_t, kVec>(input + offsets[u]);
-      }
-      cursor.advance();
-    }
-#pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
-      if (position + u * stride < end) {
-        Bundle<scalar_t, kVec> dx;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          dx.v[j] = grad_input_value<kTraining>(dy[u].v[j], x[u].v[j], mean, scale, projection, shift);
-        }
-        store_bundle<scalar_t, kVec>(grad_input + offsets[u], dx);
-      }
-    }
-  }
+  channels_first_element_pass<GradInputChannel<scalar_t, kTraining>, scalar_t, kVec, kDualUnroll<kVec>,
+                              kTraining ? 2 : 1>(grad_output, input, grad_input, geometry, vectors_per_split, args);
 }
 
 template <typename scalar_t, int kVec, bool kTraining>
@@ -325,50 +305,8 @@ __global__ void __launch_bounds__(kMaxThreads)
                                     const scalar_t* __restrict__ input, scalar_t* __restrict__ grad_input,
                                     Geometry geometry, int64_t rows_per_split,
                                     const GradInputArgs<acc_type<scalar_t>> args) {
-  constexpr int kSteps = kDualUnroll<kVec>;
-  using acc_t = acc_type<scalar_t>;
-  const int64_t columns = geometry.C / kVec;
-  const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = geometry.N * geometry.HW;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t end = min_index(rows, begin + rows_per_split);
-  const int64_t row_step = blockDim.y;
-  int64_t row = begin + threadIdx.y;
-  if (column >= columns || row >= end) return;
-
-  acc_t mean[kVec], scale[kVec], projection[kVec], shift[kVec];
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) {
-    const int64_t c = column * kVec + j;
-    mean[j] = args.mean[c];
-    scale[j] = args.coefficients.scale[c];
-    projection[j] = args.coefficients.projection[c];
-    shift[j] = args.coefficients.shift[c];
-  }
-  const int64_t offset_step = row_step * geometry.C;
-  int64_t offset = row * geometry.C + column * kVec;
-  for (; row < end; row += row_step * kSteps) {
-    Bundle<scalar_t, kVec> dy[kSteps], x[kSteps];
-#pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
-      if (row + u * row_step < end) {
-        dy[u] = load_bundle<scalar_t, kVec>(grad_output + offset + u * offset_step);
-        if (kTraining) x[u] = load_bundle<scalar_t, kVec>(input + offset + u * offset_step);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
-      if (row + u * row_step < end) {
-        Bundle<scalar_t, kVec> dx;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          dx.v[j] = grad_input_value<kTraining>(dy[u].v[j], x[u].v[j], mean[j], scale[j], projection[j], shift[j]);
-        }
-        store_bundle<scalar_t, kVec>(grad_input + offset + u * offset_step, dx);
-      }
-    }
-    offset += kSteps * offset_step;
-  }
+  channels_last_element_pass<GradInputChannel<scalar_t, kTraining>, scalar_t, kVec, kDualUnroll<kVec>,
+                             kTraining ? 2 : 1>(grad_output, input, grad_input, geometry, rows_per_split, args);
 }
 
 }  // namespace detail

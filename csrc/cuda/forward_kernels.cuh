@@ -256,48 +256,29 @@ struct NormalizeCoefficients {
   }
 };
 
+// One channel's normalize, y = ((x - mean_hi) - mean_lo) * scale + shift.
+template <typename scalar_t, typename param_t>
+struct NormalizeChannel {
+  using acc_t = acc_type<scalar_t>;
+  using Source = NormalizeCoefficients<acc_t, param_t>;
+  acc_t mean_hi, mean_lo, scale, shift;
+  __device__ __forceinline__ static NormalizeChannel of_channel(const Source& coefficients, int64_t c) {
+    NormalizeChannel op;
+    coefficients.load(c, op.mean_hi, op.mean_lo, op.scale, op.shift);
+    return op;
+  }
+  __device__ __forceinline__ scalar_t operator()(scalar_t x, scalar_t /*unused*/) const {
+    return convert<scalar_t>(((convert<acc_t>(x) - mean_hi) - mean_lo) * scale + shift);
+  }
+};
+
 template <typename scalar_t, typename param_t, int kVec>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_first_normalize_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
                                     Geometry geometry, int64_t vectors_per_split,
                                     const NormalizeCoefficients<acc_type<scalar_t>, param_t> coefficients) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t channel = blockIdx.x;
-  const int64_t plane_vectors = geometry.HW / kVec;
-  const int64_t total = geometry.N * plane_vectors;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * vectors_per_split;
-  const int64_t end = min_index(total, begin + vectors_per_split);
-  const int64_t image_stride = geometry.C * geometry.HW;
-  const int64_t stride = blockDim.x;
-  int64_t position = begin + threadIdx.x;
-  if (position >= end) return;
-
-  acc_t mean_hi, mean_lo, scale, shift;
-  coefficients.load(channel, mean_hi, mean_lo, scale, shift);
-  const scalar_t* __restrict__ channel_input = input + channel * geometry.HW;
-  scalar_t* __restrict__ channel_output = output + channel * geometry.HW;
-  PlaneCursor cursor(position, stride, plane_vectors);
-  for (; position < end; position += stride * kUnroll) {
-    Bundle<scalar_t, kVec> x[kUnroll];
-    int64_t offsets[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      offsets[u] = cursor.offset(image_stride, kVec);
-      if (position + u * stride < end) x[u] = load_bundle<scalar_t, kVec>(channel_input + offsets[u]);
-      cursor.advance();
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (position + u * stride < end) {
-        Bundle<scalar_t, kVec> y;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          y.v[j] = convert<scalar_t>(((convert<acc_t>(x[u].v[j]) - mean_hi) - mean_lo) * scale + shift);
-        }
-        store_bundle<scalar_t, kVec>(channel_output + offsets[u], y);
-      }
-    }
-  }
+  channels_first_element_pass<NormalizeChannel<scalar_t, param_t>, scalar_t, kVec, kUnroll, 1>(
+      input, nullptr, output, geometry, vectors_per_split, coefficients);
 }
 
 template <typename scalar_t, typename param_t, int kVec>
@@ -305,41 +286,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     channels_last_normalize_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
                                    Geometry geometry, int64_t rows_per_split,
                                    const NormalizeCoefficients<acc_type<scalar_t>, param_t> coefficients) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t columns = geometry.C / kVec;
-  const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = geometry.N * geometry.HW;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t end = min_index(rows, begin + rows_per_split);
-  const int64_t row_step = blockDim.y;
-  int64_t row = begin + threadIdx.y;
-  if (column >= columns || row >= end) return;
-
-  acc_t mean_hi[kVec], mean_lo[kVec], scale[kVec], shift[kVec];
-#pragma unroll
-  for (int j = 0; j < kVec; ++j) coefficients.load(column * kVec + j, mean_hi[j], mean_lo[j], scale[j], shift[j]);
-  const int64_t offset_step = row_step * geometry.C;
-  int64_t offset = row * geometry.C + column * kVec;
-  for (; row < end; row += row_step * kUnroll) {
-    Bundle<scalar_t, kVec> x[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (row + u * row_step < end) x[u] = load_bundle<scalar_t, kVec>(input + offset + u * offset_step);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (row + u * row_step < end) {
-        Bundle<scalar_t, kVec> y;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          y.v[j] = convert<scalar_t>(((convert<acc_t>(x[u].v[j]) - mean_hi[j]) - mean_lo[j]) * scale[j] +
-                                     shift[j]);
-        }
-        store_bundle<scalar_t, kVec>(output + offset + u * offset_step, y);
-      }
-    }
-    offset += kUnroll * offset_step;
-  }
+  channels_last_element_pass<NormalizeChannel<scalar_t, param_t>, scalar_t, kVec, kUnroll, 1>(
+      input, nullptr, output, geometry, rows_per_split, coefficients);
 }
 
 }  // namespace detail

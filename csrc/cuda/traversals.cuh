@@ -1,4 +1,5 @@
-// How a block walks its share of one channel (channels-first).
+// How a block walks its share of the input: the channels-first cursor, and
+// the element passes of both layouts.
 #pragma once
 
 #include "device_primitives.cuh"
@@ -45,6 +46,104 @@ class PlaneCursor {
   int64_t stride_images_;
   int64_t stride_vectors_;
 };
+
+// ---------------------------------------------------------------------------
+// Element passes, written once per layout: out = f(in0, in1) element by
+// element, f one channel's per-element op (an Op holding its coefficients),
+// made by Op::of_channel(source, c) from the kernel's coefficient arguments. kInputs is 1 (in0 only: in1 is not
+// read, and f, which ignores it, gets in0 again) or 2. Loads of kSteps groups go
+// before their stores, so kSteps loads are in flight per thread.
+
+// Channels-first: grid (C, splits), a block over one channel's slice of its
+// N x HW/kVec vector positions.
+template <typename Op, typename scalar_t, int kVec, int kSteps, int kInputs>
+__device__ __forceinline__ void channels_first_element_pass(const scalar_t* __restrict__ in0,
+                                                            const scalar_t* __restrict__ in1,
+                                                            scalar_t* __restrict__ out, const Geometry& geometry,
+                                                            int64_t vectors_per_split,
+                                                            const typename Op::Source& source) {
+  const int64_t channel = blockIdx.x;
+  // First: computing an op may call out (eval's double sqrt and division),
+  // and the fewer values live across that call, the fewer ptxas spills.
+  const Op op = Op::of_channel(source, channel);
+  const int64_t plane_vectors = geometry.HW / kVec;
+  const int64_t total = geometry.N * plane_vectors;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * vectors_per_split;
+  const int64_t end = min_index(total, begin + vectors_per_split);
+  const int64_t image_stride = geometry.C * geometry.HW;
+  const int64_t stride = blockDim.x;
+  int64_t position = begin + threadIdx.x;
+  if (position >= end) return;
+
+  const int64_t channel_offset = channel * geometry.HW;
+  PlaneCursor cursor(position, stride, plane_vectors);
+  for (; position < end; position += stride * kSteps) {
+    Bundle<scalar_t, kVec> a[kSteps], b[kSteps];
+    int64_t offsets[kSteps];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      offsets[u] = channel_offset + cursor.offset(image_stride, kVec);
+      if (position + u * stride < end) {
+        a[u] = load_bundle<scalar_t, kVec>(in0 + offsets[u]);
+        if (kInputs > 1) b[u] = load_bundle<scalar_t, kVec>(in1 + offsets[u]);
+      }
+      cursor.advance();
+    }
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      if (position + u * stride < end) {
+        Bundle<scalar_t, kVec> y;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) y.v[j] = op(a[u].v[j], kInputs > 1 ? b[u].v[j] : a[u].v[j]);
+        store_bundle<scalar_t, kVec>(out + offsets[u], y);
+      }
+    }
+  }
+}
+
+// Channels-last: grid (column tiles, splits), blocks of vector columns x rows
+// over the N*HW rows of C channels; a thread's kVec channels each have their op.
+template <typename Op, typename scalar_t, int kVec, int kSteps, int kInputs>
+__device__ __forceinline__ void channels_last_element_pass(const scalar_t* __restrict__ in0,
+                                                           const scalar_t* __restrict__ in1,
+                                                           scalar_t* __restrict__ out, const Geometry& geometry,
+                                                           int64_t rows_per_split,
+                                                           const typename Op::Source& source) {
+  const int64_t columns = geometry.C / kVec;
+  const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t rows = geometry.N * geometry.HW;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t end = min_index(rows, begin + rows_per_split);
+  const int64_t row_step = blockDim.y;
+  int64_t row = begin + threadIdx.y;
+  if (column >= columns || row >= end) return;
+
+  Op ops[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) ops[j] = Op::of_channel(source, column * kVec + j);
+  const int64_t offset_step = row_step * geometry.C;
+  int64_t offset = row * geometry.C + column * kVec;
+  for (; row < end; row += row_step * kSteps) {
+    Bundle<scalar_t, kVec> a[kSteps], b[kSteps];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      if (row + u * row_step < end) {
+        a[u] = load_bundle<scalar_t, kVec>(in0 + offset + u * offset_step);
+        if (kInputs > 1) b[u] = load_bundle<scalar_t, kVec>(in1 + offset + u * offset_step);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      if (row + u * row_step < end) {
+        Bundle<scalar_t, kVec> y;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) y.v[j] = ops[j](a[u].v[j], kInputs > 1 ? b[u].v[j] : a[u].v[j]);
+        store_bundle<scalar_t, kVec>(out + offset + u * offset_step, y);
+      }
+    }
+    offset += kSteps * offset_step;
+  }
+}
 
 }  // namespace detail
 }  // namespace cuda
