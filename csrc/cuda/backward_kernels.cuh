@@ -67,14 +67,8 @@ __global__ void __launch_bounds__(kMaxThreads)
                                     int64_t vectors_per_split, const acc_type<scalar_t>* __restrict__ mean,
                                     GradPartials partials) {
   constexpr int kSteps = kDualUnroll<kVec>;
-  const int64_t channel = blockIdx.x;
-  const int64_t split = blockIdx.y;
-  const int64_t plane_vectors = geometry.HW / kVec;
-  const int64_t total = geometry.N * plane_vectors;
-  const int64_t begin = split * vectors_per_split;
-  const int64_t end = min_index(total, begin + vectors_per_split);
-  const int64_t image_stride = geometry.C * geometry.HW;
-  const int64_t stride = blockDim.x;
+  const auto [channel, split, plane_vectors, begin, end, image_stride, stride] =
+      ChannelsFirstShare(geometry, kVec, vectors_per_split);
   const int64_t channel_offset = channel * geometry.HW;
 
   double sums[kGradSums] = {0.0, 0.0, 0.0};
@@ -114,12 +108,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                                    int64_t rows_per_split, const acc_type<scalar_t>* __restrict__ mean,
                                    GradPartials partials) {
   constexpr int kSteps = kDualUnroll<kVec>;
-  const int64_t columns = geometry.C / kVec;
-  const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = geometry.N * geometry.HW;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t end = min_index(rows, begin + rows_per_split);
-  const int64_t row_step = blockDim.y;
+  const auto [columns, column, begin, end, row_step] = ChannelsLastShare(geometry, kVec, rows_per_split);
 
   double sums[kGradSums][kVec];
 #pragma unroll

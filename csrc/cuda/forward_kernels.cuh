@@ -25,14 +25,8 @@ __global__ void __launch_bounds__(kMaxThreads)
                                   double* __restrict__ partial_m2, double* __restrict__ partial_count,
                                   const int64_t* __restrict__ counter, int64_t* __restrict__ counter_snapshot) {
   using acc_t = moments_t<scalar_t>;
-  const int64_t channel = blockIdx.x;
-  const int64_t split = blockIdx.y;
-  const int64_t plane_vectors = geometry.HW / kVec;
-  const int64_t total = geometry.N * plane_vectors;
-  const int64_t begin = split * vectors_per_split;
-  const int64_t end = min_index(total, begin + vectors_per_split);
-  const int64_t image_stride = geometry.C * geometry.HW;
-  const int64_t stride = blockDim.x;
+  const auto [channel, split, plane_vectors, begin, end, image_stride, stride] =
+      ChannelsFirstShare(geometry, kVec, vectors_per_split);
   const scalar_t* __restrict__ channel_input = input + channel * geometry.HW;
 
   acc_t mean = acc_t(0), m2 = acc_t(0), count = acc_t(0);
@@ -78,12 +72,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                                  double* __restrict__ partial_m2, double* __restrict__ partial_count,
                                  const int64_t* __restrict__ counter, int64_t* __restrict__ counter_snapshot) {
   using acc_t = moments_t<scalar_t>;
-  const int64_t columns = geometry.C / kVec;
-  const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = geometry.N * geometry.HW;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t end = min_index(rows, begin + rows_per_split);
-  const int64_t row_step = blockDim.y;
+  const auto [columns, column, begin, end, row_step] = ChannelsLastShare(geometry, kVec, rows_per_split);
 
   acc_t mean[kVec], m2[kVec];
 #pragma unroll

@@ -47,6 +47,34 @@ class PlaneCursor {
   int64_t stride_vectors_;
 };
 
+// A channels-first block's share (grid (C, splits), 1-D blocks): vector
+// positions [begin, end) of channel `channel`'s N x HW/kVec, split `split`;
+// a thread starts at begin + threadIdx.x and steps by `stride`.
+struct ChannelsFirstShare {
+  int64_t channel, split, plane_vectors, begin, end, image_stride, stride;
+  __device__ __forceinline__ ChannelsFirstShare(const Geometry& g, int vec, int64_t vectors_per_split)
+      : channel(blockIdx.x),
+        split(blockIdx.y),
+        plane_vectors(g.HW / vec),
+        begin(split * vectors_per_split),
+        end(min_index(g.N * plane_vectors, begin + vectors_per_split)),
+        image_stride(g.C * g.HW),
+        stride(blockDim.x) {}
+};
+
+// A channels-last block's share (grid (column tiles, splits), blocks of
+// vector columns x rows): the thread's vector column `column` of `columns`,
+// rows [begin, end) of the N*HW, from begin + threadIdx.y by `row_step`.
+struct ChannelsLastShare {
+  int64_t columns, column, begin, end, row_step;
+  __device__ __forceinline__ ChannelsLastShare(const Geometry& g, int vec, int64_t rows_per_split)
+      : columns(g.C / vec),
+        column(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x),
+        begin(static_cast<int64_t>(blockIdx.y) * rows_per_split),
+        end(min_index(g.N * g.HW, begin + rows_per_split)),
+        row_step(blockDim.y) {}
+};
+
 // ---------------------------------------------------------------------------
 // Element passes, written once per layout: out = f(in0, in1) element by
 // element, f one channel's per-element op (an Op holding its coefficients),
@@ -62,16 +90,11 @@ __device__ __forceinline__ void channels_first_element_pass(const scalar_t* __re
                                                             scalar_t* __restrict__ out, const Geometry& geometry,
                                                             int64_t vectors_per_split,
                                                             const typename Op::Source& source) {
-  const int64_t channel = blockIdx.x;
   // First: computing an op may call out (eval's double sqrt and division),
   // and the fewer values live across that call, the fewer ptxas spills.
-  const Op op = Op::of_channel(source, channel);
-  const int64_t plane_vectors = geometry.HW / kVec;
-  const int64_t total = geometry.N * plane_vectors;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * vectors_per_split;
-  const int64_t end = min_index(total, begin + vectors_per_split);
-  const int64_t image_stride = geometry.C * geometry.HW;
-  const int64_t stride = blockDim.x;
+  const Op op = Op::of_channel(source, blockIdx.x);
+  const auto [channel, split, plane_vectors, begin, end, image_stride, stride] =
+      ChannelsFirstShare(geometry, kVec, vectors_per_split);
   int64_t position = begin + threadIdx.x;
   if (position >= end) return;
 
@@ -109,12 +132,7 @@ __device__ __forceinline__ void channels_last_element_pass(const scalar_t* __res
                                                            scalar_t* __restrict__ out, const Geometry& geometry,
                                                            int64_t rows_per_split,
                                                            const typename Op::Source& source) {
-  const int64_t columns = geometry.C / kVec;
-  const int64_t column = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = geometry.N * geometry.HW;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t end = min_index(rows, begin + rows_per_split);
-  const int64_t row_step = blockDim.y;
+  const auto [columns, column, begin, end, row_step] = ChannelsLastShare(geometry, kVec, rows_per_split);
   int64_t row = begin + threadIdx.y;
   if (column >= columns || row >= end) return;
 
