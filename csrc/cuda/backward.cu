@@ -73,14 +73,9 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
     // Also runs for an empty batch, leaving zero sums.
     const cudaError_t err = with_vector_width<scalar_t>(sums_plan, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      if (!g.channels_last) {
-        return launch_kernel<channels_first_grad_sums_kernel<scalar_t, kVec>, kMaxThreads>(
-            sums_plan.grid, sums_plan.block, stream, p.grad_output, p.input, g, sums_plan.work_per_split, p.mean,
-            ws.partials);
-      }
-      return launch_kernel<channels_last_grad_sums_kernel<scalar_t, kVec>, kMaxThreads>(
-          sums_plan.grid, sums_plan.block, stream, p.grad_output, p.input, g, sums_plan.work_per_split, p.mean,
-          ws.partials);
+      return launch_for_layout<channels_first_grad_sums_kernel<scalar_t, kVec>,
+                               channels_last_grad_sums_kernel<scalar_t, kVec>>(
+          g, sums_plan, stream, p.grad_output, p.input, g, sums_plan.work_per_split, p.mean, ws.partials);
     });
     if (err != cudaSuccess) return err;
   }
@@ -110,12 +105,9 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
     constexpr int kVec = decltype(vec)::value;
     auto launch = [&](auto training) {
       constexpr bool kTraining = decltype(training)::value;
-      if (!g.channels_last) {
-        return launch_kernel<channels_first_grad_input_kernel<scalar_t, kVec, kTraining>, kMaxThreads>(
-            plan.grid, plan.block, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split, args_dx);
-      }
-      return launch_kernel<channels_last_grad_input_kernel<scalar_t, kVec, kTraining>, kMaxThreads>(
-          plan.grid, plan.block, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split, args_dx);
+      return launch_for_layout<channels_first_grad_input_kernel<scalar_t, kVec, kTraining>,
+                               channels_last_grad_input_kernel<scalar_t, kVec, kTraining>>(
+          g, plan, stream, p.grad_output, p.input, p.grad_input, g, plan.work_per_split, args_dx);
     };
     return p.training ? launch(std::true_type{}) : launch(std::false_type{});
   });

@@ -55,12 +55,9 @@ cudaError_t launch_normalize(const Geometry& g, const scalar_t* input, scalar_t*
   const LaunchPlan plan = make_plan(g, pick_vector_width<scalar_t>(g, {input, output}));
   return with_vector_width<scalar_t>(plan, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    if (!g.channels_last) {
-      return launch_kernel<channels_first_normalize_kernel<scalar_t, param_t, kVec>, kMaxThreads>(
-          plan.grid, plan.block, stream, input, output, g, plan.work_per_split, coefficients);
-    }
-    return launch_kernel<channels_last_normalize_kernel<scalar_t, param_t, kVec>, kMaxThreads>(
-        plan.grid, plan.block, stream, input, output, g, plan.work_per_split, coefficients);
+    return launch_for_layout<channels_first_normalize_kernel<scalar_t, param_t, kVec>,
+                             channels_last_normalize_kernel<scalar_t, param_t, kVec>>(
+        g, plan, stream, input, output, g, plan.work_per_split, coefficients);
   });
 }
 
@@ -90,14 +87,10 @@ cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, p
   const ForwardWorkspace<acc_t> ws = carve_forward_workspace<acc_t>(p.workspace, g.C, plan.splits);
   cudaError_t err = with_vector_width<scalar_t>(plan, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    if (!g.channels_last) {
-      return launch_kernel<channels_first_moments_kernel<scalar_t, kVec>, kMaxThreads>(
-          plan.grid, plan.block, stream, p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2,
-          ws.partial_count, p.num_batches_tracked, ws.counter_snapshot);
-    }
-    return launch_kernel<channels_last_moments_kernel<scalar_t, kVec>, kMaxThreads>(
-        plan.grid, plan.block, stream, p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2,
-        ws.partial_count, p.num_batches_tracked, ws.counter_snapshot);
+    return launch_for_layout<channels_first_moments_kernel<scalar_t, kVec>,
+                             channels_last_moments_kernel<scalar_t, kVec>>(
+        g, plan, stream, p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2, ws.partial_count,
+        p.num_batches_tracked, ws.counter_snapshot);
   });
   if (err != cudaSuccess) return err;
 

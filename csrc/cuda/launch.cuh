@@ -116,6 +116,14 @@ class WorkspaceCarver {
 
 inline int64_t count_per_channel(const Geometry& g) { return g.N * g.HW; }
 
+// The one layout switch of the passes: kChannelsFirst or kChannelsLast (a
+// pass's two kernels, which take the same arguments) on the plan's grid.
+template <auto kChannelsFirst, auto kChannelsLast, typename... Args>
+cudaError_t launch_for_layout(const Geometry& g, const LaunchPlan& plan, cudaStream_t stream, const Args&... args) {
+  if (!g.channels_last) return launch_kernel<kChannelsFirst, kMaxThreads>(plan.grid, plan.block, stream, args...);
+  return launch_kernel<kChannelsLast, kMaxThreads>(plan.grid, plan.block, stream, args...);
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace fused_bn
