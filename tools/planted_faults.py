@@ -33,16 +33,12 @@ FAULTS = [
           [(KERNELS, "      if (position + u * stride < end) {\n        Bundle<scalar_t, kVec> y;",
             "      if (position + u * stride < end - 1) {\n        Bundle<scalar_t, kVec> y;")],
           ["test_parity.py::test_parity_grid"]),
-    Fault("split-boundary-off-by-one", "each split of the moments pass stops one vector short",
-          [(KERNELS, "  const int64_t end = min_index(total, begin + vectors_per_split);\n"
-                     "  const int64_t image_stride = geometry.channels * geometry.spatial;\n"
-                     "  const int64_t stride = blockDim.x;\n  const scalar_t* __restrict__ channel_input",
-            "  const int64_t end = min_index(total, begin + vectors_per_split - 1);\n"
-            "  const int64_t image_stride = geometry.channels * geometry.spatial;\n"
-            "  const int64_t stride = blockDim.x;\n  const scalar_t* __restrict__ channel_input")],
+    Fault("split-boundary-off-by-one", "each split of the channels-first passes stops one vector short",
+          [(KERNELS, "        end(min_index(g.N * plane_vectors, begin + vectors_per_split)),",
+            "        end(min_index(g.N * plane_vectors, begin + vectors_per_split - 1)),")],
           ["test_parity.py::test_parity_grid"]),
-    Fault("missing-syncthreads-in-block-merge", "warp 0 reads the other warps' moments without a barrier",
-          [(KERNELS, "    warp_count[warp] = count;\n  }\n  __syncthreads();", "    warp_count[warp] = count;\n  }")],
+    Fault("missing-syncthreads-in-block-merge", "warp 0 reads the other warps' partials without a barrier",
+          [(KERNELS, "  if (lane == 0) warp_state[warp] = s;\n  __syncthreads();", "  if (lane == 0) warp_state[warp] = s;")],
           ["test_emulation.py::test_bitwise_identical_in_any_block_and_thread_order", "test_parity.py::test_parity_grid"]),
     Fault("full-mask-shuffle-in-partial-warp", "channels-first blocks shrink to 16 threads for small planes",
           [(KERNELS, "while (threads > kWarpSize && threads >= 2 * total) threads /= 2;",
@@ -53,8 +49,8 @@ FAULTS = [
             "  if (channel > args.channels) return;  // whole warps leave together\n\n  double mean")],
           ["test_parity.py::test_parity_grid"], variant="asan"),
     Fault("short-workspace", "the backward's workspace is 16 bytes short",
-          [(KERNELS, "  return carve_backward_workspace<acc_t>(nullptr, params.geometry.channels, splits).bytes;",
-            "  return carve_backward_workspace<acc_t>(nullptr, params.geometry.channels, splits).bytes - 16;")],
+          [(KERNELS, "  return carve_backward_workspace<acc_t>(nullptr, params.geometry.C, splits).bytes;",
+            "  return carve_backward_workspace<acc_t>(nullptr, params.geometry.C, splits).bytes - 16;")],
           ["test_parity.py::test_parity_grid"], variant="asan"),
     Fault("reads-partial-before-finalize", "the last split merges every split's partial itself, as if it ran last",
           [(KERNELS, "    partial_count[slot] = count;\n    if (channel == 0 && split == 0 && counter != nullptr)",
@@ -62,14 +58,14 @@ FAULTS = [
             "    if (split > 0 && split + 1 == gridDim.y) {\n"
             "      double m = 0.0, q = 0.0, n = 0.0;\n"
             "      for (int64_t s = 0; s < split + 1; ++s) {\n"
-            "        const int64_t at = s * geometry.channels + channel;\n"
+            "        const int64_t at = s * geometry.C + channel;\n"
             "        merge_moments(m, q, n, partial_mean[at], partial_m2[at], partial_count[at]);\n"
             "      }\n"
             "      partial_mean[channel] = m;\n      partial_m2[channel] = q;\n      partial_count[channel] = n;\n"
             "    }\n"
             "    if (channel == 0 && split == 0 && counter != nullptr)"),
            (KERNELS, "  args.splits = plan.splits;",
-            "  args.splits = g.layout == Layout::kChannelsFirst ? 1 : plan.splits;")],
+            "  args.splits = !g.channels_last ? 1 : plan.splits;")],
           ["test_emulation.py::test_bitwise_identical_in_any_block_and_thread_order"]),
     Fault("misaligned-vector-access", "16-byte vectors are chosen without checking the pointers' alignment",
           [(KERNELS, "    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;", "    (void)p;")],
