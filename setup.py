@@ -56,7 +56,8 @@ def record_build_config():
     """fused_bn/_build_config.py: what this build needs of the CPU it runs on,
     checked at import (fused_bn/_cpu_features.py) so that a build carried to
     an older CPU fails with a message instead of an illegal instruction."""
-    capability = cpu_capability() if cpu_capability() in ISA_FLAGS else "DEFAULT"
+    capability = cpu_capability()
+    capability = capability if capability in ISA_FLAGS else "DEFAULT"
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_bn", "_build_config.py")
     with open(path, "w") as f:
         f.write("# Written by setup.py at build time.\n"

@@ -41,13 +41,18 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "
 BLOCK_ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
 
 
-def cuda_include_dir():
-    """The CUDA toolkit's include directory (cuda_fp16.h and friends), found as
-    setup.py finds the toolkit (tools/cuda_toolkit.py)."""
+def load_cuda_toolkit():
+    """tools/cuda_toolkit.py, the toolkit finder setup.py uses."""
     spec = importlib.util.spec_from_file_location("cuda_toolkit", ROOT / "tools" / "cuda_toolkit.py")
     cuda_toolkit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cuda_toolkit)
-    home = cuda_toolkit.find_cuda_home()
+    return cuda_toolkit
+
+
+def cuda_include_dir():
+    """The CUDA toolkit's include directory (cuda_fp16.h and friends), found as
+    setup.py finds the toolkit."""
+    home = load_cuda_toolkit().find_cuda_home()
     include = Path(home) / "include" if home else None
     if include is None or not (include / "cuda_fp16.h").exists() or not (include / "crt" / "host_defines.h").exists():
         raise RuntimeError("emulated GPU: no CUDA headers found (set CUDA_HOME); cuda_fp16.h is needed")

@@ -1,7 +1,6 @@
 """The build as a new user meets it: the CUDA toolkit found behind an nvcc
 wrapper, the stable-ABI extension, and a build refused (with a message, not
 SIGILL) on a CPU that lacks the instruction set it was compiled for."""
-import importlib.util
 import os
 import shutil
 import stat
@@ -10,17 +9,8 @@ import subprocess
 import pytest
 
 import fused_bn
+from emulated_cuda import load_cuda_toolkit
 from fused_bn import _cpu_features
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_cuda_toolkit():
-    spec = importlib.util.spec_from_file_location("cuda_toolkit", os.path.join(ROOT, "tools", "cuda_toolkit.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def real_nvcc():
     for candidate in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
