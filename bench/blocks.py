@@ -32,6 +32,11 @@ IMPLS = ("fused", "eager", "compiled")
 #   bn_relu:     forward 3 (read x twice, write y) + backward 5 (read x, dy twice; write dx)
 #   bn_add_relu: forward 4 (+ read z) + backward 7 (read x, dy, y; write dz; read dz, x; write dx)
 PASSES = {"bn_relu": 8, "bn_add_relu": 11}
+# The floor: the passes no implementation can avoid (forward reads x (and z),
+# writes y; backward reads x, dy (and y, add+relu's mask), writes dx (and dz)).
+# On CUDA, floor bytes / time over the copy bandwidth measured in the same run
+# is each case's fraction of the device's reachable bandwidth.
+FLOOR_PASSES = {"bn_relu": 5, "bn_add_relu": 8}
 
 
 class EagerBlock(nn.Module):
@@ -103,7 +108,7 @@ def peak_bytes(step, device):
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def measure(fused_bn, block, dtype, layout, shape, timer, device):
+def measure(fused_bn, block, dtype, layout, shape, timer, device, copy_bw_gbps=None):
     modules = make_modules(fused_bn, block, shape[1], device)
     generator = torch.Generator(device=device).manual_seed(0)
     torch_dtype = cases_mod.DTYPES[dtype]
@@ -137,6 +142,9 @@ def measure(fused_bn, block, dtype, layout, shape, timer, device):
         record[f"{impl}_ms"] = median
         record[f"{impl}_iqr_ms"] = iqr
         record[f"{impl}_gbps"] = numel * itemsize * PASSES[block] / (median * 1e-3) / 1e9
+        if copy_bw_gbps:
+            floor_gbps = numel * itemsize * FLOOR_PASSES[block] / (median * 1e-3) / 1e9
+            record[f"{impl}_of_copy_bw"] = floor_gbps / copy_bw_gbps
         if device.type == "cuda":
             record[f"{impl}_peak_mb"] = peak_bytes(steps[impl], device) / 2**20
         else:
@@ -154,9 +162,12 @@ def geomean(values):
 
 
 def format_table(records, memory_key, memory_label):
+    with_floor = any("fused_of_copy_bw" in r for r in records)
+    floor_header = " fused of copy BW | eager of copy BW |" if with_floor else ""
     lines = [f"| block | dtype | layout | shape | fused_bn ms | eager ms | compiled ms | vs eager | "
-             f"vs compiled | fused {memory_label} | eager {memory_label} | compiled {memory_label} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"vs compiled | fused {memory_label} | eager {memory_label} | compiled {memory_label} |"
+             + floor_header,
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_floor else "")]
     for r in records:
         def cell(key, fmt):
             v = r.get(key)
@@ -166,7 +177,8 @@ def format_table(records, memory_key, memory_label):
             f"{'x'.join(map(str, r['shape']))} | {cell('fused_ms', '.3f')} | {cell('eager_ms', '.3f')} | "
             f"{cell('compiled_ms', '.3f')} | {cell('speedup_vs_eager', '.2f')}x | "
             f"{cell('speedup_vs_compiled', '.2f')}x | {cell('fused_' + memory_key, '.1f')} | "
-            f"{cell('eager_' + memory_key, '.1f')} | {cell('compiled_' + memory_key, '.1f')} |")
+            f"{cell('eager_' + memory_key, '.1f')} | {cell('compiled_' + memory_key, '.1f')} |"
+            + (f" {cell('fused_of_copy_bw', '.0%')} | {cell('eager_of_copy_bw', '.0%')} |" if with_floor else ""))
     return "\n".join(lines)
 
 
@@ -210,6 +222,10 @@ def main(argv=None):
         shapes = cases_mod.GPU_QUICK_SHAPES if args.quick else cases_mod.gpu_shapes((64,))
         dtypes = args.dtypes or ["float32", "float16", "bfloat16"]
         memory_key, memory_label = "peak_mb", "peak MB"
+    copy_bw_gbps = None
+    if device.type == "cuda":
+        copy_bw_gbps, _ = timing.copy_bandwidth_gbps(device)
+        print(f"device-to-device copy bandwidth: {copy_bw_gbps:.0f} GB/s", flush=True)
     commit, dirty = git_state()
     print(f"fused_bn epilogue benchmark (training forward+backward) on {description}; commit "
           f"{commit[:12]}{' (dirty)' if dirty else ''}", flush=True)
@@ -218,7 +234,7 @@ def main(argv=None):
         for dtype in dtypes:
             for layout in cases_mod.LAYOUTS:
                 for block in BLOCKS:
-                    r = measure(fused_bn, block, dtype, layout, shape, timer, device)
+                    r = measure(fused_bn, block, dtype, layout, shape, timer, device, copy_bw_gbps)
                     records.append(r)
                     print(f"{block:12s} {dtype:9s} {layout:13s} {'x'.join(map(str, shape)):14s} "
                           f"fused {r.get('fused_ms', float('nan')):.3f} ms  "
@@ -229,7 +245,8 @@ def main(argv=None):
                           + (f"  errors {r['errors']}" if r["errors"] else ""), flush=True)
     meta = {"device": description, "commit": commit, "dirty": dirty, "torch": torch.__version__,
             "timer": timer.name, "threads": torch.get_num_threads(),
-            "run_seconds": time.time() - started, "passes": PASSES,
+            "run_seconds": time.time() - started, "passes": PASSES, "floor_passes": FLOOR_PASSES,
+            "copy_bandwidth_gbps": copy_bw_gbps,
             "memory": "peak allocated during fwd+bwd" if device.type == "cuda"
             else "bytes saved for backward (unique storages)"}
     stem = device_name + "-blocks" + ("-quick" if args.quick else "")
@@ -241,7 +258,10 @@ def main(argv=None):
             f"- training forward+backward of relu(bn(x)) and relu(bn(x) + z); eager = nn.BatchNorm2d, "
             f"in-place add, nn.ReLU(inplace=True); compiled = torch.compile of that eager block "
             f"(fullgraph, dynamic=False); timer {timer.name}, median of interleaved rounds\n"
-            f"- memory: {meta['memory']}\n\n"
+            f"- memory: {meta['memory']}\n"
+            + (f"- of copy BW: the floor's bytes ({FLOOR_PASSES} input-sized passes) / time, over the "
+               f"device-to-device copy bandwidth measured in this run ({copy_bw_gbps:.0f} GB/s)\n"
+               if copy_bw_gbps else "") + "\n"
             f"## Summary (geometric means; other's time / fused_bn's)\n\n{format_summary(records)}\n\n"
             f"## All cases (median ms)\n\n{format_table(records, memory_key, memory_label)}\n")
     with open(os.path.join(args.out, stem + ".md"), "w") as f:

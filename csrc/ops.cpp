@@ -68,12 +68,14 @@ TORCH_LIBRARY(fused_bn, m) {
   // Backward: batch_norm_backward_sums gives this rank's [C, 3] float64
   // (Σdy, Σdy·(x − mean), Σ(x − mean): cpu::GradSums) and the rank's own grad_weight and grad_bias
   // (param_mask); after an all_reduce of the sums, batch_norm_backward_with_sums
-  // writes grad_input for `count` values per channel over all ranks.
+  // writes grad_input for `count` values per channel over all ranks (a
+  // one-element float64 or int64 tensor on the input's device: the gathered
+  // counts' sum, never read by the host).
   m.def(
       "batch_norm_backward_sums(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
       "Tensor invstd, bool[2] param_mask, Tensor? bias=None, bool relu=False) "
       "-> (Tensor sums, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "batch_norm_backward_with_sums(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
-      "Tensor invstd, Tensor sums, int count, Tensor? bias=None, bool relu=False) -> Tensor");
+      "Tensor invstd, Tensor sums, Tensor count, Tensor? bias=None, bool relu=False) -> Tensor");
 }

@@ -351,8 +351,7 @@ def initial_models(variants, in_channels: int, image_size: int, num_classes: int
 
 def supports_variant(variant: str, device: torch.device):
     """None when the variant runs on `device`, else the reason it does not
-    (FusedBatchNormReLU2d's epilogue has no CUDA kernel yet; an extension built
-    without CUDA has none at all)."""
+    (an extension built without CUDA kernels has none on a GPU)."""
     if variant not in ("fused", "fused_relu"):
         return None
     try:

@@ -12,9 +12,12 @@ Each training step exchanges C-sized statistics only, one collective each way:
   share of grad_weight/grad_bias, which data-parallel training sums across ranks) ->
   ``all_reduce`` of the ``[C, 3]`` sums -> ``batch_norm_backward_with_sums`` (dx).
 
-The collectives are backend-agnostic (gloo for CPU tensors, NCCL for CUDA tensors); the
-four ops have CPU kernels only so far (FusedSyncBatchNorm2d refuses CUDA input in its
-synchronised path).
+The collectives are backend-agnostic (gloo for CPU tensors, NCCL for CUDA tensors), and
+the four ops have CPU and CUDA kernels. Nothing here reads a device value on the host:
+the global count stays on the device for the backward (nn.SyncBatchNorm instead masks
+empty ranks on the host), so a synchronised training step can be captured in a CUDA
+graph. The one exception is nn's error for a global batch of one value per channel:
+a rank holding at most one value per channel reads the gathered count to tell.
 """
 import torch
 import torch.distributed as dist
@@ -41,11 +44,14 @@ class _SyncBatchNorm(torch.autograd.Function):
         all_stats = stats.new_empty((world_size * stats.shape[0], stats.shape[1]))
         _all_gather_single(all_stats, stats, group=process_group)
         all_stats = all_stats.view(world_size, *stats.shape)
-        # Every channel has the same count; every rank sees the same total.
-        count = int(all_stats[:, :1, 0].sum().item())
-        if count == 1:
-            # What nn.BatchNorm2d raises for the global batch; every rank raises
-            # it, before any state changes.
+        # Every channel has the same count; every rank sees the same total,
+        # kept on the device (batch_norm_backward_with_sums reads it there).
+        count = all_stats[:, :1, 0].sum()
+        local_count = input.numel() // input.size(1) if input.size(1) else 0
+        if local_count <= 1 and int(count.item()) == 1:
+            # What nn.BatchNorm2d raises for the global batch. A global count
+            # of 1 leaves every rank at most one value, so every rank reads it
+            # and raises, before any state changes.
             raise ValueError(_values_per_channel_message(input.size()))
         output, mean, invstd = ops.batch_norm_train_with_stats(
             input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,

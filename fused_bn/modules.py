@@ -170,10 +170,6 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
         world_size = self._sync_world_size()
         if world_size == 1:
             return _batch_norm_epilogue(input, *args, self.activation == "relu", None)
-        if input.device.type != "cpu":
-            raise NotImplementedError(
-                "FusedSyncBatchNorm2d: synchronised statistics run on CPU tensors (gloo) only so "
-                f"far; the fused_bn::batch_norm_stats family has no {input.device.type} kernels yet")
         running_mean, running_var, weight, bias, _, momentum, eps, num_batches_tracked = args
         return sync_batch_norm(
             input, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked,

@@ -4,10 +4,6 @@
   cuda case carries the ``cuda`` marker and is skipped cleanly without a GPU.
 * ``slow`` and ``zoo`` tests are deselected unless the ``-m`` expression names
   them.
-* a cuda case that stops on one of the "no CUDA kernel yet" refusals below (the
-  epilogues, issue 5; synchronised statistics, issue 6) is reported as xfailed
-  with that message, so a GPU run's failures are the kernels' real faults. Any
-  other error, and a case that then passes, are reported as they are.
 * ``FUSED_BN_EMULATED_CUDA=1``: the run goes through our CUDA glue and kernels
   on the emulated GPU (tests/emulated_cuda.py): fused_bn's ops on CPU tensors
   are served by them, the ``cuda`` cases are deselected (they need a real
@@ -35,13 +31,19 @@ EMULATED_CUDA = os.environ.get("FUSED_BN_EMULATED_CUDA", "0") == "1"
 # partials; 132 is an H200's.
 EMULATED_MULTIPROCESSORS = (2, 3, 8, 132)
 EMULATED_ORDERS = ("forward", "reverse", "shuffle")
+# What the occupancy query answers (threads of resident blocks per
+# multiprocessor, which size the grids): 1024 is what the grids aim for, the
+# others what heavy kernels get on a GPU (cuda-check's register report).
+EMULATED_RESIDENT_THREADS = (1024, 512, 256)
 
 
 def emulated_device_for(nodeid):
-    """(multiprocessor count, block order, seed) of a test on the emulated GPU."""
+    """(multiprocessor count, block order, seed, resident threads per
+    multiprocessor) of a test on the emulated GPU."""
     digest = int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:8], "little")
     return (EMULATED_MULTIPROCESSORS[digest % len(EMULATED_MULTIPROCESSORS)],
-            EMULATED_ORDERS[digest // 7 % len(EMULATED_ORDERS)], digest % 100003)
+            EMULATED_ORDERS[digest // 7 % len(EMULATED_ORDERS)], digest % 100003,
+            EMULATED_RESIDENT_THREADS[digest // 31 % len(EMULATED_RESIDENT_THREADS)])
 
 
 def pytest_configure(config):
@@ -65,10 +67,11 @@ def _emulated_device(request):
     if EMULATED_CUDA:
         import emulated_cuda
 
-        multiprocessors, order, seed = emulated_device_for(request.node.nodeid)
-        emulated_cuda.configure(multiprocessors, order, seed)
+        multiprocessors, order, seed, resident = emulated_device_for(request.node.nodeid)
+        emulated_cuda.configure(multiprocessors, order, seed, resident)
         request.node.user_properties.append(
-            ("emulated GPU", f"{multiprocessors} multiprocessors, {order} order, seed {seed}"))
+            ("emulated GPU", f"{multiprocessors} multiprocessors, {order} order, seed {seed}, "
+                             f"{resident} resident threads per multiprocessor"))
     yield
 
 
@@ -104,30 +107,6 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_cuda)
 
 
-# The refusals of features whose CUDA kernels are not written yet (csrc/cuda,
-# fused_bn/modules.py): NotImplementedError with one of these in its message.
-UNWRITTEN_CUDA_KERNELS = (
-    "epilogues are not implemented for CUDA yet",
-    "family has no cuda kernels yet",
-)
-
-
-def unwritten_cuda_kernel(item, excinfo):
-    """The refusal's message when a cuda case stopped on one (also when a
-    checker such as opcheck re-raised it as its own error), else None."""
-    if excinfo is None or (item.get_closest_marker("cuda") is None and not EMULATED_CUDA):
-        return None
-    error, seen = excinfo.value, set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, NotImplementedError):
-            message = str(error)
-            if any(s in message for s in UNWRITTEN_CUDA_KERNELS):
-                return message
-        error = error.__cause__ or error.__context__
-    return None
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -138,7 +117,3 @@ def pytest_runtest_makereport(item, call):
         for name, value in item.user_properties:
             if name == "emulated GPU":
                 report.sections.append(("emulated GPU", value))
-    message = unwritten_cuda_kernel(item, call.excinfo)
-    if message is not None:
-        report.outcome = "skipped"
-        report.wasxfail = f"no CUDA kernel yet: {message.splitlines()[0]}"

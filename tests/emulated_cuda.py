@@ -29,7 +29,7 @@ SOURCES = [
 # The kernel layer, whose line coverage `make test` reports.
 KERNEL_LAYER = ["cuda/forward.cu", "cuda/backward.cu", "cuda/batch_norm_kernels.cuh", "cuda/device_primitives.cuh",
                 "cuda/reductions.cuh", "cuda/traversals.cuh", "cuda/forward_kernels.cuh", "cuda/backward_kernels.cuh",
-                "cuda/launch.cuh", "cuda/cuda_platform.h", "common/channel_math.h"]
+                "cuda/launch.cuh", "cuda/epilogues.cuh", "cuda/cuda_platform.h", "common/channel_math.h"]
 # As torch.utils.cpp_extension builds CUDA extensions: half/bfloat16 only
 # through intrinsics, so the emulated build sees what nvcc sees.
 DEFINES = [
@@ -87,8 +87,11 @@ def enable(on=True):
     torch.ops.fused_bn_emulation.enable(on)
 
 
-def configure(multiprocessor_count=4, block_order="forward", seed=0):
-    torch.ops.fused_bn_emulation.configure(multiprocessor_count, BLOCK_ORDERS[block_order], seed)
+def configure(multiprocessor_count=4, block_order="forward", seed=0, resident_threads=1024):
+    """resident_threads: the occupancy query's answer for every kernel, threads
+    of resident blocks per multiprocessor (the grids are sized by it)."""
+    torch.ops.fused_bn_emulation.configure(multiprocessor_count, BLOCK_ORDERS[block_order], seed,
+                                           resident_threads)
 
 
 def launch_count():

@@ -86,6 +86,119 @@ def test_autocast_whole_model_runs_like_nn():
     assert outs[0] == outs[1]
 
 
+# ------------------------------------------------- no host syncs, CUDA graphs
+
+GRAPH_SHAPE = (6, 16, 10, 10)
+
+
+def _graph_module(variant):
+    if variant == "relu":
+        return fused_bn.FusedBatchNormReLU2d(GRAPH_SHAPE[1]).cuda()
+    if variant == "add_relu":
+        return fused_bn.FusedBatchNormAddReLU2d(GRAPH_SHAPE[1]).cuda()
+    return fused_bn.FusedBatchNorm2d(GRAPH_SHAPE[1], momentum=None if variant == "cumulative" else 0.1).cuda()
+
+
+def _module_step(m, variant, x, z, dy):
+    """One training step's forward and backward; its outputs."""
+    y = m(x, z) if variant == "add_relu" else m(x)
+    y.backward(dy)
+    return y
+
+
+def _sync_ops_step(state, x, dy, relu):
+    """FusedSyncBatchNorm2d's four ops as one rank runs them (the collectives,
+    NCCL's, left out): statistics, merge, the sums, dx from the summed sums and
+    the gathered count, which never leaves the device."""
+    ops = torch.ops.fused_bn
+    w, b, rm, rv, nbt = state
+    all_stats = ops.batch_norm_stats(x, w, b, rm, rv)[None]
+    count = all_stats[:, :1, 0].sum()
+    y, mean, invstd = ops.batch_norm_train_with_stats(x, w, b, rm, rv, nbt, 0.1, 1e-5, all_stats, relu)
+    sums, gw, gb = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, relu)
+    dx = ops.batch_norm_backward_with_sums(dy, x, w, mean, invstd, sums, count, b, relu)
+    return y, dx, gw, gb
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("variant", ["plain", "cumulative", "relu", "add_relu", "sync_ops", "sync_ops_relu"])
+def test_training_step_syncs_nothing_and_replays_in_a_cuda_graph(variant, layout):
+    """A training step of each module (and of the synchronised path's ops) runs
+    with torch.cuda.set_sync_debug_mode("error") (any device-to-host sync
+    raises), is captured in a CUDA graph, and a replay on new data gives exactly
+    what the same step gives eagerly: outputs, grads, running statistics and
+    num_batches_tracked."""
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    fresh = lambda: torch.randn(GRAPH_SHAPE, device="cuda").contiguous(memory_format=fmt)  # noqa: E731
+    x, z, dy = fresh().requires_grad_(), fresh().requires_grad_(), fresh()
+    sync_ops = variant.startswith("sync_ops")
+    if sync_ops:
+        C = GRAPH_SHAPE[1]
+        state = [torch.rand(C, device="cuda") + 0.5, torch.rand(C, device="cuda"), torch.zeros(C, device="cuda"),
+                 torch.ones(C, device="cuda"), torch.zeros((), dtype=torch.long, device="cuda")]
+        relu = variant == "sync_ops_relu"
+        run = lambda st: _sync_ops_step(st, x.detach(), dy, relu)  # noqa: E731
+    else:
+        m = _graph_module(variant)
+
+        def run(module):
+            module.zero_grad(set_to_none=False)
+            x.grad, z.grad = None, None
+            y = _module_step(module, variant, x, z, dy)
+            return (y, x.grad, z.grad if variant == "add_relu" else None, module.weight.grad, module.bias.grad)
+
+    subject = state if sync_ops else m
+    # Warm-up on a side stream (as torch.cuda.graphs' docs do), then one eager
+    # step with syncs forbidden.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run(subject)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(subject)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(subject)
+    twin = copy.deepcopy(state if sync_ops else m)  # the state the replay starts from
+    if sync_ops:
+        twin_x, twin_dy = x.detach().clone(), dy.detach().clone()
+    with torch.no_grad():
+        x.copy_(fresh())
+        z.copy_(fresh())
+        dy.copy_(fresh())
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [None if t is None else t.detach().clone() for t in captured]
+    replayed_state = [t.clone() for t in (state if sync_ops else state_tensors(m))]
+
+    # The same step, eagerly, from the same state on the same data.
+    if sync_ops:
+        twin_x.copy_(x)
+        twin_dy.copy_(dy)
+        eager = _sync_ops_step(twin, twin_x, twin_dy, relu)
+        eager_state = twin
+    else:
+        eager = run(twin)
+        eager_state = state_tensors(twin)
+    for i, (a, e) in enumerate(zip(replayed, eager)):
+        assert (a is None) == (e is None), f"{variant}: output {i}"
+        if a is not None:
+            assert torch.equal(a, e.detach()), f"{variant}: output {i} differs between graph replay and eager"
+    for a, e in zip(replayed_state, eager_state):
+        assert torch.equal(a, e), f"{variant}: state differs between graph replay and eager"
+
+
+def state_tensors(m):
+    return [m.running_mean, m.running_var, m.num_batches_tracked]
+
+
 # ---------------------------------------------------------------- > 2**31 elements
 
 def _chunks(t, rows):

@@ -1,6 +1,7 @@
 """FusedSyncBatchNorm2d: statistics synchronised over torch.distributed.
 
-The distributed tests spawn 2 and 3 gloo ranks on 127.0.0.1 (a free port each time).
+The distributed tests spawn 2 and 3 gloo ranks on 127.0.0.1 (a free port each time), and
+(``cuda``, on a machine with two GPUs) 2 NCCL ranks, one GPU each.
 Each rank runs every scenario on its slice of a global batch that all processes
 (and this one) generate from the same seed, and saves what it got; the tests then
 compare against a single-process nn.BatchNorm2d and a float64 one on the whole global
@@ -179,32 +180,48 @@ def _ddp_slices(world_size):
     return out
 
 
-def _run_ddp(rank, world_size):
+def _run_ddp(rank, world_size, device):
     """A DDP training loop with SGD; the model's BatchNorm2d layers converted
     (the first with its ReLU fused) to FusedSyncBatchNorm2d."""
     model = fused_bn.convert_model(_ddp_model(), fuse_relu=True)
-    model = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(model)
+    model = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(model).to(device)
     kinds = sorted(f"{type(mod).__name__}/{getattr(mod, 'activation', None)}"
                    for mod in model.modules() if isinstance(mod, nn.BatchNorm2d))
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     rows = _ddp_slices(world_size)[rank]
     for step in range(DDP_STEPS):
         x, target = _ddp_batch(step, world_size)
         opt.zero_grad()
-        F.cross_entropy(ddp(x[rows]), target[rows]).backward()
+        F.cross_entropy(ddp(x[rows].to(device)), target[rows].to(device)).backward()
         opt.step()
-    return {"kinds": kinds, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    return {"kinds": kinds, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 
 
-def _rank_main(rank, world_size, port, out_dir):
+def _rank_main(rank, world_size, port, out_dir, backend):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if os.environ.get("FUSED_BN_EMULATED_CUDA", "0") == "1":
+        # As this process's conftest does: the ranks' CPU tensors go through
+        # our CUDA glue and kernels on the emulated GPU (the cached build),
+        # with few multiprocessors so that the reductions split.
+        import emulated_cuda
+
+        emulated_cuda.build(os.environ.get("FUSED_BN_EMULATION_VARIANT", "default"))
+        emulated_cuda.configure(3, "shuffle", 11, 512)
+        emulated_cuda.enable(True)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
-        results = {"scenarios": {name: _run_scenario(name, rank, world_size, "cpu") for name in SCENARIOS},
-                   "errors": _run_errors(rank, world_size, "cpu"),
-                   "ddp": _run_ddp(rank, world_size)}
+        results = {"scenarios": {name: _run_scenario(name, rank, world_size, device) for name in SCENARIOS},
+                   "errors": _run_errors(rank, world_size, device),
+                   "ddp": _run_ddp(rank, world_size, device)}
+        if os.environ.get("FUSED_BN_EMULATED_CUDA", "0") == "1":
+            import emulated_cuda
+
+            results["emulated_launches"] = emulated_cuda.launch_count()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -216,14 +233,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _spawn(world_size, out_dir):
-    ctx = mp.start_processes(_rank_main, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size,
+def _spawn(world_size, out_dir, backend="gloo"):
+    ctx = mp.start_processes(_rank_main, args=(world_size, _free_port(), str(out_dir), backend), nprocs=world_size,
                              join=False, start_method="spawn")
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=DEADLINE_S)
     try:
         while not ctx.join(timeout=5):
             if datetime.datetime.now() > deadline:
-                raise TimeoutError(f"{world_size} gloo ranks did not finish in {DEADLINE_S} s")
+                raise TimeoutError(f"{world_size} {backend} ranks did not finish in {DEADLINE_S} s")
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -232,10 +249,13 @@ def _spawn(world_size, out_dir):
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+@pytest.fixture(scope="module", params=[(2, "gloo"), (3, "gloo"), pytest.param((2, "nccl"), marks=pytest.mark.cuda)],
+                ids=lambda p: f"world{p[0]}" + ("-nccl" if p[1] == "nccl" else ""))
 def ranks(request, tmp_path_factory):
-    world_size = request.param
-    return world_size, _spawn(world_size, tmp_path_factory.mktemp(f"world{world_size}"))
+    world_size, backend = request.param
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        pytest.skip(f"{world_size} NCCL ranks need {world_size} GPUs")
+    return world_size, _spawn(world_size, tmp_path_factory.mktemp(f"world{world_size}-{backend}"), backend)
 
 
 # ---------------------------------------------------------------------------
@@ -315,6 +335,14 @@ def test_sync_matches_nn_on_the_global_batch(ranks, name):
         scenario = res["scenarios"][name]
         assert_bitwise_equal(scenario["eval"], scenario["eval_local"], f"[{name}] rank {rank} eval vs FusedBatchNorm2d")
         assert_accurate(scenario["eval"], nn_eval[rows], ref_eval[rows], name=f"[{name}] rank {rank} eval")
+
+
+@pytest.mark.skipif(os.environ.get("FUSED_BN_EMULATED_CUDA", "0") != "1", reason="an emulated-GPU run only")
+def test_ranks_run_the_emulated_cuda_kernels(ranks):
+    """Under FUSED_BN_EMULATED_CUDA=1 every spawned rank's ops went through our
+    CUDA kernels on the emulated GPU, not the CPU kernels."""
+    for rank, res in enumerate(ranks[1]):
+        assert res.get("emulated_launches", 0) > 0, f"rank {rank} launched no emulated kernel"
 
 
 def test_sync_errors_raise_on_every_rank_as_nn(ranks):
@@ -446,7 +474,7 @@ def test_ops_with_split_statistics_match_nn(shape, layout, split, dtype, relu):
     assert all_stats[:, :, 0].tolist() == [[float(n * shape[2] * shape[3])] * C for n in split]
     y, mean, invstd = ops.batch_norm_train_with_stats(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, all_stats, relu)
     sums, gw, gb = ops.batch_norm_backward_sums(dy, x, weight, mean, invstd, [True, True], bias, relu)
-    dx = ops.batch_norm_backward_with_sums(dy, x, weight, mean, invstd, sums, x.numel() // C, bias, relu)
+    dx = ops.batch_norm_backward_with_sums(dy, x, weight, mean, invstd, sums, torch.tensor(x.numel() // C), bias, relu)
 
     def reference(dt):
         bn = nn.BatchNorm2d(C).to(param_dtype if dt != torch.float64 else dt)
@@ -486,7 +514,7 @@ def test_ops_with_one_rank_are_bitwise_the_fused_ops(shape, layout, relu):
                        (state[2], plain_state[2], "num_batches_tracked")):
         assert_bitwise_equal(a, e, name)
     sums, gw, gb = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, relu)
-    dx = ops.batch_norm_backward_with_sums(dy, x, w, mean, invstd, sums, x.numel() // C, b, relu)
+    dx = ops.batch_norm_backward_with_sums(dy, x, w, mean, invstd, sums, torch.tensor(x.numel() // C), b, relu)
     dx0, gw0, gb0 = ops.batch_norm_backward(dy, x, w, mean, invstd, True, 1e-5, [True, True, True], b, relu)
     for a, e, name in ((dx, dx0, "dx"), (gb, gb0, "grad_bias")):
         assert_bitwise_equal(a, e, name)
@@ -525,7 +553,13 @@ def test_ops_reject_malformed_exchanged_tensors():
         ops.batch_norm_train_with_stats(x, w, None, None, None, None, 0.1, 1e-5, torch.zeros(1, 3, 3))
     mean, invstd = torch.zeros(3), torch.ones(3)
     with pytest.raises(RuntimeError, match=r"sums must have shape \[3, 3\]"):
-        ops.batch_norm_backward_with_sums(x, x, w, mean, invstd, torch.zeros(3, 2, dtype=torch.float64), 32)
+        ops.batch_norm_backward_with_sums(x, x, w, mean, invstd, torch.zeros(3, 2, dtype=torch.float64),
+                                          torch.tensor(32))
+    sums = torch.zeros(3, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="count must have one element"):
+        ops.batch_norm_backward_with_sums(x, x, w, mean, invstd, sums, torch.tensor([16, 16]))
+    with pytest.raises(RuntimeError, match="count must be float64 or int64"):
+        ops.batch_norm_backward_with_sums(x, x, w, mean, invstd, sums, torch.tensor(32.0))
 
 
 def _opcheck_args(relu):
@@ -538,7 +572,8 @@ def _opcheck_args(relu):
         "batch_norm_stats": (x, w, b, torch.zeros(4), torch.ones(4)),
         "batch_norm_train_with_stats": (x, w, b, torch.zeros(4), torch.ones(4), torch.tensor(0), 0.1, 1e-5, stats, relu),
         "batch_norm_backward_sums": (dy, x, w, mean, invstd, [True, True], b, relu),
-        "batch_norm_backward_with_sums": (dy, x, w, mean, invstd, sums * 2, 150, b, relu),
+        "batch_norm_backward_with_sums": (dy, x, w, mean, invstd, sums * 2, torch.tensor(150.0, dtype=torch.float64), b,
+                                          relu),
     }
 
 

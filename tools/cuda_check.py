@@ -22,7 +22,23 @@ USED_RE = re.compile(r"Used (\d+) registers(.*)")
 STATIC_SHARED_LIMIT = 48 * 1024
 SMEM_RE = re.compile(r"(\d+) bytes smem")
 # Kernels that run once per channel, not per element: a stack frame there costs nothing.
-COLD_KERNEL_RE = re.compile(r"finalize_|increment_counter")
+# Occupancy at the kernels' 256-thread blocks on sm_80/sm_90: 64K registers and
+# 2048 threads per multiprocessor, registers allocated per warp in units of 256
+# (8 per thread). The grids aim for 1024 resident threads per multiprocessor;
+# a kernel holding fewer gets its grid sized from its real occupancy
+# (cudaOccupancyMaxActiveBlocksPerMultiprocessor, csrc/cuda/launch.cuh).
+BLOCK_THREADS = 256
+TARGET_RESIDENT_THREADS = 1024
+
+
+def resident_threads(regs, smem):
+    warps = BLOCK_THREADS // 32
+    by_regs = 65536 // (max(-(-regs // 8) * 8, 8) * 32 * warps)
+    by_smem = (228 * 1024) // smem if smem else 32
+    return min(2048 // BLOCK_THREADS, by_regs, by_smem) * BLOCK_THREADS
+
+
+COLD_KERNEL_RE = re.compile(r"finalize_|increment_counter|snapshot_counter")
 
 
 def demangle(names):
@@ -130,13 +146,22 @@ def main():
     rows.sort(key=lambda r: (r[0], r[1]))
 
     width = max(len(r[1]) for r in rows)
-    header = f"{'arch':6} {'kernel':{width}} {'regs':>5} {'smem':>6} {'stack':>6} {'spill st':>8} {'spill ld':>8}"
+    header = (f"{'arch':6} {'kernel':{width}} {'regs':>5} {'smem':>6} {'stack':>6} {'spill st':>8} {'spill ld':>8} "
+              f"{'resident':>8}")
     print(header)
     print("-" * len(header))
+    below = []
     for arch, pretty, regs, smem, stack, stores, loads, hot in rows:
         mark = "" if hot else "  (cold)"
-        print(f"{arch:6} {pretty:{width}} {regs:5d} {smem:6d} {stack:6d} {stores:8d} {loads:8d}{mark}")
+        resident = resident_threads(regs, smem)
+        if hot and resident < TARGET_RESIDENT_THREADS:
+            below.append((arch, pretty, regs, resident))
+        print(f"{arch:6} {pretty:{width}} {regs:5d} {smem:6d} {stack:6d} {stores:8d} {loads:8d} {resident:8d}{mark}")
     print(f"{len(rows)} kernels; max registers {max(r[2] for r in rows)}")
+    print(f"resident = threads per multiprocessor at {BLOCK_THREADS}-thread blocks; {len(below)} hot kernels hold "
+          f"fewer than the {TARGET_RESIDENT_THREADS} the grids aim for, and get grids sized from their occupancy:")
+    for arch, pretty, regs, resident in below:
+        print(f"  {arch} {pretty}: {regs} registers, {resident} threads")
     if failures:
         print("cuda-check FAILED:", file=sys.stderr)
         for f in failures:

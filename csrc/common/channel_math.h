@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "exchange.h"
 #include "host_device.h"
 
 namespace fused_bn {
@@ -25,6 +26,40 @@ FUSED_BN_HOST_DEVICE inline double square_root(double v) {
 #else
   return std::sqrt(v);
 #endif
+}
+
+// Chan et al.'s pairwise merge of one channel's (count, mean, M2), exact for
+// an empty side: the CPU's merges of its blocks' moments, and both devices'
+// merge of the ranks' exchanged moments (merge_ranks_moments).
+FUSED_BN_HOST_DEVICE inline void chan_merge(int64_t& count, double& mean, double& m2, int64_t other_count,
+                                            double other_mean, double other_m2) {
+  if (other_count == 0) return;
+  if (count == 0) {
+    count = other_count;
+    mean = other_mean;
+    m2 = other_m2;
+    return;
+  }
+  const int64_t total = count + other_count;
+  const double delta = other_mean - mean;
+  const double other_fraction = static_cast<double>(other_count) / static_cast<double>(total);
+  mean += delta * other_fraction;
+  m2 += other_m2 + delta * delta * static_cast<double>(count) * other_fraction;
+  count = total;
+}
+
+// Channel c's moments from all ranks' exchanged ones (all_stats[ranks][C][3],
+// each rank's batch_norm_stats), merged in rank order: every rank merges the
+// same gathered tensor the same way, so all get the same statistics, bit for bit.
+FUSED_BN_HOST_DEVICE inline void merge_ranks_moments(const double* all_stats, int64_t ranks, int64_t channels,
+                                                     int64_t c, int64_t& count, double& mean, double& m2) {
+  count = 0;
+  mean = m2 = 0.0;
+  for (int64_t r = 0; r < ranks; ++r) {
+    const double* rank_stats = all_stats + (r * channels + c) * kExchangedMoments;
+    chan_merge(count, mean, m2, static_cast<int64_t>(rank_stats[kMomentsCount]), rank_stats[kMomentsMean],
+               rank_stats[kMomentsM2]);
+  }
 }
 
 // 1/√(var + ε): the saved invstd (from the biased batch variance) and eval's

@@ -57,19 +57,7 @@ struct Moments {
   double m2 = 0.0;
 
   // Chan et al.'s pairwise update: exact for an empty side, stable otherwise.
-  void merge(const Moments& other) {
-    if (other.count == 0) return;
-    if (count == 0) {
-      *this = other;
-      return;
-    }
-    const int64_t total = count + other.count;
-    const double delta = other.mean - mean;
-    const double other_fraction = static_cast<double>(other.count) / static_cast<double>(total);
-    mean += delta * other_fraction;
-    m2 += other.m2 + delta * delta * static_cast<double>(count) * other_fraction;
-    count = total;
-  }
+  void merge(const Moments& other) { common::chan_merge(count, mean, m2, other.count, other.mean, other.m2); }
 
   static Moments from_shifted_sums(int64_t count, double shift, double sum, double sum_sq) {
     if (count == 0) return {};

@@ -29,18 +29,6 @@ T* mutable_data_or_null(const optional<Tensor>& t) {
   return is_defined(t) ? t->mutable_data_ptr<T>() : nullptr;
 }
 
-// The forward's epilogue, and its residual in the input's layout (undefined
-// when there is none).
-struct PreparedEpilogue {
-  cpu::Epilogue kind;
-  Tensor residual;
-};
-
-PreparedEpilogue prepare_epilogue(bool relu, const optional<Tensor>& residual, const PreparedInput& in) {
-  if (is_defined(residual)) return {cpu::Epilogue::kAddRelu, residual->contiguous(in.format)};
-  return {relu ? cpu::Epilogue::kRelu : cpu::Epilogue::kNone, Tensor()};
-}
-
 template <typename F>
 void dispatch_epilogue(cpu::Epilogue e, F&& f) {
   dispatch_enum<cpu::Epilogue, cpu::Epilogue::kNone, cpu::Epilogue::kRelu, cpu::Epilogue::kAddRelu>(e, f);
@@ -307,10 +295,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_sums_cpu(
 // sums of every rank, over `count` values per channel in all.
 Tensor batch_norm_backward_with_sums_cpu(const Tensor& grad_output, const Tensor& input,
                                          const optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
-                                         const Tensor& sums, int64_t count, const optional<Tensor>& bias,
-                                         bool relu) {
+                                         const Tensor& sums, const Tensor& count_tensor,
+                                         const optional<Tensor>& bias, bool relu) {
   check_input_tensor(input);
   check_exchanged(sums, "sums", input, {}, common::kExchangedGradSums);
+  check_exchanged_count(count_tensor, input);
+  const int64_t count = static_cast<int64_t>(count_tensor.item<double>());
   TORCH_CHECK(count >= 0, "batch_norm: count must be non-negative, got ", count);
   auto [grad_input, unused_w, unused_b, unused_sums] =
       backward_cpu(relu ? cpu::GradMask::kReluOfInput : cpu::GradMask::kNone, grad_output, input, weight, bias,

@@ -49,11 +49,7 @@ void train_forward_with_stats(const scalar_t* x, scalar_t* y, const Geometry& g,
   ChannelCoefs<scalar_t> k(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
     Moments m;
-    for (int64_t r = 0; r < ranks; ++r) {
-      const double* rank_stats = all_stats + (r * g.C + c) * kExchangedMoments;
-      m.merge(Moments{static_cast<int64_t>(rank_stats[common::kMomentsCount]), rank_stats[common::kMomentsMean],
-                       rank_stats[common::kMomentsM2]});
-    }
+    common::merge_ranks_moments(all_stats, ranks, g.C, c, m.count, m.mean, m.m2);
     finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd,
                                      /*coefs_from_saved=*/kEpilogue != Epilogue::kNone, k);
   }

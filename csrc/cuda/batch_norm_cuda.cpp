@@ -10,6 +10,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../common/exchange.h"
 #include "../torch/checks.h"
 #include "../torch/dispatch.h"
 #include "../torch/prepare.h"
@@ -76,15 +77,18 @@ Tensor allocate_workspace(size_t bytes, const Tensor& input) {
 }
 
 // ---------------------------------------------------------------------------
-// Training forward.
+// Training forward (batch_norm_train, and batch_norm_train_with_stats with all
+// ranks' gathered moments).
 
 struct TrainForwardTensors {
   const PreparedInput& in;
+  const PreparedEpilogue& epilogue;
   const Tensor& weight;
   const Tensor& bias;
   const Tensor& running_mean;
   const Tensor& running_var;
   const Tensor& num_batches_tracked;
+  const Tensor& gathered_moments;  // undefined: this batch's own moments
   optional<double> momentum;
   double eps;
   Tensor& output;
@@ -113,27 +117,26 @@ struct RunTrainForward {
     p.eps = t.eps;
     p.cumulative_momentum = !t.momentum.has_value();
     p.momentum = t.momentum.value_or(0.0);
+    p.epilogue = t.epilogue.kind;
+    p.residual = device_data<scalar_t>(t.epilogue.residual);
+    if (t.gathered_moments.defined()) {
+      p.gathered_moments = t.gathered_moments.const_data_ptr<double>();
+      p.ranks = t.gathered_moments.size(0);
+    }
     Tensor workspace = allocate_workspace(cuda::train_forward_workspace_bytes(p), t.in.tensor);
     p.workspace = workspace.mutable_data_ptr();
     device::check_launch(cuda::launch_batch_norm_train_forward(p, device::current_stream()));
   }
 };
 
-// The ReLU and add+ReLU epilogues have CPU kernels only so far: refused here
-// before any state changes, rather than computed without them.
-void check_no_epilogue(bool relu, const optional<Tensor>& residual) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!relu && !is_defined(residual),
-                              "fused_bn: relu/residual epilogues are not implemented for CUDA yet");
-}
-
-std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
-    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
-    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
-    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps, bool relu,
-    const optional<Tensor>& residual) {
+std::tuple<Tensor, Tensor, Tensor> train_cuda(const Tensor& input, const optional<Tensor>& weight,
+                                              const optional<Tensor>& bias, const optional<Tensor>& running_mean,
+                                              const optional<Tensor>& running_var,
+                                              const optional<Tensor>& num_batches_tracked, optional<double> momentum,
+                                              double eps, bool relu, const optional<Tensor>& residual,
+                                              const Tensor& gathered_moments) {
   check_forward_args(input, weight, bias, running_mean, running_var);
   check_epilogue(relu, residual, input);
-  check_no_epilogue(relu, residual);
   check_updatable(running_mean, "running_mean");
   check_updatable(running_var, "running_var");
   check_batches_tracked(num_batches_tracked, input);
@@ -142,6 +145,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
   const device::DeviceGuard device_guard(input.device());
 
   PreparedInput in = prepare_for_cuda(input);
+  const PreparedEpilogue epilogue = prepare_epilogue(relu, residual, in);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor rm = as_tensor_or_undefined(running_mean), rv = as_tensor_or_undefined(running_var);
   // The kernels count in int64 on the device (no host sync): a counter of
@@ -155,7 +159,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
   Tensor save_invstd = at::empty({in.geometry.C}, stats_options);
 
   // Every check has passed: from here on, the kernels may change state.
-  const TrainForwardTensors tensors{in, w, b, rm, rv, counter64, momentum, eps, output, save_mean, save_invstd};
+  const TrainForwardTensors tensors{in,       epilogue, w,    b,      rm,        rv,         counter64,
+                                    gathered_moments, momentum, eps, output, save_mean, save_invstd};
   dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
     RunTrainForward::run<typename decltype(scalar)::type, typename decltype(param)::type>(tensors);
   });
@@ -163,11 +168,66 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
   return {output, save_mean, save_invstd};
 }
 
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps, bool relu,
+    const optional<Tensor>& residual) {
+  return train_cuda(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu,
+                    residual, Tensor());
+}
+
+// FusedSyncBatchNorm2d's forward, before its all_gather: this rank's
+// per-channel (count, mean, M2) as a [C, 3] float64 tensor (the CPU's
+// format). The parameters and running statistics are only checked, so that a
+// bad call raises on every rank before any collective.
+struct RunStats {
+  template <typename scalar_t>
+  static void run(const PreparedInput& in, Tensor& stats) {
+    cuda::StatsParams<device_t<scalar_t>> p;
+    p.geometry = in.geometry;
+    p.input = device_data<scalar_t>(in.tensor);
+    p.exchanged_moments = stats.mutable_data_ptr<double>();
+    Tensor workspace = allocate_workspace(cuda::stats_workspace_bytes(p), in.tensor);
+    p.workspace = workspace.mutable_data_ptr();
+    device::check_launch(cuda::launch_batch_norm_stats(p, device::current_stream()));
+  }
+};
+
+Tensor batch_norm_stats_cuda(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                             const optional<Tensor>& running_mean, const optional<Tensor>& running_var) {
+  check_forward_args(input, weight, bias, running_mean, running_var);
+  device::check_input_device(input);
+  const device::DeviceGuard device_guard(input.device());
+  PreparedInput in = prepare_for_cuda(input);
+  Tensor stats = at::empty({in.geometry.C, common::kExchangedMoments}, input.options().dtype(at::kDouble));
+  dispatch_input_and_params(input, false, [&](auto scalar, auto) {
+    RunStats::run<typename decltype(scalar)::type>(in, stats);
+  });
+  return stats;
+}
+
+// FusedSyncBatchNorm2d's forward, after its all_gather: batch_norm_train with
+// the statistics of every rank's batch, all_stats[ranks][C][3], merged in
+// rank order on the device.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_with_stats_cuda(
+    const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
+    const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
+    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps, const Tensor& all_stats,
+    bool relu) {
+  check_input_tensor(input);
+  TORCH_CHECK(all_stats.dim() == 3, "batch_norm: all_stats must be [ranks, C, 3], got ", all_stats.sizes());
+  check_exchanged(all_stats, "all_stats", input, {all_stats.size(0)}, common::kExchangedMoments);
+  return train_cuda(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu,
+                    c10::nullopt, all_stats.contiguous());
+}
+
 // ---------------------------------------------------------------------------
 // Eval forward.
 
 struct EvalForwardTensors {
   const PreparedInput& in;
+  const PreparedEpilogue& epilogue;
   const Tensor& weight;
   const Tensor& bias;
   const Tensor& running_mean;
@@ -188,6 +248,8 @@ struct RunEvalForward {
     p.running_mean = device_data<param_t>(t.running_mean);
     p.running_var = device_data<param_t>(t.running_var);
     p.eps = t.eps;
+    p.epilogue = t.epilogue.kind;
+    p.residual = device_data<scalar_t>(t.epilogue.residual);
     device::check_launch(cuda::launch_batch_norm_eval_forward(p, device::current_stream()));
   }
 };
@@ -199,16 +261,16 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const optional<Tensor>& weight,
   const optional<Tensor> mean_opt(running_mean), var_opt(running_var);
   check_forward_args(input, weight, bias, mean_opt, var_opt);
   check_epilogue(relu, residual, input);
-  check_no_epilogue(relu, residual);
   device::check_input_device(input);
   const bool float_params = has_float_params(input, {&weight, &bias, &mean_opt, &var_opt});
   const device::DeviceGuard device_guard(input.device());
 
   PreparedInput in = prepare_for_cuda(input);
+  const PreparedEpilogue epilogue = prepare_epilogue(relu, residual, in);
   Tensor output = empty_output(input, in.format);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor mean = running_mean.contiguous(), var = running_var.contiguous();
-  const EvalForwardTensors tensors{in, w, b, mean, var, eps, output};
+  const EvalForwardTensors tensors{in, epilogue, w, b, mean, var, eps, output};
   dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
     RunEvalForward::run<typename decltype(scalar)::type, typename decltype(param)::type>(tensors);
   });
@@ -216,24 +278,41 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const optional<Tensor>& weight,
 }
 
 // ---------------------------------------------------------------------------
-// Backward.
+// Backward (batch_norm_backward, batch_norm_add_relu_backward and the two
+// data-parallel backward ops).
+
+// FusedSyncBatchNorm2d's two backward calls: want_local asks for this rank's
+// [C, 3] sums (returned as the fourth tensor); a defined global is every
+// rank's, over *global_count values per channel.
+struct ExchangeArgs {
+  bool want_local = false;
+  Tensor global;
+  Tensor global_count;
+};
 
 struct BackwardTensors {
   const PreparedInput& in;
+  common::GradMask mask;
   const Tensor& grad_output;
   const Tensor& weight;
+  const Tensor& bias;
+  const Tensor& forward_output;
   const Tensor& mean;
   const Tensor& invstd;
   bool training;
   double eps;
   std::array<bool, 3> output_mask;
+  const ExchangeArgs& exchange;
   Tensor& grad_input;
   Tensor& grad_weight;
   Tensor& grad_bias;
+  Tensor& grad_residual;
+  Tensor& local_sums;
 };
 
 struct RunBackward {
-  // grad_param_t: the weight's dtype, or the accumulation dtype without a weight.
+  // grad_param_t: the weight's (or bias's) dtype, or the accumulation dtype
+  // without either.
   template <typename scalar_t, typename grad_param_t>
   static void run_with(const BackwardTensors& t) {
     using kernel_scalar_t = device_t<scalar_t>;
@@ -250,6 +329,13 @@ struct RunBackward {
     p.grad_input = t.output_mask[0] ? mutable_device_data<scalar_t>(t.grad_input) : nullptr;
     p.grad_weight = t.output_mask[1] ? mutable_device_data<grad_param_t>(t.grad_weight) : nullptr;
     p.grad_bias = t.output_mask[2] ? mutable_device_data<grad_param_t>(t.grad_bias) : nullptr;
+    p.mask = t.mask;
+    p.bias = device_data<grad_param_t>(t.bias);
+    p.output = device_data<scalar_t>(t.forward_output);
+    p.grad_residual = mutable_device_data<scalar_t>(t.grad_residual);
+    p.local_sums = t.local_sums.defined() ? t.local_sums.mutable_data_ptr<double>() : nullptr;
+    p.global_sums = t.exchange.global.defined() ? t.exchange.global.const_data_ptr<double>() : nullptr;
+    p.global_count = t.exchange.global_count.defined() ? t.exchange.global_count.const_data_ptr<double>() : nullptr;
     Tensor workspace = allocate_workspace(cuda::backward_workspace_bytes(p), t.in.tensor);
     p.workspace = workspace.mutable_data_ptr();
     device::check_launch(cuda::launch_batch_norm_backward(p, device::current_stream()));
@@ -258,7 +344,7 @@ struct RunBackward {
   template <typename scalar_t, typename param_t>
   static void run(const BackwardTensors& t) {
     using acc_scalar_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (t.weight.defined()) {
+    if (t.weight.defined() || t.bias.defined()) {
       run_with<scalar_t, param_t>(t);
     } else {
       run_with<scalar_t, acc_scalar_t>(t);
@@ -266,45 +352,106 @@ struct RunBackward {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
-    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const Tensor& mean, const Tensor& invstd, bool training,
-    double eps,
-    std::array<bool, 3> output_mask, const optional<Tensor>& bias, bool relu) {
+// The backward ops' shared body (the CPU glue's backward_cpu): mask kNone
+// (batch_norm), kReluOfInput (relu(batch_norm): bias is the forward's),
+// kReluOfOutput (relu(batch_norm + residual): forward_output is the forward's
+// y, and grad_residual is returned).
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
+    common::GradMask mask, const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, const Tensor& forward_output, const Tensor& mean, const Tensor& invstd,
+    bool training, double eps, std::array<bool, 3> output_mask, const ExchangeArgs& exchange = {}) {
   check_backward_args(grad_output, input, weight, mean, invstd);
-  check_no_epilogue(relu, c10::nullopt);
+  if (mask == common::GradMask::kReluOfInput) check_channel_tensor(bias, "bias", input);
+  if (mask == common::GradMask::kReluOfOutput) check_like_input(forward_output, "output", input);
   const at::ScalarType acc_dtype = accumulate_dtype(input.scalar_type());
   TORCH_CHECK(mean.scalar_type() == acc_dtype && invstd.scalar_type() == acc_dtype,
               "batch_norm_backward: mean and invstd must be ", acc_dtype, " for ", input.scalar_type(),
               " input");
   check_on_input_device(grad_output, "grad_output", input);
   device::check_input_device(input);
-  const bool float_params = has_float_params(input, {&weight});
+  const bool float_params = has_float_params(input, {&weight, &bias});
   const device::DeviceGuard device_guard(input.device());
 
   PreparedInput in = prepare_for_cuda(input);
   const Tensor dy = grad_output.contiguous(in.format);
+  const Tensor y =
+      mask == common::GradMask::kReluOfOutput ? forward_output.contiguous(in.format) : Tensor();
   const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
   const Tensor w = dense_or_undefined(weight);
+  const Tensor b = mask == common::GradMask::kReluOfInput ? dense_or_undefined(bias) : Tensor();
+  TORCH_CHECK(!w.defined() || !b.defined() || w.scalar_type() == b.scalar_type(),
+              "batch_norm_backward: weight and bias must share a dtype");
   const int64_t channels = in.geometry.C;
-  const auto param_options = input.options().dtype(is_defined(weight) ? weight->scalar_type() : acc_dtype);
-  Tensor grad_input = output_mask[0] ? empty_output(grad_output, in.format) : at::empty({0}, input.options());
+  const at::ScalarType param_dtype =
+      w.defined() ? w.scalar_type() : (b.defined() ? b.scalar_type() : acc_dtype);
+  const auto param_options = input.options().dtype(param_dtype);
+  auto like_input = [&] { return empty_output(grad_output, in.format); };
+  Tensor grad_input = output_mask[0] ? like_input() : at::empty({0}, input.options());
   Tensor grad_weight = at::empty({output_mask[1] ? channels : 0}, param_options);
   Tensor grad_bias = at::empty({output_mask[2] ? channels : 0}, param_options);
-
-  const BackwardTensors tensors{in, dy, w, mean_c, invstd_c, training, eps, output_mask,
-                                grad_input, grad_weight, grad_bias};
+  Tensor grad_residual = mask == common::GradMask::kReluOfOutput ? like_input() : Tensor();
+  Tensor local_sums = exchange.want_local
+                          ? at::empty({channels, common::kExchangedGradSums}, input.options().dtype(at::kDouble))
+                          : Tensor();
+  const BackwardTensors tensors{in,          mask,       dy,        w,         b,           y,
+                                mean_c,      invstd_c,   training,  eps,       output_mask, exchange,
+                                grad_input,  grad_weight, grad_bias, grad_residual, local_sums};
   dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
     RunBackward::run<typename decltype(scalar)::type, typename decltype(param)::type>(tensors);
   });
+  return {grad_input, grad_weight, grad_bias, exchange.want_local ? local_sums : grad_residual};
+}
+
+common::GradMask relu_mask(bool relu) { return relu ? common::GradMask::kReluOfInput : common::GradMask::kNone; }
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
+    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight, const Tensor& mean,
+    const Tensor& invstd, bool training, double eps, std::array<bool, 3> output_mask, const optional<Tensor>& bias,
+    bool relu) {
+  auto [grad_input, grad_weight, grad_bias, unused] = backward_cuda(
+      relu_mask(relu), grad_output, input, weight, bias, Tensor(), mean, invstd, training, eps, output_mask);
   return {grad_input, grad_weight, grad_bias};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_relu_backward_cuda(
     const Tensor& grad_output, const Tensor& output, const Tensor& input, const optional<Tensor>& weight,
     const Tensor& mean, const Tensor& invstd, bool training, double eps, std::array<bool, 3> output_mask) {
-  check_no_epilogue(true, c10::nullopt);
-  return {};
+  auto [grad_input, grad_weight, grad_bias, grad_residual] =
+      backward_cuda(common::GradMask::kReluOfOutput, grad_output, input, weight, c10::nullopt, output, mean, invstd,
+                    training, eps, output_mask);
+  return {grad_input, grad_residual, grad_weight, grad_bias};
+}
+
+// FusedSyncBatchNorm2d's backward, before its all_reduce: this rank's [C, 3]
+// sums and its share of grad_weight and grad_bias.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_sums_cuda(
+    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight, const Tensor& mean,
+    const Tensor& invstd, std::array<bool, 2> param_mask, const optional<Tensor>& bias, bool relu) {
+  ExchangeArgs exchange;
+  exchange.want_local = true;
+  auto [unused, grad_weight, grad_bias, sums] =
+      backward_cuda(relu_mask(relu), grad_output, input, weight, bias, Tensor(), mean, invstd, /*training=*/true,
+                    /*eps=*/0.0, {false, param_mask[0], param_mask[1]}, exchange);
+  return {sums, grad_weight, grad_bias};
+}
+
+// FusedSyncBatchNorm2d's backward, after its all_reduce: grad_input from the
+// sums of every rank, over `count` values per channel in all (read on the
+// device: the host never waits for the gathered counts).
+Tensor batch_norm_backward_with_sums_cuda(const Tensor& grad_output, const Tensor& input,
+                                          const optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
+                                          const Tensor& sums, const Tensor& count, const optional<Tensor>& bias,
+                                          bool relu) {
+  check_input_tensor(input);
+  check_exchanged(sums, "sums", input, {}, common::kExchangedGradSums);
+  check_exchanged_count(count, input);
+  ExchangeArgs exchange;
+  exchange.global = sums.contiguous();
+  exchange.global_count = count.reshape({1}).to(at::kDouble);
+  auto [grad_input, unused_w, unused_b, unused_sums] =
+      backward_cuda(relu_mask(relu), grad_output, input, weight, bias, Tensor(), mean, invstd, /*training=*/true,
+                    /*eps=*/0.0, {true, false, false}, exchange);
+  return grad_input;
 }
 
 }  // namespace
@@ -314,6 +461,10 @@ void register_cuda_glue(torch::Library& m) {
   m.impl("batch_norm_eval", &batch_norm_eval_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("batch_norm_add_relu_backward", &batch_norm_add_relu_backward_cuda);
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
+  m.impl("batch_norm_train_with_stats", &batch_norm_train_with_stats_cuda);
+  m.impl("batch_norm_backward_sums", &batch_norm_backward_sums_cuda);
+  m.impl("batch_norm_backward_with_sums", &batch_norm_backward_with_sums_cuda);
 }
 
 #if !defined(FUSED_BN_CUDA_EMULATION)

@@ -28,6 +28,20 @@
 //                      (only when output_mask[0])
 //                      => training: 2 reads of x and dy + 1 write of dx;
 //                         eval dx only: 1 read of dy + 1 write of dx.
+//   epilogues (epilogues.cuh, the one copy of their per-element formulas):
+//                      relu(bn(x)) applies the ReLU in the normalize pass; its
+//                      backward recomputes the mask from x with the forward's
+//                      coefficients in both the grad-sums and the grad-input
+//                      pass (eval's dx then reads x too). relu(bn(x) + z)
+//                      reads z in the normalize pass; its backward reads y in
+//                      the grad-sums pass and writes g = dz there, which the
+//                      grad-input pass reads in place of dy.
+//   data parallel    : batch_norm_stats is the moments and finalize passes,
+//                      writing (count, mean, M2) per channel; the training
+//                      forward with gathered moments merges them in rank order
+//                      in its finalize pass (no moments pass); the backward's
+//                      local sums come from its grad-sums and finalize passes,
+//                      and dx from all ranks' sums skips the grad-sums pass.
 //
 // Determinism (no floating-point atomics anywhere). A reduction is split over a
 // grid fixed by the shape, the dtype's vector width and the multiprocessor
@@ -42,8 +56,9 @@
 // one channel's N x HW/vec vector positions. Channels-last: grid (column tiles,
 // splits), blocks of up to 32 vector columns x rows (256 threads), splits
 // cutting the N*HW rows. splits fills the chip with ~1024 threads per
-// multiprocessor for any C, without giving a block fewer than 4 unrolled
-// iterations per thread. Loads and stores are 16-byte vectors when every
+// multiprocessor for any C (or what the kernel's registers let one hold, when
+// fewer: cudaOccupancyMaxActiveBlocksPerMultiprocessor), without giving a
+// block fewer than 4 unrolled iterations per thread. Loads and stores are 16-byte vectors when every
 // pointer involved is 16-byte aligned and HW (channels-first) or C
 // (channels-last) is a multiple of 16 / sizeof(scalar); scalar otherwise.
 // All element offsets are 64-bit. C == 0 launches only a counter increment.
@@ -52,8 +67,10 @@
 // them in csrc/common/channel_math.h). Welford/Chan moments are taken of x - K,
 // with K the channel's first element (0 if it is not finite): for data far from
 // zero (mean 1e4, std 1 in float32) the shifted values are exact and their mean
-// keeps full precision; the normalize pass uses (x - K) - mean_shifted rather
-// than x - rounded_mean. float32 moments accumulate in double, half/bfloat16 in
+// keeps full precision; the normalize pass uses (x − mean_hi) − mean_lo, the
+// double mean in two parts, rather than x − rounded_mean (an epilogue's
+// normalizes with the saved statistics instead, which its backward recomputes
+// the mask from). float32 moments accumulate in double, half/bfloat16 in
 // float. The backward sums Σdy, Σdy·(x − mean) and Σ(x − mean) in double for
 // every dtype, centres Σdy·(x − mean) on the exact batch mean, and writes dx in
 // nn's factored form (dy − mean(dy) − (x − mean)·projection)·w·invstd. Double
@@ -65,9 +82,12 @@
 // workspace; the finalize kernel (a later launch in the same stream) derives
 // the cumulative momentum 1/count from the snapshot and stores it back, so no
 // block ever reads the counter while another writes it, and the host never
-// synchronizes.
+// synchronizes. Nothing in the kernel layer or the glue reads a device value
+// on the host (the data-parallel backward's count is a device scalar), so
+// every op can be captured in a CUDA graph.
 #pragma once
 
+#include "../common/epilogue.h"
 #include "../common/geometry.h"
 #include "cuda_platform.h"
 
@@ -112,6 +132,23 @@ struct TrainForwardParams {
   double eps = 1e-5;
   double momentum = 0.1;
   bool cumulative_momentum = false;  // momentum=None: 1 / num_batches_tracked
+  common::Epilogue epilogue = common::Epilogue::kNone;
+  const scalar_t* residual = nullptr;  // kAddRelu: laid out as input
+  // batch_norm_train_with_stats: the statistics are all ranks' moments,
+  // gathered_moments[ranks][C][3] (each rank's launch_batch_norm_stats),
+  // merged in rank order; the moments pass does not run.
+  const double* gathered_moments = nullptr;
+  int64_t ranks = 0;
+};
+
+// batch_norm_stats: this rank's per-channel (count, mean, M2) into
+// exchanged_moments[C][3] (csrc/common/exchange.h); one read of the input.
+template <typename scalar_t>
+struct StatsParams {
+  Geometry geometry;
+  const scalar_t* input = nullptr;
+  double* exchanged_moments = nullptr;
+  void* workspace = nullptr;  // stats_workspace_bytes(), 16-byte aligned
 };
 
 template <typename scalar_t, typename param_t>
@@ -124,6 +161,8 @@ struct EvalForwardParams {
   const param_t* running_mean = nullptr;
   const param_t* running_var = nullptr;
   double eps = 1e-5;
+  common::Epilogue epilogue = common::Epilogue::kNone;
+  const scalar_t* residual = nullptr;  // kAddRelu: laid out as input
 };
 
 // param_t: the weight's dtype, or acc_t when there is no weight; grad_weight
@@ -143,6 +182,24 @@ struct BackwardParams {
   param_t* grad_weight = nullptr;   // nullable: output_mask[1] false
   param_t* grad_bias = nullptr;     // nullable: output_mask[2] false
   void* workspace = nullptr;        // backward_workspace_bytes(), 16-byte aligned
+  // The gradient the passes take (common::GradMask): kReluOfInput recomputes
+  // the forward's z from x, weight, invstd, mean and bias; kReluOfOutput
+  // masks by output and writes that g to grad_residual in the reduction pass.
+  common::GradMask mask = common::GradMask::kNone;
+  const param_t* bias = nullptr;        // kReluOfInput, nullable: 0
+  const scalar_t* output = nullptr;     // kReluOfOutput
+  scalar_t* grad_residual = nullptr;    // kReluOfOutput
+  // FusedSyncBatchNorm2d's two training calls (exchange format in
+  // csrc/common/exchange.h):
+  //   local_sums  : the reduction pass only; this rank's sums go to
+  //                 local_sums[C][3], and grad_weight / grad_bias are its share
+  //                 (about the saved mean, uncentred: ranks add them up).
+  //   global_sums : no reduction pass; dx from all ranks' summed sums, over
+  //                 *global_count values per channel (a device scalar, so the
+  //                 host never reads the gathered counts).
+  double* local_sums = nullptr;
+  const double* global_sums = nullptr;
+  const double* global_count = nullptr;
 };
 
 // Every (input, parameter) dtype pair batch norm accepts: X(scalar_t, param_t)
@@ -165,6 +222,12 @@ cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, p
 template <typename scalar_t, typename param_t>
 cudaError_t launch_batch_norm_eval_forward(const EvalForwardParams<scalar_t, param_t>& params,
                                            cudaStream_t stream);
+
+template <typename scalar_t>
+size_t stats_workspace_bytes(const StatsParams<scalar_t>& params);
+
+template <typename scalar_t>
+cudaError_t launch_batch_norm_stats(const StatsParams<scalar_t>& params, cudaStream_t stream);
 
 template <typename scalar_t, typename param_t>
 size_t backward_workspace_bytes(const BackwardParams<scalar_t, param_t>& params);

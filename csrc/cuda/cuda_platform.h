@@ -53,5 +53,28 @@ cudaError_t launch_kernel(dim3 grid, dim3 block, cudaStream_t stream, const Args
 }
 #endif
 
+#if defined(__CUDACC__) || defined(FUSED_BN_CUDA_EMULATION)
+// Threads of kKernel's blocks of kBlockThreads that one multiprocessor holds
+// at once, as its registers and shared memory allow
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor, asked once per kernel); 0
+// when the runtime cannot tell. The emulated GPU answers its configured count.
+template <auto kKernel, int kBlockThreads>
+int resident_threads_per_multiprocessor() {
+#if defined(FUSED_BN_CUDA_EMULATION)
+  return emulation::config().resident_threads_per_multiprocessor / kBlockThreads * kBlockThreads;
+#else
+  static const int threads = [] {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kKernel, kBlockThreads, 0) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return blocks * kBlockThreads;
+  }();
+  return threads;
+#endif
+}
+#endif
+
 }  // namespace cuda
 }  // namespace fused_bn

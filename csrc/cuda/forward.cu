@@ -42,22 +42,58 @@ ForwardWorkspace<acc_t> carve_forward_workspace(void* base, int64_t channels, in
   return ws;
 }
 
-// The moments and grad-sums passes run with this plan; the workspace is sized by it.
-template <typename scalar_t, typename param_t>
-LaunchPlan forward_moments_plan(const TrainForwardParams<scalar_t, param_t>& p) {
-  return make_plan(p.geometry, pick_vector_width<scalar_t>(p.geometry, {p.input}));
+// The moments pass runs with this plan; the workspace is sized by it.
+template <typename scalar_t>
+LaunchPlan moments_plan(const Geometry& g, const scalar_t* input) {
+  const int vec = pick_vector_width<scalar_t>(g, {input});
+  return with_vector_width<scalar_t>(vec, [&](auto v) {
+    constexpr int kVec = decltype(v)::value;
+    return make_pass_plan<channels_first_moments_kernel<scalar_t, kVec>, channels_last_moments_kernel<scalar_t, kVec>>(
+        g, vec);
+  });
 }
 
 template <typename scalar_t, typename param_t>
-cudaError_t launch_normalize(const Geometry& g, const scalar_t* input, scalar_t* output,
-                             const NormalizeCoefficients<acc_type<scalar_t>, param_t>& coefficients,
-                             cudaStream_t stream) {
-  const LaunchPlan plan = make_plan(g, pick_vector_width<scalar_t>(g, {input, output}));
+LaunchPlan forward_moments_plan(const TrainForwardParams<scalar_t, param_t>& p) {
+  return moments_plan(p.geometry, p.input);
+}
+
+// Moments pass (both layouts) into the workspace's partials, with the
+// counter snapshot the finalize pass relies on (counter nullable).
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_moments(const Geometry& g, const LaunchPlan& plan, const scalar_t* input, const int64_t* counter,
+                           const ForwardWorkspace<acc_t>& ws, cudaStream_t stream) {
   return with_vector_width<scalar_t>(plan, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    return launch_for_layout<channels_first_normalize_kernel<scalar_t, param_t, kVec>,
-                             channels_last_normalize_kernel<scalar_t, param_t, kVec>>(
-        g, plan, stream, input, output, g, plan.work_per_split, coefficients);
+    return launch_for_layout<channels_first_moments_kernel<scalar_t, kVec>,
+                             channels_last_moments_kernel<scalar_t, kVec>>(
+        g, plan, stream, input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2, ws.partial_count, counter,
+        ws.counter_snapshot);
+  });
+}
+
+template <typename scalar_t, typename param_t>
+cudaError_t launch_finalize(const FinalizeMomentsArgs<scalar_t, param_t>& args, cudaStream_t stream) {
+  const int64_t finalize_blocks = ceil_div(args.channels, kFinalizeChannelsPerBlock);
+  return launch_kernel<finalize_moments_kernel<scalar_t, param_t>, kFinalizeThreads>(
+      dim3(static_cast<unsigned>(finalize_blocks)), dim3(kFinalizeThreads), stream, args);
+}
+
+template <typename scalar_t, typename param_t>
+cudaError_t launch_normalize(const Geometry& g, const scalar_t* input, const scalar_t* residual, scalar_t* output,
+                             Epilogue epilogue, const NormalizeCoefficients<acc_type<scalar_t>, param_t>& coefficients,
+                             cudaStream_t stream) {
+  const int vec = pick_vector_width<scalar_t>(g, {input, output, residual});
+  return with_epilogue(epilogue, [&](auto kind) {
+    constexpr Epilogue kEpilogue = decltype(kind)::value;
+    return with_vector_width<scalar_t>(vec, [&](auto v) {
+      constexpr int kVec = decltype(v)::value;
+      constexpr auto kChannelsFirst = channels_first_normalize_kernel<scalar_t, param_t, kVec, kEpilogue>;
+      constexpr auto kChannelsLast = channels_last_normalize_kernel<scalar_t, param_t, kVec, kEpilogue>;
+      const LaunchPlan plan = make_pass_plan<kChannelsFirst, kChannelsLast>(g, vec);
+      return launch_for_layout<kChannelsFirst, kChannelsLast>(g, plan, stream, input, residual, output, g,
+                                                              plan.work_per_split, coefficients);
+    });
   });
 }
 
@@ -67,8 +103,8 @@ template <typename scalar_t, typename param_t>
 size_t train_forward_workspace_bytes(const TrainForwardParams<scalar_t, param_t>& params) {
   using acc_t = acc_type<scalar_t>;
   if (params.geometry.C == 0) return 0;
-  return carve_forward_workspace<acc_t>(nullptr, params.geometry.C, forward_moments_plan(params).splits)
-      .bytes;
+  const int64_t splits = params.gathered_moments != nullptr ? 0 : forward_moments_plan(params).splits;
+  return carve_forward_workspace<acc_t>(nullptr, params.geometry.C, splits).bytes;
 }
 
 template <typename scalar_t, typename param_t>
@@ -81,24 +117,26 @@ cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, p
     return launch_kernel<increment_counter_kernel, 1>(dim3(1), dim3(1), stream, p.num_batches_tracked);
   }
 
+  const bool gathered = p.gathered_moments != nullptr;
+  const LaunchPlan plan = forward_moments_plan(p);
+  const int64_t splits = gathered ? 0 : plan.splits;
+  const ForwardWorkspace<acc_t> ws = carve_forward_workspace<acc_t>(p.workspace, g.C, splits);
   // Pass 1 also runs for an empty batch: its partials are empty and it takes
   // the counter snapshot the finalize pass relies on.
-  const LaunchPlan plan = forward_moments_plan(p);
-  const ForwardWorkspace<acc_t> ws = carve_forward_workspace<acc_t>(p.workspace, g.C, plan.splits);
-  cudaError_t err = with_vector_width<scalar_t>(plan, [&](auto vec) {
-    constexpr int kVec = decltype(vec)::value;
-    return launch_for_layout<channels_first_moments_kernel<scalar_t, kVec>,
-                             channels_last_moments_kernel<scalar_t, kVec>>(
-        g, plan, stream, p.input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2, ws.partial_count,
-        p.num_batches_tracked, ws.counter_snapshot);
-  });
+  cudaError_t err = cudaSuccess;
+  if (!gathered) {
+    err = launch_moments(g, plan, p.input, p.num_batches_tracked, ws, stream);
+  } else if (p.num_batches_tracked != nullptr) {
+    err = launch_kernel<snapshot_counter_kernel, 1>(dim3(1), dim3(1), stream, p.num_batches_tracked,
+                                                    ws.counter_snapshot);
+  }
   if (err != cudaSuccess) return err;
 
   FinalizeMomentsArgs<scalar_t, param_t> args;
   args.partial_mean = ws.partial_mean;
   args.partial_m2 = ws.partial_m2;
   args.partial_count = ws.partial_count;
-  args.splits = plan.splits;
+  args.splits = splits;
   args.channels = g.C;
   args.count_per_channel = count_per_channel(g);
   args.input = p.input;
@@ -118,9 +156,10 @@ cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, p
   args.eps = p.eps;
   args.momentum = p.momentum;
   args.cumulative_momentum = p.cumulative_momentum;
-  const int64_t finalize_blocks = ceil_div(g.C, kFinalizeChannelsPerBlock);
-  err = launch_kernel<finalize_moments_kernel<scalar_t, param_t>, kFinalizeThreads>(
-      dim3(static_cast<unsigned>(finalize_blocks)), dim3(kFinalizeThreads), stream, args);
+  args.coefficients_from_saved = p.epilogue != Epilogue::kNone;
+  args.gathered_moments = p.gathered_moments;
+  args.ranks = p.ranks;
+  err = launch_finalize(args, stream);
   if (err != cudaSuccess) return err;
 
   if (count_per_channel(g) == 0) return cudaSuccess;
@@ -129,7 +168,38 @@ cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, p
   coefficients.mean_lo = ws.mean_lo;
   coefficients.scale = ws.scale;
   coefficients.shift = ws.shift;
-  return launch_normalize<scalar_t, param_t>(g, p.input, p.output, coefficients, stream);
+  return launch_normalize<scalar_t, param_t>(g, p.input, p.residual, p.output, p.epilogue, coefficients, stream);
+}
+
+template <typename scalar_t>
+size_t stats_workspace_bytes(const StatsParams<scalar_t>& params) {
+  using acc_t = acc_type<scalar_t>;
+  if (params.geometry.C == 0) return 0;
+  return carve_forward_workspace<acc_t>(nullptr, params.geometry.C, moments_plan(params.geometry, params.input).splits)
+      .bytes;
+}
+
+// The training forward's first two passes, stopping at the channel's moments.
+template <typename scalar_t>
+cudaError_t launch_batch_norm_stats(const StatsParams<scalar_t>& p, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const Geometry& g = p.geometry;
+  if (g.C == 0) return cudaSuccess;
+  const LaunchPlan plan = moments_plan(g, p.input);
+  const ForwardWorkspace<acc_t> ws = carve_forward_workspace<acc_t>(p.workspace, g.C, plan.splits);
+  cudaError_t err = launch_moments(g, plan, p.input, static_cast<const int64_t*>(nullptr), ws, stream);
+  if (err != cudaSuccess) return err;
+  FinalizeMomentsArgs<scalar_t, float> args{};
+  args.partial_mean = ws.partial_mean;
+  args.partial_m2 = ws.partial_m2;
+  args.partial_count = ws.partial_count;
+  args.splits = plan.splits;
+  args.channels = g.C;
+  args.count_per_channel = count_per_channel(g);
+  args.input = p.input;
+  args.first_element_stride = !g.channels_last ? g.HW : 1;
+  args.exchanged_moments = p.exchanged_moments;
+  return launch_finalize(args, stream);
 }
 
 template <typename scalar_t, typename param_t>
@@ -144,7 +214,8 @@ cudaError_t launch_batch_norm_eval_forward(const EvalForwardParams<scalar_t, par
   coefficients.weight = p.weight;
   coefficients.bias = p.bias;
   coefficients.eps = p.eps;
-  return launch_normalize<scalar_t, param_t>(g, p.input, p.output, coefficients, stream);
+  coefficients.from_saved = p.epilogue != Epilogue::kNone;
+  return launch_normalize<scalar_t, param_t>(g, p.input, p.residual, p.output, p.epilogue, coefficients, stream);
 }
 
 #define FUSED_BN_INSTANTIATE(scalar_t, param_t) \
@@ -155,6 +226,17 @@ cudaError_t launch_batch_norm_eval_forward(const EvalForwardParams<scalar_t, par
                                                                          cudaStream_t);
 
 FUSED_BN_CUDA_DTYPE_PAIRS(FUSED_BN_INSTANTIATE)
+
+#define FUSED_BN_INSTANTIATE_STATS(scalar_t)                                                    \
+  template size_t stats_workspace_bytes<scalar_t>(const StatsParams<scalar_t>&);                \
+  template cudaError_t launch_batch_norm_stats<scalar_t>(const StatsParams<scalar_t>&, cudaStream_t);
+
+FUSED_BN_INSTANTIATE_STATS(float)
+FUSED_BN_INSTANTIATE_STATS(double)
+FUSED_BN_INSTANTIATE_STATS(__half)
+FUSED_BN_INSTANTIATE_STATS(__nv_bfloat16)
+
+#undef FUSED_BN_INSTANTIATE_STATS
 
 #undef FUSED_BN_INSTANTIATE
 

@@ -4,6 +4,7 @@
 
 #include "../common/channel_math.h"
 #include "device_primitives.cuh"
+#include "epilogues.cuh"
 #include "reductions.cuh"
 #include "traversals.cuh"
 
@@ -153,6 +154,16 @@ struct FinalizeMomentsArgs {
   double eps;
   double momentum;
   bool cumulative_momentum;
+  // An epilogue normalizes with the coefficients of the saved statistics
+  // (mean_lo 0), which its backward recomputes (epilogue_input).
+  bool coefficients_from_saved = false;
+  // batch_norm_train_with_stats: the moments are all ranks' exchanged ones,
+  // gathered_moments[ranks][C][3], merged in rank order; no partials, no input.
+  const double* gathered_moments = nullptr;
+  int64_t ranks = 0;
+  // batch_norm_stats: the channel's (count, mean, M2) go to exchanged_moments[C][3],
+  // and nothing else is written.
+  double* exchanged_moments = nullptr;
 };
 
 template <typename scalar_t, typename param_t>
@@ -168,19 +179,36 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
   if (channel >= args.channels) return;  // whole warps leave together
 
-  double mean = 0.0, m2 = 0.0, count = 0.0;
-  for (int64_t split = lane; split < args.splits; split += kWarpSize) {
-    const int64_t slot = split * args.channels + channel;
-    merge_moments(mean, m2, count, args.partial_mean[slot], args.partial_m2[slot], args.partial_count[slot]);
+  // The channel's moments about `shift` (its mean is shift + mean), over n values.
+  double mean = 0.0, m2 = 0.0, shift = 0.0, n = 0.0;
+  if (args.gathered_moments != nullptr) {
+    if (lane != 0) return;
+    int64_t count = 0;
+    double batch_mean = 0.0;
+    common::merge_ranks_moments(args.gathered_moments, args.ranks, args.channels, channel, count, batch_mean, m2);
+    n = static_cast<double>(count);
+    mean = batch_mean;
+  } else {
+    double count = 0.0;
+    for (int64_t split = lane; split < args.splits; split += kWarpSize) {
+      const int64_t slot = split * args.channels + channel;
+      merge_moments(mean, m2, count, args.partial_mean[slot], args.partial_m2[slot], args.partial_count[slot]);
+    }
+    warp_merge_moments(mean, m2, count);
+    if (lane != 0) return;
+    n = static_cast<double>(args.count_per_channel);
+    if (args.count_per_channel > 0) shift = moments_shift<double>(args.input[channel * args.first_element_stride]);
   }
-  warp_merge_moments(mean, m2, count);
-  if (lane != 0) return;
 
-  const double n = static_cast<double>(args.count_per_channel);
-  const bool has_data = args.count_per_channel > 0;
-  const double shift =
-      has_data ? moments_shift<double>(args.input[channel * args.first_element_stride]) : 0.0;
+  const bool has_data = n > 0;
   const double batch_mean = shift + mean;
+  if (args.exchanged_moments != nullptr) {
+    double* out = args.exchanged_moments + channel * common::kExchangedMoments;
+    out[common::kMomentsCount] = n;
+    out[common::kMomentsMean] = batch_mean;
+    out[common::kMomentsM2] = m2;
+    return;
+  }
   const double var = has_data ? m2 / n : 0.0;
   const double invstd = common::inverse_std(var, args.eps);
   args.save_mean[channel] = static_cast<acc_t>(batch_mean);
@@ -201,10 +229,26 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
   const double w = args.weight != nullptr ? convert<double>(args.weight[channel]) : 1.0;
   const double b = args.bias != nullptr ? convert<double>(args.bias[channel]) : 0.0;
-  args.mean_hi[channel] = static_cast<acc_t>(shift);
-  args.mean_lo[channel] = static_cast<acc_t>(mean);
-  args.scale[channel] = static_cast<acc_t>(invstd * w);
+  if (args.coefficients_from_saved) {
+    args.mean_hi[channel] = args.save_mean[channel];
+    args.mean_lo[channel] = acc_t(0);
+    args.scale[channel] = static_cast<acc_t>(static_cast<double>(args.save_invstd[channel]) * w);
+  } else {
+    // The mean in two parts, its rounding and what that rounding left, so
+    // the output keeps the double mean's accuracy; from the statistics alone,
+    // so a rank's gathered moments normalize as its own do, bit for bit.
+    const acc_t mean_hi = static_cast<acc_t>(batch_mean);
+    args.mean_hi[channel] = mean_hi;
+    args.mean_lo[channel] = static_cast<acc_t>(batch_mean - static_cast<double>(mean_hi));
+    args.scale[channel] = static_cast<acc_t>(invstd * w);
+  }
   args.shift[channel] = static_cast<acc_t>(b);
+}
+
+// batch_norm_train_with_stats has no moments pass to take the counter's
+// snapshot (see FinalizeMomentsArgs): this one-thread launch does.
+__global__ void snapshot_counter_kernel(const int64_t* counter, int64_t* counter_snapshot) {
+  *counter_snapshot = *counter + 1;
 }
 
 // Only launched for C == 0, where no finalize kernel runs.
@@ -227,6 +271,10 @@ struct NormalizeCoefficients {
   const param_t* weight = nullptr;
   const param_t* bias = nullptr;
   double eps = 0.0;
+  // An epilogue's eval normalizes with the statistics its backward gets, the
+  // mean and invstd rounded to acc_t (fused_bn/_autograd.py), so the
+  // recomputed mask is the forward's.
+  bool from_saved = false;
 
   __device__ __forceinline__ void load(int64_t c, acc_t& hi, acc_t& lo, acc_t& sc, acc_t& sh) const {
     if (mean_hi != nullptr) {
@@ -237,7 +285,8 @@ struct NormalizeCoefficients {
       return;
     }
     const double w = weight != nullptr ? convert<double>(weight[c]) : 1.0;
-    const double invstd = common::inverse_std(convert<double>(running_var[c]), eps);
+    double invstd = common::inverse_std(convert<double>(running_var[c]), eps);
+    if (from_saved) invstd = static_cast<double>(static_cast<acc_t>(invstd));
     hi = convert<acc_t>(running_mean[c]);
     lo = acc_t(0);
     sc = static_cast<acc_t>(invstd * w);
@@ -245,8 +294,10 @@ struct NormalizeCoefficients {
   }
 };
 
-// One channel's normalize, y = ((x - mean_hi) - mean_lo) * scale + shift.
-template <typename scalar_t, typename param_t>
+// One channel's normalize, y = ((x - mean_hi) - mean_lo) * scale + shift, or
+// with an epilogue y = apply_epilogue(epilogue_input(x, mean_hi, scale,
+// shift), residual) (mean_lo is 0 there: the saved statistics' coefficients).
+template <typename scalar_t, typename param_t, Epilogue kEpilogue>
 struct NormalizeChannel {
   using acc_t = acc_type<scalar_t>;
   using Source = NormalizeCoefficients<acc_t, param_t>;
@@ -256,27 +307,35 @@ struct NormalizeChannel {
     coefficients.load(c, op.mean_hi, op.mean_lo, op.scale, op.shift);
     return op;
   }
-  __device__ __forceinline__ scalar_t operator()(scalar_t x, scalar_t /*unused*/) const {
-    return convert<scalar_t>(((convert<acc_t>(x) - mean_hi) - mean_lo) * scale + shift);
+  __device__ __forceinline__ scalar_t operator()(scalar_t x, scalar_t residual) const {
+    if constexpr (kEpilogue == Epilogue::kNone) {
+      return convert<scalar_t>(((convert<acc_t>(x) - mean_hi) - mean_lo) * scale + shift);
+    } else {
+      return convert<scalar_t>(
+          apply_epilogue<kEpilogue>(epilogue_input(convert<acc_t>(x), mean_hi, scale, shift), convert<acc_t>(residual)));
+    }
   }
 };
 
-template <typename scalar_t, typename param_t, int kVec>
+// The residual (kAddRelu only) is laid out as the input.
+template <typename scalar_t, typename param_t, int kVec, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kMaxThreads)
-    channels_first_normalize_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
-                                    Geometry geometry, int64_t vectors_per_split,
+    channels_first_normalize_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ residual,
+                                    scalar_t* __restrict__ output, Geometry geometry, int64_t vectors_per_split,
                                     const NormalizeCoefficients<acc_type<scalar_t>, param_t> coefficients) {
-  channels_first_element_pass<NormalizeChannel<scalar_t, param_t>, scalar_t, kVec, kUnroll, 1>(
-      input, nullptr, output, geometry, vectors_per_split, coefficients);
+  channels_first_element_pass<NormalizeChannel<scalar_t, param_t, kEpilogue>, scalar_t, kVec, kUnroll,
+                              kEpilogue == Epilogue::kAddRelu ? 2 : 1>(input, residual, output, geometry,
+                                                                      vectors_per_split, coefficients);
 }
 
-template <typename scalar_t, typename param_t, int kVec>
+template <typename scalar_t, typename param_t, int kVec, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kMaxThreads)
-    channels_last_normalize_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output,
-                                   Geometry geometry, int64_t rows_per_split,
+    channels_last_normalize_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ residual,
+                                   scalar_t* __restrict__ output, Geometry geometry, int64_t rows_per_split,
                                    const NormalizeCoefficients<acc_type<scalar_t>, param_t> coefficients) {
-  channels_last_element_pass<NormalizeChannel<scalar_t, param_t>, scalar_t, kVec, kUnroll, 1>(
-      input, nullptr, output, geometry, rows_per_split, coefficients);
+  channels_last_element_pass<NormalizeChannel<scalar_t, param_t, kEpilogue>, scalar_t, kVec, kUnroll,
+                             kEpilogue == Epilogue::kAddRelu ? 2 : 1>(input, residual, output, geometry,
+                                                                     rows_per_split, coefficients);
 }
 
 }  // namespace detail

@@ -3,10 +3,12 @@
 #pragma once
 
 #include "device_primitives.cuh"
+#include "epilogues.cuh"
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 namespace fused_bn {
 namespace cuda {
@@ -41,12 +43,20 @@ struct LaunchPlan {
   int vec = 1;
 };
 
-inline LaunchPlan make_plan(const Geometry& g, int vec) {
+// resident_threads: what one multiprocessor holds of the pass's kernel
+// (resident_threads_per_multiprocessor; 0: unknown). The grid is one wave of
+// kTargetThreadsPerMultiprocessor per multiprocessor, or of what the kernel's
+// registers allow when that is fewer (the channels-last reductions of 16-bit
+// types hold 8 channels' double sums per thread).
+inline LaunchPlan make_plan(const Geometry& g, int vec, int resident_threads = kTargetThreadsPerMultiprocessor) {
   LaunchPlan plan;
   plan.vec = vec;
   if (g.C <= 0) return plan;  // nothing is launched for C == 0
+  const int threads_per_multiprocessor =
+      resident_threads > 0 ? std::min(resident_threads, kTargetThreadsPerMultiprocessor)
+                           : kTargetThreadsPerMultiprocessor;
   const int64_t target_threads = static_cast<int64_t>(std::max(g.multiprocessor_count, 1)) *
-                                 kTargetThreadsPerMultiprocessor;
+                                 threads_per_multiprocessor;
   if (!g.channels_last) {
     const int64_t total = g.N * (g.HW / vec);
     // Small planes get small blocks rather than idle threads.
@@ -84,13 +94,54 @@ inline LaunchPlan make_plan(const Geometry& g, int vec) {
   return plan;
 }
 
-// f(std::integral_constant<int, kVec>) for the plan's 16-byte vectors, else
-// f(std::integral_constant<int, 1>): each kernel is instantiated for both.
+// f(std::integral_constant<int, kVec>) for 16-byte vectors (vec ==
+// kVectorWidth), else f(std::integral_constant<int, 1>): each kernel is
+// instantiated for both.
+template <typename scalar_t, typename F>
+auto with_vector_width(int vec, F&& f) {
+  constexpr int kVec = kVectorWidth<scalar_t>;
+  if (vec == kVec) return f(std::integral_constant<int, kVec>{});
+  return f(std::integral_constant<int, 1>{});
+}
+
 template <typename scalar_t, typename F>
 cudaError_t with_vector_width(const LaunchPlan& plan, F&& f) {
-  constexpr int kVec = kVectorWidth<scalar_t>;
-  if (plan.vec == kVec) return f(std::integral_constant<int, kVec>{});
-  return f(std::integral_constant<int, 1>{});
+  return with_vector_width<scalar_t>(plan.vec, f);
+}
+
+// The plan of a pass whose kernels are kChannelsFirst and kChannelsLast (one
+// vector width's), sized by the occupancy of the one that runs.
+template <auto kChannelsFirst, auto kChannelsLast>
+LaunchPlan make_pass_plan(const Geometry& g, int vec) {
+  const int resident = g.channels_last ? resident_threads_per_multiprocessor<kChannelsLast, kMaxThreads>()
+                                       : resident_threads_per_multiprocessor<kChannelsFirst, kMaxThreads>();
+  return make_plan(g, vec, resident);
+}
+
+// f(std::integral_constant<Epilogue, e>) and f(std::integral_constant<GradMask,
+// m>): a runtime epilogue or mask as the constant the kernels are templated on.
+template <typename F>
+auto with_epilogue(Epilogue e, F&& f) {
+  switch (e) {
+    case Epilogue::kRelu:
+      return f(std::integral_constant<Epilogue, Epilogue::kRelu>{});
+    case Epilogue::kAddRelu:
+      return f(std::integral_constant<Epilogue, Epilogue::kAddRelu>{});
+    default:
+      return f(std::integral_constant<Epilogue, Epilogue::kNone>{});
+  }
+}
+
+template <typename F>
+auto with_grad_mask(GradMask m, F&& f) {
+  switch (m) {
+    case GradMask::kReluOfInput:
+      return f(std::integral_constant<GradMask, GradMask::kReluOfInput>{});
+    case GradMask::kReluOfOutput:
+      return f(std::integral_constant<GradMask, GradMask::kReluOfOutput>{});
+    default:
+      return f(std::integral_constant<GradMask, GradMask::kNone>{});
+  }
 }
 
 // Carves typed arrays out of the caller's workspace. Run with a null base it

@@ -155,6 +155,17 @@ inline void check_exchanged(const at::Tensor& t, const char* name, const at::Ten
 // The momentum actually applied to the running statistics: nn.BatchNorm2d's
 // cumulative average (1/num_batches_tracked, after the increment) when
 // momentum is None. `batches_tracked` is the counter's value after increment.
+// The data-parallel backward's count of values per channel over all ranks:
+// a one-element tensor on the input's device, so that it can stay where the
+// gathered statistics are (no host read on a GPU).
+inline void check_exchanged_count(const at::Tensor& count, const at::Tensor& input) {
+  TORCH_CHECK(count.numel() == 1, "batch_norm: count must have one element, got shape ", count.sizes());
+  TORCH_CHECK(count.scalar_type() == at::kDouble || count.scalar_type() == at::kLong,
+              "batch_norm: count must be float64 or int64, got ", count.scalar_type());
+  TORCH_CHECK(count.device() == input.device(), "Expected all tensors to be on the same device, but count is on ",
+              count.device(), " and input is on ", input.device());
+}
+
 inline double running_average_factor(c10::optional<double> momentum, double batches_tracked) {
   if (momentum.has_value()) return *momentum;
   return common::cumulative_average_factor(batches_tracked);

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include "../common/epilogue.h"
 #include "../common/geometry.h"
 #include "checks.h"
 
@@ -27,6 +28,21 @@ inline PreparedInput prepare(const at::Tensor& input) {
   for (int64_t d = 2; d < x.dim(); ++d) g.HW *= x.size(d);
   g.channels_last = format == at::MemoryFormat::ChannelsLast;
   return {x, format, g};
+}
+
+// The forward's epilogue, and its residual in the input's layout (undefined
+// when there is none).
+struct PreparedEpilogue {
+  common::Epilogue kind;
+  at::Tensor residual;
+};
+
+inline PreparedEpilogue prepare_epilogue(bool relu, const c10::optional<at::Tensor>& residual,
+                                         const PreparedInput& in) {
+  if (residual.has_value() && residual->defined()) {
+    return {common::Epilogue::kAddRelu, residual->contiguous(in.format)};
+  }
+  return {relu ? common::Epilogue::kRelu : common::Epilogue::kNone, at::Tensor()};
 }
 
 }  // namespace fused_bn

@@ -58,6 +58,10 @@ struct DeviceConfig {
   int multiprocessor_count = 4;
   BlockOrder order = BlockOrder::kForward;
   uint64_t seed = 0;  // kShuffle's block order, and every order's thread order
+  // What the occupancy query answers for every kernel: threads of one
+  // multiprocessor's resident blocks (a GPU's depends on each kernel's
+  // registers and shared memory; the grids are sized by it).
+  int resident_threads_per_multiprocessor = 1024;
 };
 
 void set_config(const DeviceConfig& config);

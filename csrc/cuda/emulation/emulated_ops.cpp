@@ -35,13 +35,16 @@ bool enabled() {
   return registration != nullptr;
 }
 
-void configure(int64_t multiprocessor_count, int64_t block_order, int64_t seed) {
+void configure(int64_t multiprocessor_count, int64_t block_order, int64_t seed, int64_t resident_threads) {
   TORCH_CHECK(multiprocessor_count >= 1, "emulated GPU: multiprocessor_count must be positive");
+  TORCH_CHECK(resident_threads >= 32 && resident_threads <= 2048,
+              "emulated GPU: resident_threads is 32..2048 per multiprocessor");
   TORCH_CHECK(block_order >= 0 && block_order <= 2, "emulated GPU: block_order is 0 (forward), 1 (reverse) or 2 (shuffle)");
   DeviceConfig c;
   c.multiprocessor_count = static_cast<int>(multiprocessor_count);
   c.order = static_cast<BlockOrder>(block_order);
   c.seed = static_cast<uint64_t>(seed);
+  c.resident_threads_per_multiprocessor = static_cast<int>(resident_threads);
   set_config(c);
 }
 
@@ -54,6 +57,6 @@ int64_t launches() { return launch_count(); }
 TORCH_LIBRARY(fused_bn_emulation, m) {
   m.def("enable(bool on) -> ()", &fused_bn::emulation::enable);
   m.def("enabled() -> bool", &fused_bn::emulation::enabled);
-  m.def("configure(int multiprocessor_count, int block_order, int seed) -> ()", &fused_bn::emulation::configure);
+  m.def("configure(int multiprocessor_count, int block_order, int seed, int resident_threads=1024) -> ()", &fused_bn::emulation::configure);
   m.def("launch_count() -> int", &fused_bn::emulation::launches);
 }
