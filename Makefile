@@ -58,7 +58,7 @@ test: test-deps build
 # suites below once more, with CPU tensors served by the CUDA kernels (built
 # with gcov), the kernel layer's line coverage, then a sanitized build
 # (ASan + UBSan, Python under LD_PRELOAD) on a focused subset.
-EMULATED_TESTS := tests/test_parity.py tests/test_ops.py tests/test_fused_relu.py tests/test_sync.py tests/test_validation.py \
+EMULATED_TESTS := tests/test_parity.py tests/test_ops.py tests/test_fused_relu.py tests/test_sync.py tests/test_validation.py tests/test_family.py \
 	tests/test_reliability.py tests/test_properties.py tests/test_emulation.py
 SANITIZED_TESTS := tests/test_emulation.py tests/test_parity.py tests/test_validation.py
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)

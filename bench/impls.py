@@ -8,7 +8,8 @@ backward needs; eval runs under no_grad, as inference does.
 import contextlib
 
 import torch
-from torch import nn
+
+from .cases import batch_norm_classes, channels_last_format
 
 IMPLS = ("fused", "eager", "compiled")
 IMPL_LABELS = {"fused": "fused_bn", "eager": "nn eager", "compiled": "torch.compile(nn)"}
@@ -38,17 +39,19 @@ def _init_parameters(module, generator):
 
 
 class ShapeModules:
-    """fused_bn, eager and compiled modules for one channel count, fp32 parameters
-    (as under mixed precision: fp16/bf16 activations, fp32 BN parameters)."""
+    """fused_bn, eager and compiled modules (BatchNorm1d, 2d or 3d by the input's
+    rank) for one channel count, fp32 parameters (as under mixed precision:
+    fp16/bf16 activations, fp32 BN parameters)."""
 
-    def __init__(self, fused_cls, channels, device):
+    def __init__(self, rank, channels, device):
+        nn_cls, fused_cls = batch_norm_classes(rank)
         generator = torch.Generator().manual_seed(channels)
-        self.eager = nn.BatchNorm2d(channels)
+        self.eager = nn_cls(channels)
         _init_parameters(self.eager, generator)
         self.fused = fused_cls(channels)
         self.fused.load_state_dict(self.eager.state_dict())
         # Its own module, so the compiled graph's guards never see eager's state changes.
-        compiled_source = nn.BatchNorm2d(channels)
+        compiled_source = nn_cls(channels)
         compiled_source.load_state_dict(self.eager.state_dict())
         self.eager.to(device)
         self.fused.to(device)
@@ -71,8 +74,8 @@ def make_inputs(case, device, generator_seed=0):
     x = (x * 2 + 0.5).to(case.torch_dtype)
     grad = torch.randn(case.shape, dtype=case.torch_dtype, device=device, generator=generator)
     if case.layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-        grad = grad.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=channels_last_format(len(case.shape)))
+        grad = grad.contiguous(memory_format=channels_last_format(len(case.shape)))
     x.requires_grad_(case.mode != "eval_fwd")
     return x, grad
 

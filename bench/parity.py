@@ -1,5 +1,5 @@
-"""Parity check run before timing: fused_bn and nn.BatchNorm2d against a float64
-nn.BatchNorm2d reference, over several training steps (forward + backward, running
+"""Parity check run before timing: fused_bn and nn's batch norm (BatchNorm1d, 2d or
+3d by the input's rank) against a float64 nn reference, over several training steps (forward + backward, running
 statistics updates) and then eval.
 
 Accuracy rule, per compared tensor: err(fused_bn) <= 2 * err(nn) + floor, with err
@@ -10,12 +10,15 @@ magnitude (so an exact nn result does not demand an exact fused_bn result).
 import math
 
 import torch
-from torch import nn
+
+from .cases import batch_norm_classes, channels_last_format
 
 STEPS = 3
 ERROR_FACTOR = 2.0
 
 CPU_PARITY_CASES = (
+    ("float32", "nchw", (64, 300)),
+    ("float32", "channels_last", (3, 8, 4, 5, 7)),
     ("float32", "nchw", (4, 8, 9, 11)),
     ("float32", "channels_last", (4, 8, 9, 11)),
     ("float32", "nchw", (2, 3, 33, 35)),
@@ -44,7 +47,7 @@ def _ulp_floor(dtype, reference):
 
 
 def _in_layout(t, layout):
-    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+    return t.contiguous(memory_format=channels_last_format(t.dim())) if layout == "channels_last" else t
 
 
 def _run_training_step(module, x, dy):
@@ -56,15 +59,16 @@ def _run_training_step(module, x, dy):
     return {"y": y, "dx": x.grad, "dweight": module.weight.grad, "dbias": module.bias.grad}
 
 
-def _check_case(fused_cls, dtype_name, layout, shape, device, seed):
+def _check_case(dtype_name, layout, shape, device, seed):
     dtype = DTYPES[dtype_name]
     generator = torch.Generator().manual_seed(seed)
     channels = shape[1]
-    reference = nn.BatchNorm2d(channels).double()
+    nn_cls, fused_cls = batch_norm_classes(len(shape))
+    reference = nn_cls(channels).double()
     with torch.no_grad():
         reference.weight.copy_(1 + 0.1 * torch.randn(channels, generator=generator))
         reference.bias.copy_(0.1 * torch.randn(channels, generator=generator))
-    eager = nn.BatchNorm2d(channels)
+    eager = nn_cls(channels)
     eager.load_state_dict(reference.state_dict())
     fused = fused_cls(channels)
     fused.load_state_dict(reference.state_dict())
@@ -82,9 +86,10 @@ def _check_case(fused_cls, dtype_name, layout, shape, device, seed):
             return
         if fused_out.dtype != eager_out.dtype:
             problems.append(f"{name}: dtype {fused_out.dtype} != nn's {eager_out.dtype}")
-        if (fused_out.dim() == 4 and eager_out.is_contiguous(memory_format=torch.channels_last)
-                and not fused_out.is_contiguous(memory_format=torch.channels_last)):
-            problems.append(f"{name}: not channels_last like nn's output")
+        channels_last = channels_last_format(fused_out.dim())
+        if (channels_last is not None and eager_out.is_contiguous(memory_format=channels_last)
+                and not fused_out.is_contiguous(memory_format=channels_last)):
+            problems.append(f"{name}: not {channels_last} like nn's output")
         e = errors.setdefault(name, [0.0, 0.0, 0.0])
         e[0] = max(e[0], _max_abs_error(eager_out, ref_out))
         e[1] = max(e[1], _max_abs_error(fused_out, ref_out))
@@ -125,13 +130,13 @@ def _check_case(fused_cls, dtype_name, layout, shape, device, seed):
     return {"passed": passed, "problems": problems, "tensors": tensors}
 
 
-def run_parity(fused_cls, device):
+def run_parity(device):
     cases = CUDA_PARITY_CASES if device.type == "cuda" else CPU_PARITY_CASES
     results = []
     for seed, (dtype_name, layout, shape) in enumerate(cases):
         entry = {"dtype": dtype_name, "layout": layout, "shape": list(shape)}
         try:
-            entry.update(_check_case(fused_cls, dtype_name, layout, shape, device, seed))
+            entry.update(_check_case(dtype_name, layout, shape, device, seed))
         except Exception as exc:  # a crash is a parity failure, not the end of the run
             entry.update({"passed": False, "problems": [f"{type(exc).__name__}: {exc}"],
                           "tensors": []})

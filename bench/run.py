@@ -125,10 +125,11 @@ def verify_real_fused_bn(fused_bn):
     """Published numbers must come from the compiled kernels, never from a stand-in."""
     from torch import nn
 
-    cls = fused_bn.FusedBatchNorm2d
     has_ops = hasattr(torch.ops, "fused_bn") and hasattr(torch.ops.fused_bn, "batch_norm_train")
-    if cls.forward is nn.BatchNorm2d.forward or not has_ops:
-        sys.exit("fused_bn.FusedBatchNorm2d does not run the fused_bn ops: refusing to benchmark")
+    for cls, nn_cls in ((fused_bn.FusedBatchNorm1d, nn.BatchNorm1d), (fused_bn.FusedBatchNorm2d, nn.BatchNorm2d),
+                        (fused_bn.FusedBatchNorm3d, nn.BatchNorm3d)):
+        if cls.forward is nn_cls.forward or not has_ops:
+            sys.exit(f"fused_bn.{cls.__name__} does not run the fused_bn ops: refusing to benchmark")
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -275,7 +276,7 @@ def measure_case(case, modules, timer, copy_bw_gbps):
     return record
 
 
-def run_suite(suite, fused_cls, timer, copy_bw_gbps):
+def run_suite(suite, timer, copy_bw_gbps):
     from tqdm import tqdm
 
     records = []
@@ -284,13 +285,13 @@ def run_suite(suite, fused_cls, timer, copy_bw_gbps):
               file=sys.stderr) as bar:
         for case in suite:
             bar.set_postfix_str(case.key)
-            channels = case.shape[1]
+            channels = (len(case.shape), case.shape[1])
             if channels != modules_channels:
                 # Cases are grouped by shape: one module set (and compiled module) per shape.
                 modules = None
                 if timer.device.type == "cuda":
                     torch.cuda.empty_cache()
-                modules = ShapeModules(fused_cls, channels, timer.device)
+                modules = ShapeModules(*channels, timer.device)
                 modules_channels = channels
             record = measure_case(case, modules, timer, copy_bw_gbps)
             records.append(record)
@@ -393,7 +394,7 @@ def main(argv=None):
         print_loud("PARITY CHECK SKIPPED (--skip-parity)")
     else:
         print("parity check (fused_bn and nn vs float64 reference):", flush=True)
-        parity = run_parity(fused_bn.FusedBatchNorm2d, device)
+        parity = run_parity(device)
         print(format_parity(parity), flush=True)
         if not parity["passed"]:
             print_loud("PARITY FAILED: fused_bn disagrees with nn.BatchNorm2d beyond the accuracy "
@@ -402,7 +403,7 @@ def main(argv=None):
     suite = cases_mod.build_suite(device.type, quick=args.quick,
                                   modes=args.modes or cases_mod.MODES, dtypes=args.dtypes,
                                   layouts=args.layouts or cases_mod.LAYOUTS, batches=args.batches)
-    records = run_suite(suite, fused_bn.FusedBatchNorm2d, timer, copy_bw_gbps)
+    records = run_suite(suite, timer, copy_bw_gbps)
 
     meta["load_average_end"] = list(os.getloadavg())
     if device.type == "cpu":

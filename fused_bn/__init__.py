@@ -1,22 +1,35 @@
 """fused_bn: batch normalization with hand-written fused CPU and CUDA kernels.
 
-Drop-in for ``nn.BatchNorm2d``: ``FusedBatchNorm2d`` (a subclass, same state_dict),
-``batch_norm`` (mirrors ``torch.nn.functional.batch_norm``) and ``convert_model``;
-with the ReLU (and a ResNet block's residual add) fused in: ``FusedBatchNormReLU2d``,
-``FusedBatchNormAddReLU2d``, ``batch_norm(..., activation="relu")``,
-``batch_norm_add_relu`` and ``convert_model(model, fuse_relu=True)``; and for data-parallel
-training, ``FusedSyncBatchNorm2d`` (statistics synchronised over ``torch.distributed``).
+Drop-ins for ``nn.BatchNorm1d``, ``nn.BatchNorm2d`` and ``nn.BatchNorm3d``:
+``FusedBatchNorm1d``/``2d``/``3d`` (subclasses, same state_dict) and their lazy
+forms, ``batch_norm`` (mirrors ``torch.nn.functional.batch_norm``) and
+``convert_model``; with the ReLU (and a ResNet block's residual add) fused in:
+``FusedBatchNormReLU1d``/``2d``/``3d``, ``FusedBatchNormAddReLU1d``/``2d``/``3d``,
+``batch_norm(..., activation="relu")``, ``batch_norm_add_relu`` and
+``convert_model(model, fuse_relu=True)``; and for data-parallel training,
+``FusedSyncBatchNorm2d`` (statistics synchronised over ``torch.distributed``, on
+2-D to 5-D input like ``nn.SyncBatchNorm``).
 """
 from . import _registration  # noqa: F401  (loads the extension, registers fake kernels and autograd)
 from .functional import batch_norm, batch_norm_add_relu
-from .modules import (FusedBatchNorm2d, FusedBatchNormAddReLU2d, FusedBatchNormReLU2d,
-                      FusedLazyBatchNorm2d, FusedSyncBatchNorm2d, convert_model)
+from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAddReLU1d,
+                      FusedBatchNormAddReLU2d, FusedBatchNormAddReLU3d, FusedBatchNormReLU1d,
+                      FusedBatchNormReLU2d, FusedBatchNormReLU3d, FusedLazyBatchNorm1d,
+                      FusedLazyBatchNorm2d, FusedLazyBatchNorm3d, FusedSyncBatchNorm2d, convert_model)
 
 __all__ = [
+    "FusedBatchNorm1d",
     "FusedBatchNorm2d",
+    "FusedBatchNorm3d",
+    "FusedBatchNormAddReLU1d",
     "FusedBatchNormAddReLU2d",
+    "FusedBatchNormAddReLU3d",
+    "FusedBatchNormReLU1d",
     "FusedBatchNormReLU2d",
+    "FusedBatchNormReLU3d",
+    "FusedLazyBatchNorm1d",
     "FusedLazyBatchNorm2d",
+    "FusedLazyBatchNorm3d",
     "FusedSyncBatchNorm2d",
     "batch_norm",
     "batch_norm_add_relu",

@@ -1,6 +1,6 @@
 """Fake (meta) kernels of the fused_bn ops: output shapes, dtypes, strides and
-the device check, as the real kernels give them (csrc/glue_helpers.h,
-csrc/batch_norm_checks.h), for torch.compile, FakeTensor and opcheck.
+the device check, as the real kernels give them (csrc/torch/tensors.h,
+csrc/torch/checks.h), for torch.compile, FakeTensor and opcheck.
 Registered by fused_bn/_registration.py."""
 import torch
 from torch._prims_common import suggest_memory_format
@@ -11,15 +11,16 @@ def _accumulate_dtype(dtype):
 
 
 def _output_like(input):
-    # Mirrors empty_output() in csrc/glue_helpers.h and batch_norm_memory_format()
-    # in csrc/batch_norm_checks.h.
+    # Mirrors empty_output() in csrc/torch/tensors.h and batch_norm_memory_format()
+    # in csrc/torch/checks.h.
     if input.numel() == 0:
         return torch.empty_like(input)
     fmt = torch.contiguous_format
-    if input.dim() == 4 and not input.is_contiguous():
-        if (input.is_contiguous(memory_format=torch.channels_last)
-                or suggest_memory_format(input) == torch.channels_last):
-            fmt = torch.channels_last
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
+    if channels_last is not None and not input.is_contiguous():
+        if (input.is_contiguous(memory_format=channels_last)
+                or suggest_memory_format(input) == channels_last):
+            fmt = channels_last
     return torch.empty_like(input, memory_format=fmt)
 
 
@@ -28,7 +29,7 @@ def _grad_input_like(grad_output, input):
 
 
 def _check_same_device(input, **tensors):
-    """The device check of the real kernels (csrc/batch_norm_checks.h), with
+    """The device check of the real kernels (csrc/torch/checks.h), with
     their message. A meta tensor among CPU or CUDA ones sends the call to the
     fake kernel, which must refuse it as the real kernel would."""
     for name, t in tensors.items():

@@ -1,5 +1,5 @@
-"""convert_model(fuse_relu=True) on a torch.fx trace: BatchNorm2d -> ReLU and
-BatchNorm2d -> add -> ReLU chains become one fused module call."""
+"""convert_model(fuse_relu=True) on a torch.fx trace: batch norm -> ReLU and
+batch norm -> add -> ReLU chains (BatchNorm1d, 2d, 3d) become one fused module call."""
 import copy
 import difflib
 import operator
@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import (FusedBatchNorm2d, FusedBatchNormAddReLU2d, FusedBatchNormReLU2d,
-                      _convert_in_place, _fused_from, _has_convertible)
+from .modules import _FUSED_FORMS, _convert_in_place, _fused_from, _has_convertible
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}
@@ -211,7 +210,7 @@ def fuse_with_fx(model: nn.Module) -> Optional[fx.GraphModule]:
 
 
 def _fuse_graph(gm: fx.GraphModule) -> None:
-    """BatchNorm2d -> ReLU and BatchNorm2d -> add -> ReLU chains in ``gm``'s
+    """Batch norm -> ReLU and batch norm -> add -> ReLU chains in ``gm``'s
     graph become one call of a fused module."""
     modules = dict(gm.named_modules())
     graph = gm.graph
@@ -222,16 +221,17 @@ def _fuse_graph(gm: fx.GraphModule) -> None:
 
     order = {node: i for i, node in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        if node.op != "call_module" or type(modules.get(node.target)) is not nn.BatchNorm2d:
+        if node.op != "call_module" or type(modules.get(node.target)) not in _FUSED_FORMS:
             continue
         bn = modules[node.target]
+        forms = _FUSED_FORMS[type(bn)]
         user = _only_user(node)
-        fused_cls = FusedBatchNorm2d
+        fused_cls = forms.plain
         # A module called from several places keeps its plain form: fusing one
         # call site would change the others.
         if calls[node.target] == 1 and user is not None and len(node.args) == 1 and not node.kwargs:
             if _is_relu(user, modules):
-                fused_cls = FusedBatchNormReLU2d
+                fused_cls = forms.relu
                 user.replace_all_uses_with(node)
                 graph.erase_node(user)
             else:
@@ -244,7 +244,7 @@ def _fuse_graph(gm: fx.GraphModule) -> None:
                     residual = None
                 relu = _only_user(user) if residual is not None else None
                 if relu is not None and _is_relu(relu, modules):
-                    fused_cls = FusedBatchNormAddReLU2d
+                    fused_cls = forms.add_relu
                     node.args = (node.args[0], residual)
                     relu.replace_all_uses_with(node)
                     graph.erase_node(relu)

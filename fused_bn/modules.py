@@ -1,7 +1,10 @@
 """Drop-in modules and model conversion."""
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.compiler import is_compiling
 
 from ._sync import sync_batch_norm
@@ -66,30 +69,9 @@ class _FusedBatchNormForward:
         return _batch_norm_epilogue(input, *self._batch_norm_args(input), False, None)
 
 
-class FusedBatchNorm2d(_FusedBatchNormForward, nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` computed by fused_bn's kernels.
-
-    A subclass with the same constructor, parameters, buffers and state_dict keys,
-    so checkpoints, optimizers and ``isinstance(m, nn.BatchNorm2d)`` keep working.
-    Unlike ``nn.BatchNorm2d``, an input that raises leaves ``num_batches_tracked``
-    untouched: every check runs before the op mutates any state.
-    """
-
-
-class FusedLazyBatchNorm2d(_FusedBatchNormForward, nn.LazyBatchNorm2d):
-    """``nn.LazyBatchNorm2d`` computed by fused_bn's kernels: ``num_features`` is
-    inferred from the first input's ``size(1)``, after which the module becomes
-    a ``FusedBatchNorm2d`` (as nn's becomes an ``nn.BatchNorm2d``). Like nn's,
-    it is no ``nn.BatchNorm2d`` until then (init loops over BatchNorm2d
-    modules would meet uninitialized parameters)."""
-
-    cls_to_become = FusedBatchNorm2d
-
-
-class FusedBatchNormReLU2d(FusedBatchNorm2d):
-    """``relu(nn.BatchNorm2d(x))`` in the passes over memory batch norm alone
-    takes; the backward recomputes the ReLU's mask from the input. Same
-    constructor, parameters, buffers and state_dict keys as ``nn.BatchNorm2d``."""
+class _FusedBatchNormReLUForward(_FusedBatchNormForward):
+    """``relu(batch_norm(x))`` in the passes over memory batch norm alone takes;
+    the backward recomputes the ReLU's mask from the input."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, fx.Proxy):
@@ -97,11 +79,10 @@ class FusedBatchNormReLU2d(FusedBatchNorm2d):
         return _batch_norm_epilogue(input, *self._batch_norm_args(input), True, None)
 
 
-class FusedBatchNormAddReLU2d(FusedBatchNorm2d):
-    """``relu(nn.BatchNorm2d(x) + residual)``, the end of a ResNet block, in one
-    op; ``forward(input, residual)``, where ``residual`` has the input's shape
-    and dtype and gets a gradient. Same constructor, parameters, buffers and
-    state_dict keys as ``nn.BatchNorm2d``."""
+class _FusedBatchNormAddReLUForward(_FusedBatchNormForward):
+    """``relu(batch_norm(x) + residual)``, the end of a ResNet block, in one op;
+    ``forward(input, residual)``, where ``residual`` has the input's shape and
+    dtype and gets a gradient."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         proxy = _traced_proxy((input, residual))
@@ -129,22 +110,123 @@ class FusedBatchNormAddReLU2d(FusedBatchNorm2d):
         return torch.relu(_batch_norm_epilogue(input, *args, False, None) + residual)
 
 
+class FusedBatchNorm1d(_FusedBatchNormForward, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` computed by fused_bn's kernels, on (N, C) or (N, C, L)
+    input; a subclass, as ``FusedBatchNorm2d`` is of ``nn.BatchNorm2d``. (N, C)
+    is a batch of rows of C channels: the kernels read it as channels-last with
+    one position per image."""
+
+
+class FusedBatchNorm2d(_FusedBatchNormForward, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` computed by fused_bn's kernels.
+
+    A subclass with the same constructor, parameters, buffers and state_dict keys,
+    so checkpoints, optimizers and ``isinstance(m, nn.BatchNorm2d)`` keep working;
+    channels_last input gives channels_last output. Unlike ``nn.BatchNorm2d``, an
+    input that raises leaves ``num_batches_tracked`` untouched: every check runs
+    before the op mutates any state.
+    """
+
+
+class FusedBatchNorm3d(_FusedBatchNormForward, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` computed by fused_bn's kernels, on (N, C, D, H, W) input;
+    a subclass, as ``FusedBatchNorm2d`` is of ``nn.BatchNorm2d``. channels_last_3d
+    input gives channels_last_3d output."""
+
+
+class FusedBatchNormReLU1d(_FusedBatchNormReLUForward, FusedBatchNorm1d):
+    """``relu(nn.BatchNorm1d(x))`` in batch norm's passes over memory."""
+
+
+class FusedBatchNormReLU2d(_FusedBatchNormReLUForward, FusedBatchNorm2d):
+    """``relu(nn.BatchNorm2d(x))`` in the passes over memory batch norm alone
+    takes; the backward recomputes the ReLU's mask from the input."""
+
+
+class FusedBatchNormReLU3d(_FusedBatchNormReLUForward, FusedBatchNorm3d):
+    """``relu(nn.BatchNorm3d(x))`` in batch norm's passes over memory."""
+
+
+class FusedBatchNormAddReLU1d(_FusedBatchNormAddReLUForward, FusedBatchNorm1d):
+    """``relu(nn.BatchNorm1d(x) + residual)`` in one op: ``forward(input, residual)``."""
+
+
+class FusedBatchNormAddReLU2d(_FusedBatchNormAddReLUForward, FusedBatchNorm2d):
+    """``relu(nn.BatchNorm2d(x) + residual)``, the end of a ResNet block, in one
+    op; ``forward(input, residual)``, where ``residual`` has the input's shape
+    and dtype and gets a gradient."""
+
+
+class FusedBatchNormAddReLU3d(_FusedBatchNormAddReLUForward, FusedBatchNorm3d):
+    """``relu(nn.BatchNorm3d(x) + residual)`` in one op: ``forward(input, residual)``."""
+
+
+# nn's lazy batch norms infer ``num_features`` from the first input's
+# ``size(1)`` and then become their eager class; ours become our twin of it.
+# Like nn's, a lazy one is no ``nn.BatchNorm2d`` (1d, 3d) until then: init
+# loops over batch norms would meet uninitialized parameters.
+
+class FusedLazyBatchNorm1d(_FusedBatchNormForward, nn.LazyBatchNorm1d):
+    """``nn.LazyBatchNorm1d`` computed by fused_bn's kernels; becomes a ``FusedBatchNorm1d``."""
+
+    cls_to_become = FusedBatchNorm1d
+
+
+class FusedLazyBatchNorm2d(_FusedBatchNormForward, nn.LazyBatchNorm2d):
+    """``nn.LazyBatchNorm2d`` computed by fused_bn's kernels; becomes a ``FusedBatchNorm2d``."""
+
+    cls_to_become = FusedBatchNorm2d
+
+
+class FusedLazyBatchNorm3d(_FusedBatchNormForward, nn.LazyBatchNorm3d):
+    """``nn.LazyBatchNorm3d`` computed by fused_bn's kernels; becomes a ``FusedBatchNorm3d``."""
+
+    cls_to_become = FusedBatchNorm3d
+
+
+class _FusedForms(NamedTuple):
+    """The fused modules standing for one nn batch norm class."""
+    plain: type
+    relu: type
+    add_relu: type
+
+
+# What convert_model swaps, by the exact type of nn's module.
+_FUSED_FORMS = {
+    nn.BatchNorm1d: _FusedForms(FusedBatchNorm1d, FusedBatchNormReLU1d, FusedBatchNormAddReLU1d),
+    nn.BatchNorm2d: _FusedForms(FusedBatchNorm2d, FusedBatchNormReLU2d, FusedBatchNormAddReLU2d),
+    nn.BatchNorm3d: _FusedForms(FusedBatchNorm3d, FusedBatchNormReLU3d, FusedBatchNormAddReLU3d),
+}
+_FUSED_LAZY = {
+    nn.LazyBatchNorm1d: FusedLazyBatchNorm1d,
+    nn.LazyBatchNorm2d: FusedLazyBatchNorm2d,
+    nn.LazyBatchNorm3d: FusedLazyBatchNorm3d,
+}
+
+
 class FusedSyncBatchNorm2d(FusedBatchNorm2d):
     """Batch norm whose training statistics cover the batches of every rank of a
-    ``torch.distributed`` process group, as ``nn.SyncBatchNorm`` does (which refuses
-    CPU tensors), on CPU tensors over gloo. CUDA tensors synchronise once the four
-    sync ops have CUDA kernels; until then the synchronised path refuses them.
+    ``torch.distributed`` process group, as ``nn.SyncBatchNorm`` does: CUDA tensors
+    over NCCL, and CPU tensors over gloo (which nn.SyncBatchNorm refuses).
 
-    Same constructor as ``nn.SyncBatchNorm`` for 4-D input (plus ``activation="relu"``
-    for ``relu(bn(x))`` in the same passes) and the same parameters, buffers and
-    state_dict keys as ``nn.BatchNorm2d``/``nn.SyncBatchNorm``. A training step
-    exchanges per-channel statistics only: one all_gather in the forward, one
-    all_reduce in the backward. Every rank gets the same statistics and the same
-    running-statistics update, whatever its own batch size (0 included); grad_weight
-    and grad_bias are each rank's own share (data-parallel training sums them).
-    In eval, or when ``torch.distributed`` is not initialized or the group has one
-    rank, it is exactly ``FusedBatchNorm2d`` (no collective).
+    Same constructor as ``nn.SyncBatchNorm`` (plus ``activation="relu"`` for
+    ``relu(bn(x))`` in the same passes), and like it takes input of any rank from
+    2-D to 5-D (``convert_sync_batchnorm`` converts BatchNorm1d, 2d and 3d alike);
+    the same parameters, buffers and state_dict keys as ``nn.BatchNorm2d``/
+    ``nn.SyncBatchNorm``. A training step exchanges per-channel statistics only:
+    one all_gather in the forward, one all_reduce in the backward. Every rank gets
+    the same statistics and the same running-statistics update, whatever its own
+    batch size (0 included); grad_weight and grad_bias are each rank's own share
+    (data-parallel training sums them). In eval, or when ``torch.distributed`` is
+    not initialized or the group has one rank, it is exactly ``FusedBatchNorm2d``
+    (no collective) on input of any of those ranks.
     """
+
+    def _check_input_dim(self, input):
+        # nn.SyncBatchNorm's checks and messages: input of 2 dimensions or more,
+        # with at least one channel.
+        nn.SyncBatchNorm._check_input_dim(self, input)
+        nn.SyncBatchNorm._check_non_zero_input_channels(self, input)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None, dtype=None, *,
@@ -181,20 +263,25 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """Replace every ``nn.BatchNorm2d`` (our ``FusedBatchNorm2d`` and
-        ``FusedBatchNormReLU2d`` included, the latter keeping its ReLU) and every
-        ``nn.SyncBatchNorm`` in ``module`` with a ``FusedSyncBatchNorm2d`` sharing its
-        parameters and buffers, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, and
-        return the module (the new one when ``module`` itself is converted).
-        ``FusedBatchNormAddReLU2d`` has no synchronised form and raises."""
-        if isinstance(module, FusedBatchNormAddReLU2d):
+        """Replace every batch norm of ``module`` (``nn.BatchNorm1d``, ``2d`` and ``3d``,
+        ours among them, our ReLU forms keeping their ReLU, and ``nn.SyncBatchNorm``)
+        with a ``FusedSyncBatchNorm2d`` sharing its parameters and buffers, as
+        ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, and return the module (the
+        new one when ``module`` itself is converted). Our add+ReLU forms have no
+        synchronised form and raise, and so does a lazy batch norm not yet run
+        (it has no parameters to share)."""
+        if isinstance(module, _FusedBatchNormAddReLUForward):
             raise NotImplementedError(
-                "FusedSyncBatchNorm2d.convert_sync_batchnorm: FusedBatchNormAddReLU2d has no "
+                f"FusedSyncBatchNorm2d.convert_sync_batchnorm: {type(module).__name__} has no "
                 "synchronised form; convert the model before fusing the residual add "
                 "(convert_model(model, fuse_relu=True) after convert_sync_batchnorm keeps them apart)")
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(
+                f"FusedSyncBatchNorm2d.convert_sync_batchnorm: {type(module).__name__} is not "
+                "initialized yet; run the model on an input once before converting it")
         converted = module
-        if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not isinstance(module, cls):
-            activation = "relu" if isinstance(module, FusedBatchNormReLU2d) else None
+        if isinstance(module, _BatchNorm) and not isinstance(module, cls):
+            activation = "relu" if isinstance(module, _FusedBatchNormReLUForward) else None
             act = module._modules.get("act")
             if act is not None or "drop" in module._modules:
                 # timm's BatchNormAct2d (ours or theirs): the activation goes into
@@ -221,7 +308,11 @@ def _bias_option(bn) -> dict:
     return {"bias": False} if bn.affine and bn.bias is None else {}
 
 
-def _fused_from(bn: nn.BatchNorm2d, cls=FusedBatchNorm2d) -> FusedBatchNorm2d:
+def _fused_from(bn: _BatchNorm, cls=None) -> _BatchNorm:
+    """A ``cls`` (by default the fused twin of ``bn``'s class) holding ``bn``'s
+    settings, parameters, buffers and children."""
+    if cls is None:
+        cls = _FUSED_FORMS[type(bn)].plain
     fused = cls(
         bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
         track_running_stats=bn.track_running_stats, device="meta", **_bias_option(bn))
@@ -295,44 +386,44 @@ def _fused_batch_norm_act_from(bn: nn.Module, fuse_relu: bool) -> nn.Module:
 
 def _has_convertible(module: nn.Module) -> bool:
     """Whether convert_model would swap ``module`` or one of its submodules."""
-    return any(type(m) in (nn.BatchNorm2d, nn.LazyBatchNorm2d) or _is_timm_batch_norm_act(m)
+    return any(type(m) in _FUSED_FORMS or type(m) in _FUSED_LAZY or _is_timm_batch_norm_act(m)
                for m in module.modules())
 
 
-def _fused_lazy_from(bn: nn.LazyBatchNorm2d) -> FusedLazyBatchNorm2d:
-    """An uninitialized ``nn.LazyBatchNorm2d``'s twin (it holds no values yet);
+def _fused_lazy_from(bn: nn.modules.batchnorm._LazyNormBase) -> nn.Module:
+    """An uninitialized nn lazy batch norm's twin (it holds no values yet);
     the dtype and device its placeholders were made with carry over (it has
     none with affine=False and track_running_stats=False)."""
     placeholder = bn.weight if bn.weight is not None else bn.running_mean
-    fused = FusedLazyBatchNorm2d(eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                                 track_running_stats=bn.track_running_stats,
-                                 device=None if placeholder is None else placeholder.device,
-                                 dtype=None if placeholder is None else placeholder.dtype,
-                                 **_bias_option(bn))
+    fused = _FUSED_LAZY[type(bn)](eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                                  track_running_stats=bn.track_running_stats,
+                                  device=None if placeholder is None else placeholder.device,
+                                  dtype=None if placeholder is None else placeholder.dtype,
+                                  **_bias_option(bn))
     fused.train(bn.training)
     return fused
 
 
 def _convert_in_place(module: nn.Module, fuse_relu: bool) -> nn.Module:
-    if type(module) is nn.BatchNorm2d:
+    if type(module) in _FUSED_FORMS:
         return _fused_from(module)
-    if type(module) is nn.LazyBatchNorm2d:
+    if type(module) in _FUSED_LAZY:
         return _fused_lazy_from(module)
     if _is_timm_batch_norm_act(module):
         return _fused_batch_norm_act_from(module, fuse_relu)
     children = list(module.named_children())
     for i, (name, child) in enumerate(children):
-        if type(child) is not nn.BatchNorm2d:
+        if type(child) not in _FUSED_FORMS:
             converted = _convert_in_place(child, fuse_relu)
             if converted is not child:  # a lazy batch norm or a timm BatchNormAct2d
                 setattr(module, name, converted)
             continue
-        # An nn.Sequential's BatchNorm2d right before an nn.ReLU: the pair
+        # An nn.Sequential's batch norm right before an nn.ReLU: the pair
         # becomes the fused module and an nn.Identity at the ReLU's index, so
         # the state_dict keys stay as they were.
         following = children[i + 1][1] if i + 1 < len(children) else None
         if fuse_relu and isinstance(module, nn.Sequential) and type(following) is nn.ReLU:
-            setattr(module, name, _fused_from(child, FusedBatchNormReLU2d))
+            setattr(module, name, _fused_from(child, _FUSED_FORMS[type(child)].relu))
             setattr(module, children[i + 1][0], nn.Identity())
             children[i + 1] = (children[i + 1][0], nn.Identity())
         else:
@@ -341,27 +432,28 @@ def _convert_in_place(module: nn.Module, fuse_relu: bool) -> nn.Module:
 
 
 def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
-    """Replace every submodule whose type is exactly ``nn.BatchNorm2d`` with a
-    ``FusedBatchNorm2d`` sharing its parameters and buffers, and return the model.
-    An ``nn.LazyBatchNorm2d`` not yet run (nothing to share) becomes a
-    ``FusedLazyBatchNorm2d`` with its settings; one that has run is already an
-    ``nn.BatchNorm2d``. timm's ``BatchNormAct2d`` (batch norm plus its
+    """Replace every submodule whose type is exactly ``nn.BatchNorm1d``,
+    ``nn.BatchNorm2d`` or ``nn.BatchNorm3d`` with ``FusedBatchNorm1d`` (2d, 3d)
+    sharing its parameters and buffers, and return the model. An
+    ``nn.LazyBatchNorm1d`` (2d, 3d) not yet run (nothing to share) becomes a
+    ``FusedLazyBatchNorm1d`` (2d, 3d) with its settings; one that has run is
+    already an ``nn.BatchNorm1d`` (2d, 3d). timm's ``BatchNormAct2d`` (batch norm plus its
     activation) becomes a ``FusedBatchNormAct2d``, a subclass of it with the
     same children; with ``fuse_relu=True`` a ReLU activation runs in the batch
-    norm's passes. Other subclasses of ``nn.BatchNorm2d`` are left as they are.
+    norm's passes. Other subclasses of nn's batch norms are left as they are.
 
     With ``fuse_relu=False`` the model is converted in place (the new module is
     returned when ``module`` itself is an ``nn.BatchNorm2d``).
 
     With ``fuse_relu=True`` a ReLU applied directly and only to a batch norm's
     output (``nn.ReLU``, in place or not, ``F.relu``, ``torch.relu``,
-    ``Tensor.relu``) is folded into it (``FusedBatchNormReLU2d``), and so is
-    ``relu(bn(x) + identity)`` (``FusedBatchNormAddReLU2d``). The model is
+    ``Tensor.relu``) is folded into it (``FusedBatchNormReLU1d``, 2d, 3d), and
+    so is ``relu(bn(x) + identity)`` (``FusedBatchNormAddReLU1d``, 2d, 3d). The model is
     traced with ``torch.fx`` to find these, and the return value is then a
     ``torch.fx.GraphModule`` (use it in place of the model; the original is left
     as it was, sharing its parameters and buffers with it). A model that does
     not trace is converted in place instead, folding only an ``nn.ReLU`` that
-    directly follows a ``BatchNorm2d`` in an ``nn.Sequential``. Either way the
+    directly follows a batch norm in an ``nn.Sequential``. Either way the
     state_dict keys stay those of the original model. The trace leaves every
     parameter, buffer and training flag as it found them, and a module whose
     code depends on its training flag (stochastic depth, a dropout path) stays

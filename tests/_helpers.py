@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fused_bn
-from _accuracy import assert_accurate
+from _accuracy import FLOOR, assert_accurate, assert_same_nonfinite, check_bound, max_abs_error
 
 CL = torch.channels_last
 
@@ -32,23 +32,45 @@ PRECISIONS = (F32, F64, BF16, F16, BF16_AMP, F16_AMP)
 
 LAYOUTS = ("contiguous", "channels_last", "strided", "permuted")
 
+# nn's batch norm and ours for each input rank.
+BATCH_NORMS = {2: (nn.BatchNorm1d, fused_bn.FusedBatchNorm1d), 3: (nn.BatchNorm1d, fused_bn.FusedBatchNorm1d),
+               4: (nn.BatchNorm2d, fused_bn.FusedBatchNorm2d), 5: (nn.BatchNorm3d, fused_bn.FusedBatchNorm3d)}
+RELU_BATCH_NORMS = {2: fused_bn.FusedBatchNormReLU1d, 3: fused_bn.FusedBatchNormReLU1d,
+                    4: fused_bn.FusedBatchNormReLU2d, 5: fused_bn.FusedBatchNormReLU3d}
+ADD_RELU_BATCH_NORMS = {2: fused_bn.FusedBatchNormAddReLU1d, 3: fused_bn.FusedBatchNormAddReLU1d,
+                        4: fused_bn.FusedBatchNormAddReLU2d, 5: fused_bn.FusedBatchNormAddReLU3d}
+
+
+def channels_last_format(rank):
+    """torch's channels-last memory format for input of this rank, or None."""
+    return {4: CL, 5: torch.channels_last_3d}.get(rank)
+
 
 def to_layout(t, layout):
-    """``t``'s values in the requested memory layout. ``strided`` is a view that
-    skips every other element along W (the gaps hold NaN, so a kernel that ignores
-    strides produces NaN); ``permuted`` is a dense view that is neither contiguous
-    nor channels_last (strides ordered C < W < N < H)."""
+    """``t``'s values in the requested memory layout. ``channels_last`` is
+    channels_last (4-D), channels_last_3d (5-D), the (N, L, C) memory of a
+    transposed (N, C, L) tensor (3-D) and row-major (2-D, which already is).
+    ``strided`` is a view that skips every other element along the last
+    dimension (the gaps hold NaN, so a kernel that ignores strides produces
+    NaN); ``permuted`` is a dense view that is neither contiguous nor channels
+    last (4-D: strides ordered C < W < N < H; other ranks: dimensions in
+    reverse order, for 2-D the transpose)."""
     if layout == "contiguous":
         return t.contiguous()
     if layout == "channels_last":
-        return t.contiguous(memory_format=CL)
-    n, c, h, w = t.shape
+        fmt = channels_last_format(t.dim())
+        if fmt is not None:
+            return t.contiguous(memory_format=fmt)
+        return t.transpose(1, -1).contiguous().transpose(1, -1)
     if layout == "strided":
-        base = torch.full((n, c, h, 2 * w), float("nan"), dtype=t.dtype, device=t.device)
+        base = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype, device=t.device)
         base[..., ::2] = t
         return base[..., ::2]
     if layout == "permuted":
-        return t.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+        if t.dim() == 4:
+            return t.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+        reverse = list(range(t.dim() - 1, -1, -1))
+        return t.permute(reverse).contiguous().permute(reverse)
     raise ValueError(layout)
 
 
@@ -61,24 +83,27 @@ def sample(shape, dtype=torch.float32, device="cpu", *, mean=2.0, std=2.0, layou
     shift = (torch.rand(c) * 2 - 1) * mean
     scale = std * (0.25 + 0.75 * torch.rand(c))
     x = torch.randn(shape) * scale.view(view) + shift.view(view)
-    x = x.to(dtype=dtype, device=device)
-    return to_layout(x, layout) if len(shape) == 4 else x
+    return to_layout(x.to(dtype=dtype, device=device), layout)
 
 
 def memory_formats(t):
-    return (t.is_contiguous(), t.is_contiguous(memory_format=CL))
+    """(contiguous, channels-last for its rank)."""
+    fmt = channels_last_format(t.dim())
+    return (t.is_contiguous(), fmt is not None and t.is_contiguous(memory_format=fmt))
 
 
 def make_trio(num_features, precision=F32, device="cpu", *, momentum=0.1, affine=True,
-              track_running_stats=True, eps=1e-5, bias=True):
-    """(ours, nn, float64 nn reference) with identical, non-default state.
+              track_running_stats=True, eps=1e-5, bias=True, rank=4):
+    """(ours, nn, float64 nn reference) with identical, non-default state, the
+    batch norms for input of ``rank`` dimensions (BatchNorm1d, 2d or 3d).
 
     ours and nn live on ``device`` with ``precision.param_dtype`` parameters; the
     reference lives on the CPU in float64 with the very same values upcast."""
+    nn_cls, fused_cls = BATCH_NORMS[rank]
     kwargs = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats)
     if not bias:
         kwargs["bias"] = False  # a weight without a bias (newer torch's keyword)
-    nn_bn = nn.BatchNorm2d(num_features, **kwargs)
+    nn_bn = nn_cls(num_features, **kwargs)
     with torch.no_grad():
         if affine:
             nn_bn.weight.uniform_(0.5, 1.5)
@@ -88,9 +113,9 @@ def make_trio(num_features, precision=F32, device="cpu", *, momentum=0.1, affine
             nn_bn.running_mean.uniform_(-0.5, 0.5)
             nn_bn.running_var.uniform_(0.5, 1.5)
     nn_bn = nn_bn.to(device=device, dtype=precision.param_dtype)
-    ours = fused_bn.FusedBatchNorm2d(num_features, **kwargs).to(device=device, dtype=precision.param_dtype)
+    ours = fused_cls(num_features, **kwargs).to(device=device, dtype=precision.param_dtype)
     ours.load_state_dict(nn_bn.state_dict())
-    ref = nn.BatchNorm2d(num_features, **kwargs).to(torch.float64)
+    ref = nn_cls(num_features, **kwargs).to(torch.float64)
     ref.load_state_dict(nn_bn.state_dict())
     return ours, nn_bn, ref
 
@@ -145,7 +170,7 @@ def compare_results(r_ours, r_nn, r_ref, label, floor_dtype=None):
         assert_accurate(o, n, r, floor_dtype, name=f"{label} {key}")
     for key in ("output", "grad_input"):
         assert memory_formats(r_ours[key]) == memory_formats(r_nn[key]), (
-            f"{label} {key}: layout (contiguous, channels_last) = {memory_formats(r_ours[key])}, "
+            f"{label} {key}: layout (contiguous, channels-last) = {memory_formats(r_ours[key])}, "
             f"nn {memory_formats(r_nn[key])}; strides {r_ours[key].stride()} vs {r_nn[key].stride()}")
 
 
@@ -229,8 +254,8 @@ def check_step(trio, x, grad_output, label, floor_dtype=None, contiguous_referen
 def run_parity(shape, precision=F32, layout="contiguous", device="cpu", *, train_steps=3,
                eval_steps=1, train_after_eval=0, mean=2.0, std=2.0, **module_kwargs):
     """Several training steps, then eval steps (then optionally training again), all
-    checked against nn.BatchNorm2d and a float64 reference."""
-    trio = make_trio(shape[1], precision, device, **module_kwargs)
+    checked against nn's batch norm for the shape's rank and a float64 reference."""
+    trio = make_trio(shape[1], precision, device, rank=len(shape), **module_kwargs)
     phases = [True] * train_steps + [False] * eval_steps + [True] * train_after_eval
     for step, training in enumerate(phases):
         for m in trio:
@@ -243,3 +268,38 @@ def run_parity(shape, precision=F32, layout="contiguous", device="cpu", *, train
     return trio
 
 
+
+
+class EndToEndErrors:
+    """The accuracy rule for whole models, on each quantity's errors summed over
+    independent draws. Past a model's first layer ours and nn's no longer see the
+    same input (each layer gets the previous one's slightly different rounding),
+    so one draw compares two compounded random errors; per-layer parity on
+    identical inputs is checked draw by draw elsewhere. NaN/Inf patterns and
+    counters are checked on every draw."""
+
+    def __init__(self):
+        self.totals = {}
+
+    def add(self, step, ours, theirs, ref, label):
+        """One draw's step: dicts of the same keys (outputs, gradients, buffers)."""
+        assert ours.keys() == theirs.keys() == ref.keys(), label
+        for key in ours:
+            o, n, r = (t.detach().cpu().double() for t in (ours[key], theirs[key], ref[key]))
+            if key.endswith("num_batches_tracked"):
+                assert int(o) == int(n), f"{label} {key}"
+                continue
+            assert o.shape == n.shape == r.shape, f"{label} {key}"
+            assert_same_nonfinite(o, n, f"{label} {key}")
+            mask = torch.isfinite(n) & torch.isfinite(r)
+            scale = float(r[mask].abs().max()) if bool(mask.any()) else 0.0
+            total = self.totals.setdefault((step, key), [0.0, 0.0, 0.0])
+            total[0] += max_abs_error(o, r, mask)[0]
+            total[1] += max_abs_error(n, r, mask)[0]
+            total[2] += FLOOR[torch.float32] * scale
+
+    def check(self, label, draws):
+        for (step, key), (err_ours, err_nn, floor) in self.totals.items():
+            # check_bound adds FLOOR * scale: pass the summed floor through scale.
+            check_bound(err_ours, err_nn, floor / FLOOR[torch.float32], torch.float32,
+                        f"{label}, step {step}] {key}, errors summed over {draws} draws")

@@ -1,8 +1,8 @@
 """Every error path raises nn's exception type and message, and leaves our module
 state (running_mean, running_var, num_batches_tracked, parameters) untouched.
 
-Expected errors are not hard-coded: nn.BatchNorm2d / F.batch_norm are run on the
-same input and state and what they raise is what we must raise. (nn itself bumps
+Expected errors are not hard-coded: nn's module (BatchNorm1d, 2d, 3d, SyncBatchNorm)
+or F.batch_norm is run on the same input and state and what they raise is what we must raise. (nn itself bumps
 num_batches_tracked before some of these errors; ours must not.)"""
 import pytest
 import torch
@@ -21,12 +21,10 @@ def _make_input(shape, dtype, device):
     return torch.randint(-3, 4, shape, dtype=dtype, device=device)
 
 
-# id: (num_features, module kwargs, module dtype, training, input shape, input dtype)
+# id: (num_features, module kwargs, module dtype, training, input shape, input dtype);
+# 4-D shapes are the 2-D batch norm's and are recast for the other modules
+# (_shape_for), the others are rank errors for the modules of RANK_ERROR_CASES.
 MODULE_CASES = {
-    "3d-train": (3, {}, f32, True, (3, 4, 4), f32),
-    "3d-eval": (3, {}, f32, False, (3, 4, 4), f32),
-    "2d-train": (3, {}, f32, True, (2, 3), f32),
-    "5d-eval": (3, {}, f32, False, (2, 3, 2, 2, 2), f32),
     "one-value-per-channel": (3, {}, f32, True, (1, 3, 1, 1), f32),
     "one-value-per-channel-notrack": (3, dict(track_running_stats=False), f32, True, (1, 3, 1, 1), f32),
     "one-value-per-channel-notrack-eval": (3, dict(track_running_stats=False), f32, False, (1, 3, 1, 1), f32),
@@ -73,10 +71,36 @@ def _expect_same_error(nn_call, ours_call, label):
                              f"{expected_type.__name__}: {expected_msg!r}")
 
 
-@pytest.mark.parametrize("case", list(MODULE_CASES))
-def test_module_error_matches_nn(device, case):
-    features, kwargs, module_dtype, training, shape, input_dtype = MODULE_CASES[case]
-    theirs = nn.BatchNorm2d(features, **kwargs)
+# The modules checked, each against nn's: BatchNorm1d, 2d, 3d and the synchronised
+# one (which, as nn.SyncBatchNorm, takes 2-D to 5-D input; without a process group
+# both run the local batch norm).
+MODULES = {"1d": (nn.BatchNorm1d, fused_bn.FusedBatchNorm1d), "2d": (nn.BatchNorm2d, fused_bn.FusedBatchNorm2d),
+           "3d": (nn.BatchNorm3d, fused_bn.FusedBatchNorm3d),
+           "sync": (nn.SyncBatchNorm, fused_bn.FusedSyncBatchNorm2d)}
+
+# module -> inputs of a rank it refuses (and, for sync, of no channels), as
+# (id, num_features, training, shape).
+RANK_ERROR_CASES = {
+    "1d": [("1d-train", 3, True, (3,)), ("4d-train", 3, True, (2, 3, 4, 4)), ("5d-eval", 3, False, (2, 3, 2, 2, 2))],
+    "2d": [("3d-train", 3, True, (3, 4, 4)), ("3d-eval", 3, False, (3, 4, 4)), ("2d-train", 3, True, (2, 3)),
+           ("5d-eval", 3, False, (2, 3, 2, 2, 2))],
+    "3d": [("4d-train", 3, True, (2, 3, 4, 4)), ("3d-eval", 3, False, (2, 3, 4)), ("6d-train", 3, True, (2, 3, 2, 2, 2, 2))],
+    "sync": [("1d-train", 3, True, (3,)), ("0d-eval", 3, False, ()), ("no-channels-train", 3, True, (2, 0, 3, 3)),
+             ("no-channels-eval", 3, False, (4, 0))],
+}
+
+
+def _shape_for(module, shape):
+    """A 4-D case's input for ``module``: (N, C, H·W) for BatchNorm1d, (N, C, 1, H, W)
+    for BatchNorm3d, and (N, C, H, W) for the 2-D and synchronised ones; one value
+    per channel stays one value."""
+    n, c, h, w = shape
+    return {"1d": (n, c, h * w), "3d": (n, c, 1, h, w)}.get(module, shape)
+
+
+def _check_module_error(module, features, kwargs, module_dtype, training, shape, input_dtype, device, label):
+    nn_cls, fused_cls = MODULES[module]
+    theirs = nn_cls(features, **kwargs)
     with torch.no_grad():
         if theirs.affine:
             theirs.weight.uniform_(0.5, 1.5)
@@ -86,13 +110,34 @@ def test_module_error_matches_nn(device, case):
             theirs.running_var.uniform_(0.5, 1.5)
             theirs.num_batches_tracked.fill_(5)
     theirs = theirs.to(device=device, dtype=module_dtype).train(training)
-    ours = fused_bn.FusedBatchNorm2d(features, **kwargs).to(device=device, dtype=module_dtype)
+    ours = fused_cls(features, **kwargs).to(device=device, dtype=module_dtype)
     ours.load_state_dict(theirs.state_dict())
     ours.train(training)
     x = _make_input(shape, input_dtype, device)
     before = state_of(ours)
-    _expect_same_error(lambda: theirs(x), lambda: ours(x), f"[{case}]")
-    assert_state_unchanged(ours, before, f"[{case}] after the error")
+    _expect_same_error(lambda: theirs(x), lambda: ours(x), label)
+    assert_state_unchanged(ours, before, f"{label} after the error")
+
+
+@pytest.mark.parametrize("case", list(MODULE_CASES))
+@pytest.mark.parametrize("module", list(MODULES))
+def test_module_error_matches_nn(device, module, case):
+    features, kwargs, module_dtype, training, shape, input_dtype = MODULE_CASES[case]
+    _check_module_error(module, features, kwargs, module_dtype, training, _shape_for(module, shape), input_dtype,
+                        device, f"[{module} {case}]")
+
+
+@pytest.mark.parametrize("module,case", [(module, case) for module, cases in RANK_ERROR_CASES.items()
+                                         for case in cases], ids=lambda v: v if isinstance(v, str) else v[0])
+def test_module_rank_error_matches_nn(device, module, case):
+    label, features, training, shape = case
+    _check_module_error(module, features, {}, f32, training, shape, f32, device, f"[{module} {label}]")
+
+
+def test_rows_of_one_value_per_channel_match_nn(device):
+    """(1, C) is one value per channel for BatchNorm1d (and its synchronised form)."""
+    for module in ("1d", "sync"):
+        _check_module_error(module, 3, {}, f32, True, (1, 3), f32, device, f"[{module} (1, 3)]")
 
 
 def _functional_args(device, *, input_shape=(4, 3, 2, 2), input_dtype=f32, rm=(3, f32), rv=(3, f32),

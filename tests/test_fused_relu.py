@@ -10,8 +10,8 @@ from torch import nn
 
 import fused_bn
 from _accuracy import assert_accurate
-from _helpers import BF16, BF16_AMP, F16, F32, F64, make_trio, memory_formats, sample, state_of, \
-    assert_state_unchanged, assert_bitwise_equal, compare_accurate
+from _helpers import ADD_RELU_BATCH_NORMS, BF16, BF16_AMP, F16, F32, F64, RELU_BATCH_NORMS, make_trio, \
+    memory_formats, sample, state_of, assert_state_unchanged, assert_bitwise_equal, compare_accurate
 from test_ops import _GraphRecorder, _assert_not_decomposed
 
 ops = torch.ops.fused_bn
@@ -56,8 +56,8 @@ def _run(module, bn, x, residual, grad_output):
 
 
 def _parity(shape, precision, layout, device, *, add, steps=(True, True, False, True), **kwargs):
-    ours_bn, nn_bn, ref_bn = make_trio(shape[1], precision, device, **kwargs)
-    ours = _fused_like(nn_bn, fused_bn.FusedBatchNormAddReLU2d if add else fused_bn.FusedBatchNormReLU2d)
+    ours_bn, nn_bn, ref_bn = make_trio(shape[1], precision, device, rank=len(shape), **kwargs)
+    ours = _fused_like(nn_bn, (ADD_RELU_BATCH_NORMS if add else RELU_BATCH_NORMS)[len(shape)])
     eager, ref = EagerBlock(nn_bn), EagerBlock(ref_bn)
     for step, training in enumerate(steps):
         for m in (ours, eager, ref):
@@ -112,6 +112,20 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_parity_float32(device, shape, layout, add):
     _parity(shape, F32, layout, device, add=add)
+
+
+# FusedBatchNormReLU1d/3d and FusedBatchNormAddReLU1d/3d: (N, C) rows (few and
+# wide, many and narrow, two values per channel), (N, C, L), (N, C, D, H, W).
+OTHER_RANK_SHAPES = [(16, 5), (3, 700), (2000, 3), (2, 6), (1, 5, 9), (4, 3, 1), (5, 7, 11),
+                     (2, 3, 1, 4, 5), (1, 2, 3, 5, 7), (2, 16, 3, 10, 10)]
+
+
+@pytest.mark.parametrize("add", [False, True], ids=["relu", "add_relu"])
+@pytest.mark.parametrize("precision", [F32, BF16_AMP], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", OTHER_RANK_SHAPES, ids=str)
+def test_parity_other_ranks(device, shape, layout, precision, add):
+    _parity(shape, precision, layout, device, add=add)
 
 
 @pytest.mark.parametrize("add", [False, True], ids=["relu", "add_relu"])

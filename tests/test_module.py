@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from fused_bn import FusedBatchNorm2d, convert_model
+from fused_bn import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, convert_model
 from _accuracy import assert_accurate
-from _helpers import sample
+from _helpers import EndToEndErrors, sample
 
 VARIANTS = list(itertools.product([True, False], [True, False]))
 VARIANT_IDS = [f"affine={a}-track={t}" for a, t in VARIANTS]
@@ -89,6 +89,10 @@ class _CustomBN(nn.BatchNorm2d):
     pass
 
 
+class _CustomBN1d(nn.BatchNorm1d):
+    pass
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -99,6 +103,7 @@ class _Net(nn.Module):
         self.bn_notrack = nn.BatchNorm2d(4, track_running_stats=False)
         self.bn1d = nn.BatchNorm1d(4)
         self.bn3d = nn.BatchNorm3d(4)
+        self.custom1d = _CustomBN1d(4)
         self.already = FusedBatchNorm2d(4)
 
     def forward(self, x):
@@ -107,7 +112,7 @@ class _Net(nn.Module):
         return self.already(x)
 
 
-def test_convert_model_replaces_exactly_batchnorm2d():
+def test_convert_model_replaces_exactly_nn_batch_norms():
     net = _Net()
     already = net.already
     result = convert_model(net)
@@ -116,7 +121,8 @@ def test_convert_model_replaces_exactly_batchnorm2d():
     assert type(net.block[1]) is FusedBatchNorm2d
     assert type(net.bn_notrack) is FusedBatchNorm2d
     assert type(net.block[3]) is _CustomBN, "subclasses must be left alone"
-    assert type(net.bn1d) is nn.BatchNorm1d and type(net.bn3d) is nn.BatchNorm3d
+    assert type(net.bn1d) is FusedBatchNorm1d and type(net.bn3d) is FusedBatchNorm3d
+    assert type(net.custom1d) is _CustomBN1d, "subclasses must be left alone"
     assert net.already is already
     assert (net.bn.momentum, net.bn.eps, net.bn.num_features) == (0.3, 1e-3, 4)
     assert net.block[1].affine is False and net.block[1].weight is None
@@ -213,9 +219,7 @@ def test_converted_model_matches_original(device, training):
     END_TO_END_DRAWS independent models; per-layer parity on identical inputs is
     checked draw by draw in test_parity.py. NaN/Inf patterns and counters are
     checked on every draw."""
-    from _accuracy import FLOOR, assert_same_nonfinite, check_bound, max_abs_error
-
-    totals = {}
+    totals = EndToEndErrors()
     for draw in range(END_TO_END_DRAWS):
         torch.manual_seed(draw)
         original = _plain_net().to(device).train(training)
@@ -233,26 +237,8 @@ def test_converted_model_matches_original(device, training):
             ours = _run_and_collect(converted, x, gy)
             theirs = _run_and_collect(original, x, gy)
             ref = _run_and_collect(reference, x.cpu().double(), gy.cpu().double())
-            assert ours.keys() == theirs.keys() == ref.keys()
-            for key in ours:
-                label = f"[converted model, training={training}, draw {draw}, step {step}] {key}"
-                o, n, r = (t.detach().cpu().double() for t in (ours[key], theirs[key], ref[key]))
-                if key.endswith("num_batches_tracked"):
-                    assert int(o) == int(n), label
-                    continue
-                assert o.shape == n.shape == r.shape, label
-                assert_same_nonfinite(o, n, label)
-                mask = torch.isfinite(n) & torch.isfinite(r)
-                scale = float(r[mask].abs().max()) if bool(mask.any()) else 0.0
-                total = totals.setdefault((step, key), [0.0, 0.0, 0.0])
-                total[0] += max_abs_error(o, r, mask)[0]
-                total[1] += max_abs_error(n, r, mask)[0]
-                total[2] += FLOOR[torch.float32] * scale
-    for (step, key), (err_ours, err_nn, floor) in totals.items():
-        # check_bound adds FLOOR * scale: pass the summed floor through scale.
-        check_bound(err_ours, err_nn, floor / FLOOR[torch.float32], torch.float32,
-                    f"[converted model, training={training}, step {step}] {key}, "
-                    f"errors summed over {END_TO_END_DRAWS} draws")
+            totals.add(step, ours, theirs, ref, f"[converted model, training={training}, draw {draw}, step {step}]")
+    totals.check(f"[converted model, training={training}", END_TO_END_DRAWS)
 
 
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])

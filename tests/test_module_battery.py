@@ -1,8 +1,10 @@
-"""PyTorch's own module battery for nn.BatchNorm2d (the ModuleInfo inputs and
+"""PyTorch's own module battery for nn.BatchNorm1d/2d/3d (the ModuleInfo inputs and
 error inputs of ``torch.testing._internal.common_modules``, which torch's
 test_modules.py runs on nn's modules) driven through our modules:
 FusedBatchNorm2d, FusedLazyBatchNorm2d, FusedBatchNormReLU2d and
-FusedSyncBatchNorm2d (no process group: its local path). Each input is run on
+FusedSyncBatchNorm2d (no process group: its local path) on BatchNorm2d's
+inputs, FusedBatchNorm1d on BatchNorm1d's, FusedBatchNorm3d and
+FusedLazyBatchNorm3d on BatchNorm3d's. Each input is run on
 ours and on nn's module built from the same constructor arguments, and
 compared: forward, backward, error inputs, pickling, torch.save/load,
 ``to``/``to_empty``, memory formats, non-contiguous input, gradcheck.
@@ -21,25 +23,28 @@ common_modules = pytest.importorskip(
     "torch.testing._internal.common_modules",
     reason="torch's internal module battery needs expecttest (make test-deps installs it)")
 
-BATCH_NORM_2D = next(info for info in common_modules.module_db if info.module_cls is nn.BatchNorm2d)
+MODULE_INFO = {info.module_cls: info for info in common_modules.module_db
+               if info.module_cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
+BATCH_NORM_2D = MODULE_INFO[nn.BatchNorm2d]
 
-# name: (our class, nn's class, what ours adds to nn's output, lazy)
+# name: (our class, nn's class, what ours adds to nn's output, lazy, the ModuleInfo whose inputs it runs)
 KINDS = {
-    "FusedBatchNorm2d": (fused_bn.FusedBatchNorm2d, nn.BatchNorm2d, None, False),
-    "FusedLazyBatchNorm2d": (fused_bn.FusedLazyBatchNorm2d, nn.LazyBatchNorm2d, None, True),
-    "FusedBatchNormReLU2d": (fused_bn.FusedBatchNormReLU2d, nn.BatchNorm2d, torch.relu, False),
-    "FusedSyncBatchNorm2d": (fused_bn.FusedSyncBatchNorm2d, nn.BatchNorm2d, None, False),
+    "FusedBatchNorm2d": (fused_bn.FusedBatchNorm2d, nn.BatchNorm2d, None, False, BATCH_NORM_2D),
+    "FusedLazyBatchNorm2d": (fused_bn.FusedLazyBatchNorm2d, nn.LazyBatchNorm2d, None, True, BATCH_NORM_2D),
+    "FusedBatchNormReLU2d": (fused_bn.FusedBatchNormReLU2d, nn.BatchNorm2d, torch.relu, False, BATCH_NORM_2D),
+    "FusedSyncBatchNorm2d": (fused_bn.FusedSyncBatchNorm2d, nn.BatchNorm2d, None, False, BATCH_NORM_2D),
+    "FusedBatchNorm1d": (fused_bn.FusedBatchNorm1d, nn.BatchNorm1d, None, False, MODULE_INFO[nn.BatchNorm1d]),
+    "FusedBatchNorm3d": (fused_bn.FusedBatchNorm3d, nn.BatchNorm3d, None, False, MODULE_INFO[nn.BatchNorm3d]),
+    "FusedLazyBatchNorm3d": (fused_bn.FusedLazyBatchNorm3d, nn.LazyBatchNorm3d, None, True,
+                             MODULE_INFO[nn.BatchNorm3d]),
 }
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
-def module_inputs(device, dtype, training, requires_grad=True):
-    return BATCH_NORM_2D.module_inputs_func(BATCH_NORM_2D, device=device, dtype=dtype,
-                                            requires_grad=requires_grad, training=training)
-
-
-def input_ids():
-    return [mi.desc or "default" for mi in module_inputs("cpu", torch.float32, True)]
+def module_inputs(kind, device, dtype, training, requires_grad=True):
+    info = KINDS[kind][4]
+    return info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=requires_grad,
+                                   training=training)
 
 
 def constructor_args(kind, module_input):
@@ -49,7 +54,7 @@ def constructor_args(kind, module_input):
 
 def build_pair(kind, module_input, device, dtype, training):
     """(ours, nn's) from the input's constructor arguments, same initial state."""
-    ours_cls, nn_cls, _, _ = KINDS[kind]
+    ours_cls, nn_cls, _, _, _ = KINDS[kind]
     args, kwargs = constructor_args(kind, module_input)
     ours = ours_cls(*args, **kwargs, device=device, dtype=dtype).train(training)
     theirs = nn_cls(*args, **kwargs, device=device, dtype=dtype).train(training)
@@ -97,7 +102,7 @@ def test_forward_backward_match_nn(device, kind, dtype, training):
     """Every ModuleInput: two steps of forward and backward, outputs, grads,
     running statistics and counters as nn's."""
     tol = TOLERANCES[dtype]
-    for module_input in module_inputs(device, dtype, training):
+    for module_input in module_inputs(kind, device, dtype, training):
         ours, theirs = build_pair(kind, module_input, device, dtype, training)
         x = the_input(module_input)
         for step in range(2):
@@ -121,10 +126,10 @@ def test_forward_backward_match_nn(device, kind, dtype, training):
 def test_error_inputs_match_nn(device, kind, training):
     """torch's error inputs (eps <= 0): our exception type and message as the
     ModuleInfo expects them, nn's raising too, our state untouched."""
-    errors = BATCH_NORM_2D.module_error_inputs_func(BATCH_NORM_2D, device=device,
-                                                    dtype=torch.float32, requires_grad=False,
-                                                    training=training)
-    assert errors, "torch lists error inputs for nn.BatchNorm2d"
+    info = KINDS[kind][4]
+    errors = info.module_error_inputs_func(info, device=device, dtype=torch.float32, requires_grad=False,
+                                           training=training)
+    assert errors, f"torch lists error inputs for {info.module_cls.__name__}"
     for error_input in errors:
         module_input = error_input.module_error_input
         ours, theirs = build_pair(kind, module_input, device, torch.float32, True)
@@ -158,7 +163,7 @@ def _first_run(kind, module_input, device, training):
 @pytest.mark.parametrize("via", ["pickle", "torch.save", "state_dict"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_serialization_round_trip(device, kind, via):
-    for module_input in module_inputs(device, torch.float32, True):
+    for module_input in module_inputs(kind, device, torch.float32, True):
         ours, _, x = _first_run(kind, module_input, device, True)
         if via == "pickle":
             restored = pickle.loads(pickle.dumps(ours))
@@ -187,7 +192,7 @@ def test_to_and_to_empty(device, kind):
     """``to(dtype)`` casts parameters and buffers as nn's does (the counter
     stays int64); ``to_empty`` from the meta device then load_state_dict gives
     a working module."""
-    for module_input in module_inputs(device, torch.float32, True):
+    for module_input in module_inputs(kind, device, torch.float32, True):
         ours, theirs, x = _first_run(kind, module_input, device, True)
         ours64, theirs64 = ours.to(torch.float64), theirs.to(torch.float64)
         assert_states_equal(ours64, theirs64, TOLERANCES[torch.float32])  # a float32 step's
@@ -210,11 +215,15 @@ def test_memory_formats_and_non_contiguous_input(device, kind, training):
     """channels_last input gives channels_last output and grads, a strided view
     is read through its strides, both with nn's values."""
     tol = TOLERANCES[torch.float32]
-    for module_input in module_inputs(device, torch.float32, training):
+    for module_input in module_inputs(kind, device, torch.float32, training):
         x = the_input(module_input).detach()
         wide = torch.cat([x, x.flip(-1)], dim=-1)
-        layouts = {"channels_last": x.contiguous(memory_format=torch.channels_last),
-                   "strided": wide[..., ::2].detach(), "transposed": x.transpose(2, 3)}
+        channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        layouts = {"strided": wide[..., ::2].detach()}
+        if channels_last is not None:
+            layouts["channels_last"] = x.contiguous(memory_format=channels_last)
+        if x.dim() >= 4:
+            layouts["transposed"] = x.transpose(-2, -1)
         for name, variant in layouts.items():
             ours, theirs = build_pair(kind, module_input, device, torch.float32, training)
             g = torch.randn_like(variant)
@@ -226,8 +235,8 @@ def test_memory_formats_and_non_contiguous_input(device, kind, training):
                 if a is not None:
                     torch.testing.assert_close(a, b, **tol, msg=label)
             if name == "channels_last" and x.numel() > 0:
-                assert y_ours.is_contiguous(memory_format=torch.channels_last), label
-                assert grads_ours[0].is_contiguous(memory_format=torch.channels_last), label
+                assert y_ours.is_contiguous(memory_format=channels_last), label
+                assert grads_ours[0].is_contiguous(memory_format=channels_last), label
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -235,12 +244,13 @@ def test_memory_formats_and_non_contiguous_input(device, kind, training):
 def test_gradcheck(device, kind, training):
     """gradcheck and gradgradcheck in float64 of the input and parameters, as
     torch's test_modules runs them."""
-    for module_input in module_inputs(device, torch.float64, training):
+    for module_input in module_inputs(kind, device, torch.float64, training):
         ours, _ = build_pair(kind, module_input, device, torch.float64, training)
         x = the_input(module_input).detach()
         if x.numel() == 0:
             continue
-        x = x[:, :, :3, :3].contiguous().requires_grad_()  # gradcheck's cost grows with numel
+        x = x[(slice(None), slice(None)) + (slice(0, 3),) * (x.dim() - 2)].contiguous().requires_grad_()
+        # (at most 3 positions per spatial dimension: gradcheck's cost grows with numel)
         if KINDS[kind][3]:
             ours(x.detach())  # materialize the lazy parameters first
         params = [p for p in ours.parameters()]

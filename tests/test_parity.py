@@ -1,6 +1,8 @@
-"""Numerical parity of FusedBatchNorm2d / fused_bn.batch_norm with nn.BatchNorm2d /
+"""Numerical parity of FusedBatchNorm1d/2d/3d / fused_bn.batch_norm with nn.BatchNorm1d/2d/3d /
 F.batch_norm under the accuracy rule (tests/_accuracy.py): forward output, grad
 input, grad weight, grad bias, running statistics and num_batches_tracked."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,73 @@ def test_parity_grid(device, shape, precision, layout):
     """3 training steps then an eval step: every quantity within the accuracy rule,
     dtypes and layouts as nn's, num_batches_tracked exact, input untouched."""
     run_parity(shape, precision, layout, device, train_steps=3, eval_steps=1)
+
+
+# BatchNorm1d's (N, C) and (N, C, L) and BatchNorm3d's (N, C, D, H, W).
+OTHER_RANK_SHAPES = [
+    (8, 5),             # rows of channels
+    (2, 7),             # two values per channel
+    (1, 4, 6),          # N = 1
+    (6, 3, 1),          # L = 1
+    (5, 7, 11),         # odd primes
+    (9, 1),             # C = 1
+    (3, 1, 13),         # C = 1, a sequence
+    (2, 3, 1, 4, 5),    # D = 1
+    (1, 2, 3, 5, 7),    # N = 1, odd primes
+    (3, 5, 2, 3, 7),    # odd primes
+    (2, 1, 3, 4, 5),    # C = 1
+    (4, 3, 1, 1, 1),    # D = H = W = 1
+]
+
+
+def _two_values_per_channel(shape):
+    return math.prod(shape) // shape[1] == 2
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,precision", [
+    # In float64 the reference is nn itself, whose two-values grad_input is a
+    # cancellation ~1e5 ulps off; ours is the closed form, checked against a
+    # 50-digit evaluation for every rank in
+    # test_properties.py::test_two_values_per_channel_float64_exact.
+    (shape, precision) for shape in OTHER_RANK_SHAPES for precision in PRECISIONS
+    if not (_two_values_per_channel(shape) and precision == F64)], ids=str)
+def test_parity_grid_other_ranks(device, shape, precision, layout):
+    """As test_parity_grid, for FusedBatchNorm1d and FusedBatchNorm3d against
+    nn.BatchNorm1d and nn.BatchNorm3d (channels_last: channels_last_3d, or for
+    (N, C, L) the memory of a transposed (N, L, C) tensor)."""
+    run_parity(shape, precision, layout, device, train_steps=3, eval_steps=1)
+
+
+# Larger inputs of the other ranks: MLP heads' (N, C) rows, few and wide or many
+# and narrow, and a video clip's (N, C, D, H, W) in channels_last_3d.
+LARGE_OTHER_RANKS = [
+    pytest.param((256, 4096), F32, "contiguous", id="256x4096-f32"),
+    pytest.param((4, 8192), F32, "contiguous", id="4x8192-f32"),
+    pytest.param((30000, 3), F32, "contiguous", id="30000x3-f32"),
+    pytest.param((512, 1000), BF16_AMP, "contiguous", id="512x1000-bf16"),
+    pytest.param((64, 96, 50), F32, "channels_last", id="64x96x50-f32-transposed"),
+    pytest.param((2, 16, 4, 28, 28), BF16_AMP, "channels_last", id="2x16x4x28x28-bf16-cl3d"),
+    pytest.param((2, 16, 4, 28, 28), F32, "contiguous", id="2x16x4x28x28-f32"),
+]
+
+
+@pytest.mark.parametrize("shape,precision,layout", LARGE_OTHER_RANKS)
+def test_parity_large_other_ranks(device, shape, precision, layout):
+    run_parity(shape, precision, layout, device, train_steps=2, eval_steps=1)
+
+
+@pytest.mark.parametrize("precision", [F32, BF16, F16_AMP], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last_3d_preserved(device, precision, training):
+    """channels_last_3d in -> channels_last_3d out (output and grad input)."""
+    m = fused_bn.FusedBatchNorm3d(6).to(device, precision.param_dtype).train(training)
+    x = sample((2, 6, 3, 5, 7), precision.input_dtype, device, layout="channels_last").requires_grad_()
+    assert not x.is_contiguous()
+    y = m(x)
+    y.backward(sample((2, 6, 3, 5, 7), precision.input_dtype, device, layout="channels_last"))
+    for t in (y, x.grad):
+        assert t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
 
 
 @pytest.mark.parametrize("precision,layout", [
@@ -286,7 +355,10 @@ def test_determinism(device, shape, precision, layout):
 
 
 @pytest.mark.parametrize("shape,layout", [((32, 1, 128, 128), "contiguous"), ((8, 3, 64, 64), "contiguous"),
-                                          ((8, 3, 64, 64), "channels_last"), ((4, 16, 20, 20), "contiguous")],
+                                          ((8, 3, 64, 64), "channels_last"), ((4, 16, 20, 20), "contiguous"),
+                                          # few wide rows: one row block in column strips
+                                          ((6, 5000), "contiguous"), ((300, 2100), "contiguous"),
+                                          ((2, 3000, 1, 2, 2), "channels_last")],
                          ids=str)
 def test_cpu_results_independent_of_thread_count(shape, layout):
     """The CPU kernels promise results bitwise independent of the thread count
@@ -297,7 +369,7 @@ def test_cpu_results_independent_of_thread_count(shape, layout):
         torch.set_num_threads(threads)
         try:
             torch.manual_seed(1)
-            ours, _, _ = make_trio(shape[1], F32, "cpu")
+            ours, _, _ = make_trio(shape[1], F32, "cpu", rank=len(shape))
             results = []
             for training in (True, False):
                 ours.train(training)

@@ -34,7 +34,7 @@ import fused_bn
 from torch import nn
 from _accuracy import assert_accurate
 from conftest import EMULATED_CUDA
-from _helpers import (PRECISIONS, assert_state_unchanged, check_step, compare_accurate, forward_backward,
+from _helpers import (BATCH_NORMS, PRECISIONS, assert_state_unchanged, check_step, compare_accurate, forward_backward,
                       make_trio, state_of)
 
 PROFILE = os.environ.get("FUSED_BN_HYPOTHESIS", "ci")
@@ -371,28 +371,32 @@ def test_two_values_per_channel(device, seed):
     _cancellation_case((1, 1, 1, 2), ("contiguous",), seed, device=device)
 
 
-def test_two_values_per_channel_float64_exact():
+@pytest.mark.parametrize("shape", [(2, 8, 1, 1), (2, 8), (2, 8, 1), (2, 8, 1, 1, 1), (1, 8, 2)], ids=str)
+def test_two_values_per_channel_float64_exact(shape):
     """In float64 the accuracy rule's reference is nn itself, whose two-values
     grad_input is the cancellation of its terms (about 1e-16 off a value of
     ~1e-6); ours is the closed form. Both against a 50-digit evaluation of the
-    same formula from the same float64 values: ours to within an ulp or two."""
+    same formula from the same float64 values: ours to within an ulp or two,
+    for the batch norm of every input rank."""
     import decimal
     from decimal import Decimal as D
     decimal.getcontext().prec = 50
     eps = 1e-5
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 8, 1, 1, generator=gen, dtype=torch.float64)
-    gy = torch.randn(2, 8, 1, 1, generator=gen, dtype=torch.float64) + 0.5
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    gy = torch.randn(shape, generator=gen, dtype=torch.float64) + 0.5
     w = torch.rand(8, generator=gen, dtype=torch.float64) + 0.5
-    ours = fused_bn.FusedBatchNorm2d(8, eps=eps).double()
-    theirs = nn.BatchNorm2d(8, eps=eps).double()
+    nn_cls, fused_cls = BATCH_NORMS[len(shape)]
+    ours = fused_cls(8, eps=eps).double()
+    theirs = nn_cls(8, eps=eps).double()
     results = []
     for m in (ours, theirs):
         with torch.no_grad():
             m.weight.copy_(w)
         xi = x.clone().requires_grad_()
         m(xi).backward(gy)
-        results.append(xi.grad)
+        results.append(xi.grad.movedim(1, -1).reshape(2, 8))
+    x, gy = x.movedim(1, -1).reshape(2, 8), gy.movedim(1, -1).reshape(2, 8)
     worst_ours = worst_nn = 0.0
     for c in range(8):
         x0, x1 = D(float(x[0, c])), D(float(x[1, c]))

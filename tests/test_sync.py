@@ -9,6 +9,7 @@ batch, under the accuracy rule. Rank processes have a deadline, are killed past 
 and always destroy their process group.
 """
 import datetime
+import math
 import os
 import socket
 import zlib
@@ -22,37 +23,44 @@ import torch.nn.functional as F
 
 import fused_bn
 from _accuracy import assert_accurate
-from _helpers import assert_bitwise_equal, assert_state_unchanged, state_of
+from _helpers import (BATCH_NORMS, RELU_BATCH_NORMS, assert_bitwise_equal, assert_state_unchanged,
+                      channels_last_format, memory_formats, state_of)
 
 ops = torch.ops.fused_bn
 CL = torch.channels_last
 DEADLINE_S = 240
 
-# name -> (per-rank batch sizes by world size, C, H, W, dtype, param dtype, layout,
-#          momentum, affine, track_running_stats, relu)
+# name -> (per-rank batch sizes by world size, C, spatial sizes, dtype, param dtype,
+#          layout, momentum, affine, track_running_stats, relu); the spatial sizes give
+#          the input's rank: () for (N, C) as BatchNorm1d takes, (L,), (H, W), (D, H, W).
 SCENARIOS = {
-    "unequal": ({2: [3, 5], 3: [2, 3, 4]}, 6, 5, 7, torch.float32, torch.float32, "nchw", 0.1, True, True, False),
-    "equal_cl": ({2: [4, 4], 3: [3, 3, 3]}, 5, 4, 4, torch.float32, torch.float32, "cl", 0.9, True, True, False),
-    "empty_rank": ({2: [0, 6], 3: [4, 0, 3]}, 3, 3, 5, torch.float32, torch.float32, "nchw", None, True, True, False),
-    "relu": ({2: [2, 5], 3: [1, 4, 2]}, 7, 3, 3, torch.float32, torch.float32, "cl", 0.1, True, True, True),
-    "short_planes": ({2: [5, 3], 3: [2, 2, 4]}, 48, 2, 3, torch.float32, torch.float32, "nchw", 0.1, True, True, True),
-    "no_affine_untracked": ({2: [3, 2], 3: [2, 2, 1]}, 4, 5, 5, torch.float32, torch.float32, "nchw", 0.1, False, False, False),
-    "bf16_amp": ({2: [3, 4], 3: [2, 3, 2]}, 6, 6, 6, torch.bfloat16, torch.float32, "cl", 0.1, True, True, False),
-    "float64": ({2: [2, 3], 3: [1, 2, 2]}, 3, 4, 5, torch.float64, torch.float64, "nchw", 0.1, True, True, True),
+    "unequal": ({2: [3, 5], 3: [2, 3, 4]}, 6, (5, 7), torch.float32, torch.float32, "nchw", 0.1, True, True, False),
+    "equal_cl": ({2: [4, 4], 3: [3, 3, 3]}, 5, (4, 4), torch.float32, torch.float32, "cl", 0.9, True, True, False),
+    "empty_rank": ({2: [0, 6], 3: [4, 0, 3]}, 3, (3, 5), torch.float32, torch.float32, "nchw", None, True, True, False),
+    "relu": ({2: [2, 5], 3: [1, 4, 2]}, 7, (3, 3), torch.float32, torch.float32, "cl", 0.1, True, True, True),
+    "short_planes": ({2: [5, 3], 3: [2, 2, 4]}, 48, (2, 3), torch.float32, torch.float32, "nchw", 0.1, True, True, True),
+    "no_affine_untracked": ({2: [3, 2], 3: [2, 2, 1]}, 4, (5, 5), torch.float32, torch.float32, "nchw", 0.1, False, False, False),
+    "bf16_amp": ({2: [3, 4], 3: [2, 3, 2]}, 6, (6, 6), torch.bfloat16, torch.float32, "cl", 0.1, True, True, False),
+    "float64": ({2: [2, 3], 3: [1, 2, 2]}, 3, (4, 5), torch.float64, torch.float64, "nchw", 0.1, True, True, True),
+    # BatchNorm1d's and BatchNorm3d's input ranks; one value per rank at most in "rows_2d".
+    "rows_2d": ({2: [1, 4], 3: [2, 0, 3]}, 9, (), torch.float32, torch.float32, "nchw", 0.1, True, True, False),
+    "sequence_3d": ({2: [3, 2], 3: [1, 2, 2]}, 5, (7,), torch.float32, torch.float32, "nchw", None, True, True, True),
+    "volume_cl3d": ({2: [2, 1], 3: [1, 1, 2]}, 4, (2, 3, 5), torch.bfloat16, torch.float32, "cl", 0.1, True, True, False),
 }
 TRAIN_STEPS = 3
 
 
 def _global_batch(name, step, world_size, device="cpu"):
-    sizes, C, H, W, dtype, _, layout, *_ = SCENARIOS[name]
+    sizes, C, spatial, dtype, _, layout, *_ = SCENARIOS[name]
     # Not hash(): string hashes differ between processes.
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 1000 * step + world_size)
-    shape = (sum(sizes[world_size]), C, H, W)
+    shape = (sum(sizes[world_size]), C, *spatial)
+    per_channel = (1, C) + (1,) * len(spatial)
     shift = (torch.rand(C, generator=g) * 2 - 1) * 3
     scale = 0.5 + 2 * torch.rand(C, generator=g)
-    x = torch.randn(shape, generator=g) * scale.view(1, C, 1, 1) + shift.view(1, C, 1, 1)
+    x = torch.randn(shape, generator=g) * scale.view(per_channel) + shift.view(per_channel)
     dy = torch.randn(shape, generator=g)
-    fmt = CL if layout == "cl" else torch.contiguous_format
+    fmt = channels_last_format(len(shape)) if layout == "cl" else torch.contiguous_format
     return (x.to(device, dtype).contiguous(memory_format=fmt),
             dy.to(device, dtype).contiguous(memory_format=fmt))
 
@@ -66,7 +74,7 @@ def _initial_state(name):
 
 
 def _make(cls, name, dtype, device="cpu", **extra):
-    _, C, _, _, _, _, _, momentum, affine, track, _ = SCENARIOS[name]
+    _, C, _, _, _, _, momentum, affine, track, _ = SCENARIOS[name]
     m = cls(C, momentum=momentum, affine=affine, track_running_stats=track, **extra)
     state = _initial_state(name)
     with torch.no_grad():
@@ -116,14 +124,15 @@ def _run_scenario(name, rank, world_size, device):
         y = m(x)
         y.backward(dyg[rows])
         steps.append({"output": y.detach().cpu(), "grad_input": x.grad.cpu(),
-                      "channels_last": (y.is_contiguous(memory_format=CL) and not y.is_contiguous(),
-                                        x.grad.is_contiguous(memory_format=CL) and not x.grad.is_contiguous()),
+                      "channels_last": (memory_formats(y) == (False, True), memory_formats(x.grad) == (False, True)),
                       "grad_weight": None if m.weight is None else m.weight.grad.cpu(),
                       "grad_bias": None if m.bias is None else m.bias.grad.cpu()})
     state = {k: (None if v is None else v.cpu()) for k, v in state_of(m).items()}
-    # Eval: local, no collective, exactly FusedBatchNorm2d.
+    # Eval: local, no collective, exactly the fused batch norm of the input's rank.
     m.eval()
-    local = _make(fused_bn.FusedBatchNormReLU2d if relu else fused_bn.FusedBatchNorm2d, name, param_dtype, device)
+    rank_of_input = 2 + len(SCENARIOS[name][2])
+    local = _make(RELU_BATCH_NORMS[rank_of_input] if relu else BATCH_NORMS[rank_of_input][1], name, param_dtype,
+                  device)
     local.load_state_dict(m.state_dict())
     local.eval()
     xg, _ = _global_batch(name, TRAIN_STEPS, world_size, device)
@@ -140,11 +149,12 @@ def _run_errors(rank, world_size, device):
     results = {}
     m = fused_bn.FusedSyncBatchNorm2d(3).to(device)
     before = state_of(m)
-    for label, x in (("3d", torch.randn(2, 3, 4, device=device)),
+    for label, x in (("1d", torch.randn(3, device=device)),
                      ("int", torch.ones(2, 3, 2, 2, dtype=torch.long, device=device)),
                      ("channels", torch.randn(2, 4, 2, 2, device=device)),
                      # one value per channel over all ranks: rank 0 has it, the others none
-                     ("one_value", torch.randn(1 if rank == 0 else 0, 3, 1, 1, device=device))):
+                     ("one_value", torch.randn(1 if rank == 0 else 0, 3, 1, 1, device=device)),
+                     ("one_value_rows", torch.randn(1 if rank == 0 else 0, 3, device=device))):
         try:
             m(x)
             results[label] = None
@@ -263,12 +273,13 @@ def ranks(request, tmp_path_factory):
 # ---------------------------------------------------------------------------
 
 def _reference_run(name, world_size, cls_dtype):
-    """nn.BatchNorm2d (in the scenario's dtypes, or float64) over the global batch."""
+    """nn's batch norm for the input's rank (in the scenario's dtypes, or float64)
+    over the global batch."""
     *_, param_dtype, _, _, _, _, relu = SCENARIOS[name]
-    dtype = SCENARIOS[name][4]
+    dtype = SCENARIOS[name][3]
     if cls_dtype == torch.float64:
         dtype = param_dtype = torch.float64
-    m = _make(nn.BatchNorm2d, name, param_dtype)
+    m = _make(BATCH_NORMS[2 + len(SCENARIOS[name][2])][0], name, param_dtype)
     steps = []
     for step in range(TRAIN_STEPS):
         xg, dyg = _global_batch(name, step, world_size)
@@ -299,7 +310,7 @@ def test_sync_matches_nn_on_the_global_batch(ranks, name):
     world_size, results = ranks
     nn_bn, nn_steps, nn_eval = _reference_run(name, world_size, None)
     ref_bn, ref_steps, ref_eval = _reference_run(name, world_size, torch.float64)
-    dtype = SCENARIOS[name][4]
+    dtype = SCENARIOS[name][3]
     for step in range(TRAIN_STEPS):
         label = f"[{name} world {world_size} step {step}]"
         for rank, res in enumerate(results):
@@ -309,7 +320,7 @@ def test_sync_matches_nn_on_the_global_batch(ranks, name):
                 assert ours[key].dtype == dtype
                 assert_accurate(ours[key], nn_steps[step][key][rows], ref_steps[step][key][rows],
                                 name=f"{label} rank {rank} {key}")
-            assert ours["channels_last"] == ((SCENARIOS[name][6] == "cl"),) * 2 or ours["output"].numel() == 0
+            assert ours["channels_last"] == ((SCENARIOS[name][5] == "cl"),) * 2 or ours["output"].numel() == 0
         # Each rank's grad_weight/grad_bias is its own share: their sum is the global gradient.
         for key in ("grad_weight", "grad_bias"):
             shares = [res["scenarios"][name]["steps"][step][key] for res in results]
@@ -347,16 +358,21 @@ def test_ranks_run_the_emulated_cuda_kernels(ranks):
 
 def test_sync_errors_raise_on_every_rank_as_nn(ranks):
     world_size, results = ranks
-    m = nn.BatchNorm2d(3)
     expected = {}
-    for label, x in (("3d", torch.randn(2, 3, 4)), ("int", torch.ones(2, 3, 2, 2, dtype=torch.long)),
-                     ("channels", torch.randn(2, 4, 2, 2)), ("one_value", torch.randn(1, 3, 1, 1))):
+    # nn.SyncBatchNorm's rank check (it takes 2-D to 5-D input); nn's batch norm
+    # of the input's rank for the rest.
+    for label, m, x in (("1d", nn.SyncBatchNorm(3), torch.randn(3)),
+                        ("int", nn.BatchNorm2d(3), torch.ones(2, 3, 2, 2, dtype=torch.long)),
+                        ("channels", nn.BatchNorm2d(3), torch.randn(2, 4, 2, 2)),
+                        ("one_value", nn.BatchNorm2d(3), torch.randn(1, 3, 1, 1)),
+                        ("one_value_rows", nn.BatchNorm1d(3), torch.randn(1, 3))):
         with pytest.raises(Exception) as info:
             m(x)
         expected[label] = (type(info.value).__name__, str(info.value).splitlines()[0])
     for rank, res in enumerate(results):
+        assert res["errors"].keys() == expected.keys()
         for label, got in res["errors"].items():
-            if label == "one_value":
+            if label.startswith("one_value"):
                 # nn's message names the input size; each rank names its own.
                 assert got is not None and got[0] == expected[label][0], f"rank {rank} {label}: {got}"
                 assert got[1].startswith("Expected more than 1 value per channel when training"), got
@@ -449,11 +465,14 @@ SPLIT_CASES = [
     ((4, 3, 70, 70), "nchw", [3, 1]),         # long planes split across threads
     ((6, 24, 5, 5), "cl", [3, 3]),
     ((3, 7, 1, 1), "cl", [1, 1, 1]),
+    ((9, 11), "nchw", [3, 0, 6]),             # BatchNorm1d's (N, C)
+    ((4, 6, 13), "nchw", [1, 3]),             # and (N, C, L)
+    ((3, 5, 2, 3, 4), "cl", [2, 1]),          # BatchNorm3d's input, channels_last_3d
 ]
 
 
 def _layout(t, layout):
-    return t.contiguous(memory_format=CL) if layout == "cl" else t.contiguous()
+    return t.contiguous(memory_format=channels_last_format(t.dim())) if layout == "cl" else t.contiguous()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -471,13 +490,14 @@ def test_ops_with_split_statistics_match_nn(shape, layout, split, dtype, relu):
     chunks = list(torch.split(x, split))
     all_stats = torch.stack([ops.batch_norm_stats(c, weight, bias, rm, rv) for c in chunks])
     assert all_stats.shape == (len(split), C, 3) and all_stats.dtype == torch.float64
-    assert all_stats[:, :, 0].tolist() == [[float(n * shape[2] * shape[3])] * C for n in split]
+    positions = math.prod(shape[2:])
+    assert all_stats[:, :, 0].tolist() == [[float(n * positions)] * C for n in split]
     y, mean, invstd = ops.batch_norm_train_with_stats(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, all_stats, relu)
     sums, gw, gb = ops.batch_norm_backward_sums(dy, x, weight, mean, invstd, [True, True], bias, relu)
     dx = ops.batch_norm_backward_with_sums(dy, x, weight, mean, invstd, sums, torch.tensor(x.numel() // C), bias, relu)
 
     def reference(dt):
-        bn = nn.BatchNorm2d(C).to(param_dtype if dt != torch.float64 else dt)
+        bn = BATCH_NORMS[len(shape)][0](C).to(param_dtype if dt != torch.float64 else dt)
         with torch.no_grad():
             bn.weight.copy_(weight)
             bn.bias.copy_(bias)
@@ -492,7 +512,9 @@ def test_ops_with_split_statistics_match_nn(shape, layout, split, dtype, relu):
                                        ("running_mean", rm), ("running_var", rv))):
         assert_accurate(value, expected[i], ref[i], name=f"{name} {shape} {layout} {split} {dtype} relu={relu}")
     assert int(nbt) == 1
-    assert (y.is_contiguous(memory_format=CL) and not y.is_contiguous()) == (layout == "cl" and shape[2] * shape[3] > 1)
+    has_channels_last = channels_last_format(len(shape)) is not None
+    assert memory_formats(y) == (layout != "cl" or positions == 1,
+                                 has_channels_last and (layout == "cl" or positions == 1))
 
 
 @pytest.mark.parametrize("shape,layout", [((4, 5, 6, 7), "nchw"), ((6, 64, 3, 3), "nchw"),
@@ -594,20 +616,19 @@ def test_convert_sync_batchnorm_shares_parameters_and_keeps_types():
         nn.Sequential(nn.SyncBatchNorm(4, momentum=None), fused_bn.FusedBatchNorm2d(4, affine=False)),
         fused_bn.FusedBatchNormReLU2d(4, eps=1e-3), nn.BatchNorm1d(4))
     model[3].eval()
-    originals = [model[1], model[2][0], model[2][1], model[3]]
+    originals = [model[1], model[2][0], model[2][1], model[3], model[4]]
     keys = list(model.state_dict().keys())
     group = object()
     converted = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(model, process_group=group)
     assert converted is model and list(model.state_dict().keys()) == keys
-    new = [model[1], model[2][0], model[2][1], model[3]]
+    new = [model[1], model[2][0], model[2][1], model[3], model[4]]
     for old, bn in zip(originals, new):
         assert type(bn) is fused_bn.FusedSyncBatchNorm2d and bn.process_group is group
         for attr in ("eps", "momentum", "affine", "track_running_stats", "training"):
             assert getattr(bn, attr) == getattr(old, attr), attr
         for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             assert getattr(bn, attr) is getattr(old, attr), attr
-    assert [bn.activation for bn in new] == [None, None, None, "relu"]
-    assert type(model[4]) is nn.BatchNorm1d
+    assert [bn.activation for bn in new] == [None, None, None, "relu", None]
     single = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(nn.BatchNorm2d(2))
     assert type(single) is fused_bn.FusedSyncBatchNorm2d
     with pytest.raises(NotImplementedError, match="FusedBatchNormAddReLU2d"):

@@ -4,7 +4,8 @@ running statistics of the wrong length and mixed float dtypes for
 FusedBatchNorm2d and fused_bn.batch_norm):
 
 * all three modules (FusedBatchNorm2d, FusedBatchNormReLU2d,
-  FusedBatchNormAddReLU2d), fused_bn.batch_norm(activation=None/"relu"),
+  FusedBatchNormAddReLU2d, and their 1d and 3d forms on input of every rank
+  they take), fused_bn.batch_norm(activation=None/"relu"),
   fused_bn.batch_norm_add_relu and the raw ops torch.ops.fused_bn.*;
 * bool, complex and int8 input; integer, bool and complex parameters or
   running statistics; running statistics of the wrong length or rank, or of
@@ -34,6 +35,16 @@ SHAPE = (4, 3, 2, 2)
 MODULE_KINDS = ("bn", "bn_relu", "bn_add_relu")
 FUSED_CLASSES = {"bn": fused_bn.FusedBatchNorm2d, "bn_relu": fused_bn.FusedBatchNormReLU2d,
                  "bn_add_relu": fused_bn.FusedBatchNormAddReLU2d}
+# An input of each rank the batch norms take, as (nn's class, ours by kind, shape).
+RANKS = {
+    "1d-rows": (nn.BatchNorm1d, {"bn": fused_bn.FusedBatchNorm1d, "bn_relu": fused_bn.FusedBatchNormReLU1d,
+                                 "bn_add_relu": fused_bn.FusedBatchNormAddReLU1d}, (4, 3)),
+    "1d": (nn.BatchNorm1d, {"bn": fused_bn.FusedBatchNorm1d, "bn_relu": fused_bn.FusedBatchNormReLU1d,
+                            "bn_add_relu": fused_bn.FusedBatchNormAddReLU1d}, (4, 3, 5)),
+    "2d": (nn.BatchNorm2d, FUSED_CLASSES, SHAPE),
+    "3d": (nn.BatchNorm3d, {"bn": fused_bn.FusedBatchNorm3d, "bn_relu": fused_bn.FusedBatchNormReLU3d,
+                            "bn_add_relu": fused_bn.FusedBatchNormAddReLU3d}, (4, 3, 1, 2, 3)),
+}
 
 
 def _input(dtype, device, shape=SHAPE):
@@ -82,8 +93,9 @@ MODULE_CASES = {
 }
 
 
-def _module_pair(kind, device, edit, training):
-    theirs = nn.BatchNorm2d(3)
+def _module_pair(kind, device, edit, training, rank="2d"):
+    nn_cls, fused_classes, _ = RANKS[rank]
+    theirs = nn_cls(3)
     with torch.no_grad():
         theirs.weight.uniform_(0.5, 1.5)
         theirs.bias.uniform_(-0.5, 0.5)
@@ -91,7 +103,7 @@ def _module_pair(kind, device, edit, training):
         theirs.running_var.uniform_(0.5, 1.5)
         theirs.num_batches_tracked.fill_(5)
     theirs = theirs.to(device)
-    ours = FUSED_CLASSES[kind](3).to(device)
+    ours = fused_classes[kind](3).to(device)
     ours.load_state_dict(theirs.state_dict())
     for m in (theirs, ours):
         if edit is not None:
@@ -114,15 +126,17 @@ def _call(kind, module, x, residual):
 
 @pytest.mark.parametrize("case", list(MODULE_CASES))
 @pytest.mark.parametrize("kind", MODULE_KINDS)
-def test_module_error_matches_nn(device, kind, case):
+@pytest.mark.parametrize("rank", list(RANKS))
+def test_module_error_matches_nn(device, rank, kind, case):
     training, input_dtype, edit = MODULE_CASES[case]
-    theirs, ours = _module_pair(kind, device, edit, training)
-    x = _input(input_dtype, device)
-    residual = _input(input_dtype, device)  # same shape and dtype: the fused path
+    theirs, ours = _module_pair(kind, device, edit, training, rank)
+    shape = RANKS[rank][2]
+    x = _input(input_dtype, device, shape)
+    residual = _input(input_dtype, device, shape)  # same shape and dtype: the fused path
     before = state_of(ours)
     _expect_same_error(lambda: _eager(kind, theirs, x, residual), lambda: _call(kind, ours, x, residual),
-                       f"[{kind} {case}]")
-    assert_state_unchanged(ours, before, f"[{kind} {case}] after the error")
+                       f"[{rank} {kind} {case}]")
+    assert_state_unchanged(ours, before, f"[{rank} {kind} {case}] after the error")
 
 
 @pytest.mark.parametrize("kind", MODULE_KINDS)

@@ -220,7 +220,8 @@ void nhwc_backward(const BackwardCall<scalar_t, param_t, kMask>& call) {
   const Geometry& g = call.g;
   const auto& out = call.out;
   const int64_t C = g.C, rows = g.N * g.HW;
-  const RowBlocking rb(rows, C);
+  const RowBlockStrips tasks(rows, C, kTileWidth<scalar_t>, sizeof(scalar_t));
+  const RowBlocking& rb = tasks.blocks;
   const bool stream_rows = call.stream && rows_stream_aligned(out.grad_input, C);
   // reduce: block partials as structure of arrays, summed in block order with
   // a loop over channels that vectorizes.
@@ -229,10 +230,11 @@ void nhwc_backward(const BackwardCall<scalar_t, param_t, kMask>& call) {
   double* block_sum_dy_xmu = thread_scratch<double, ScratchSlot::kBlockSumDyXmu>(block_sums_size);
   double* block_sum_xmu = thread_scratch<double, ScratchSlot::kBlockSumXmu>(block_sums_size);
   if (call.need_sums) {
-    parallel_over(rb.blocks, [&](int64_t b) {
-      nhwc_block_grad_sums<scalar_t, kMask>(call.x, call.dy, C, call.k, call.output, out.grad_residual, rb.begin(b),
-                                            rb.end(b, rows), block_sum_dy + b * C, block_sum_dy_xmu + b * C,
-                                            block_sum_xmu + b * C,
+    parallel_over(tasks.tasks(), [&](int64_t t) {
+      const int64_t b = tasks.block(t);
+      nhwc_block_grad_sums<scalar_t, kMask>(call.x, call.dy, C, tasks.strip(t, C), call.k, call.output,
+                                            out.grad_residual, rb.begin(b), rb.end(b, rows), block_sum_dy + b * C,
+                                            block_sum_dy_xmu + b * C, block_sum_xmu + b * C,
                                             call.eval_dx_with_sums ? out.grad_input : nullptr, stream_rows);
     });
   }

@@ -20,13 +20,15 @@ namespace fused_bn::cpu {
 // with mean[c] and m2[c] final for those channels.
 template <typename scalar_t, typename F>
 void nhwc_channel_moments(const scalar_t* x, int64_t rows, int64_t C, F&& on_channels) {
-  const RowBlocking rb(rows, C);
+  const RowBlockStrips tasks(rows, C, kTileWidth<scalar_t>, sizeof(scalar_t));
+  const RowBlocking& rb = tasks.blocks;
   double* block_mean = thread_scratch<double, ScratchSlot::kBlockMean>(rb.blocks * C);
   double* block_m2 = thread_scratch<double, ScratchSlot::kBlockM2>(rb.blocks * C);
   double* mean = thread_scratch<double, ScratchSlot::kMean>(C);
   double* m2 = thread_scratch<double, ScratchSlot::kM2>(C);
-  parallel_over(rb.blocks, [&](int64_t b) {
-    nhwc_block_moments(x, C, rb.begin(b), rb.end(b, rows), block_mean + b * C, block_m2 + b * C);
+  parallel_over(tasks.tasks(), [&](int64_t t) {
+    const int64_t b = tasks.block(t);
+    nhwc_block_moments(x, C, tasks.strip(t, C), rb.begin(b), rb.end(b, rows), block_mean + b * C, block_m2 + b * C);
   });
   parallel_for(0, C, kMergeGrain, [&](int64_t c_begin, int64_t c_end) {
     merge_row_blocks(rb, rows, C, block_mean, block_m2, c_begin, c_end, mean, m2);

@@ -140,15 +140,19 @@ void eval_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, cons
   using Acc = acc_type<scalar_t>;
   const int64_t C = g.C;
   ChannelCoefs<scalar_t> k(C);
-  for (int64_t c = 0; c < C; ++c) {
-    double mean = static_cast<double>(t.running_mean[c]);
-    double invstd = eval_invstd(static_cast<double>(t.running_var[c]), eps);
-    if constexpr (kEpilogue != Epilogue::kNone) {
-      mean = static_cast<double>(static_cast<Acc>(mean));
-      invstd = static_cast<double>(static_cast<Acc>(invstd));
+  // Over the threads, as the training finalize is: a head's 65536 channels
+  // of a few rows took longer to set up than to normalize.
+  parallel_for(0, C, kMergeGrain, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      double mean = static_cast<double>(t.running_mean[c]);
+      double invstd = eval_invstd(static_cast<double>(t.running_var[c]), eps);
+      if constexpr (kEpilogue != Epilogue::kNone) {
+        mean = static_cast<double>(static_cast<Acc>(mean));
+        invstd = static_cast<double>(static_cast<Acc>(invstd));
+      }
+      set_normalize_coefs<scalar_t>(c, mean, invstd, t, k);
     }
-    set_normalize_coefs<scalar_t>(c, mean, invstd, t, k);
-  }
+  });
   normalize<scalar_t, kEpilogue>(x, residual, y, g, k, streams_eval_output<scalar_t>(g));
 }
 

@@ -5,8 +5,10 @@
 //   op / input                           predicate                    traversal (file)
 //   -----------------------------------  ---------------------------  ----------------------------------------
 //   training forward, backward, stats:
-//     NHWC                               g.channels_last              RowBlocking row blocks, merged per
-//                                                                     channel; rows by row_grain (rows.h)
+//     NHWC (also any input with H·W = 1) g.channels_last              RowBlocking row blocks (in column
+//                                                                     strips when few: RowBlockStrips),
+//                                                                     merged per channel; rows by row_grain
+//                                                                     (rows.h)
 //     NCHW, planes <= kShortPlaneBytes,  walks_channel_blocks         ChannelBlocking blocks image by image
 //       C >= 4 x threads                                              (nchw_short_planes.h); element pass plane
 //                                                                     by plane when kChannelBlockPassesByPlane
@@ -96,6 +98,41 @@ struct RowBlocking {
   }
   int64_t begin(int64_t b) const { return b * rows_per_block; }
   int64_t end(int64_t b, int64_t rows) const { return std::min(rows, (b + 1) * rows_per_block); }
+};
+
+// Channels [begin, end) of a row.
+struct ColumnRange {
+  int64_t begin, end;
+  int64_t width() const { return end - begin; }
+};
+
+// The NHWC reductions' tasks: each row block (RowBlocking) split into column
+// strips when the blocks alone would leave threads idle. A few wide rows (an
+// MLP head's (N, C) batch) are a single row block, which one thread reduced
+// while the other waited. A strip spans at least kMinStripBytes of each row,
+// so each of its rows is a long contiguous run: the 64-128-byte strips of an
+// earlier trial cost more in prefetching than they gained (bench/NOTES.md,
+// "Fifth cut").
+struct RowBlockStrips {
+  static constexpr int64_t kMinStripBytes = 4096;
+  RowBlocking blocks;
+  int64_t per_strip, strips;
+  RowBlockStrips(int64_t rows, int64_t C, int64_t tile_width, int64_t element_bytes) : blocks(rows, C) {
+    const int64_t threads = std::max<int64_t>(1, thread_count());
+    const int64_t wanted = blocks.blocks >= threads ? 1 : (threads + blocks.blocks - 1) / std::max<int64_t>(1, blocks.blocks);
+    const int64_t widest = std::max<int64_t>(1, C * element_bytes / kMinStripBytes);
+    strips = std::max<int64_t>(1, std::min(wanted, widest));
+    // Strips start on tile boundaries: the per-column vectors stay aligned to
+    // the padded coefficient arrays.
+    per_strip = ((C + strips - 1) / strips + tile_width - 1) / tile_width * tile_width;
+    strips = per_strip > 0 ? (C + per_strip - 1) / per_strip : 0;
+  }
+  int64_t tasks() const { return blocks.blocks * strips; }
+  int64_t block(int64_t task) const { return task / strips; }
+  ColumnRange strip(int64_t task, int64_t C) const {
+    const int64_t begin = task % strips * per_strip;
+    return {begin, std::min(C, begin + per_strip)};
+  }
 };
 
 // Too few channels to keep every thread busy with whole channels: then the
@@ -199,9 +236,11 @@ inline bool rows_stream_aligned(const scalar_t* out, int64_t C) {
   return stream_aligned(out) && (C * static_cast<int64_t>(sizeof(scalar_t))) % kStreamAlignment == 0;
 }
 
-// Rows per parallel task of an NHWC element pass.
+// Rows per parallel task of an NHWC element pass: about kBlockElements
+// elements. A fold's worth of rows (kRowsPerFold) as the least, as it was,
+// made a batch of a few wide rows (an (8, 65536) head) one thread's work.
 inline int64_t row_grain(int64_t C) {
-  return std::max<int64_t>(kRowsPerFold, kBlockElements / std::max<int64_t>(C, 1));
+  return std::max<int64_t>(1, (kBlockElements + C - 1) / std::max<int64_t>(C, 1));
 }
 
 // A channel of two values has a closed-form backward (two_values_backward).

@@ -143,19 +143,24 @@ __attribute__((always_inline)) inline void rows_walk(const Rows& rows, int64_t r
   }
 }
 
-// Per-channel mean and M2 of rows [row_begin, row_end), written to
-// mean_out[0..C) and m2_out[0..C) (structure of arrays: see merge_row_blocks).
+// Per-channel mean and M2 of channels [strip.begin, strip.end) over rows
+// [row_begin, row_end) of C channels, written to mean_out[strip.begin..end)
+// and m2_out[strip.begin..end) (structure of arrays: see merge_row_blocks).
 template <typename scalar_t>
-void nhwc_block_moments(const scalar_t* x, int64_t C, int64_t row_begin, int64_t row_end,
+void nhwc_block_moments(const scalar_t* x, int64_t C, ColumnRange strip, int64_t row_begin, int64_t row_end,
                         double* mean_out, double* m2_out) {
   using Acc = acc_type<scalar_t>;
   using T = Tile<scalar_t>;
-  const int64_t padded = padded_channels<scalar_t>(C);
+  const int64_t width = strip.width();
+  const int64_t padded = padded_channels<scalar_t>(width);
+  x += strip.begin;
+  mean_out += strip.begin;
+  m2_out += strip.begin;
   Acc* shift = thread_scratch_filled<Acc, ScratchSlot::kBlockShift>(padded, Acc(0));
   double* total = thread_scratch_filled<double, ScratchSlot::kBlockSum1>(padded, 0.0);
   double* total_sq = thread_scratch_filled<double, ScratchSlot::kBlockSum2>(padded, 0.0);
-  for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<Acc>(x[row_begin * C + c]);
-  rows_walk<scalar_t>(Rows{C, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+  for (int64_t c = 0; c < width; ++c) shift[c] = static_cast<Acc>(x[row_begin * C + c]);
+  rows_walk<scalar_t>(Rows{width, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
     // Lanes past n load as zero from both x and the padded shift: they add nothing.
     const T k = T::coefs(shift + c0);
     T sum = T::zero(), sum_sq = T::zero();
@@ -178,7 +183,7 @@ void nhwc_block_moments(const scalar_t* x, int64_t C, int64_t row_begin, int64_t
     }
     sum_sq.fold_into(total_sq + c0);
   });
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = 0; c < width; ++c) {
     const Moments m = Moments::from_sums<scalar_t>(row_end - row_begin, shift[c], total[c], total_sq[c]);
     mean_out[c] = m.mean;
     m2_out[c] = m.m2;
@@ -211,37 +216,39 @@ inline void merge_row_blocks(const RowBlocking& rb, int64_t rows, int64_t C, con
   }
 }
 
-// Per-channel GradSums of rows [row_begin, row_end), as structure of arrays
-// (see merge_row_blocks); mean is padded to whole tiles.
+// Per-channel GradSums of channels [strip.begin, strip.end) over rows
+// [row_begin, row_end) of C channels, as structure of arrays (see
+// merge_row_blocks) at [strip.begin, strip.end); mean is padded to whole tiles.
 // (g of GradMask: kReluOfOutput reads `output` and writes g to `grad`, both
 // laid out as x.) A non-null eval_dx also gets eval's dx = g · k.scale in the
 // same pass (eval's dx needs no sums; k.scale set beforehand).
 template <typename scalar_t, GradMask kMask>
-void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
+void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C, ColumnRange strip,
                           const ChannelCoefs<scalar_t>& k, const scalar_t* output, scalar_t* grad,
                           int64_t row_begin, int64_t row_end,
                           double* sum_dy_out, double* sum_dy_xmu_out, double* sum_xmu_out,
                           scalar_t* eval_dx = nullptr, bool stream_dx = false) {
   using Acc = acc_type<scalar_t>;
   using T = Tile<scalar_t>;
-  const int64_t padded = padded_channels<scalar_t>(C);
+  const int64_t width = strip.width(), col = strip.begin;
+  const int64_t padded = padded_channels<scalar_t>(width);
   double* sum_dy = thread_scratch_filled<double, ScratchSlot::kBlockSum1>(padded, 0.0);
   double* sum_dy_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum2>(padded, 0.0);
   double* sum_xmu = thread_scratch_filled<double, ScratchSlot::kBlockSum3>(padded, 0.0);
   // g != the block's first dy, OR-ed per column (see block_sum_dy_xmu).
   Acc* first_dy = thread_scratch_filled<Acc, ScratchSlot::kBlockShift>(padded, Acc(0));
   Acc* differs = thread_scratch_filled<Acc, ScratchSlot::kBlockFlagLanes>(padded, Acc(0));
-  for (int64_t c = 0; c < C; ++c) first_dy[c] = static_cast<Acc>(dy[row_begin * C + c]);
-  rows_walk<scalar_t>(Rows{C, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
-    const T m = T::coefs(k.mean + c0), g0 = T::coefs(first_dy + c0);
+  for (int64_t c = 0; c < width; ++c) first_dy[c] = static_cast<Acc>(dy[row_begin * C + col + c]);
+  rows_walk<scalar_t>(Rows{width, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+    // c0 is the strip's column, col + c0 the channel.
+    const T m = T::coefs(k.mean + col + c0), g0 = T::coefs(first_dy + c0);
     T s_dy = T::zero(), s_dy_xmu = T::zero(), s_xmu = T::zero(), d = T::zero();
     for (int64_t r = r0; r < r1; ++r) {
-      const T tx = T::load(x + r * C + c0, n);
-      const T tg = masked_grad_tile<scalar_t, kMask>(k, c0, tx, T::load(dy + r * C + c0, n), m, output, grad,
-                                                     r * C + c0, n);
+      const int64_t at = r * C + col + c0;
+      const T tx = T::load(x + at, n);
+      const T tg = masked_grad_tile<scalar_t, kMask>(k, col + c0, tx, T::load(dy + at, n), m, output, grad, at, n);
       if (eval_dx) {
-        T::zip([](auto g, auto s_) { return g * s_; }, tg, T::coefs(k.scale + c0))
-            .store(eval_dx + r * C + c0, n, stream_dx);
+        T::zip([](auto g, auto s_) { return g * s_; }, tg, T::coefs(k.scale + col + c0)).store(eval_dx + at, n, stream_dx);
       }
       s_dy = T::zip([](auto s_, auto g) { return s_ + g; }, s_dy, tg);
       // Columns past n: x, mean, dy and first_dy all load as 0.
@@ -255,16 +262,16 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C,
     s_dy_xmu.fold_into(sum_dy_xmu + c0);
     s_xmu.fold_into(sum_xmu + c0);
   });
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = 0; c < width; ++c) {
     Acc flag = differs[c];
     unsigned char bits[sizeof(Acc)];
     std::memcpy(bits, &flag, sizeof(Acc));
     const bool g_constant = std::all_of(bits, bits + sizeof(Acc), [](unsigned char b) { return b == 0; });
-    const GradSums s = block_grad_sums(g_constant, dy + row_begin * C + c, row_end - row_begin, sum_dy[c],
+    const GradSums s = block_grad_sums(g_constant, dy + row_begin * C + col + c, row_end - row_begin, sum_dy[c],
                                        sum_dy_xmu[c], sum_xmu[c]);
-    sum_dy_out[c] = s.sum_dy;
-    sum_dy_xmu_out[c] = s.sum_dy_xmu;
-    sum_xmu_out[c] = s.sum_xmu;
+    sum_dy_out[col + c] = s.sum_dy;
+    sum_dy_xmu_out[col + c] = s.sum_dy_xmu;
+    sum_xmu_out[col + c] = s.sum_xmu;
   }
 }
 

@@ -55,19 +55,11 @@ void check_on_input_device(const Tensor& t, const char* name, const Tensor& inpu
               " is on ", t.device(), " and input is on ", input.device());
 }
 
-// The shared preparation (csrc/torch/prepare.h), with the CUDA kernels'
-// choices: with HW == 1 (or C == 1) both layouts address memory identically,
-// so take the one whose contiguous run is longer (loads vectorize and
-// coalesce), and size the grids for this device.
+// The shared preparation (csrc/torch/prepare.h), with the grids sized for
+// this device.
 PreparedInput prepare_for_cuda(const Tensor& input) {
   PreparedInput in = prepare(input);
-  cuda::Geometry& g = in.geometry;
-  if (g.HW == 1) {
-    g.channels_last = true;
-  } else if (g.C == 1) {
-    g.channels_last = false;
-  }
-  g.multiprocessor_count = device::multiprocessor_count();
+  in.geometry.multiprocessor_count = device::multiprocessor_count();
   return in;
 }
 

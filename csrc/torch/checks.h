@@ -26,15 +26,16 @@ inline at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
 }
 
 // PyTorch's CPU batch norm rule (suggest_memory_format_contig): contiguous
-// stays contiguous, a channels_last-contiguous input (also one torch's stride
-// heuristic would not call channels_last, e.g. a permuted HWC image) gives
-// channels_last output, anything else follows suggest_memory_format().
+// stays contiguous, a channels-last-contiguous 4-D or 5-D input (also one
+// torch's stride heuristic would not call channels-last, e.g. a permuted HWC
+// image) gives channels_last (channels_last_3d) output, anything else follows
+// suggest_memory_format(). Inputs of other ranks come out contiguous.
 inline at::MemoryFormat batch_norm_memory_format(const at::Tensor& input) {
-  if (input.dim() != 4 || input.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
+  if (input.is_contiguous() || (input.dim() != 4 && input.dim() != 5)) return at::MemoryFormat::Contiguous;
+  const at::MemoryFormat channels_last =
+      input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  if (input.is_contiguous(channels_last)) return channels_last;
+  return input.suggest_memory_format() == channels_last ? channels_last : at::MemoryFormat::Contiguous;
 }
 
 inline void check_channel_tensor(const c10::optional<at::Tensor>& t, const char* name,

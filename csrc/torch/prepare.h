@@ -1,7 +1,8 @@
 // The one preparation both devices' glue makes of an input: the tensor in a
 // layout the kernels read natively (one copy otherwise), the memory format of
 // every output (checks.h's batch_norm_memory_format, nn's rule), and the
-// kernels' Geometry (csrc/common/geometry.h).
+// kernels' Geometry (csrc/common/geometry.h), whose layout is the one the
+// kernels read best where both describe the memory.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,7 +27,17 @@ inline PreparedInput prepare(const at::Tensor& input) {
   g.C = x.size(1);
   g.HW = 1;
   for (int64_t d = 2; d < x.dim(); ++d) g.HW *= x.size(d);
-  g.channels_last = format == at::MemoryFormat::ChannelsLast;
+  g.channels_last = format == at::MemoryFormat::ChannelsLast || format == at::MemoryFormat::ChannelsLast3d;
+  // With one position per image (BatchNorm1d's (N, C) rows) or one channel both
+  // layouts address the same memory: take the one whose contiguous run is
+  // longer, rows of C channels or whole planes, which the kernels read
+  // vectorized (on the CPU the planes of one element made (N, C) 10-50x
+  // slower than nn, bench/NOTES.md).
+  if (g.HW == 1) {
+    g.channels_last = true;
+  } else if (g.C == 1) {
+    g.channels_last = false;
+  }
   return {x, format, g};
 }
 
