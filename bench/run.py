@@ -280,19 +280,19 @@ def run_suite(suite, timer, copy_bw_gbps):
     from tqdm import tqdm
 
     records = []
-    modules, modules_channels = None, None
+    modules, modules_key = None, None
     with tqdm(total=len(suite), desc="benchmark", unit="case", dynamic_ncols=True,
               file=sys.stderr) as bar:
         for case in suite:
             bar.set_postfix_str(case.key)
-            channels = (len(case.shape), case.shape[1])
-            if channels != modules_channels:
+            rank_and_channels = (len(case.shape), case.shape[1])
+            if rank_and_channels != modules_key:
                 # Cases are grouped by shape: one module set (and compiled module) per shape.
                 modules = None
                 if timer.device.type == "cuda":
                     torch.cuda.empty_cache()
-                modules = ShapeModules(*channels, timer.device)
-                modules_channels = channels
+                modules = ShapeModules(*rank_and_channels, timer.device)
+                modules_key = rank_and_channels
             record = measure_case(case, modules, timer, copy_bw_gbps)
             records.append(record)
             bar.write(_progress_line(record))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import fused_bn
+from _helpers import channels_last_format
 
 common_modules = pytest.importorskip(
     "torch.testing._internal.common_modules",
@@ -218,7 +219,7 @@ def test_memory_formats_and_non_contiguous_input(device, kind, training):
     for module_input in module_inputs(kind, device, torch.float32, training):
         x = the_input(module_input).detach()
         wide = torch.cat([x, x.flip(-1)], dim=-1)
-        channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        channels_last = channels_last_format(x.dim())
         layouts = {"strided": wide[..., ::2].detach()}
         if channels_last is not None:
             layouts["channels_last"] = x.contiguous(memory_format=channels_last)

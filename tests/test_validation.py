@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_bn
-from _helpers import assert_state_unchanged, state_of
+from _helpers import ADD_RELU_BATCH_NORMS, BATCH_NORMS, RELU_BATCH_NORMS, assert_state_unchanged, state_of
 from test_errors import _expect_same_error
 
 ops = torch.ops.fused_bn
@@ -33,18 +33,15 @@ f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
 SHAPE = (4, 3, 2, 2)
 
 MODULE_KINDS = ("bn", "bn_relu", "bn_add_relu")
-FUSED_CLASSES = {"bn": fused_bn.FusedBatchNorm2d, "bn_relu": fused_bn.FusedBatchNormReLU2d,
-                 "bn_add_relu": fused_bn.FusedBatchNormAddReLU2d}
-# An input of each rank the batch norms take, as (nn's class, ours by kind, shape).
-RANKS = {
-    "1d-rows": (nn.BatchNorm1d, {"bn": fused_bn.FusedBatchNorm1d, "bn_relu": fused_bn.FusedBatchNormReLU1d,
-                                 "bn_add_relu": fused_bn.FusedBatchNormAddReLU1d}, (4, 3)),
-    "1d": (nn.BatchNorm1d, {"bn": fused_bn.FusedBatchNorm1d, "bn_relu": fused_bn.FusedBatchNormReLU1d,
-                            "bn_add_relu": fused_bn.FusedBatchNormAddReLU1d}, (4, 3, 5)),
-    "2d": (nn.BatchNorm2d, FUSED_CLASSES, SHAPE),
-    "3d": (nn.BatchNorm3d, {"bn": fused_bn.FusedBatchNorm3d, "bn_relu": fused_bn.FusedBatchNormReLU3d,
-                            "bn_add_relu": fused_bn.FusedBatchNormAddReLU3d}, (4, 3, 1, 2, 3)),
-}
+# An input of each rank the batch norms take; the modules are those of its rank.
+RANK_SHAPES = {"1d-rows": (4, 3), "1d": (4, 3, 5), "2d": SHAPE, "3d": (4, 3, 1, 2, 3)}
+
+
+def _classes(rank):
+    """(nn's class, ours by kind) for the inputs of RANK_SHAPES[rank]."""
+    dims = len(RANK_SHAPES[rank])
+    return BATCH_NORMS[dims][0], {"bn": BATCH_NORMS[dims][1], "bn_relu": RELU_BATCH_NORMS[dims],
+                                  "bn_add_relu": ADD_RELU_BATCH_NORMS[dims]}
 
 
 def _input(dtype, device, shape=SHAPE):
@@ -94,7 +91,7 @@ MODULE_CASES = {
 
 
 def _module_pair(kind, device, edit, training, rank="2d"):
-    nn_cls, fused_classes, _ = RANKS[rank]
+    nn_cls, fused_classes = _classes(rank)
     theirs = nn_cls(3)
     with torch.no_grad():
         theirs.weight.uniform_(0.5, 1.5)
@@ -126,11 +123,11 @@ def _call(kind, module, x, residual):
 
 @pytest.mark.parametrize("case", list(MODULE_CASES))
 @pytest.mark.parametrize("kind", MODULE_KINDS)
-@pytest.mark.parametrize("rank", list(RANKS))
+@pytest.mark.parametrize("rank", list(RANK_SHAPES))
 def test_module_error_matches_nn(device, rank, kind, case):
     training, input_dtype, edit = MODULE_CASES[case]
     theirs, ours = _module_pair(kind, device, edit, training, rank)
-    shape = RANKS[rank][2]
+    shape = RANK_SHAPES[rank]
     x = _input(input_dtype, device, shape)
     residual = _input(input_dtype, device, shape)  # same shape and dtype: the fused path
     before = state_of(ours)
