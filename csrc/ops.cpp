@@ -4,6 +4,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/epilogue.h"
+#include "torch/checks.h"
+
+#include <vector>
+
 extern "C" {
 // Importing fused_bn._C loads this shared object, which runs the static
 // registrations below; the module itself exposes nothing.
@@ -14,41 +19,66 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_bn, m) {
-  // Training forward: batch statistics, normalize + affine, and (when given)
-  // the running-statistics update and num_batches_tracked increment, all in one
-  // op. momentum=None means the cumulative average 1/num_batches_tracked.
-  // Returns (output, save_mean, save_invstd); the saved statistics are float32
-  // (float64 for float64 input) and feed batch_norm_backward.
-  // relu=True returns relu(batch_norm(input)); with a residual (same shape and
-  // dtype as input), relu(batch_norm(input) + residual).
+  // Every op takes any memory layout it has kernels for (NCHW, channels_last,
+  // channels_last_3d, and copies of others) and gives its outputs the layout
+  // the fake kernels (fused_bn/_fake.py) give: flexible_layout tells Inductor
+  // so, and it then leaves the strides it chose around the op as they are.
+  const std::vector<at::Tag> tags{at::Tag::flexible_layout};
+  // The epilogue every forward takes: y = act(batch_norm(input)) or, with a
+  // residual (same shape and dtype as input), act(batch_norm(input) +
+  // residual). `activation` names one of csrc/common/activation.h's list
+  // ("identity", "relu", "hardtanh", "leaky_relu", "elu", "silu",
+  // "hardswish", "gelu", "gelu_tanh") and `activation_params` its parameters
+  // in that activation's order (fused_bn/_activations.py is the one table of
+  // names and parameters).
+  //
+  // Training forward: batch statistics, normalize + affine + epilogue, and
+  // (when given) the running-statistics update and num_batches_tracked
+  // increment, all in one op. momentum=None means the cumulative average
+  // 1/num_batches_tracked. Returns (output, save_mean, save_invstd); the saved
+  // statistics are float32 (float64 for float64 input) and feed
+  // batch_norm_backward.
   m.def(
       "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, float? momentum, float eps, "
-      "bool relu=False, Tensor? residual=None) -> (Tensor, Tensor, Tensor)");
-  // Inference forward with the running statistics: one pass over memory
-  // (relu and residual as in batch_norm_train).
+      "str activation=\"identity\", float[] activation_params=[], Tensor? residual=None) "
+      "-> (Tensor, Tensor, Tensor)",
+      tags);
+  // Inference forward with the running statistics: one pass over memory.
   m.def(
       "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor running_mean, Tensor running_var, float eps, "
-      "bool relu=False, Tensor? residual=None) -> Tensor");
-  // Backward of either forward. `mean`/`invstd` are the saved batch statistics
-  // (training=True) or the running mean and 1/sqrt(running_var + eps)
-  // (training=False). An output whose mask entry is false comes back as an
-  // empty tensor of shape [0]. eps is the forward's (training only: a channel
-  // of two values needs it, see cpu::two_values_backward).
-  // relu=True: the backward of relu(batch_norm(input)); the ReLU's mask is
-  // recomputed from input, mean, invstd, weight and the forward's bias.
+      "str activation=\"identity\", float[] activation_params=[], Tensor? residual=None) -> Tensor",
+      tags);
+  // Backward of either forward with its epilogue. `mean`/`invstd` are the
+  // saved batch statistics (training=True) or the running mean and
+  // 1/sqrt(running_var + eps) (training=False). An output whose mask entry is
+  // false comes back as an empty tensor of shape [0]. eps is the forward's
+  // (training only: a channel of two values needs it, see
+  // common::two_values_grads). The activation's derivative (common::GradSource)
+  // is taken from `output` (the forward's y) when it is given, else from
+  // u = z (+ residual) recomputed from input with the forward's coefficients
+  // (bias is the forward's). grad_residual, the activation's gradient g, is
+  // written when a residual or output is given and the activation is not the
+  // identity (whose residual gradient is grad_output itself); [0] otherwise.
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
       "Tensor mean, Tensor invstd, bool training, float eps, bool[3] output_mask, "
-      "Tensor? bias=None, bool relu=False) -> (Tensor, Tensor, Tensor)");
-  // Backward of relu(batch_norm(input) + residual), the ReLU's mask taken
-  // from the forward's output. grad_residual is the masked grad_output.
-  m.def(
-      "batch_norm_add_relu_backward(Tensor grad_output, Tensor output, Tensor input, "
-      "Tensor? weight, Tensor mean, Tensor invstd, bool training, float eps, bool[3] output_mask) "
-      "-> (Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor? bias=None, str activation=\"identity\", float[] activation_params=[], "
+      "Tensor? residual=None, Tensor? output=None) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)",
+      tags);
+
+  // Whether the backward takes this activation's derivative from the
+  // forward's output (common::grad_from_output_allowed): autograd then saves y
+  // instead of the residual.
+  m.def("activation_grad_from_output(str activation, float[] activation_params) -> bool",
+        [](c10::string_view activation, at::ArrayRef<double> activation_params) {
+          const fused_bn::common::ActivationArgs args = fused_bn::parse_activation(activation, activation_params);
+          return args.kind != fused_bn::common::Activation::kIdentity &&
+                 fused_bn::common::grad_from_output_allowed(args);
+        });
 
   // Data-parallel batch norm (FusedSyncBatchNorm2d) splits the training ops
   // around one collective each. Forward: batch_norm_stats gives this rank's
@@ -59,23 +89,32 @@ TORCH_LIBRARY(fused_bn, m) {
   // batch_norm_train does after its statistics pass.
   m.def(
       "batch_norm_stats(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
-      "Tensor? running_var) -> Tensor");
+      "Tensor? running_var) -> Tensor",
+      tags);
   m.def(
       "batch_norm_train_with_stats(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, float? momentum, float eps, Tensor all_stats, "
-      "bool relu=False) -> (Tensor, Tensor, Tensor)");
+      "str activation=\"identity\", float[] activation_params=[], Tensor? residual=None) "
+      "-> (Tensor, Tensor, Tensor)",
+      tags);
   // Backward: batch_norm_backward_sums gives this rank's [C, 3] float64
-  // (Σdy, Σdy·(x − mean), Σ(x − mean): cpu::GradSums) and the rank's own grad_weight and grad_bias
-  // (param_mask); after an all_reduce of the sums, batch_norm_backward_with_sums
-  // writes grad_input for `count` values per channel over all ranks (a
-  // one-element float64 or int64 tensor on the input's device: the gathered
-  // counts' sum, never read by the host).
+  // (Σg, Σg·(x − mean), Σ(x − mean): cpu::GradSums), the rank's own
+  // grad_weight and grad_bias (param_mask) and, as batch_norm_backward does,
+  // grad_residual = g where the epilogue has one; after an all_reduce of the
+  // sums, batch_norm_backward_with_sums writes grad_input for `count` values
+  // per channel over all ranks (a one-element float64 or int64 tensor on the
+  // input's device: the gathered counts' sum, never read by the host). With a
+  // residual, the caller passes g as grad_output and no activation.
   m.def(
       "batch_norm_backward_sums(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
-      "Tensor invstd, bool[2] param_mask, Tensor? bias=None, bool relu=False) "
-      "-> (Tensor sums, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor invstd, bool[2] param_mask, Tensor? bias=None, str activation=\"identity\", "
+      "float[] activation_params=[], Tensor? residual=None, Tensor? output=None) "
+      "-> (Tensor sums, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)",
+      tags);
   m.def(
       "batch_norm_backward_with_sums(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
-      "Tensor invstd, Tensor sums, Tensor count, Tensor? bias=None, bool relu=False) -> Tensor");
+      "Tensor invstd, Tensor sums, Tensor count, Tensor? bias=None, str activation=\"identity\", "
+      "float[] activation_params=[]) -> Tensor",
+      tags);
 }

@@ -3,7 +3,10 @@
 Drop-ins for ``nn.BatchNorm1d``, ``nn.BatchNorm2d`` and ``nn.BatchNorm3d``:
 ``FusedBatchNorm1d``/``2d``/``3d`` (subclasses, same state_dict) and their lazy
 forms, ``batch_norm`` (mirrors ``torch.nn.functional.batch_norm``) and
-``convert_model``; with the ReLU (and a ResNet block's residual add) fused in:
+``convert_model``; with an activation (relu, relu6, hardtanh, leaky_relu, elu, silu, hardswish, gelu,
+gelu_tanh; ``activation=`` on every module and on ``batch_norm``, by name or as
+an nn module) and a residual add (``forward(input, residual)``) fused in, the
+ReLU forms also as classes:
 ``FusedBatchNormReLU1d``/``2d``/``3d``, ``FusedBatchNormAddReLU1d``/``2d``/``3d``,
 ``batch_norm(..., activation="relu")``, ``batch_norm_add_relu`` and
 ``convert_model(model, fuse_relu=True)``; and for data-parallel training,
@@ -11,6 +14,8 @@ forms, ``batch_norm`` (mirrors ``torch.nn.functional.batch_norm``) and
 2-D to 5-D input like ``nn.SyncBatchNorm``).
 """
 from . import _registration  # noqa: F401  (loads the extension, registers fake kernels and autograd)
+from ._activations import SUPPORTED as ACTIVATIONS
+from ._activations import Activation
 from .functional import batch_norm, batch_norm_add_relu
 from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAddReLU1d,
                       FusedBatchNormAddReLU2d, FusedBatchNormAddReLU3d, FusedBatchNormReLU1d,
@@ -18,6 +23,8 @@ from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, Fuse
                       FusedLazyBatchNorm2d, FusedLazyBatchNorm3d, FusedSyncBatchNorm2d, convert_model)
 
 __all__ = [
+    "ACTIVATIONS",
+    "Activation",
     "FusedBatchNorm1d",
     "FusedBatchNorm2d",
     "FusedBatchNorm3d",

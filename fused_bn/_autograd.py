@@ -1,13 +1,84 @@
-"""Autograd of the two forward ops: the backward is itself a registered op
-(batch_norm_backward, batch_norm_add_relu_backward), called from the
-Functions below, from torch.func's transforms and forward mode, and from the C++
-node of eager reverse mode (csrc/autograd.cpp). Registered as the ops'
-Autograd kernels by fused_bn/_registration.py."""
+"""Autograd of the two forward ops, one backward for every route:
+
+* first order: the backward op (batch_norm_backward), called from the
+  Functions below (torch.func's transforms, forward mode, compiled graphs) and
+  from the C++ node of eager reverse mode (csrc/autograd.cpp);
+* recorded (create_graph=True, double backward) and forward mode: PyTorch's
+  own derivatives of ``batch_norm_reference``, the epilogue written with
+  differentiable ATen ops (the activation's nn function from
+  fused_bn/_activations.py). Both are ops (defined here), so the C++ node
+  calls the same ``batch_norm_backward_differentiable`` as the Functions.
+
+Registered as the ops' Autograd kernels by fused_bn/_registration.py.
+"""
 import torch
+import torch.nn.functional as F
 from torch.autograd import forward_ad
 
+from . import _activations
+from ._activations import Activation
 from ._extension import ops
-from ._fake import _accumulate_dtype
+
+_lib = torch.library.Library("fused_bn", "FRAGMENT")
+_lib.define(
+    "batch_norm_reference(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+    "Tensor? running_var, bool training, float eps, str activation, float[] activation_params, "
+    "Tensor? residual) -> Tensor")
+_lib.define(
+    "batch_norm_backward_differentiable(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
+    "Tensor? running_mean, Tensor? running_var, bool training, float eps, str activation, "
+    "float[] activation_params, Tensor? residual, Tensor? output, bool[4] output_mask) "
+    "-> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _reference(input, weight, bias, running_mean, running_var, training, eps, activation,
+               activation_params, residual):
+    """act(batch_norm(input) [+ residual]) with differentiable ATen ops: batch
+    statistics in training (running statistics untouched), the running ones in
+    eval."""
+    z = F.batch_norm(input, running_mean if not training else None,
+                     running_var if not training else None, weight, bias, training=training,
+                     momentum=0.0, eps=eps)
+    if residual is not None:
+        z = z + residual
+    return Activation(activation, tuple(activation_params)).reference(z)
+
+
+def _backward_differentiable(grad_output, input, weight, bias, running_mean, running_var, training,
+                             eps, activation, activation_params, residual, output, output_mask):
+    """Grads of (input, weight, bias, residual) where output_mask asks and the
+    tensor requires grad, recorded (create_graph) so they can be differentiated
+    again ([0] where not asked for). With the forward's output instead of its residual (an activation
+    whose derivative the kernels take from y), g = act'(y) · grad_output comes
+    from the activation's own derivative evaluated at y (exact for those:
+    csrc/common/activation.h, kGradFromOutput) and is the residual's grad."""
+    spec = Activation(activation, tuple(activation_params))
+    candidates = (input, weight, bias, residual)
+    with torch.enable_grad():
+        grad_residual = None
+        if output is not None and residual is None and not spec.is_identity:
+            y = output.detach().requires_grad_()
+            (grad_residual,) = torch.autograd.grad(spec.reference(y), y, grad_output, create_graph=True)
+            target = _reference(input, weight, bias, running_mean, running_var, training, eps,
+                                "identity", [], None)
+            target_grad = grad_residual
+            candidates = (input, weight, bias, None)
+        else:
+            target = _reference(input, weight, bias, running_mean, running_var, training, eps,
+                                activation, activation_params, residual)
+            target_grad = grad_output
+        wanted = [i for i, (t, m) in enumerate(zip(candidates, output_mask))
+                  if m and t is not None and t.requires_grad]
+        grads = torch.autograd.grad(target, [candidates[i] for i in wanted], target_grad,
+                                    create_graph=True, allow_unused=True) if wanted else ()
+    result = [None, None, None, grad_residual if output_mask[3] else None]
+    for i, g in zip(wanted, grads):
+        result[i] = g
+    return tuple(input.new_empty(0) if g is None else g for g in result)
+
+
+_lib.impl("batch_norm_reference", _reference, "CompositeImplicitAutograd")
+_lib.impl("batch_norm_backward_differentiable", _backward_differentiable, "CompositeImplicitAutograd")
 
 
 def check_stats_not_requiring_grad(function_name, running_mean, running_var):
@@ -20,171 +91,118 @@ def check_stats_not_requiring_grad(function_name, running_mean, running_var):
                                f"to argument '{name}'. This input cannot have requires_grad True.")
 
 
-def _grad_mask(ctx, weight, bias):
-    return [
-        ctx.needs_input_grad[0],
-        weight is not None and ctx.needs_input_grad[1],
-        bias is not None and ctx.needs_input_grad[2],
-    ]
-
-
-def _relu_mask(input, weight, bias, mean, invstd, output):
-    """Where the forward's ReLU passed its input: output > 0 (add+relu), else
-    the recomputed batch_norm(input) > 0 (relu). For the differentiable backward
-    only; the kernels recompute the mask themselves."""
-    if output is not None:
-        return output > 0
-    acc = _accumulate_dtype(input.dtype)
-    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
-    scale = invstd.to(acc).view(shape)
-    if weight is not None:
-        scale = scale * weight.to(acc).view(shape)
-    z = (input.to(acc) - mean.to(acc).view(shape)) * scale
-    if bias is not None:
-        z = z + bias.to(acc).view(shape)
-    return z > 0
-
-
-def _differentiable_backward(grad_output, input, weight, mean, invstd, training, eps, mask):
-    """First-order grads from differentiable aten ops, for double backward.
-
-    Used only when autograd records the backward (create_graph=True, e.g. a
-    gradient penalty). In training the batch statistics are recomputed from the
-    input so that their dependence on it is differentiated too. A ReLU's mask
-    is applied to grad_output by the caller."""
-    acc = _accumulate_dtype(input.dtype)
-    x, dy = input.to(acc), grad_output.to(acc)
-    dims = [0] + list(range(2, input.dim()))
-    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
-    if training:
-        mean = x.mean(dims, keepdim=True)
-        invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
-    else:
-        mean, invstd = mean.view(shape), invstd.view(shape)
-    w = weight.to(acc).view(shape) if weight is not None else None
-    x_hat = (x - mean) * invstd
-    grad_weight = (dy * x_hat).sum(dims) if mask[1] else None
-    grad_bias = dy.sum(dims) if mask[2] else None
-    grad_input = None
-    if mask[0]:
-        scale = invstd if w is None else w * invstd
-        if training:
-            dy = dy - dy.mean(dims, keepdim=True) - x_hat * (dy * x_hat).mean(dims, keepdim=True)
-        grad_input = (dy * scale).to(input.dtype)
-    param_dtype = weight.dtype if weight is not None else acc
-    return (grad_input,
-            None if grad_weight is None else grad_weight.to(param_dtype),
-            None if grad_bias is None else grad_bias.to(param_dtype))
-
-
-def _grads_for_inputs(mask, grads, bias_dtype, n_inputs, grad_residual=None):
-    grad_input, grad_weight, grad_bias = (g if m else None for g, m in zip(grads, mask))
-    # The backward op returns parameter grads in the weight's dtype; F.batch_norm
-    # allows a bias without a weight, or of another dtype.
-    if grad_bias is not None and grad_bias.dtype != bias_dtype:
-        grad_bias = grad_bias.to(bias_dtype)
-    # The residual is each op's last input.
-    return (grad_input, grad_weight, grad_bias) + (None,) * (n_inputs - 4) + (grad_residual,)
-
-
-def _epilogue_backward(ctx, grad_output, training, eps):
-    """Grads of every input of a forward op, from what its autograd saved:
-    input, weight, bias, the statistics and (add+relu only) the output."""
-    input, weight, bias, mean, invstd, output = _saved_for_grads(ctx, training, eps)
-    n_inputs = ctx.n_inputs
-    if grad_output is None or not (any(ctx.mask) or ctx.residual_needs_grad):
-        return (None,) * n_inputs
-    if torch.is_grad_enabled():
-        if ctx.relu:
-            grad_output = grad_output * _relu_mask(input, weight, bias, mean, invstd, output)
-        grads = _differentiable_backward(
-            grad_output, input, weight, mean, invstd, training, eps, ctx.mask)
-        grad_residual = grad_output if ctx.residual_needs_grad else None
-    elif ctx.has_residual:
-        grad_input, grad_residual, grad_weight, grad_bias = ops.batch_norm_add_relu_backward(
-            grad_output, output, input, weight, mean, invstd, training, eps, ctx.mask)
-        grads = (grad_input, grad_weight, grad_bias)
-    else:
-        grads = ops.batch_norm_backward(
-            grad_output, input, weight, mean, invstd, training, eps, ctx.mask, bias, ctx.relu)
-        grad_residual = None
-    if not ctx.residual_needs_grad:
-        grad_residual = None
-    return _grads_for_inputs(ctx.mask, grads, ctx.bias_dtype, n_inputs, grad_residual)
+def _accumulate_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _eval_statistics(running_mean, running_var, eps, input_dtype):
     """The mean and inverse std an eval forward normalized with, in the dtype
     the backward op takes; invstd as the kernels' eval_invstd computes it
-    (1/sqrt in float64, then rounded), so a recomputed ReLU mask is the
-    forward's, bit for bit."""
+    (1/sqrt in float64, then rounded), so a recomputed z is the forward's, bit
+    for bit."""
     acc = _accumulate_dtype(input_dtype)
     # A copy even in float64: the in-place steps must not touch the buffer.
     invstd = running_var.to(torch.float64, copy=True).add_(eps).sqrt_().reciprocal_()
     return running_mean.to(acc), invstd.to(acc)
 
 
-def _saved_for_grads(ctx, training, eps):
-    """(input, weight, bias, mean, invstd, output) for a backward or jvp. The
-    training forward saved its batch statistics; the eval forward saved the
-    running buffers themselves, as nn.BatchNorm2d's autograd does: no copies in
-    the forward (they were most of a small layer's eval step with grad mode on),
-    and a backward sees the buffers as they are then, as nn's does (a fused
-    ReLU's mask is then recomputed from those values too)."""
-    input, weight, bias, mean, invstd, output = ctx.saved_tensors
-    if not training:
-        mean, invstd = _eval_statistics(mean, invstd, eps, input.dtype)
-    return input, weight, bias, mean, invstd, output
+class _Saved:
+    """Where each saved tensor sits in ctx.saved_tensors."""
+    INPUT, WEIGHT, BIAS, MEAN, VAR_OR_INVSTD, RESIDUAL, OUTPUT = range(7)
 
 
-def _save_epilogue_context(ctx, n_inputs, input, weight, bias, mean, invstd, relu, residual, output):
-    """mean, invstd: the batch statistics in training, the running mean and
-    variance in eval (_saved_for_grads turns them into statistics)."""
-    ctx.n_inputs = n_inputs
+def _save_epilogue_context(ctx, input_index, weight, bias, residual_index, inputs, mean,
+                           var_or_invstd, activation, residual, output, eps):
+    """What the backward and the jvp need. mean, var_or_invstd: the batch
+    statistics in training, the running mean and variance in eval (read as
+    they are at backward time, as nn.BatchNorm2d's autograd does, with no copy
+    in the forward). Without a residual that is the input and the statistics;
+    with one, y where the activation's derivative comes from y, else the
+    residual (no copy); the identity's residual gradient is grad_output."""
+    ctx.activation = activation
+    ctx.eps = eps
+    ctx.n_inputs = len(inputs)
+    ctx.residual_index = residual_index
     # None, not zeros, for an input without a tangent (and an output without
     # a gradient): the eval jvp must tell running statistics with tangents
     # (which nn refuses) from ones without.
     ctx.set_materialize_grads(False)
-    ctx.mask = _grad_mask(ctx, weight, bias)
+    ctx.mask = [ctx.needs_input_grad[input_index], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.relu = relu
     ctx.has_residual = residual is not None
-    ctx.residual_needs_grad = residual is not None and ctx.needs_input_grad[n_inputs - 1]
-    # The bias fixes relu's shift; the output is add+relu's mask.
-    saved = (input, weight, bias if relu else None, mean, invstd,
-             output if residual is not None else None)
+    ctx.residual_needs_grad = residual is not None and ctx.needs_input_grad[residual_index]
+    from_output = (residual is not None and not activation.is_identity
+                   and _activations.grad_from_output(activation))
+    saved = [inputs[input_index], weight, bias, mean, var_or_invstd,
+             residual if residual is not None and not activation.is_identity and not from_output else None,
+             output if from_output else None]
     ctx.save_for_backward(*saved)
     if _forward_mode_active():
+        # The jvp differentiates the reference, which needs the residual itself.
+        saved[_Saved.RESIDUAL] = residual
         ctx.save_for_forward(*saved)
+
+
+def _epilogue_backward(ctx, grad_output, training):
+    """Grads of every input of a forward op, from what its autograd saved."""
+    n_inputs = ctx.n_inputs
+    if grad_output is None or not (any(ctx.mask) or ctx.residual_needs_grad):
+        return (None,) * n_inputs
+    input, weight, bias, mean, var_or_invstd, residual, output = ctx.saved_tensors
+    activation = ctx.activation
+    mask = ctx.mask
+    if torch.is_grad_enabled():
+        grad_input, grad_weight, grad_bias, grad_residual = ops.batch_norm_backward_differentiable(
+            grad_output, input, weight, bias, None if training else mean,
+            None if training else var_or_invstd, training, ctx.eps, activation.name,
+            list(activation.params), residual, output, mask + [ctx.residual_needs_grad])
+        if activation.is_identity and ctx.residual_needs_grad:
+            grad_residual = grad_output
+    else:
+        invstd = var_or_invstd
+        if not training:
+            mean, invstd = _eval_statistics(mean, var_or_invstd, ctx.eps, input.dtype)
+        grad_input, grad_weight, grad_bias, grad_residual = ops.batch_norm_backward(
+            grad_output, input, weight, mean, invstd, training, ctx.eps, mask, bias,
+            activation.name, list(activation.params), residual, output)
+        if activation.is_identity:
+            grad_residual = grad_output
+    grads = [None] * n_inputs
+    grads[0] = grad_input if mask[0] else None
+    grads[1] = grad_weight if mask[1] else None
+    # The backward op returns parameter grads in the weight's dtype; F.batch_norm
+    # allows a bias without a weight, or of another dtype.
+    if mask[2]:
+        grads[2] = grad_bias if grad_bias.dtype == ctx.bias_dtype else grad_bias.to(ctx.bias_dtype)
+    if ctx.residual_needs_grad:
+        grads[ctx.residual_index] = grad_residual
+    return tuple(grads)
 
 
 def _epilogue_jvp(ctx, training, input_t, weight_t, bias_t, residual_t):
     """Forward-mode derivative (torch.func.jvp, jacfwd, hessian,
-    torch.autograd.forward_ad) of a forward op's output, from aten ops:
-    tangent of x_hat = invstd * (dx - mean(dx) - x_hat * mean(x_hat * dx)) in
-    training (the batch statistics move with x), invstd * dx in eval."""
-    input, weight, bias, mean, invstd, output = _saved_for_grads(ctx, training, ctx.eps)
-    acc = _accumulate_dtype(input.dtype)
-    dims = [0] + list(range(2, input.dim()))
-    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
-    invstd_b = invstd.to(acc).view(shape)
-    x_hat = (input.to(acc) - mean.to(acc).view(shape)) * invstd_b
-    tangent = torch.zeros_like(x_hat)
-    if input_t is not None:
-        dx = input_t.to(acc)
-        if training:
-            dx = dx - dx.mean(dims, keepdim=True) - x_hat * (x_hat * dx).mean(dims, keepdim=True)
-        scale = invstd_b if weight is None else invstd_b * weight.to(acc).view(shape)
-        tangent = tangent + dx * scale
-    if weight_t is not None:
-        tangent = tangent + x_hat * weight_t.to(acc).view(shape)
-    if bias_t is not None:
-        tangent = tangent + bias_t.to(acc).view(shape)
-    if residual_t is not None:
-        tangent = tangent + residual_t.to(acc)
-    if ctx.relu:
-        tangent = tangent * _relu_mask(input, weight, bias, mean, invstd, output)
-    return tangent.to(input.dtype)
+    torch.autograd.forward_ad) of a forward op's output: the jvp of the
+    reference (batch statistics moving with x in training, the running ones
+    fixed in eval)."""
+    input, weight, bias, mean, var, residual, _ = ctx.saved_tensors
+    activation = ctx.activation
+    primals = [input, weight, bias, residual]
+    tangents = [input_t, weight_t, bias_t, residual_t]
+    present = [i for i, p in enumerate(primals) if p is not None]
+
+    def reference(*tensors):
+        args = [None] * 4
+        for i, t in zip(present, tensors):
+            args[i] = t
+        return _reference(args[0], args[1], args[2], None if training else mean,
+                          None if training else var, training, ctx.eps, activation.name,
+                          activation.params, args[3])
+
+    _, tangent = torch.func.jvp(
+        reference, tuple(primals[i] for i in present),
+        tuple(torch.zeros_like(primals[i]) if tangents[i] is None else tangents[i] for i in present))
+    return tangent
 
 
 def _forward_mode_active():
@@ -206,6 +224,10 @@ _VMAP_UNBATCHED_STATS = (
     "need eval mode, please see the functorch website for resources on how to patch your module "
     "to work with vmap")
 
+# Positions of the forward ops' arguments (their schemas, csrc/ops.cpp).
+_TRAIN_RESIDUAL = 10
+_EVAL_RESIDUAL = 8
+
 
 # torch.library.register_autograd accepts only functional ops, and batch_norm_train
 # mutates the running statistics and the counter (buffers, never differentiated);
@@ -216,13 +238,13 @@ _VMAP_UNBATCHED_STATS = (
 class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
-             momentum, eps, relu, residual):
+             momentum, eps, activation, activation_params, residual):
         """torch.func.vmap (model ensembles, per-sample batch norm): the op once
         per batch entry, on slices, so batched running statistics and counters
         are updated in place as nn.BatchNorm2d's batching rule does. Unbatched
         ones would be updated once per entry: refused, as nn refuses them."""
         args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                relu, residual)
+                activation, activation_params, residual)
         if any(t is not None and d is None for t, d in zip(args[3:6], in_dims[3:6])):
             if in_dims[0] is not None:
                 raise RuntimeError(_VMAP_UNBATCHED_STATS)
@@ -238,27 +260,27 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                relu, residual):
+                activation, activation_params, residual):
         with torch._C._AutoDispatchBelowAutograd():
             return ops.batch_norm_train(input, weight, bias, running_mean, running_var,
-                                        num_batches_tracked, momentum, eps, relu, residual)
+                                        num_batches_tracked, momentum, eps, activation,
+                                        activation_params, residual)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        input, weight, bias, _, _, _, _, eps, relu, residual = inputs
+        input, weight, bias, _, _, _, _, eps, activation, activation_params, residual = inputs
         output, save_mean, save_invstd = outputs
-        ctx.eps = eps
-        _save_epilogue_context(ctx, 10, input, weight, bias, save_mean, save_invstd, relu, residual,
-                               output)
+        _save_epilogue_context(ctx, 0, weight, bias, _TRAIN_RESIDUAL, inputs, save_mean, save_invstd,
+                               Activation(activation, tuple(activation_params)), residual, output, eps)
         ctx.mark_non_differentiable(save_mean, save_invstd)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
-        return _epilogue_backward(ctx, grad_output, True, ctx.eps)
+        return _epilogue_backward(ctx, grad_output, True)
 
     @staticmethod
     def jvp(ctx, input_t, weight_t, bias_t, _running_mean_t, _running_var_t, _nbt_t, _momentum_t,
-            _eps_t, _relu_t, residual_t):
+            _eps_t, _activation_t, _params_t, residual_t):
         # Running statistics are buffers, not differentiated (reverse mode refuses
         # ones requiring grad), so their tangents are ignored.
         return _epilogue_jvp(ctx, True, input_t, weight_t, bias_t, residual_t), None, None
@@ -268,25 +290,25 @@ class _BatchNormEval(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, eps, relu, residual):
+    def forward(input, weight, bias, running_mean, running_var, eps, activation, activation_params,
+                residual):
         with torch._C._AutoDispatchBelowAutograd():
-            return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, relu,
-                                       residual)
+            return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, activation,
+                                       activation_params, residual)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, running_mean, running_var, eps, relu, residual = inputs
-        ctx.eps = eps
-        _save_epilogue_context(ctx, 8, input, weight, bias, running_mean, running_var, relu,
-                               residual, output)
+        input, weight, bias, running_mean, running_var, eps, activation, activation_params, residual = inputs
+        _save_epilogue_context(ctx, 0, weight, bias, _EVAL_RESIDUAL, inputs, running_mean, running_var,
+                               Activation(activation, tuple(activation_params)), residual, output, eps)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _epilogue_backward(ctx, grad_output, False, ctx.eps)
+        return _epilogue_backward(ctx, grad_output, False)
 
     @staticmethod
-    def jvp(ctx, input_t, weight_t, bias_t, running_mean_t, running_var_t, _eps_t, _relu_t,
-            residual_t):
+    def jvp(ctx, input_t, weight_t, bias_t, running_mean_t, running_var_t, _eps_t, _activation_t,
+            _params_t, residual_t):
         differentiated = any(t is not None for t in (input_t, weight_t, bias_t, residual_t))
         if differentiated and (running_mean_t is not None or running_var_t is not None):
             # nn's refusal: in eval the output depends on the running
@@ -342,14 +364,16 @@ def _forward_with_autograd(op_name, function, eager_function, input, weight, bia
 # The dispatcher leaves out trailing arguments equal to their schema defaults,
 # so these take them all by name and pass them all on.
 def batch_norm_train_autograd(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                              momentum, eps, relu=False, residual=None):
+                              momentum, eps, activation="identity", activation_params=(), residual=None):
     return _forward_with_autograd("batch_norm_train", _BatchNormTrain, _BatchNormTrainEager, input,
                                   weight, bias, running_mean, running_var,
-                                  (num_batches_tracked, momentum, eps, relu, residual),
+                                  (num_batches_tracked, momentum, eps, activation,
+                                   list(activation_params), residual),
                                   ops.batch_norm_train_eager)
 
 
-def batch_norm_eval_autograd(input, weight, bias, running_mean, running_var, eps, relu=False,
-                             residual=None):
+def batch_norm_eval_autograd(input, weight, bias, running_mean, running_var, eps, activation="identity",
+                             activation_params=(), residual=None):
     return _forward_with_autograd("batch_norm_eval", _BatchNormEval, _BatchNormEvalEager, input,
-                                  weight, bias, running_mean, running_var, (eps, relu, residual))
+                                  weight, bias, running_mean, running_var,
+                                  (eps, activation, list(activation_params), residual))

@@ -39,15 +39,16 @@ def _check_same_device(input, **tensors):
 
 
 def _batch_norm_train_fake(input, weight, bias, running_mean, running_var,
-                           num_batches_tracked, momentum, eps, relu=False, residual=None):
+                           num_batches_tracked, momentum, eps, activation="identity",
+                           activation_params=(), residual=None):
     _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
                        bias=bias, residual=residual, num_batches_tracked=num_batches_tracked)
     stats = input.new_empty((input.shape[1],), dtype=_accumulate_dtype(input.dtype))
     return _output_like(input), stats, torch.empty_like(stats)
 
 
-def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps, relu=False,
-                          residual=None):
+def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps, activation="identity",
+                          activation_params=(), residual=None):
     _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight,
                        bias=bias, residual=residual)
     return _output_like(input)
@@ -62,22 +63,31 @@ def _param_grads_fake(input, params, output_mask):
     return grad_weight, grad_bias
 
 
+def _epilogue_grad_fake(grad_output, input, activation, residual, output):
+    """The activation's g (grad_residual): written where the backward reads a
+    residual or y for a non-identity activation, else [0]."""
+    if activation != "identity" and (residual is not None or output is not None):
+        return _grad_input_like(grad_output, input)
+    return input.new_empty((0,))
+
+
+def _backward_params(weight, bias, activation, residual, output):
+    """The tensors whose dtype the parameter grads take (the weight's, else a
+    recomputed z's bias: csrc/cpu/batch_norm_cpu.cpp's backward_cpu)."""
+    recomputes = activation != "identity" and output is None
+    return (weight, bias) if recomputes else (weight,)
+
+
 def _batch_norm_backward_fake(grad_output, input, weight, mean, invstd, training, eps, output_mask,
-                              bias=None, relu=False):
+                              bias=None, activation="identity", activation_params=(), residual=None,
+                              output=None):
     _check_same_device(input, grad_output=grad_output, weight=weight, mean=mean, invstd=invstd,
-                       bias=bias)
+                       bias=bias, residual=residual, output=output)
     grad_input = _grad_input_like(grad_output, input) if output_mask[0] else input.new_empty((0,))
-    params = (weight, bias) if relu else (weight,)
-    return (grad_input,) + _param_grads_fake(input, params, output_mask)
-
-
-def _batch_norm_add_relu_backward_fake(grad_output, output, input, weight, mean, invstd, training,
-                                       eps, output_mask):
-    _check_same_device(input, grad_output=grad_output, output=output, weight=weight, mean=mean,
-                       invstd=invstd)
-    grad_input = _grad_input_like(grad_output, input) if output_mask[0] else input.new_empty((0,))
-    grad_weight, grad_bias = _param_grads_fake(input, (weight,), output_mask)
-    return grad_input, _grad_input_like(grad_output, input), grad_weight, grad_bias
+    grad_weight, grad_bias = _param_grads_fake(
+        input, _backward_params(weight, bias, activation, residual, output), output_mask)
+    return grad_input, grad_weight, grad_bias, _epilogue_grad_fake(grad_output, input, activation,
+                                                                   residual, output)
 
 
 # FusedSyncBatchNorm2d's ops (the collectives between them are in fused_bn/_sync.py).
@@ -86,20 +96,25 @@ def _batch_norm_stats_fake(input, weight, bias, running_mean, running_var):
 
 
 def _batch_norm_train_with_stats_fake(input, weight, bias, running_mean, running_var,
-                                      num_batches_tracked, momentum, eps, all_stats, relu=False):
+                                      num_batches_tracked, momentum, eps, all_stats,
+                                      activation="identity", activation_params=(), residual=None):
     return _batch_norm_train_fake(input, weight, bias, running_mean, running_var,
-                                  num_batches_tracked, momentum, eps, relu)
+                                  num_batches_tracked, momentum, eps, activation, activation_params,
+                                  residual)
 
 
-def _batch_norm_backward_sums_fake(grad_output, input, weight, mean, invstd, param_mask,
-                                   bias=None, relu=False):
-    params = (weight, bias) if relu else (weight,)
+def _batch_norm_backward_sums_fake(grad_output, input, weight, mean, invstd, param_mask, bias=None,
+                                   activation="identity", activation_params=(), residual=None,
+                                   output=None):
     sums = input.new_empty((input.shape[1], 3), dtype=torch.float64)
-    return (sums,) + _param_grads_fake(input, params, [False, *param_mask])
+    grad_weight, grad_bias = _param_grads_fake(
+        input, _backward_params(weight, bias, activation, residual, output), [False, *param_mask])
+    return sums, grad_weight, grad_bias, _epilogue_grad_fake(grad_output, input, activation, residual,
+                                                             output)
 
 
 def _batch_norm_backward_with_sums_fake(grad_output, input, weight, mean, invstd, sums, count,
-                                        bias=None, relu=False):
+                                        bias=None, activation="identity", activation_params=()):
     return _grad_input_like(grad_output, input)
 
 
@@ -108,7 +123,6 @@ FAKE_KERNELS = {
     "batch_norm_train": _batch_norm_train_fake,
     "batch_norm_eval": _batch_norm_eval_fake,
     "batch_norm_backward": _batch_norm_backward_fake,
-    "batch_norm_add_relu_backward": _batch_norm_add_relu_backward_fake,
     "batch_norm_stats": _batch_norm_stats_fake,
     "batch_norm_train_with_stats": _batch_norm_train_with_stats_fake,
     "batch_norm_backward_sums": _batch_norm_backward_sums_fake,

@@ -22,6 +22,7 @@ a rank holding at most one value per channel reads the gathered count to tell.
 import torch
 import torch.distributed as dist
 
+from . import _activations
 from ._extension import ops
 
 
@@ -37,7 +38,7 @@ def _values_per_channel_message(size):
 class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, relu, process_group, world_size):
+                momentum, eps, activation, residual, process_group, world_size):
         stats = ops.batch_norm_stats(input, weight, bias, running_mean, running_var)
         # Gathered as the ranks' [C, 3] blocks end to end (the output layout
         # gloo and NCCL both take), viewed as [ranks, C, 3].
@@ -55,9 +56,15 @@ class _SyncBatchNorm(torch.autograd.Function):
             raise ValueError(_values_per_channel_message(input.size()))
         output, mean, invstd = ops.batch_norm_train_with_stats(
             input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-            all_stats, relu)
-        ctx.save_for_backward(input, weight, bias if relu else None, mean, invstd)
-        ctx.relu = relu
+            all_stats, activation.name, list(activation.params), residual)
+        # As the single-process autograd saves (fused_bn/_autograd.py): y where
+        # the activation's derivative comes from it, else the residual.
+        from_output = (residual is not None and not activation.is_identity
+                       and _activations.grad_from_output(activation))
+        saved_residual = residual if residual is not None and not activation.is_identity and not from_output else None
+        ctx.save_for_backward(input, weight, bias, mean, invstd, saved_residual, output if from_output else None)
+        ctx.activation = activation
+        ctx.has_residual = residual is not None
         ctx.count = count
         ctx.process_group = process_group
         ctx.param_dtypes = (None if weight is None else weight.dtype,
@@ -66,28 +73,41 @@ class _SyncBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, bias, mean, invstd = ctx.saved_tensors
+        input, weight, bias, mean, invstd, residual, output = ctx.saved_tensors
+        activation = ctx.activation
         needs_weight = weight is not None and ctx.needs_input_grad[1]
         needs_bias = ctx.param_dtypes[1] is not None and ctx.needs_input_grad[2]
-        sums, grad_weight, grad_bias = ops.batch_norm_backward_sums(
-            grad_output, input, weight, mean, invstd, [needs_weight, needs_bias], bias, ctx.relu)
+        sums, grad_weight, grad_bias, g = ops.batch_norm_backward_sums(
+            grad_output, input, weight, mean, invstd, [needs_weight, needs_bias], bias,
+            activation.name, list(activation.params), residual, output)
+        # With a residual the reduction pass wrote the activation's g, which the
+        # dx pass then reads in place of grad_output (the identity's g is
+        # grad_output itself).
+        if ctx.has_residual and not activation.is_identity:
+            dx_args = (g, None, "identity", [])
+        else:
+            g = grad_output
+            dx_args = (grad_output, bias, activation.name, list(activation.params))
         grad_input = None
         if ctx.needs_input_grad[0]:
             dist.all_reduce(sums, group=ctx.process_group)
+            dy, dx_bias, name, params = dx_args
             grad_input = ops.batch_norm_backward_with_sums(
-                grad_output, input, weight, mean, invstd, sums, ctx.count, bias, ctx.relu)
+                dy, input, weight, mean, invstd, sums, ctx.count, dx_bias, name, params)
         # Without a weight the op returns the accumulation dtype; a bias of its
         # own dtype gets its gradient in that dtype.
         if needs_bias and grad_bias.dtype != ctx.param_dtypes[1]:
             grad_bias = grad_bias.to(ctx.param_dtypes[1])
+        grad_residual = g if ctx.has_residual and ctx.needs_input_grad[9] else None
         return (grad_input, grad_weight if needs_weight else None, grad_bias if needs_bias else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, grad_residual, None, None)
 
 
 def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
-                    num_batches_tracked, relu, process_group, world_size):
-    """Training batch norm over the batches of every rank in ``process_group``
-    (``world_size`` ranks). Every rank must call it, in the same order."""
+                    num_batches_tracked, activation, residual, process_group, world_size):
+    """Training ``activation(batch_norm(input) [+ residual])`` over the batches
+    of every rank in ``process_group`` (``world_size`` ranks); ``activation``
+    a fused_bn._activations.Activation. Every rank must call it, in the same order."""
     return _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var,
-                                num_batches_tracked, momentum, eps, relu, process_group,
-                                world_size)
+                                num_batches_tracked, momentum, eps, activation, residual,
+                                process_group, world_size)

@@ -5,6 +5,8 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
+from . import _activations
+from ._activations import Activation
 from ._autograd import batch_norm_eval_autograd, batch_norm_train_autograd, check_stats_not_requiring_grad
 from ._extension import ops
 
@@ -49,7 +51,7 @@ def _empty_batch_params(input, params):
 
 
 def _batch_norm_epilogue(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                         num_batches_tracked, relu, residual):
+                         num_batches_tracked, activation: Activation, residual):
     if input.numel() == 0 and input.is_floating_point():
         running_mean, running_var, weight, bias = _empty_batch_params(
             input, (running_mean, running_var, weight, bias))
@@ -72,17 +74,21 @@ def _batch_norm_epilogue(input, running_mean, running_var, weight, bias, trainin
         _check_eps(eps, True)
         train = batch_norm_train_autograd if direct else ops.batch_norm_train
         output, _, _ = train(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                             momentum, eps, relu, residual)
+                             momentum, eps, activation.name, list(activation.params), residual)
         return output
     _check_eps(eps, False)
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
         if stat is None:
             raise RuntimeError(f"{name} must be defined in evaluation mode")
     evaluate = batch_norm_eval_autograd if direct else ops.batch_norm_eval
-    return evaluate(input, weight, bias, running_mean, running_var, eps, relu, residual)
+    return evaluate(input, weight, bias, running_mean, running_var, eps, activation.name,
+                    list(activation.params), residual)
 
 
-_ACTIVATIONS = (None, "relu")
+def _check_residual(input, residual):
+    # Its shape, dtype and device are the kernels' checks (csrc/torch/checks.h).
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
 
 
 def batch_norm(
@@ -96,9 +102,11 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: Optional[Tensor] = None,
-    activation: Optional[str] = None,
+    activation=None,
+    residual: Optional[Tensor] = None,
 ) -> Tensor:
-    """Mirrors ``torch.nn.functional.batch_norm``.
+    """Mirrors ``torch.nn.functional.batch_norm``, with what follows batch norm
+    in a network fused into its passes over memory.
 
     In training the batch statistics normalize the input and, when given, the
     running statistics are updated in place. ``num_batches_tracked`` (an int64
@@ -106,21 +114,31 @@ def batch_norm(
     with ``momentum=None`` the update is then the cumulative average
     ``1 / num_batches_tracked``, as in ``nn.BatchNorm2d``.
 
-    ``activation="relu"`` returns ``relu(batch_norm(...))`` from the same
-    passes over memory; its backward recomputes the ReLU's mask from the input
-    and saves nothing more than batch norm does.
+    ``activation`` (keyword only): None, a name (``"relu"``, ``"relu6"``,
+    ``"hardtanh"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"hardswish"``,
+    ``"gelu"``, ``"gelu_tanh"``, with nn's default parameters) or an nn
+    activation module (``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``,
+    ...). ``residual`` (keyword only; the input's shape and dtype): added
+    before the activation. Returns ``activation(batch_norm(input) + residual)``
+    from batch norm's own passes; its backward saves no more than batch norm
+    does (plus the residual, or the output where the activation's derivative
+    can be read from it). Example::
+
+        y = fused_bn.batch_norm(x, rm, rv, w, b, training=True,
+                                activation=nn.LeakyReLU(0.1), residual=shortcut)
     """
     # As torch.nn.functional does: tensor subclasses and modes with
     # __torch_function__ (torch.fx's Proxy among them) see this call whole.
-    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias, residual):
         return handle_torch_function(
-            batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
-            running_var, weight, bias, training=training, momentum=momentum, eps=eps,
-            num_batches_tracked=num_batches_tracked, activation=activation)
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+            batch_norm, (input, running_mean, running_var, weight, bias, residual), input,
+            running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps,
+            num_batches_tracked=num_batches_tracked, activation=activation, residual=residual)
+    spec = _activations.resolve(activation)
+    if residual is not None:
+        _check_residual(input, residual)
     return _batch_norm_epilogue(input, running_mean, running_var, weight, bias, training, momentum,
-                                eps, num_batches_tracked, activation == "relu", None)
+                                eps, num_batches_tracked, spec, residual)
 
 
 def batch_norm_add_relu(
@@ -136,16 +154,13 @@ def batch_norm_add_relu(
     *,
     num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
-    """``relu(batch_norm(input, ...) + residual)``, a ResNet block's ending, in
-    one op: the forward reads input (statistics), then input and residual, and
-    writes the output. ``residual`` has the input's shape and dtype and gets a
-    gradient. Other arguments as :func:`batch_norm`."""
+    """``relu(batch_norm(input, ...) + residual)``, a ResNet block's ending:
+    :func:`batch_norm` with ``activation="relu", residual=residual``."""
     if has_torch_function_variadic(input, residual, running_mean, running_var, weight, bias):
         return handle_torch_function(
             batch_norm_add_relu, (input, residual, running_mean, running_var, weight, bias), input,
             residual, running_mean, running_var, weight, bias, training=training,
             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked)
-    if not isinstance(residual, Tensor):
-        raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
+    _check_residual(input, residual)
     return _batch_norm_epilogue(input, running_mean, running_var, weight, bias, training, momentum,
-                                eps, num_batches_tracked, True, residual)
+                                eps, num_batches_tracked, Activation("relu"), residual)

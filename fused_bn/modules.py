@@ -7,6 +7,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.compiler import is_compiling
 
+from ._activations import IDENTITY, Activation, resolve
 from ._sync import sync_batch_norm
 from .functional import _batch_norm_epilogue
 
@@ -29,7 +30,29 @@ def _record_leaf_call(module, proxy, args):
 class _FusedBatchNormForward:
     """The forward of a batch-norm module run by fused_bn's kernels; mixed into
     subclasses of nn's batch norms, whose constructor, parameters, buffers and
-    input check (``_check_input_dim``) it uses as they are."""
+    input check (``_check_input_dim``) it uses as they are.
+
+    ``activation=`` (keyword only; None, a name or an nn activation module, see
+    :func:`fused_bn.batch_norm`) is applied in the batch norm's own passes, and
+    ``forward(input, residual)`` adds a residual before it:
+    ``activation(bn(input) + residual)``. Neither changes the state_dict."""
+
+    # The activation a class applies when none is given (its aliases': relu).
+    _default_activation = None
+
+    def __init__(self, *args, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._activation = resolve(activation if activation is not None else self._default_activation)
+
+    @property
+    def activation(self):
+        """The fused activation as a :class:`fused_bn.Activation` (name and
+        parameters), or None."""
+        return None if self._activation.is_identity else self._activation
+
+    def extra_repr(self):
+        extra = super().extra_repr()
+        return extra + (f", activation={self.activation}" if self.activation is not None else "")
 
     def _batch_norm_args(self, input: torch.Tensor) -> tuple:
         """(running_mean, running_var, weight, bias, training, momentum, eps,
@@ -63,51 +86,56 @@ class _FusedBatchNormForward:
         return (running_mean, running_var, weight, bias, use_batch_stats, self.momentum,
                 self.eps, num_batches_tracked)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if isinstance(input, fx.Proxy):
-            return _record_leaf_call(self, input, (input,))
-        return _batch_norm_epilogue(input, *self._batch_norm_args(input), False, None)
-
-
-class _FusedBatchNormReLUForward(_FusedBatchNormForward):
-    """``relu(batch_norm(x))`` in the passes over memory batch norm alone takes;
-    the backward recomputes the ReLU's mask from the input."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if isinstance(input, fx.Proxy):
-            return _record_leaf_call(self, input, (input,))
-        return _batch_norm_epilogue(input, *self._batch_norm_args(input), True, None)
-
-
-class _FusedBatchNormAddReLUForward(_FusedBatchNormForward):
-    """``relu(batch_norm(x) + residual)``, the end of a ResNet block, in one op;
-    ``forward(input, residual)``, where ``residual`` has the input's shape and
-    dtype and gets a gradient."""
-
-    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual=None) -> torch.Tensor:
+        if residual is None:
+            if isinstance(input, fx.Proxy):
+                return _record_leaf_call(self, input, (input,))
+            return _batch_norm_epilogue(input, *self._batch_norm_args(input), self._activation, None)
         proxy = _traced_proxy((input, residual))
         if proxy is not None:
             return _record_leaf_call(self, proxy, (input, residual))
-        args = self._batch_norm_args(input)
+        return self._forward_with_residual(input, residual, self._batch_norm_args(input))
+
+    def _forward_with_residual(self, input, residual, args):
         if (isinstance(residual, torch.Tensor) and residual.shape == input.shape
                 and residual.dtype == input.dtype and residual.device == input.device):
-            return _batch_norm_epilogue(input, *args, True, residual)
-        # What `relu(bn(x) + residual)` does in eager PyTorch for a residual
-        # that broadcasts or promotes (convert_model(fuse_relu=True) cannot see
-        # shapes): unfused. A residual that cannot be added raises before any
-        # state changes.
+            return _batch_norm_epilogue(input, *args, self._activation, residual)
+        # What `act(bn(x) + residual)` does in eager PyTorch for a residual
+        # that broadcasts or promotes (convert_model cannot see shapes):
+        # unfused. A residual that cannot be added raises before any state
+        # changes.
         if isinstance(residual, torch.Tensor):
             shape = torch.broadcast_shapes(input.shape, residual.shape)
             if shape != input.shape:
                 raise RuntimeError(
                     f"residual of shape {list(residual.shape)} broadcasts the output of shape "
                     f"{list(input.shape)} to {list(shape)}")
-        # Any other error of the add or the ReLU (a residual on another device,
-        # a complex one, one that is no tensor or number), exactly as eager
-        # raises it, from a dry run on empty tensors of the same ranks.
+        # Any other error of the add or the activation (a residual on another
+        # device, a complex one, one that is no tensor or number), exactly as
+        # eager raises it, from a dry run on empty tensors of the same ranks.
         probe = residual.new_empty([0] * residual.dim()) if isinstance(residual, torch.Tensor) else residual
-        torch.relu(input.new_empty([0] * input.dim()) + probe)
-        return torch.relu(_batch_norm_epilogue(input, *args, False, None) + residual)
+        self._activation.reference(input.new_empty([0] * input.dim()) + probe)
+        return self._activation.reference(_batch_norm_epilogue(input, *args, IDENTITY, None) + residual)
+
+
+class _FusedBatchNormReLUForward(_FusedBatchNormForward):
+    """``relu(batch_norm(x))`` in the passes over memory batch norm alone takes;
+    the backward recomputes the ReLU's mask from the input. (An alias: the
+    module with ``activation="relu"``.)"""
+
+    _default_activation = "relu"
+
+
+class _FusedBatchNormAddReLUForward(_FusedBatchNormForward):
+    """``relu(batch_norm(x) + residual)``, the end of a ResNet block, in one op;
+    ``forward(input, residual)``, where ``residual`` has the input's shape and
+    dtype and gets a gradient. (An alias: the module with
+    ``activation="relu"``, always called with a residual.)"""
+
+    _default_activation = "relu"
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return super().forward(input, residual)
 
 
 class FusedBatchNorm1d(_FusedBatchNormForward, nn.BatchNorm1d):
@@ -209,8 +237,9 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
     ``torch.distributed`` process group, as ``nn.SyncBatchNorm`` does: CUDA tensors
     over NCCL, and CPU tensors over gloo (which nn.SyncBatchNorm refuses).
 
-    Same constructor as ``nn.SyncBatchNorm`` (plus ``activation="relu"`` for
-    ``relu(bn(x))`` in the same passes), and like it takes input of any rank from
+    Same constructor as ``nn.SyncBatchNorm`` (plus ``activation=``, and a
+    residual as ``forward``'s second argument, as every fused_bn batch norm
+    takes them), and like it takes input of any rank from
     2-D to 5-D (``convert_sync_batchnorm`` converts BatchNorm1d, 2d and 3d alike);
     the same parameters, buffers and state_dict keys as ``nn.BatchNorm2d``/
     ``nn.SyncBatchNorm``. A training step exchanges per-channel statistics only:
@@ -233,11 +262,8 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
                  activation=None, **kwargs):
         # kwargs: nn.BatchNorm2d's other keyword-only arguments (bias, in newer torch)
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype, **kwargs)
-        if activation not in (None, "relu"):
-            raise ValueError(f"activation must be one of (None, 'relu'), got {activation!r}")
+                         device=device, dtype=dtype, activation=activation, **kwargs)
         self.process_group = process_group
-        self.activation = activation
 
     def _sync_world_size(self) -> int:
         """The group's size when this call synchronises, else 1."""
@@ -245,53 +271,50 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
             return 1
         return dist.get_world_size(self.process_group)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if isinstance(input, fx.Proxy):
-            return _record_leaf_call(self, input, (input,))
-        args = self._batch_norm_args(input)
+    def forward(self, input: torch.Tensor, residual=None) -> torch.Tensor:
         world_size = self._sync_world_size()
-        if world_size == 1:
-            return _batch_norm_epilogue(input, *args, self.activation == "relu", None)
+        if world_size == 1 or _traced_proxy((input, residual)) is not None:
+            return super().forward(input, residual)
+        args = self._batch_norm_args(input)
+        if residual is not None and not (
+                isinstance(residual, torch.Tensor) and residual.shape == input.shape
+                and residual.dtype == input.dtype and residual.device == input.device):
+            return self._forward_with_residual(input, residual, args)
         running_mean, running_var, weight, bias, _, momentum, eps, num_batches_tracked = args
         return sync_batch_norm(
             input, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked,
-            self.activation == "relu", self.process_group, world_size)
-
-    def extra_repr(self):
-        extra = super().extra_repr()
-        return extra + (f", activation={self.activation!r}" if self.activation else "")
+            self._activation, residual, self.process_group, world_size)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
         """Replace every batch norm of ``module`` (``nn.BatchNorm1d``, ``2d`` and ``3d``,
-        ours among them, our ReLU forms keeping their ReLU, and ``nn.SyncBatchNorm``)
-        with a ``FusedSyncBatchNorm2d`` sharing its parameters and buffers, as
+        ours among them keeping their activation, and ``nn.SyncBatchNorm``) with a
+        ``FusedSyncBatchNorm2d`` sharing its parameters and buffers, as
         ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, and return the module (the
-        new one when ``module`` itself is converted). Our add+ReLU forms have no
-        synchronised form and raise, and so does a lazy batch norm not yet run
-        (it has no parameters to share)."""
-        if isinstance(module, _FusedBatchNormAddReLUForward):
-            raise NotImplementedError(
-                f"FusedSyncBatchNorm2d.convert_sync_batchnorm: {type(module).__name__} has no "
-                "synchronised form; convert the model before fusing the residual add "
-                "(convert_model(model, fuse_relu=True) after convert_sync_batchnorm keeps them apart)")
+        new one when ``module`` itself is converted). Our residual forms become
+        synchronised modules that take the residual as ``forward``'s second
+        argument, as they did. A lazy batch norm not yet run raises (it has no
+        parameters to share)."""
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(
                 f"FusedSyncBatchNorm2d.convert_sync_batchnorm: {type(module).__name__} is not "
                 "initialized yet; run the model on an input once before converting it")
         converted = module
         if isinstance(module, _BatchNorm) and not isinstance(module, cls):
-            activation = "relu" if isinstance(module, _FusedBatchNormReLUForward) else None
+            activation = module._activation if isinstance(module, _FusedBatchNormForward) else None
             act = module._modules.get("act")
             if act is not None or "drop" in module._modules:
                 # timm's BatchNormAct2d (ours or theirs): the activation goes into
-                # the synchronised module when it is a ReLU with no dropout.
-                if type(act) not in (nn.ReLU, nn.Identity) or type(module._modules.get("drop")) not in (
-                        nn.Identity, type(None)):
+                # the synchronised module when fused_bn fuses it and no dropout
+                # comes before it.
+                try:
+                    activation = resolve(act)
+                except ValueError:
+                    activation = None
+                if activation is None or type(module._modules.get("drop")) not in (nn.Identity, type(None)):
                     raise NotImplementedError(
                         f"FusedSyncBatchNorm2d.convert_sync_batchnorm: {type(module).__name__} with "
-                        f"{type(act).__name__} activation has no synchronised form (ReLU only)")
-                activation = "relu" if type(act) is nn.ReLU else None
+                        f"{type(act).__name__} activation has no synchronised form")
             converted = _fused_from(module, lambda *args, **kwargs: cls(
                 *args, process_group=process_group, activation=activation, **kwargs))
             if hasattr(module, "qconfig"):
@@ -349,8 +372,8 @@ class _FusedBatchNormActForward(_FusedBatchNormForward):
             return _record_leaf_call(self, input, (input,))
         args = self._batch_norm_args(input)
         if self.fuses_relu and type(self.act) is nn.ReLU and type(self.drop) is nn.Identity:
-            return _batch_norm_epilogue(input, *args, True, None)
-        return self.act(self.drop(_batch_norm_epilogue(input, *args, False, None)))
+            return _batch_norm_epilogue(input, *args, Activation("relu"), None)
+        return self.act(self.drop(_batch_norm_epilogue(input, *args, IDENTITY, None)))
 
 
 _fused_act_classes = {}

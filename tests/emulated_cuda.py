@@ -29,7 +29,8 @@ SOURCES = [
 # The kernel layer, whose line coverage `make test` reports.
 KERNEL_LAYER = ["cuda/forward.cu", "cuda/backward.cu", "cuda/batch_norm_kernels.cuh", "cuda/device_primitives.cuh",
                 "cuda/reductions.cuh", "cuda/traversals.cuh", "cuda/forward_kernels.cuh", "cuda/backward_kernels.cuh",
-                "cuda/launch.cuh", "cuda/epilogues.cuh", "cuda/cuda_platform.h", "common/channel_math.h"]
+                "cuda/launch.cuh", "cuda/epilogues.cuh", "cuda/cuda_platform.h", "common/channel_math.h",
+                "common/activation.h", "common/epilogue.h"]
 # As torch.utils.cpp_extension builds CUDA extensions: half/bfloat16 only
 # through intrinsics, so the emulated build sees what nvcc sees.
 DEFINES = [

@@ -23,7 +23,8 @@
 namespace fused_bn::cpu {
 
 // Outputs of the backward op (null where the output mask is false).
-// grad_residual is kReluOfOutput's g, written always under that mask.
+// grad_residual is the activation's g, written where the gradient transform
+// writes it (Grad::kWritesGrad).
 template <typename scalar_t, typename param_t>
 struct BackwardOutputs {
   scalar_t* grad_input = nullptr;
@@ -32,8 +33,8 @@ struct BackwardOutputs {
   scalar_t* grad_residual = nullptr;
 };
 
-// The backward's scale, w · invstd: also the ReLU forward's scale (set_normalize_coefs
-// from the saved invstd), which kReluOfInput's recomputed mask relies on.
+// The backward's scale, w · invstd: also an activation's forward scale
+// (set_normalize_coefs from the saved invstd), which a recomputed z relies on.
 template <typename scalar_t, typename param_t>
 inline acc_type<scalar_t> backward_scale(const param_t* weight, const acc_type<scalar_t>* invstd, int64_t c) {
   return static_cast<acc_type<scalar_t>>(param_or(weight, c, 1.0) * static_cast<double>(invstd[c]));
@@ -54,7 +55,7 @@ void finalize_channel_grads(int64_t c, const GradSums& s, int64_t count, bool tr
   if (out.grad_bias) out.grad_bias[c] = static_cast<param_t>(s.sum_dy);
   const common::GradInputCoefficients coefs =
       common::grad_input_coefficients(param_or(weight, c, 1.0), istd, s.sum_dy, sum_dy_xmu, count, training);
-  k.scale[c] = backward_scale<scalar_t>(weight, invstd, c);  // coefs.scale, as the ReLU mask needs it
+  k.scale[c] = backward_scale<scalar_t>(weight, invstd, c);  // coefs.scale, as a recomputed z needs it
   k.projection[c] = static_cast<Acc>(coefs.projection);
   k.shift[c] = static_cast<Acc>(coefs.shift);
 }
@@ -74,11 +75,12 @@ static_assert(sizeof(GradSums) == common::kExchangedGradSums * sizeof(double),
               "GradSums is exchanged as three doubles per channel (csrc/common/exchange.h)");
 
 // The training backward of a channel of two values (common::two_values_grads);
-// g is dy under kMask, as in the general path.
-template <typename scalar_t, typename param_t, GradMask kMask>
+// g is dy under G, as in the general path.
+template <typename scalar_t, typename param_t, typename G>
 void two_values_backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const param_t* weight,
-                         const param_t* bias, const scalar_t* output, const acc_type<scalar_t>* mean,
-                         const acc_type<scalar_t>* invstd, double eps, const BackwardOutputs<scalar_t, param_t>& out) {
+                         const param_t* bias, const scalar_t* aux, const ActParams<scalar_t, typename G::Activation>& params,
+                         const acc_type<scalar_t>* mean, const acc_type<scalar_t>* invstd, double eps,
+                         const BackwardOutputs<scalar_t, param_t>& out) {
   using Acc = acc_type<scalar_t>;
   // The two values are two rows of C channels (NHWC, or N = 2 with H·W = 1),
   // else neighbours in the channel's plane.
@@ -88,17 +90,16 @@ void two_values_backward(const scalar_t* dy, const scalar_t* x, const Geometry& 
     double xv[2], gv[2];
     for (int64_t i = 0; i < 2; ++i) {
       const Acc xi = static_cast<Acc>(x[at[i]]);
-      scalar_t gi = dy[at[i]];
-      if constexpr (kMask == GradMask::kReluOfInput) {
-        const Acc z = std::fma(xi - mean[c], backward_scale<scalar_t>(weight, invstd, c),
-                               static_cast<Acc>(param_or(bias, c, 0.0)));
-        if (!(z > Acc(0))) gi = scalar_t(0);
-      } else if constexpr (kMask == GradMask::kReluOfOutput) {
-        if (!(static_cast<Acc>(output[at[i]]) > Acc(0))) gi = scalar_t(0);
-        out.grad_residual[at[i]] = gi;
+      Acc gi = static_cast<Acc>(dy[at[i]]);
+      if constexpr (!G::kIdentity) {
+        const Acc a = G::kReadsAux ? static_cast<Acc>(aux[at[i]]) : Acc(0);
+        gi = common::transform_grad<typename G::Activation, G::kFrom, common::ScalarMath<Acc>>(
+            gi, xi, a, mean[c], backward_scale<scalar_t>(weight, invstd, c),
+            static_cast<Acc>(param_or(bias, c, 0.0)), params);
       }
+      if constexpr (G::kWritesGrad) out.grad_residual[at[i]] = static_cast<scalar_t>(gi);
       xv[i] = static_cast<double>(xi);
-      gv[i] = static_cast<double>(static_cast<Acc>(gi));
+      gv[i] = static_cast<double>(gi);
     }
     const common::TwoValuesGrads r = common::two_values_grads(xv, gv, param_or(weight, c, 1.0), eps);
     if (out.grad_weight) out.grad_weight[c] = static_cast<param_t>(r.grad_weight);
@@ -110,23 +111,25 @@ void two_values_backward(const scalar_t* dy, const scalar_t* x, const Geometry& 
 
 // One backward call: its inputs and outputs, what it needs (the plan of the
 // call, decided once), and the stages every traversal below is written as:
-//   reduce   : the reduction pass over x and dy (kReluOfOutput: also writes g),
+//   reduce   : the reduction pass over x and dy (and the residual or y, where
+//              G reads one: it then writes g),
 //              into per-block GradSums
 //   finalize : per channel, the block sums merged in block order, exchanged
 //              (SumsExchange), grad_weight/grad_bias and the dx coefficients
 //   dx       : the element pass over x and g, writing dx
 // Eval's dx needs no sums; with sums wanted too (eval_dx_with_sums) the
 // reduce and dx passes are one.
-template <typename scalar_t, typename param_t, GradMask kMask>
+template <typename scalar_t, typename param_t, typename G>
 struct BackwardCall {
   using Acc = acc_type<scalar_t>;
-  // The dx pass: kReluOfOutput's g is already masked and written out.
-  static constexpr GradMask kDxMask = kMask == GradMask::kReluOfOutput ? GradMask::kNone : kMask;
+  // The dx pass's transform: none where the reduction pass wrote g.
+  using Dx = DxGrad<G>;
 
   const scalar_t *dy, *x;
   const Geometry& g;
   const param_t *weight, *bias;
-  const scalar_t* output;
+  const scalar_t* aux;  // the residual or y, where G reads one
+  ActParams<scalar_t, typename G::Activation> params;
   const Acc *mean, *invstd;
   bool training;
   const BackwardOutputs<scalar_t, param_t>& out;
@@ -138,31 +141,40 @@ struct BackwardCall {
   const scalar_t* dx_grad;
 
   BackwardCall(const scalar_t* dy_, const scalar_t* x_, const Geometry& g_, const param_t* weight_,
-               const param_t* bias_, const scalar_t* output_, const Acc* mean_, const Acc* invstd_, bool training_,
-               const BackwardOutputs<scalar_t, param_t>& out_, const SumsExchange& exchange_,
-               ChannelCoefs<scalar_t>& k_)
-      : dy(dy_), x(x_), g(g_), weight(weight_), bias(bias_), output(output_), mean(mean_), invstd(invstd_),
-        training(training_), out(out_), exchange(exchange_), k(k_) {
+               const param_t* bias_, const scalar_t* aux_, const ActParams<scalar_t, typename G::Activation>& params_,
+               const Acc* mean_, const Acc* invstd_, bool training_, const BackwardOutputs<scalar_t, param_t>& out_,
+               const SumsExchange& exchange_, ChannelCoefs<scalar_t>& k_)
+      : dy(dy_), x(x_), g(g_), weight(weight_), bias(bias_), aux(aux_), params(params_), mean(mean_),
+        invstd(invstd_), training(training_), out(out_), exchange(exchange_), k(k_) {
     count = exchange.global ? exchange.global_count : g.per_channel();
-    // Training's dx and both parameter grads need the sums, and kReluOfOutput's
-    // reduction pass is what writes g.
+    // Training's dx and both parameter grads need the sums, and the reduction
+    // pass is what writes g where G writes it.
     need_sums = !exchange.global &&
-                (exchange.local || kMask == GradMask::kReluOfOutput ||
+                (exchange.local || G::kWritesGrad ||
                  (training ? out.grad_input || out.grad_weight || out.grad_bias : out.grad_weight || out.grad_bias));
     eval_dx_with_sums = !training && need_sums && out.grad_input && !exchange.local;
     stream = streams_training_output<scalar_t>(g);
     staged = stages_training_output<scalar_t>(g);
-    dx_grad = kMask == GradMask::kReluOfOutput ? out.grad_residual : dy;
+    dx_grad = G::kWritesGrad ? out.grad_residual : dy;
   }
 
-  // The coefficients known before any sums: the mean, kReluOfInput's forward
+  // The dx pass's activation parameters.
+  ActParams<scalar_t, typename Dx::Activation> dx_params() const {
+    if constexpr (std::is_same_v<Dx, G>) {
+      return params;
+    } else {
+      return {};
+    }
+  }
+
+  // The coefficients known before any sums: the mean, a recomputed z's forward
   // coefficients (as finalize_channel_stats with coefs_from_saved and
   // finalize_channel_grads compute them), and the scale of an eval dx that
   // comes with the reduction.
   void set_known_coefficients() const {
     const int64_t C = g.C;
     std::copy(mean, mean + C, k.mean);
-    if constexpr (kMask == GradMask::kReluOfInput) {
+    if constexpr (G::kRecomputes) {
       for (int64_t c = 0; c < C; ++c) {
         k.scale[c] = backward_scale<scalar_t>(weight, invstd, c);
         k.forward_shift[c] = static_cast<Acc>(param_or(bias, c, 0.0));
@@ -180,18 +192,22 @@ struct BackwardCall {
     finalize_channel_grads<scalar_t>(c, sums, count, training, !exchange.local, weight, invstd, out, k);
   }
 
-  // The mask's inputs for channel c, pointers at the channel's base (offset is
-  // that base for the NCHW long-plane walk, 0 for the short-plane one).
-  ChannelMask<scalar_t> channel_mask(int64_t c, int64_t offset) const {
-    ChannelMask<scalar_t> m;
-    if constexpr (kMask == GradMask::kReluOfInput) {
-      m.scale = k.scale[c];
-      m.forward_shift = k.forward_shift[c];
-    } else if constexpr (kMask == GradMask::kReluOfOutput) {
-      m.output = output + offset;
-      m.grad = out.grad_residual + offset;
+  // The transform H's inputs for channel c (H is G, or Dx for the dx pass),
+  // pointers at the channel's base (offset is that base for the NCHW
+  // long-plane walk, 0 for the short-plane one). scale is also the dx's.
+  template <typename H>
+  ChannelGrad<scalar_t, H> channel_grad(int64_t c, int64_t offset) const {
+    ChannelGrad<scalar_t, H> cg;
+    cg.scale = k.scale[c];
+    cg.forward_shift = k.forward_shift[c];
+    if constexpr (H::kReadsAux) cg.aux = aux + offset;
+    if constexpr (H::kWritesGrad) cg.grad = out.grad_residual + offset;
+    if constexpr (std::is_same_v<H, G>) {
+      cg.params = params;
+    } else {
+      cg.params = dx_params();
     }
-    return m;
+    return cg;
   }
 
   // dx of NCHW plane (c, n) into dst, `writable` elements from it (streamed
@@ -199,13 +215,13 @@ struct BackwardCall {
   void grad_input_plane_into(int64_t c, int64_t n, scalar_t* dst, int64_t writable, bool stream_dst) const {
     const int64_t C = g.C, HW = g.HW;
     const int64_t offset = n * C * HW + c * HW;
+    const ChannelGrad<scalar_t, Dx> cg = channel_grad<Dx>(c, offset);
     if (training) {
-      grad_input_run<scalar_t, kDxMask>(x + offset, dx_grad + offset, dst, HW, g.numel() - offset, writable,
-                                        k.mean[c], k.scale[c], k.projection[c], k.shift[c], k.forward_shift[c],
-                                        stream_dst);
+      grad_input_run<scalar_t, Dx>(x + offset, dx_grad + offset, dst, HW, g.numel() - offset, writable, k.mean[c],
+                                   k.projection[c], k.shift[c], cg, stream_dst);
     } else {
-      scale_run<scalar_t, kDxMask>(x + offset, dx_grad + offset, dst, HW, g.numel() - offset, writable, k.mean[c],
-                                   k.scale[c], k.forward_shift[c], stream_dst);
+      scale_run<scalar_t, Dx>(x + offset, dx_grad + offset, dst, HW, g.numel() - offset, writable, k.mean[c], cg,
+                              stream_dst);
     }
   }
   void grad_input_plane(int64_t c, int64_t n) const {
@@ -214,9 +230,9 @@ struct BackwardCall {
 };
 
 // NHWC: row blocks reduced in parallel, merged per channel range, then the rows' dx.
-template <typename scalar_t, typename param_t, GradMask kMask>
-void nhwc_backward(const BackwardCall<scalar_t, param_t, kMask>& call) {
-  using Call = BackwardCall<scalar_t, param_t, kMask>;
+template <typename scalar_t, typename param_t, typename G>
+void nhwc_backward(const BackwardCall<scalar_t, param_t, G>& call) {
+  using Call = BackwardCall<scalar_t, param_t, G>;
   const Geometry& g = call.g;
   const auto& out = call.out;
   const int64_t C = g.C, rows = g.N * g.HW;
@@ -232,8 +248,8 @@ void nhwc_backward(const BackwardCall<scalar_t, param_t, kMask>& call) {
   if (call.need_sums) {
     parallel_over(tasks.tasks(), [&](int64_t t) {
       const int64_t b = tasks.block(t);
-      nhwc_block_grad_sums<scalar_t, kMask>(call.x, call.dy, C, tasks.strip(t, C), call.k, call.output,
-                                            out.grad_residual, rb.begin(b), rb.end(b, rows), block_sum_dy + b * C,
+      nhwc_block_grad_sums<scalar_t, G>(call.x, call.dy, C, tasks.strip(t, C), call.k, call.aux,
+                                        out.grad_residual, call.params, rb.begin(b), rb.end(b, rows), block_sum_dy + b * C,
                                             block_sum_dy_xmu + b * C, block_sum_xmu + b * C,
                                             call.eval_dx_with_sums ? out.grad_input : nullptr, stream_rows);
     });
@@ -261,8 +277,9 @@ void nhwc_backward(const BackwardCall<scalar_t, param_t, kMask>& call) {
   // dx
   if (out.grad_input && !call.eval_dx_with_sums) {
     parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
-      grad_input_rows<scalar_t, Call::kDxMask>(call.x, call.dx_grad, out.grad_input, Rows{C, C}, begin, end, call.k,
-                                               call.training, stream_rows, /*reversed=*/call.need_sums);
+      grad_input_rows<scalar_t, typename Call::Dx>(call.x, call.dx_grad, out.grad_input, Rows{C, C}, begin, end,
+                                                   call.k, call.dx_params(), call.training, stream_rows,
+                                                   /*reversed=*/call.need_sums);
       stream_fence();
     });
   }
@@ -270,9 +287,9 @@ void nhwc_backward(const BackwardCall<scalar_t, param_t, kMask>& call) {
 
 // NCHW short planes: each channel block (ChannelBlocking) is reduced,
 // finalized and given its dx by one task, image by image.
-template <typename scalar_t, typename param_t, GradMask kMask>
-void channel_blocks_backward(const BackwardCall<scalar_t, param_t, kMask>& call) {
-  using Call = BackwardCall<scalar_t, param_t, kMask>;
+template <typename scalar_t, typename param_t, typename G>
+void channel_blocks_backward(const BackwardCall<scalar_t, param_t, G>& call) {
+  using Call = BackwardCall<scalar_t, param_t, G>;
   using Acc = acc_type<scalar_t>;
   const Geometry& g = call.g;
   const auto& out = call.out;
@@ -292,10 +309,10 @@ void channel_blocks_backward(const BackwardCall<scalar_t, param_t, kMask>& call)
       if (n + 1 < N) {
         plane.prefetch(x + ((n + 1) * C + c) * HW);
         plane.prefetch(dy + ((n + 1) * C + c) * HW);
-        if constexpr (kMask == GradMask::kReluOfOutput) plane.prefetch(call.output + ((n + 1) * C + c) * HW);
+        if constexpr (G::kReadsAux) plane.prefetch(call.aux + ((n + 1) * C + c) * HW);
       }
-      short_plane_grad_sums<scalar_t, kMask>(x, dy, (n * C + c) * HW, plane, call.mean[c],
-                                             static_cast<Acc>(dy[c * HW]), call.channel_mask(c, 0),
+      short_plane_grad_sums<scalar_t, G>(x, dy, (n * C + c) * HW, plane, call.mean[c],
+                                         static_cast<Acc>(dy[c * HW]), call.template channel_grad<G>(c, 0),
                                              sum_dy + (c - c0) * P, sum_dy_xmu + (c - c0) * P,
                                              sum_xmu + (c - c0) * P, g_differs + (c - c0));
     };
@@ -328,28 +345,28 @@ void channel_blocks_backward(const BackwardCall<scalar_t, param_t, kMask>& call)
     if constexpr (kChannelBlockPassesByPlane<scalar_t>) {
       planes_dx(/*with_sums=*/std::false_type{});
     } else {
-      grad_input_rows<scalar_t, Call::kDxMask>(x + c0 * HW, call.dx_grad + c0 * HW, out.grad_input + c0 * HW,
-                                               cb.run(g, b), 0, N, RunCoefs<scalar_t>(call.k, c0, c1, HW),
-                                               call.training, call.stream, /*reversed=*/false);
+      grad_input_rows<scalar_t, typename Call::Dx>(x + c0 * HW, call.dx_grad + c0 * HW, out.grad_input + c0 * HW,
+                                                   cb.run(g, b), 0, N, RunCoefs<scalar_t>(call.k, c0, c1, HW),
+                                                   call.dx_params(), call.training, call.stream, /*reversed=*/false);
     }
   });
 }
 
 // Channel c's sums of NCHW block b (PlaneBlocking) of its long planes.
-template <typename scalar_t, typename param_t, GradMask kMask>
-GradSums plane_block_grad_sums(const BackwardCall<scalar_t, param_t, kMask>& call, const PlaneBlocking& pb,
+template <typename scalar_t, typename param_t, typename G>
+GradSums plane_block_grad_sums(const BackwardCall<scalar_t, param_t, G>& call, const PlaneBlocking& pb,
                                const PlaneWalk<scalar_t>& walk, int64_t c, int64_t b) {
   const int64_t N = call.g.N, HW = call.g.HW;
   int64_t n0, n1, h0, h1;
   pb.range(b, N, HW, n0, n1, h0, h1);
-  return nchw_block_grad_sums<scalar_t, kMask>(call.x + c * HW, call.dy + c * HW, walk.for_channel(c),
-                                               call.mean[c], call.channel_mask(c, c * HW), n0, n1, h0, h1);
+  return nchw_block_grad_sums<scalar_t, G>(call.x + c * HW, call.dy + c * HW, walk.for_channel(c), call.mean[c],
+                                           call.template channel_grad<G>(c, c * HW), n0, n1, h0, h1);
 }
 
 // NCHW, enough channels: one task per channel reduces it, finalizes it and
 // writes its dx while its planes are still in cache.
-template <typename scalar_t, typename param_t, GradMask kMask>
-void channel_per_task_backward(const BackwardCall<scalar_t, param_t, kMask>& call) {
+template <typename scalar_t, typename param_t, typename G>
+void channel_per_task_backward(const BackwardCall<scalar_t, param_t, G>& call) {
   const Geometry& g = call.g;
   const PlaneBlocking pb(g.N, g.HW);
   const PlaneWalk<scalar_t> walk{g.HW, g.C * g.HW, prefetch_planes<scalar_t>(g), g.numel()};
@@ -363,8 +380,8 @@ void channel_per_task_backward(const BackwardCall<scalar_t, param_t, kMask>& cal
 
 // NCHW, few channels: every channel's blocks reduced over all threads, merged
 // in block order on the calling thread, then every plane's dx over all threads.
-template <typename scalar_t, typename param_t, GradMask kMask>
-void split_channels_backward(const BackwardCall<scalar_t, param_t, kMask>& call) {
+template <typename scalar_t, typename param_t, typename G>
+void split_channels_backward(const BackwardCall<scalar_t, param_t, G>& call) {
   const Geometry& g = call.g;
   const int64_t C = g.C, N = g.N;
   const PlaneBlocking pb(N, g.HW);
@@ -388,22 +405,22 @@ void split_channels_backward(const BackwardCall<scalar_t, param_t, kMask>& call)
   }
 }
 
-// Gradients of batch_norm (kNone), of relu(batch_norm) (kReluOfInput: bias is
-// the forward's, for its shift) and of relu(batch_norm + residual)
-// (kReluOfOutput: output is the forward's y). See GradMask; which traversal
-// runs is plan.h's table.
-template <typename scalar_t, typename param_t, GradMask kMask>
+// Gradients of act(batch_norm(x) [+ residual]) with the activation's
+// derivative taken as G says (common::GradSource; bias is the forward's, for
+// a recomputed z's shift; aux is the residual or the forward's y). Which
+// traversal runs is plan.h's table.
+template <typename scalar_t, typename param_t, typename G>
 void backward(const scalar_t* dy, const scalar_t* x, const Geometry& g, const param_t* weight,
-              const param_t* bias, const scalar_t* output, const acc_type<scalar_t>* mean,
-              const acc_type<scalar_t>* invstd, bool training, double eps,
+              const param_t* bias, const scalar_t* aux, const ActParams<scalar_t, typename G::Activation>& params,
+              const acc_type<scalar_t>* mean, const acc_type<scalar_t>* invstd, bool training, double eps,
               const BackwardOutputs<scalar_t, param_t>& out, const SumsExchange& exchange = {}) {
   if (training && !exchange.local && !exchange.global && has_two_values_per_channel(g)) {
-    two_values_backward<scalar_t, param_t, kMask>(dy, x, g, weight, bias, output, mean, invstd, eps, out);
+    two_values_backward<scalar_t, param_t, G>(dy, x, g, weight, bias, aux, params, mean, invstd, eps, out);
     return;
   }
   ChannelCoefs<scalar_t> k(g.C);
-  const BackwardCall<scalar_t, param_t, kMask> call(dy, x, g, weight, bias, output, mean, invstd, training, out,
-                                                    exchange, k);
+  const BackwardCall<scalar_t, param_t, G> call(dy, x, g, weight, bias, aux, params, mean, invstd, training, out,
+                                                exchange, k);
   call.set_known_coefficients();
   if (g.channels_last) {
     nhwc_backward(call);

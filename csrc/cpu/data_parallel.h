@@ -42,18 +42,19 @@ void batch_stats(const scalar_t* x, const Geometry& g, double* out) {
 // (all_stats[ranks][C][3], as batch_stats writes them): the ranks' moments
 // merge in rank order (Chan's formula, as within a rank), so every rank
 // computes the same statistics and running-statistics update, bit for bit.
-template <typename scalar_t, typename param_t, Epilogue kEpilogue>
-void train_forward_with_stats(const scalar_t* x, scalar_t* y, const Geometry& g, const ChannelTensors<param_t>& t,
-                              double factor, double eps, const double* all_stats, int64_t ranks,
+template <typename scalar_t, typename param_t, typename Epi>
+void train_forward_with_stats(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Geometry& g,
+                              const ChannelTensors<param_t>& t, double factor, double eps,
+                              const EpilogueArgs<scalar_t, Epi>& epilogue, const double* all_stats, int64_t ranks,
                               acc_type<scalar_t>* save_mean, acc_type<scalar_t>* save_invstd) {
   ChannelCoefs<scalar_t> k(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
     Moments m;
     common::merge_ranks_moments(all_stats, ranks, g.C, c, m.count, m.mean, m.m2);
     finalize_channel_stats<scalar_t>(c, m, t, factor, eps, save_mean, save_invstd,
-                                     /*coefs_from_saved=*/kEpilogue != Epilogue::kNone, k);
+                                     /*coefs_from_saved=*/Epi::kCoefficientsFromSaved, k);
   }
-  normalize<scalar_t, kEpilogue>(x, nullptr, y, g, k, streams_training_output<scalar_t>(g));
+  normalize<scalar_t, Epi>(x, residual, y, g, k, epilogue, streams_training_output<scalar_t>(g));
 }
 
 }  // namespace fused_bn::cpu

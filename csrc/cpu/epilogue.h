@@ -1,36 +1,83 @@
-// The CPU passes' epilogue and gradient-mask helpers (the enums are both
-// devices', csrc/common/epilogue.h).
+// The CPU passes' epilogue and gradient-transform plumbing: the activations
+// (csrc/common/activation.h) applied to at::vec vectors, pairs and tiles. No
+// activation's formula is written here.
 #pragma once
+
+#include <type_traits>
 
 #include "../common/epilogue.h"
 #include "vec.h"
 
 namespace fused_bn::cpu {
 
-using common::Epilogue;
-using common::GradMask;
+using common::GradSource;
 
-// max(v, 0), NaN kept (as torch.relu).
-template <typename V>
-inline V relu(const V& v) {
-  return at::vec::maximum(v, V(0));
-}
+// The math policy of csrc/common/activation.h over at::vec vectors of Acc.
+template <typename Acc>
+struct VecMath {
+  using T = Acc;
+  using V = Vectorized<Acc>;
+  static inline V splat(double v) { return V(static_cast<Acc>(v)); }
+  static inline V select(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
+  static inline V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  static inline V exp(const V& v) { return v.exp(); }
+  static inline V expm1(const V& v) { return v.expm1(); }
+  static inline V erf(const V& v) { return v.erf(); }
+  static inline V tanh(const V& v) { return v.tanh(); }
+  static inline V log1p(const V& v) { return v.log1p(); }
+};
 
-// g where z > 0, else 0 (a NaN z gives 0, as relu's backward on a NaN output).
-template <typename V>
-inline V keep_where_positive(const V& g, const V& z) {
-  return V::blendv(V(0), g, z > V(0));
-}
+template <typename scalar_t, typename A>
+using ActParams = typename A::template Params<acc_type<scalar_t>>;
 
-// g of one pair under kReluOfInput: dy where (x − mean) · scale + shift > 0.
-template <typename scalar_t>
-inline typename VecPair<scalar_t>::Pair relu_of_input(const typename VecPair<scalar_t>::Pair& x,
-                                                       const typename VecPair<scalar_t>::Pair& dy,
-                                                       const Vectorized<acc_type<scalar_t>>& mean,
-                                                       const Vectorized<acc_type<scalar_t>>& scale,
-                                                       const Vectorized<acc_type<scalar_t>>& shift) {
-  return {keep_where_positive(dy.first, at::vec::fmadd(x.first - mean, scale, shift)),
-          keep_where_positive(dy.second, at::vec::fmadd(x.second - mean, scale, shift))};
+// A forward's epilogue with its activation's parameters in the accumulation type.
+template <typename scalar_t, typename Epi>
+struct EpilogueArgs {
+  using A = typename Epi::Activation;
+  ActParams<scalar_t, A> params;
+  explicit EpilogueArgs(const common::ActivationArgs& args) : params(ActParams<scalar_t, A>::from(args)) {}
+
+  // y of a vector of z (and of the residual, with one).
+  inline Vectorized<acc_type<scalar_t>> apply(const Vectorized<acc_type<scalar_t>>& z,
+                                              const Vectorized<acc_type<scalar_t>>& residual) const {
+    if constexpr (Epi::kHasResidual) {
+      return A::template forward<VecMath<acc_type<scalar_t>>>(z + residual, params);
+    } else {
+      return A::template forward<VecMath<acc_type<scalar_t>>>(z, params);
+    }
+  }
+};
+
+// The backward's gradient transform: activation A's derivative taken as
+// kSource says (common::GradSource).
+template <typename A, GradSource kSource>
+struct Grad {
+  using Activation = A;
+  static constexpr GradSource kFrom = kSource;
+  static constexpr bool kIdentity = kSource == GradSource::kNone;
+  // Reads x's z again with the forward's coefficients (scale, forward_shift).
+  static constexpr bool kRecomputes = kSource == GradSource::kInput || kSource == GradSource::kInputAndResidual;
+  // Reads the residual or y beside x and dy.
+  static constexpr bool kReadsAux = common::kReadsAux<kSource>;
+  // The reduction pass writes g (the residual's gradient).
+  static constexpr bool kWritesGrad = common::kWritesResidualGrad<kSource>;
+};
+
+// What the dx pass applies: the reduction pass has already written g when it
+// writes it, so the dx pass reads that g as its dy.
+template <typename G>
+using DxGrad = std::conditional_t<G::kWritesGrad, Grad<common::Identity, GradSource::kNone>, G>;
+
+// g of a vector under G: dy, x, the aux (residual or y), the channel's mean,
+// scale and forward shift (its z's coefficients).
+template <typename scalar_t, typename G>
+__attribute__((always_inline)) inline Vectorized<acc_type<scalar_t>> transform_grad(
+    const Vectorized<acc_type<scalar_t>>& dy, const Vectorized<acc_type<scalar_t>>& x,
+    const Vectorized<acc_type<scalar_t>>& aux, const Vectorized<acc_type<scalar_t>>& mean,
+    const Vectorized<acc_type<scalar_t>>& scale, const Vectorized<acc_type<scalar_t>>& shift,
+    const ActParams<scalar_t, typename G::Activation>& params) {
+  return common::transform_grad<typename G::Activation, G::kFrom, VecMath<acc_type<scalar_t>>>(dy, x, aux, mean,
+                                                                                              scale, shift, params);
 }
 
 }  // namespace fused_bn::cpu

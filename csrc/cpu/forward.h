@@ -17,12 +17,13 @@
 
 namespace fused_bn::cpu {
 
-// y = epilogue(batch_norm(x)); `residual` (kAddRelu only) is laid out as x.
-template <typename scalar_t, typename param_t, Epilogue kEpilogue>
+// y = epilogue(batch_norm(x)); `residual` (Epi::kHasResidual) is laid out as x.
+template <typename scalar_t, typename param_t, typename Epi>
 void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Geometry& g,
-                   const ChannelTensors<param_t>& t, double factor, double eps, acc_type<scalar_t>* save_mean,
+                   const ChannelTensors<param_t>& t, double factor, double eps,
+                   const EpilogueArgs<scalar_t, Epi>& epilogue, acc_type<scalar_t>* save_mean,
                    acc_type<scalar_t>* save_invstd) {
-  constexpr bool kFromSaved = kEpilogue != Epilogue::kNone;
+  constexpr bool kFromSaved = Epi::kCoefficientsFromSaved;
   const int64_t N = g.N, C = g.C, HW = g.HW;
   ChannelCoefs<scalar_t> k(C);
   const bool stream = streams_training_output<scalar_t>(g);
@@ -38,8 +39,8 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
     });
     const bool stream_rows = stream && rows_stream_aligned(y, C);
     parallel_for(0, rows, row_grain(C), [&](int64_t begin, int64_t end) {
-      normalize_rows<scalar_t, kEpilogue>(x, residual, y, Rows{C, C}, begin, end, k, stream_rows,
-                                          /*reversed=*/true);
+      normalize_rows<scalar_t, Epi>(x, residual, y, Rows{C, C}, begin, end, k, epilogue, stream_rows,
+                                    /*reversed=*/true);
       stream_fence();
     });
     return;
@@ -49,8 +50,8 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
   // `stream_dst`).
   auto normalize_plane_into = [&](int64_t c, int64_t n, scalar_t* dst, int64_t writable, bool stream_dst) {
     const int64_t offset = n * C * HW + c * HW;
-    normalize_run<scalar_t, kEpilogue>(x + offset, residual + offset, dst, HW, g.numel() - offset, writable,
-                                       k.mean[c], k.scale[c], k.shift[c], stream_dst);
+    normalize_run<scalar_t, Epi>(x + offset, residual + offset, dst, HW, g.numel() - offset, writable,
+                                 k.mean[c], k.scale[c], k.shift[c], epilogue, stream_dst);
   };
   auto normalize_plane = [&](int64_t c, int64_t n) {
     normalize_plane_into(c, n, y + n * C * HW + c * HW, HW, stream);
@@ -69,8 +70,8 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
         });
         if (staged) stream_fence();
       } else {
-        normalize_rows<scalar_t, kEpilogue>(x + c0 * HW, residual + c0 * HW, y + c0 * HW, cb.run(g, b), 0, N,
-                                            RunCoefs<scalar_t>(k, c0, c1, HW), stream, /*reversed=*/false);
+        normalize_rows<scalar_t, Epi>(x + c0 * HW, residual + c0 * HW, y + c0 * HW, cb.run(g, b), 0, N,
+                                      RunCoefs<scalar_t>(k, c0, c1, HW), epilogue, stream, /*reversed=*/false);
       }
     });
     return;
@@ -92,21 +93,21 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, con
 // The inverse standard deviation eval normalizes with. Its backward gets the
 // same value rounded to Acc (fused_bn/_autograd.py computes it the same way), and a
 // ReLU epilogue normalizes with that rounded value too, so the backward's
-// recomputed mask is the forward's (ChannelCoefs).
+// recomputed derivative sees the forward's z (ChannelCoefs).
 inline double eval_invstd(double running_var, double eps) { return common::inverse_std(running_var, eps); }
 
 // The element pass y = epilogue((x − mean) · scale + shift) over the whole
 // input with fixed coefficients (eval, and training with statistics from
 // elsewhere: batch_norm_train_with_stats).
-template <typename scalar_t, Epilogue kEpilogue>
+template <typename scalar_t, typename Epi>
 void normalize(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Geometry& g,
-               const ChannelCoefs<scalar_t>& k, bool stream) {
+               const ChannelCoefs<scalar_t>& k, const EpilogueArgs<scalar_t, Epi>& epilogue, bool stream) {
   const int64_t N = g.N, C = g.C, HW = g.HW;
   if (g.channels_last) {
     const bool stream_rows = stream && rows_stream_aligned(y, C);
     parallel_for(0, N * HW, row_grain(C), [&](int64_t begin, int64_t end) {
-      normalize_rows<scalar_t, kEpilogue>(x, residual, y, Rows{C, C}, begin, end, k, stream_rows,
-                                          /*reversed=*/false);
+      normalize_rows<scalar_t, Epi>(x, residual, y, Rows{C, C}, begin, end, k, epilogue, stream_rows,
+                                    /*reversed=*/false);
       stream_fence();
     });
     return;
@@ -116,8 +117,9 @@ void normalize(const scalar_t* x, const scalar_t* residual, scalar_t* y, const G
     const ChannelBlocking cb(g, sizeof(scalar_t));
     parallel_over(cb.blocks, [&](int64_t b) {
       const int64_t c0 = cb.begin(b), c1 = cb.end(b, C);
-      normalize_rows<scalar_t, kEpilogue>(x + c0 * HW, residual + c0 * HW, y + c0 * HW, cb.run(g, b), 0, N,
-                                          RunCoefs<scalar_t>(k, c0, c1, HW), /*stream=*/false, /*reversed=*/false);
+      normalize_rows<scalar_t, Epi>(x + c0 * HW, residual + c0 * HW, y + c0 * HW, cb.run(g, b), 0, N,
+                                    RunCoefs<scalar_t>(k, c0, c1, HW), epilogue, /*stream=*/false,
+                                    /*reversed=*/false);
     });
     return;
   }
@@ -127,16 +129,16 @@ void normalize(const scalar_t* x, const scalar_t* residual, scalar_t* y, const G
                    [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = i % C;
-      normalize_run<scalar_t, kEpilogue>(x + i * HW, residual + i * HW, y + i * HW, HW, g.numel() - i * HW,
-                                         (end - i) * HW, k.mean[c], k.scale[c], k.shift[c], stream);
+      normalize_run<scalar_t, Epi>(x + i * HW, residual + i * HW, y + i * HW, HW, g.numel() - i * HW,
+                                   (end - i) * HW, k.mean[c], k.scale[c], k.shift[c], epilogue, stream);
     }
     stream_fence();
   });
 }
 
-template <typename scalar_t, typename param_t, Epilogue kEpilogue>
+template <typename scalar_t, typename param_t, typename Epi>
 void eval_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Geometry& g,
-                  const ChannelTensors<param_t>& t, double eps) {
+                  const ChannelTensors<param_t>& t, double eps, const EpilogueArgs<scalar_t, Epi>& epilogue) {
   using Acc = acc_type<scalar_t>;
   const int64_t C = g.C;
   ChannelCoefs<scalar_t> k(C);
@@ -146,14 +148,14 @@ void eval_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, cons
     for (int64_t c = c_begin; c < c_end; ++c) {
       double mean = static_cast<double>(t.running_mean[c]);
       double invstd = eval_invstd(static_cast<double>(t.running_var[c]), eps);
-      if constexpr (kEpilogue != Epilogue::kNone) {
+      if constexpr (Epi::kCoefficientsFromSaved) {
         mean = static_cast<double>(static_cast<Acc>(mean));
         invstd = static_cast<double>(static_cast<Acc>(invstd));
       }
       set_normalize_coefs<scalar_t>(c, mean, invstd, t, k);
     }
   });
-  normalize<scalar_t, kEpilogue>(x, residual, y, g, k, streams_eval_output<scalar_t>(g));
+  normalize<scalar_t, Epi>(x, residual, y, g, k, epilogue, streams_eval_output<scalar_t>(g));
 }
 
 }  // namespace fused_bn::cpu

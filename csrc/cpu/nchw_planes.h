@@ -131,44 +131,48 @@ Moments nchw_block_moments(const scalar_t* x_channel, const PlaneWalk<scalar_t>&
                                       sum_sq_total.sum());
 }
 
-// One channel's inputs to a GradMask, as the NCHW passes see them (pointers
-// at the channel's base, like x's and dy's).
-template <typename scalar_t>
-struct ChannelMask {
-  acc_type<scalar_t> scale = 0, forward_shift = 0;  // kReluOfInput
-  const scalar_t* output = nullptr;              // kReluOfOutput: read
-  scalar_t* grad = nullptr;                      // kReluOfOutput: g written
+// One channel's inputs to a gradient transform G (see Grad), as the NCHW
+// passes see them (pointers at the channel's base, like x's and dy's).
+template <typename scalar_t, typename G>
+struct ChannelGrad {
+  acc_type<scalar_t> scale = 0, forward_shift = 0;           // G::kRecomputes: z's coefficients
+  const scalar_t* aux = nullptr;                             // G::kReadsAux: the residual or y
+  scalar_t* grad = nullptr;                                  // G::kWritesGrad: g written
+  ActParams<scalar_t, typename G::Activation> params{};
 };
 
-// g for the pair at `at` under kMask (see GradMask); writes it out for
-// kReluOfOutput (the first n lanes).
-template <typename scalar_t, GradMask kMask, typename N>
-__attribute__((always_inline)) inline typename VecPair<scalar_t>::Pair masked_grad(
-    const ChannelMask<scalar_t>& mask, const typename VecPair<scalar_t>::Pair& x,
+// g for the pair at `at` under G; writes it out (the first n lanes) where G
+// writes g.
+template <typename scalar_t, typename G, typename N>
+__attribute__((always_inline)) inline typename VecPair<scalar_t>::Pair pair_grad(
+    const ChannelGrad<scalar_t, G>& cg, const typename VecPair<scalar_t>::Pair& x,
     const typename VecPair<scalar_t>::Pair& dy, const Vectorized<acc_type<scalar_t>>& mean, int64_t at, N n,
     bool whole) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
-  if constexpr (kMask == GradMask::kReluOfInput) {
-    return relu_of_input<scalar_t>(x, dy, mean, AccVec(mask.scale), AccVec(mask.forward_shift));
-  } else if constexpr (kMask == GradMask::kReluOfOutput) {
-    const auto y = whole ? IO::load(mask.output + at) : IO::load(mask.output + at, n);
-    const typename IO::Pair g{keep_where_positive(dy.first, y.first), keep_where_positive(dy.second, y.second)};
-    if (n == IO::kWidth) {
-      IO::store(mask.grad + at, g);
-    } else {
-      IO::store(mask.grad + at, g, n);
+  if constexpr (G::kIdentity) {
+    return dy;
+  } else {
+    typename IO::Pair aux{AccVec(0), AccVec(0)};
+    if constexpr (G::kReadsAux) aux = whole ? IO::load(cg.aux + at) : IO::load(cg.aux + at, n);
+    const AccVec sc(cg.scale), fs(cg.forward_shift);
+    const typename IO::Pair g{transform_grad<scalar_t, G>(dy.first, x.first, aux.first, mean, sc, fs, cg.params),
+                              transform_grad<scalar_t, G>(dy.second, x.second, aux.second, mean, sc, fs, cg.params)};
+    if constexpr (G::kWritesGrad) {
+      if (n == IO::kWidth) {
+        IO::store(cg.grad + at, g);
+      } else {
+        IO::store(cg.grad + at, g, n);
+      }
     }
     return g;
-  } else {
-    return dy;
   }
 }
 
-template <typename scalar_t, GradMask kMask>
+template <typename scalar_t, typename G>
 GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_channel,
                               const PlaneWalk<scalar_t>& walk, acc_type<scalar_t> mean,
-                              const ChannelMask<scalar_t>& mask,
+                              const ChannelGrad<scalar_t, G>& cg,
                               int64_t n_begin, int64_t n_end, int64_t hw_begin, int64_t hw_end) {
   using Acc = acc_type<scalar_t>;
   using IO = VecPair<scalar_t>;
@@ -185,8 +189,8 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
   auto step = [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
     const auto x_pair = whole ? IO::load(x_channel + at) : IO::load(x_channel + at, n);
     const auto [x_lo, x_hi] = x_pair;
-    auto [g_lo, g_hi] = masked_grad<scalar_t, kMask>(
-        mask, x_pair, whole ? IO::load(dy_channel + at) : IO::load(dy_channel + at, n), mean_vec, at, n, whole);
+    auto [g_lo, g_hi] = pair_grad<scalar_t, G>(
+        cg, x_pair, whole ? IO::load(dy_channel + at) : IO::load(dy_channel + at, n), mean_vec, at, n, whole);
     // Lanes past a tail hold the next plane's values or zeros: the masks clear
     // both factors, so nothing (not even an infinite or NaN mean) leaks in.
     auto [xm_lo, xm_hi] = std::pair{x_lo - mean_vec, x_hi - mean_vec};
@@ -206,8 +210,8 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
       steps = 0;
     }
   };
-  if constexpr (kMask == GradMask::kReluOfOutput) {
-    nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, walk, {x_channel, dy_channel, mask.output}, step);
+  if constexpr (G::kReadsAux) {
+    nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, walk, {x_channel, dy_channel, cg.aux}, step);
   } else {
     nchw_walk<scalar_t>(n_begin, n_end, hw_begin, hw_end, walk, {x_channel, dy_channel}, step);
   }
@@ -256,11 +260,11 @@ GradSums nchw_block_grad_sums(const scalar_t* x_channel, const scalar_t* dy_chan
 #define FUSED_BN_LOAD(ptr) (whole ? IO::load(ptr) : IO::load(ptr, n))
 
 // Training forward and eval: y = epilogue((x − mean) · scale + shift), the
-// residual (kAddRelu) at the same offsets as x.
-template <typename scalar_t, Epilogue kEpilogue>
+// residual (Epi::kHasResidual) at the same offsets as x.
+template <typename scalar_t, typename Epi>
 void normalize_run(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t len, int64_t readable,
                    int64_t writable, acc_type<scalar_t> mean, acc_type<scalar_t> scale, acc_type<scalar_t> shift,
-                   bool stream) {
+                   const EpilogueArgs<scalar_t, Epi>& epilogue, bool stream) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
   using Pair = typename IO::Pair;
@@ -268,57 +272,63 @@ void normalize_run(const scalar_t* x, const scalar_t* residual, scalar_t* y, int
   auto compute = [&](const Pair& v) -> Pair {
     return {at::vec::fmadd(v.first - m, sc, sh), at::vec::fmadd(v.second - m, sc, sh)};
   };
-  if constexpr (kEpilogue == Epilogue::kNone) {
+  if constexpr (Epi::kPlain) {
     FUSED_BN_RUN_LOOP(y, len, readable, writable, stream, compute(FUSED_BN_LOAD(x + i)));
-  } else if constexpr (kEpilogue == Epilogue::kRelu) {
-    auto compute_relu = [&](const Pair& v) -> Pair {
+  } else if constexpr (!Epi::kHasResidual) {
+    auto compute_epilogue = [&](const Pair& v) -> Pair {
       const Pair z = compute(v);
-      return {relu(z.first), relu(z.second)};
+      return {epilogue.apply(z.first, z.first), epilogue.apply(z.second, z.second)};
     };
-    FUSED_BN_RUN_LOOP(y, len, readable, writable, stream, compute_relu(FUSED_BN_LOAD(x + i)));
+    FUSED_BN_RUN_LOOP(y, len, readable, writable, stream, compute_epilogue(FUSED_BN_LOAD(x + i)));
   } else {
-    auto compute_add_relu = [&](const Pair& v, const Pair& r) -> Pair {
+    auto compute_epilogue = [&](const Pair& v, const Pair& r) -> Pair {
       const Pair z = compute(v);
-      return {relu(z.first + r.first), relu(z.second + r.second)};
+      return {epilogue.apply(z.first, r.first), epilogue.apply(z.second, r.second)};
     };
     FUSED_BN_RUN_LOOP(y, len, readable, writable, stream,
-                      compute_add_relu(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(residual + i)));
+                      compute_epilogue(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(residual + i)));
   }
 }
 
-// Eval's dx = g · scale: x enters only through kReluOfInput's mask (a NaN in x
-// must not reach dx; under the mask it zeroes g, as relu's backward does).
-template <typename scalar_t, GradMask kMask>
+// Eval's dx = g · scale: x enters only through G's recomputed z (a NaN in x
+// reaches dx only as the activation's derivative lets it).
+template <typename scalar_t, typename G>
 void scale_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len, int64_t readable,
-               int64_t writable, acc_type<scalar_t> mean, acc_type<scalar_t> scale, acc_type<scalar_t> forward_shift, bool stream) {
+               int64_t writable, acc_type<scalar_t> mean, const ChannelGrad<scalar_t, G>& cg, bool stream) {
+  static_assert(!G::kReadsAux, "the reduction pass writes that g; pass it as dy");
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
   using Pair = typename IO::Pair;
-  const AccVec mv(mean), sc(scale), fs(forward_shift);
+  const AccVec mv(mean), sc(cg.scale), fs(cg.forward_shift);
   auto compute = [&](const Pair& g) -> Pair { return {g.first * sc, g.second * sc}; };
-  if constexpr (kMask == GradMask::kReluOfInput) {
-    auto compute_masked = [&](const Pair& v, const Pair& g) -> Pair {
-      return compute(relu_of_input<scalar_t>(v, g, mv, sc, fs));
+  if constexpr (G::kRecomputes) {
+    auto compute_transformed = [&](const Pair& v, const Pair& g) -> Pair {
+      return compute({transform_grad<scalar_t, G>(g.first, v.first, v.first, mv, sc, fs, cg.params),
+                      transform_grad<scalar_t, G>(g.second, v.second, v.second, mv, sc, fs, cg.params)});
     };
     FUSED_BN_RUN_LOOP(dx, len, readable, writable, stream,
-                      compute_masked(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(dy + i)));
+                      compute_transformed(FUSED_BN_LOAD(x + i), FUSED_BN_LOAD(dy + i)));
   } else {
     FUSED_BN_RUN_LOOP(dx, len, readable, writable, stream, compute(FUSED_BN_LOAD(dy + i)));
   }
 }
 
 // Training's dx = (g − shift − (x − mean) · projection) · scale (see ChannelCoefs)
-template <typename scalar_t, GradMask kMask>
+template <typename scalar_t, typename G>
 void grad_input_run(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t len,
-                    int64_t readable, int64_t writable, acc_type<scalar_t> mean, acc_type<scalar_t> scale, acc_type<scalar_t> projection,
-                    acc_type<scalar_t> shift, acc_type<scalar_t> forward_shift, bool stream) {
+                    int64_t readable, int64_t writable, acc_type<scalar_t> mean, acc_type<scalar_t> projection,
+                    acc_type<scalar_t> shift, const ChannelGrad<scalar_t, G>& cg, bool stream) {
+  static_assert(!G::kReadsAux, "the reduction pass writes that g; pass it as dy");
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
   using Pair = typename IO::Pair;
-  const AccVec mv(mean), sc(scale), pr(projection), sh(shift), fs(forward_shift);
+  const AccVec mv(mean), sc(cg.scale), pr(projection), sh(shift), fs(cg.forward_shift);
   auto compute = [&](const Pair& v, const Pair& dy_pair) -> Pair {
     Pair g = dy_pair;
-    if constexpr (kMask == GradMask::kReluOfInput) g = relu_of_input<scalar_t>(v, dy_pair, mv, sc, fs);
+    if constexpr (G::kRecomputes) {
+      g = {transform_grad<scalar_t, G>(dy_pair.first, v.first, v.first, mv, sc, fs, cg.params),
+           transform_grad<scalar_t, G>(dy_pair.second, v.second, v.second, mv, sc, fs, cg.params)};
+    }
     return {at::vec::fnmadd(v.first - mv, pr, g.first - sh) * sc,
             at::vec::fnmadd(v.second - mv, pr, g.second - sh) * sc};
   };

@@ -186,11 +186,11 @@ __attribute__((always_inline)) inline void short_plane_moment_sums(
 
 // Adds Σg, Σg·(x − mean) and Σ(x − mean) over the plane at `offset` into the
 // channel's partials (ShortPlane::add_lanes), and flags g != first_dy in
-// g_differs (see block_grad_sums); the mask's pointers are the tensors' bases.
-template <typename scalar_t, GradMask kMask>
+// g_differs (see block_grad_sums); cg's pointers are the tensors' bases.
+template <typename scalar_t, typename G>
 __attribute__((always_inline)) inline void short_plane_grad_sums(
     const scalar_t* x, const scalar_t* dy, int64_t offset, const ShortPlane<scalar_t>& plane,
-    acc_type<scalar_t> mean, acc_type<scalar_t> first_dy, const ChannelMask<scalar_t>& mask, double* sum_dy,
+    acc_type<scalar_t> mean, acc_type<scalar_t> first_dy, const ChannelGrad<scalar_t, G>& cg, double* sum_dy,
     double* sum_dy_xmu, double* sum_xmu, unsigned char* g_differs) {
   using IO = VecPair<scalar_t>;
   using AccVec = typename IO::AccVec;
@@ -200,7 +200,7 @@ __attribute__((always_inline)) inline void short_plane_grad_sums(
   plane.walk(offset, [&](int64_t at, auto n, bool whole) __attribute__((always_inline)) {
     const Pair x_pair = whole ? IO::load(x + at) : IO::load(x + at, n);
     return std::pair<Pair, Pair>{
-        x_pair, masked_grad<scalar_t, kMask>(mask, x_pair, whole ? IO::load(dy + at) : IO::load(dy + at, n),
+        x_pair, pair_grad<scalar_t, G>(cg, x_pair, whole ? IO::load(dy + at) : IO::load(dy + at, n),
                                              mean_vec, at, n, whole)};
   }, [&](const std::pair<Pair, Pair>& xg, bool tail) __attribute__((always_inline)) {
     Pair xm{xg.first.first - mean_vec, xg.first.second - mean_vec};

@@ -92,27 +92,25 @@ struct Tile {
   }
 };
 
-// g of a tile under kMask (see GradMask, masked_grad); per-column coefficients
-// from k at column c0, output and grad at element offset `at`.
-template <typename scalar_t, GradMask kMask, typename Coefs>
-__attribute__((always_inline)) inline Tile<scalar_t> masked_grad_tile(const Coefs& k, int64_t c0,
-                                                                      const Tile<scalar_t>& x,
-                                                                      const Tile<scalar_t>& dy,
-                                                                      const Tile<scalar_t>& mean,
-                                                                      const scalar_t* output, scalar_t* grad,
-                                                                      int64_t at, int64_t n) {
+// g of a tile under G (see Grad, pair_grad); per-column coefficients from k at
+// column c0, the aux (residual or y) read and g written at element offset `at`.
+template <typename scalar_t, typename G, typename Coefs>
+__attribute__((always_inline)) inline Tile<scalar_t> tile_grad(const Coefs& k, int64_t c0, const Tile<scalar_t>& x,
+                                                               const Tile<scalar_t>& dy, const Tile<scalar_t>& mean,
+                                                               const scalar_t* aux, scalar_t* grad,
+                                                               const ActParams<scalar_t, typename G::Activation>& params,
+                                                               int64_t at, int64_t n) {
   using T = Tile<scalar_t>;
-  if constexpr (kMask == GradMask::kReluOfInput) {
-    const T sc = T::coefs(k.scale + c0), fs = T::coefs(k.forward_shift + c0);
-    return T::zip([](auto g, auto xx, auto mm, auto s_, auto h) {
-      return keep_where_positive(g, at::vec::fmadd(xx - mm, s_, h));
-    }, dy, x, mean, sc, fs);
-  } else if constexpr (kMask == GradMask::kReluOfOutput) {
-    const T g = T::zip([](auto d, auto y) { return keep_where_positive(d, y); }, dy, T::load(output + at, n));
-    g.store(grad + at, n, /*stream=*/false);
-    return g;
-  } else {
+  if constexpr (G::kIdentity) {
     return dy;
+  } else {
+    const T sc = T::coefs(k.scale + c0), fs = T::coefs(k.forward_shift + c0);
+    const T a = G::kReadsAux ? T::load(aux + at, n) : x;
+    const T g = T::zip([&](auto d, auto xx, auto r, auto mm, auto s_, auto h) {
+      return transform_grad<scalar_t, G>(d, xx, r, mm, s_, h, params);
+    }, dy, x, a, mean, sc, fs);
+    if constexpr (G::kWritesGrad) g.store(grad + at, n, /*stream=*/false);
+    return g;
   }
 }
 
@@ -219,12 +217,13 @@ inline void merge_row_blocks(const RowBlocking& rb, int64_t rows, int64_t C, con
 // Per-channel GradSums of channels [strip.begin, strip.end) over rows
 // [row_begin, row_end) of C channels, as structure of arrays (see
 // merge_row_blocks) at [strip.begin, strip.end); mean is padded to whole tiles.
-// (g of GradMask: kReluOfOutput reads `output` and writes g to `grad`, both
-// laid out as x.) A non-null eval_dx also gets eval's dx = g · k.scale in the
+// (g of G: the aux, residual or y, is read and g written to `grad`, both laid
+// out as x, where G says.) A non-null eval_dx also gets eval's dx = g · k.scale in the
 // same pass (eval's dx needs no sums; k.scale set beforehand).
-template <typename scalar_t, GradMask kMask>
+template <typename scalar_t, typename G>
 void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C, ColumnRange strip,
-                          const ChannelCoefs<scalar_t>& k, const scalar_t* output, scalar_t* grad,
+                          const ChannelCoefs<scalar_t>& k, const scalar_t* aux, scalar_t* grad,
+                          const ActParams<scalar_t, typename G::Activation>& params,
                           int64_t row_begin, int64_t row_end,
                           double* sum_dy_out, double* sum_dy_xmu_out, double* sum_xmu_out,
                           scalar_t* eval_dx = nullptr, bool stream_dx = false) {
@@ -246,7 +245,7 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C, Colu
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t at = r * C + col + c0;
       const T tx = T::load(x + at, n);
-      const T tg = masked_grad_tile<scalar_t, kMask>(k, col + c0, tx, T::load(dy + at, n), m, output, grad, at, n);
+      const T tg = tile_grad<scalar_t, G>(k, col + c0, tx, T::load(dy + at, n), m, aux, grad, params, at, n);
       if (eval_dx) {
         T::zip([](auto g, auto s_) { return g * s_; }, tg, T::coefs(k.scale + col + c0)).store(eval_dx + at, n, stream_dx);
       }
@@ -277,10 +276,11 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C, Colu
 
 // y = epilogue((x − mean) · scale + shift) over rows [row_begin, row_end); k
 // holds per-column coefficients (ChannelCoefs or RunCoefs); the residual
-// (kAddRelu) is laid out as x.
-template <typename scalar_t, Epilogue kEpilogue, typename Coefs>
+// (Epi::kHasResidual) is laid out as x.
+template <typename scalar_t, typename Epi, typename Coefs>
 void normalize_rows(const scalar_t* x, const scalar_t* residual, scalar_t* y, const Rows& rows,
-                    int64_t row_begin, int64_t row_end, const Coefs& k, bool stream, bool reversed) {
+                    int64_t row_begin, int64_t row_end, const Coefs& k, const EpilogueArgs<scalar_t, Epi>& epilogue,
+                    bool stream, bool reversed) {
   using T = Tile<scalar_t>;
   rows_walk<scalar_t>(rows, row_begin, row_end, reversed, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
     const T m = T::coefs(k.mean + c0), sc = T::coefs(k.scale + c0),
@@ -289,10 +289,10 @@ void normalize_rows(const scalar_t* x, const scalar_t* residual, scalar_t* y, co
       const int64_t at = r * rows.stride + c0;
       T z = T::zip([](auto xx, auto mm, auto s_, auto h) { return at::vec::fmadd(xx - mm, s_, h); },
                    T::load(x + at, n), m, sc, sh);
-      if constexpr (kEpilogue == Epilogue::kRelu) {
-        z = T::zip([](auto v) { return relu(v); }, z);
-      } else if constexpr (kEpilogue == Epilogue::kAddRelu) {
-        z = T::zip([](auto v, auto res) { return relu(v + res); }, z, T::load(residual + at, n));
+      if constexpr (Epi::kHasResidual) {
+        z = T::zip([&](auto v, auto res) { return epilogue.apply(v, res); }, z, T::load(residual + at, n));
+      } else if constexpr (!Epi::kPlain) {
+        z = T::zip([&](auto v) { return epilogue.apply(v, v); }, z);
       }
       z.store(y + at, n, stream);
     }
@@ -300,22 +300,23 @@ void normalize_rows(const scalar_t* x, const scalar_t* residual, scalar_t* y, co
 }
 
 // Training's dx = (g − shift − (x − mean) · projection) · scale (see ChannelCoefs), or eval's g · scale,
-// with g = dy under kMask (kNone or kReluOfInput).
-template <typename scalar_t, GradMask kMask, typename Coefs>
+// with g = dy under G (one that reads no aux: the reduction pass wrote that g).
+template <typename scalar_t, typename G, typename Coefs>
 void grad_input_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const Rows& rows,
                      int64_t row_begin, int64_t row_end, const Coefs& k,
+                     const ActParams<scalar_t, typename G::Activation>& params,
                      bool training, bool stream, bool reversed) {
-  static_assert(kMask != GradMask::kReluOfOutput, "the reduction pass writes that g; pass it as dy");
+  static_assert(!G::kReadsAux, "the reduction pass writes that g; pass it as dy");
   using T = Tile<scalar_t>;
   rows_walk<scalar_t>(rows, row_begin, row_end, reversed, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
     const T sc = T::coefs(k.scale + c0), m = T::coefs(k.mean + c0);
     auto grad = [&](int64_t at, const T& tx) __attribute__((always_inline)) {
-      return masked_grad_tile<scalar_t, kMask>(k, c0, tx, T::load(dy + at, n), m, nullptr, nullptr, at, n);
+      return tile_grad<scalar_t, G>(k, c0, tx, T::load(dy + at, n), m, nullptr, nullptr, params, at, n);
     };
     if (!training) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t at = r * rows.stride + c0;
-        const T tx = kMask == GradMask::kReluOfInput ? T::load(x + at, n) : T::zero();
+        const T tx = G::kRecomputes ? T::load(x + at, n) : T::zero();
         T::zip([](auto g, auto s_) { return g * s_; }, grad(at, tx), sc).store(dx + at, n, stream);
       }
       return;

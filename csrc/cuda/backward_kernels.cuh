@@ -40,9 +40,10 @@ struct GradPartials {
   }
 };
 
-template <typename scalar_t>
-__device__ __forceinline__ void add_grad_sums(double (&s)[kGradSums], scalar_t dy, scalar_t x, double mean) {
-  const double g = convert<double>(dy);
+// g: the transform's (acc_t), x: the input's element.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ void add_grad_sums(double (&s)[kGradSums], acc_t dy, scalar_t x, double mean) {
+  const double g = static_cast<double>(dy);
   const double xmu = convert<double>(x) - mean;
   s[0] += g;
   s[1] += g * xmu;
@@ -50,8 +51,8 @@ __device__ __forceinline__ void add_grad_sums(double (&s)[kGradSums], scalar_t d
 }
 
 // Per channel, in the accumulation type (common::GradInputCoefficients), and
-// kReluOfInput's forward shift (the bias) for the dx pass's mask, whose scale
-// is this scale (w · invstd rounded once, as the forward's).
+// kInput's forward shift (the bias) for the dx pass's recomputed z, whose
+// scale is this scale (w · invstd rounded once, as the forward's).
 template <typename acc_t>
 struct GradInputCoefficients {
   acc_t* scale;
@@ -61,29 +62,37 @@ struct GradInputCoefficients {
 };
 
 // What the reduction pass reads besides dy and x, and writes besides its
-// partials: the mask's inputs (mean is also the sums' centre), and
-// kReluOfOutput's y and the g it writes out (grad_residual).
-template <typename scalar_t, typename param_t>
+// partials: the transform's inputs (mean is also the sums' centre), the aux
+// tensor (the residual for kInputAndResidual, y for kOutput) and the g it
+// writes out (grad_residual) for those two sources.
+template <typename scalar_t, typename A>
 struct GradSumsArgs {
-  using acc_t = acc_type<scalar_t>;
-  GradMaskSource<acc_t, param_t> mask;
-  const scalar_t* output;
+  GradSourceArgs<A, scalar_t> source;
+  const scalar_t* aux;
   scalar_t* grad_residual;
   GradPartials partials;
 };
 
+// Groups of vectors a thread of the grad-sums or grad-input pass loads before
+// using any of them: kDualUnroll, and 2 under an activation's transform
+// (kNormalizeSteps' reasons; this changes only the scalar kernels, kVec 1).
+template <int kVec, GradSource kSource>
+constexpr int kGradSteps = kSource == GradSource::kNone ? kDualUnroll<kVec> : 2;
+
 // ---------------------------------------------------------------------------
 // Backward, pass 1: per-(split, channel) Σg, Σg·(x − mean) and Σ(x − mean),
 // in double (see MomentsAccumulate), with mean the saved (rounded) mean and g
-// dy under kMask (kReluOfOutput also writes g to grad_residual).
+// dy under (A, kSource) (kInputAndResidual and kOutput also write g to
+// grad_residual).
 
-template <typename scalar_t, typename param_t, int kVec, GradMask kMask>
+template <typename scalar_t, int kVec, typename A, GradSource kSource>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_first_grad_sums_kernel(const scalar_t* __restrict__ grad_output,
                                     const scalar_t* __restrict__ input, Geometry geometry,
-                                    int64_t vectors_per_split, const GradSumsArgs<scalar_t, param_t> args) {
-  constexpr int kSteps = kDualUnroll<kVec>;
-  constexpr bool kReadsOutput = kMask == GradMask::kReluOfOutput;
+                                    int64_t vectors_per_split, const GradSumsArgs<scalar_t, A> args) {
+  constexpr int kSteps = kGradSteps<kVec, kSource>;
+  constexpr bool kReadsAux = common::kReadsAux<kSource>;
+  constexpr bool kWritesGrad = common::kWritesResidualGrad<kSource>;
   const auto [channel, split, plane_vectors, begin, end, image_stride, stride] =
       ChannelsFirstShare(geometry, kVec, vectors_per_split);
   const int64_t channel_offset = channel * geometry.HW;
@@ -91,11 +100,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   double sums[kGradSums] = {0.0, 0.0, 0.0};
   int64_t position = begin + threadIdx.x;
   if (position < end) {
-    const double channel_mean = static_cast<double>(args.mask.mean[channel]);
-    const auto mask = args.mask.template of_channel<kMask>(channel);
+    const double channel_mean = static_cast<double>(args.source.mean[channel]);
+    const auto transform = args.source.template of_channel<kSource>(channel);
     PlaneCursor cursor(position, stride, plane_vectors);
     for (; position < end; position += stride * kSteps) {
-      Bundle<scalar_t, kVec> dy[kSteps], x[kSteps], y[kSteps];
+      Bundle<scalar_t, kVec> dy[kSteps], x[kSteps], aux[kSteps];
       int64_t offsets[kSteps];
 #pragma unroll
       for (int u = 0; u < kSteps; ++u) {
@@ -103,7 +112,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         if (position + u * stride < end) {
           dy[u] = load_bundle<scalar_t, kVec>(grad_output + offsets[u]);
           x[u] = load_bundle<scalar_t, kVec>(input + offsets[u]);
-          if constexpr (kReadsOutput) y[u] = load_bundle<scalar_t, kVec>(args.output + offsets[u]);
+          if constexpr (kReadsAux) aux[u] = load_bundle<scalar_t, kVec>(args.aux + offsets[u]);
         }
         cursor.advance();
       }
@@ -113,10 +122,11 @@ __global__ void __launch_bounds__(kMaxThreads)
           Bundle<scalar_t, kVec> g;
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
-            g.v[j] = mask(dy[u].v[j], x[u].v[j], kReadsOutput ? y[u].v[j] : dy[u].v[j]);
-            add_grad_sums(sums, g.v[j], x[u].v[j], channel_mean);
+            const auto gj = transform(dy[u].v[j], x[u].v[j], kReadsAux ? aux[u].v[j] : dy[u].v[j]);
+            add_grad_sums(sums, gj, x[u].v[j], channel_mean);
+            if constexpr (kWritesGrad) g.v[j] = convert<scalar_t>(gj);
           }
-          if constexpr (kReadsOutput) store_bundle<scalar_t, kVec>(args.grad_residual + offsets[u], g);
+          if constexpr (kWritesGrad) store_bundle<scalar_t, kVec>(args.grad_residual + offsets[u], g);
         }
       }
     }
@@ -126,14 +136,15 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (threadIdx.x == 0) args.partials.store(split * geometry.C + channel, sums);
 }
 
-template <typename scalar_t, typename param_t, int kVec, GradMask kMask>
+template <typename scalar_t, int kVec, typename A, GradSource kSource>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_last_grad_sums_kernel(const scalar_t* __restrict__ grad_output,
                                    const scalar_t* __restrict__ input, Geometry geometry,
-                                   int64_t rows_per_split, const GradSumsArgs<scalar_t, param_t> args) {
+                                   int64_t rows_per_split, const GradSumsArgs<scalar_t, A> args) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int kSteps = kDualUnroll<kVec>;
-  constexpr bool kReadsOutput = kMask == GradMask::kReluOfOutput;
+  constexpr int kSteps = kGradSteps<kVec, kSource>;
+  constexpr bool kReadsAux = common::kReadsAux<kSource>;
+  constexpr bool kWritesGrad = common::kWritesResidualGrad<kSource>;
   const auto [columns, column, begin, end, row_step] = ChannelsLastShare(geometry, kVec, rows_per_split);
 
   double sums[kGradSums][kVec];
@@ -146,22 +157,22 @@ __global__ void __launch_bounds__(kMaxThreads)
   int64_t row = begin + threadIdx.y;
   if (column < columns && row < end) {
     double channel_mean[kVec];
-    ChannelGradMask<kMask, acc_t> masks[kVec];
+    ChannelGrad<A, kSource, acc_t> transforms[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      channel_mean[j] = static_cast<double>(args.mask.mean[column * kVec + j]);
-      masks[j] = args.mask.template of_channel<kMask>(column * kVec + j);
+      channel_mean[j] = static_cast<double>(args.source.mean[column * kVec + j]);
+      transforms[j] = args.source.template of_channel<kSource>(column * kVec + j);
     }
     const int64_t offset_step = row_step * geometry.C;
     int64_t offset = row * geometry.C + column * kVec;
     for (; row < end; row += row_step * kSteps) {
-      Bundle<scalar_t, kVec> dy[kSteps], x[kSteps], y[kSteps];
+      Bundle<scalar_t, kVec> dy[kSteps], x[kSteps], aux[kSteps];
 #pragma unroll
       for (int u = 0; u < kSteps; ++u) {
         if (row + u * row_step < end) {
           dy[u] = load_bundle<scalar_t, kVec>(grad_output + offset + u * offset_step);
           x[u] = load_bundle<scalar_t, kVec>(input + offset + u * offset_step);
-          if constexpr (kReadsOutput) y[u] = load_bundle<scalar_t, kVec>(args.output + offset + u * offset_step);
+          if constexpr (kReadsAux) aux[u] = load_bundle<scalar_t, kVec>(args.aux + offset + u * offset_step);
         }
       }
 #pragma unroll
@@ -170,13 +181,14 @@ __global__ void __launch_bounds__(kMaxThreads)
           Bundle<scalar_t, kVec> g;
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
-            g.v[j] = masks[j](dy[u].v[j], x[u].v[j], kReadsOutput ? y[u].v[j] : dy[u].v[j]);
+            const auto gj = transforms[j](dy[u].v[j], x[u].v[j], kReadsAux ? aux[u].v[j] : dy[u].v[j]);
+            if constexpr (kWritesGrad) g.v[j] = convert<scalar_t>(gj);
             double one[kGradSums] = {sums[0][j], sums[1][j], sums[2][j]};
-            add_grad_sums(one, g.v[j], x[u].v[j], channel_mean[j]);
+            add_grad_sums(one, gj, x[u].v[j], channel_mean[j]);
 #pragma unroll
             for (int i = 0; i < kGradSums; ++i) sums[i][j] = one[i];
           }
-          if constexpr (kReadsOutput) store_bundle<scalar_t, kVec>(args.grad_residual + offset + u * offset_step, g);
+          if constexpr (kWritesGrad) store_bundle<scalar_t, kVec>(args.grad_residual + offset + u * offset_step, g);
         }
       }
       offset += kSteps * offset_step;
@@ -212,7 +224,7 @@ struct FinalizeGradArgs {
   param_t* grad_weight;
   param_t* grad_bias;
   GradInputCoefficients<acc_t> coefficients;
-  const param_t* bias;  // kReluOfInput's forward shift (nullable: 0)
+  const param_t* bias;  // kInput's forward shift for the dx pass (nullable: 0)
   // The data-parallel calls (BackwardParams): this rank's sums written out
   // (grad_weight uncentred), or all ranks' read in place of the partials,
   // over *global_count values per channel.
@@ -268,11 +280,13 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 
 // ---------------------------------------------------------------------------
 // Training backward of channels of two values (common::two_values_grads), one
-// thread per channel.
-template <typename scalar_t, typename param_t, GradMask kMask>
+// thread per channel, g taken under (A, kSource) as the reduction pass takes it
+// (and written to grad_residual where that pass writes it).
+template <typename scalar_t, typename param_t, typename A, GradSource kSource>
 __global__ void __launch_bounds__(kFinalizeThreads)
     two_values_backward_kernel(const BackwardParams<scalar_t, param_t> p) {
   using acc_t = acc_type<scalar_t>;
+  constexpr bool kReadsAux = common::kReadsAux<kSource>;
   const Geometry& g = p.geometry;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.C) return;
@@ -280,15 +294,20 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   // neighbours in the channel's plane (N = 1, HW = 2).
   const bool rows = g.channels_last || g.HW == 1;
   const int64_t at[2] = {rows ? c : 2 * c, rows ? g.C + c : 2 * c + 1};
-  const GradMaskSource<acc_t, param_t> source{p.mean, p.invstd, p.weight, p.bias};
-  const auto mask = source.template of_channel<kMask>(c);
+  const scalar_t* aux = kSource == GradSource::kOutput ? p.output : p.residual;
+  GradSourceArgs<A, scalar_t> source;
+  source.mean = p.mean;
+  source.invstd = p.invstd;
+  source.weight = ParamArray<scalar_t>::of(p.weight);
+  source.bias = ParamArray<scalar_t>::of(p.bias);
+  source.params = ActivationParams<A, acc_t>::from(p.activation);
+  const auto transform = source.template of_channel<kSource>(c);
   double x[2], dy[2];
   for (int i = 0; i < 2; ++i) {
-    const scalar_t gi = mask(p.grad_output[at[i]], p.input[at[i]],
-                             kMask == GradMask::kReluOfOutput ? p.output[at[i]] : p.grad_output[at[i]]);
-    if constexpr (kMask == GradMask::kReluOfOutput) p.grad_residual[at[i]] = gi;
+    const acc_t gi = transform(p.grad_output[at[i]], p.input[at[i]], kReadsAux ? aux[at[i]] : p.grad_output[at[i]]);
+    if constexpr (common::kWritesResidualGrad<kSource>) p.grad_residual[at[i]] = convert<scalar_t>(gi);
     x[i] = static_cast<double>(convert<acc_t>(p.input[at[i]]));
-    dy[i] = static_cast<double>(convert<acc_t>(gi));
+    dy[i] = static_cast<double>(gi);
   }
   const common::TwoValuesGrads r =
       common::two_values_grads(x, dy, p.weight != nullptr ? convert<double>(p.weight[c]) : 1.0, p.eps);
@@ -300,72 +319,75 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 
 // ---------------------------------------------------------------------------
 // Backward, pass 3: dx = (g − shift − (x − mean) · projection) · scale, g dy
-// under kMask (kNone, or kReluOfInput; kReluOfOutput's g was written by the
-// reduction pass and comes in as dy). In eval mode projection == shift == 0
-// and x is read only for kReluOfInput's mask.
+// under (A, kSource) with kSource kNone (A the identity) or kInput;
+// kInputAndResidual's and kOutput's g was written by the reduction pass and
+// comes in as dy, under (Identity, kNone). In eval mode projection == shift
+// == 0 and x is read only for kInput's recomputed z.
 
-template <typename acc_t>
+template <typename acc_t, typename A>
 struct GradInputArgs {
   const acc_t* mean;
   GradInputCoefficients<acc_t> coefficients;
+  ActivationParams<A, acc_t> params;
 };
 
 // As the CPU's (fnmadd): (g − shift) − (x − mean) · projection fused, times
 // scale; eval's dx is g · scale (kTraining false: shift is 0, x not read).
 template <bool kTraining, typename acc_t, typename scalar_t>
-__device__ __forceinline__ scalar_t grad_input_value(scalar_t dy, scalar_t x, acc_t mean, acc_t scale,
-                                                     acc_t projection, acc_t shift) {
-  if constexpr (!kTraining) return convert<scalar_t>(convert<acc_t>(dy) * scale);
-  return convert<scalar_t>(fused_multiply_add(mean - convert<acc_t>(x), projection, convert<acc_t>(dy) - shift) *
-                           scale);
+__device__ __forceinline__ scalar_t grad_input_value(acc_t g, scalar_t x, acc_t mean, acc_t scale, acc_t projection,
+                                                     acc_t shift) {
+  if constexpr (!kTraining) return convert<scalar_t>(g * scale);
+  return convert<scalar_t>(fused_multiply_add(mean - convert<acc_t>(x), projection, g - shift) * scale);
 }
 
 // One channel's dx (grad_input_value of g) from (dy, x).
-template <typename scalar_t, bool kTraining, GradMask kMask>
+template <typename scalar_t, bool kTraining, typename A, GradSource kSource>
 struct GradInputChannel {
-  static_assert(kMask != GradMask::kReluOfOutput, "the reduction pass writes that g; pass it as dy");
+  static_assert(kSource == GradSource::kNone || kSource == GradSource::kInput,
+                "the reduction pass writes that g; pass it as dy under (Identity, kNone)");
   using acc_t = acc_type<scalar_t>;
-  using Source = GradInputArgs<acc_t>;
+  using Source = GradInputArgs<acc_t, A>;
   acc_t projection, shift;
-  ChannelGradMask<kMask, acc_t> mask;  // its mean and scale are the dx's too
+  ChannelGrad<A, kSource, acc_t> transform;  // its mean and scale are the dx's too
   __device__ __forceinline__ static GradInputChannel of_channel(const Source& args, int64_t c) {
     GradInputChannel op;
-    op.mask.mean = args.mean[c];
-    op.mask.scale = args.coefficients.scale[c];
+    op.transform.mean = args.mean[c];
+    op.transform.scale = args.coefficients.scale[c];
+    op.transform.params = args.params;
     op.projection = args.coefficients.projection[c];
     op.shift = args.coefficients.shift[c];
-    if constexpr (kMask == GradMask::kReluOfInput) op.mask.shift = args.coefficients.forward_shift[c];
+    if constexpr (kSource == GradSource::kInput) op.transform.shift = args.coefficients.forward_shift[c];
     return op;
   }
   __device__ __forceinline__ scalar_t operator()(scalar_t dy, scalar_t x) const {
-    return grad_input_value<kTraining>(mask(dy, x, dy), x, mask.mean, mask.scale, projection, shift);
+    return grad_input_value<kTraining>(transform(dy, x, dy), x, transform.mean, transform.scale, projection, shift);
   }
 };
 
-// x is read in training, and for kReluOfInput's mask.
-template <bool kTraining, GradMask kMask>
-constexpr int kGradInputInputs = kTraining || kMask == GradMask::kReluOfInput ? 2 : 1;
+// x is read in training, and for kInput's recomputed z.
+template <bool kTraining, GradSource kSource>
+constexpr int kGradInputInputs = kTraining || kSource == GradSource::kInput ? 2 : 1;
 
-template <typename scalar_t, int kVec, bool kTraining, GradMask kMask>
+template <typename scalar_t, int kVec, bool kTraining, typename A, GradSource kSource>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_first_grad_input_kernel(const scalar_t* __restrict__ grad_output,
                                      const scalar_t* __restrict__ input, scalar_t* __restrict__ grad_input,
                                      Geometry geometry, int64_t vectors_per_split,
-                                     const GradInputArgs<acc_type<scalar_t>> args) {
-  channels_first_element_pass<GradInputChannel<scalar_t, kTraining, kMask>, scalar_t, kVec, kDualUnroll<kVec>,
-                              kGradInputInputs<kTraining, kMask>>(grad_output, input, grad_input, geometry,
-                                                                  vectors_per_split, args);
+                                     const GradInputArgs<acc_type<scalar_t>, A> args) {
+  channels_first_element_pass<GradInputChannel<scalar_t, kTraining, A, kSource>, scalar_t, kVec, kGradSteps<kVec, kSource>,
+                              kGradInputInputs<kTraining, kSource>>(grad_output, input, grad_input, geometry,
+                                                                    vectors_per_split, args);
 }
 
-template <typename scalar_t, int kVec, bool kTraining, GradMask kMask>
+template <typename scalar_t, int kVec, bool kTraining, typename A, GradSource kSource>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_last_grad_input_kernel(const scalar_t* __restrict__ grad_output,
                                     const scalar_t* __restrict__ input, scalar_t* __restrict__ grad_input,
                                     Geometry geometry, int64_t rows_per_split,
-                                    const GradInputArgs<acc_type<scalar_t>> args) {
-  channels_last_element_pass<GradInputChannel<scalar_t, kTraining, kMask>, scalar_t, kVec, kDualUnroll<kVec>,
-                             kGradInputInputs<kTraining, kMask>>(grad_output, input, grad_input, geometry,
-                                                                 rows_per_split, args);
+                                    const GradInputArgs<acc_type<scalar_t>, A> args) {
+  channels_last_element_pass<GradInputChannel<scalar_t, kTraining, A, kSource>, scalar_t, kVec, kGradSteps<kVec, kSource>,
+                             kGradInputInputs<kTraining, kSource>>(grad_output, input, grad_input, geometry,
+                                                                   rows_per_split, args);
 }
 
 }  // namespace detail

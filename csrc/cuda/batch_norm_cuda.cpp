@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -109,7 +110,7 @@ struct RunTrainForward {
     p.eps = t.eps;
     p.cumulative_momentum = !t.momentum.has_value();
     p.momentum = t.momentum.value_or(0.0);
-    p.epilogue = t.epilogue.kind;
+    p.activation = t.epilogue.activation;
     p.residual = device_data<scalar_t>(t.epilogue.residual);
     if (t.gathered_moments.defined()) {
       p.gathered_moments = t.gathered_moments.const_data_ptr<double>();
@@ -125,10 +126,11 @@ std::tuple<Tensor, Tensor, Tensor> train_cuda(const Tensor& input, const optiona
                                               const optional<Tensor>& bias, const optional<Tensor>& running_mean,
                                               const optional<Tensor>& running_var,
                                               const optional<Tensor>& num_batches_tracked, optional<double> momentum,
-                                              double eps, bool relu, const optional<Tensor>& residual,
-                                              const Tensor& gathered_moments) {
+                                              double eps, c10::string_view activation,
+                                              at::ArrayRef<double> activation_params,
+                                              const optional<Tensor>& residual, const Tensor& gathered_moments) {
   check_forward_args(input, weight, bias, running_mean, running_var);
-  check_epilogue(relu, residual, input);
+  check_residual(residual, input);
   check_updatable(running_mean, "running_mean");
   check_updatable(running_var, "running_var");
   check_batches_tracked(num_batches_tracked, input);
@@ -137,7 +139,8 @@ std::tuple<Tensor, Tensor, Tensor> train_cuda(const Tensor& input, const optiona
   const device::DeviceGuard device_guard(input.device());
 
   PreparedInput in = prepare_for_cuda(input);
-  const PreparedEpilogue epilogue = prepare_epilogue(relu, residual, in);
+  // Before any state changes: an unknown activation raises here.
+  const PreparedEpilogue epilogue = prepare_epilogue(activation, activation_params, residual, in);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor rm = as_tensor_or_undefined(running_mean), rv = as_tensor_or_undefined(running_var);
   // The kernels count in int64 on the device (no host sync): a counter of
@@ -163,10 +166,10 @@ std::tuple<Tensor, Tensor, Tensor> train_cuda(const Tensor& input, const optiona
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
-    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps, bool relu,
-    const optional<Tensor>& residual) {
-  return train_cuda(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu,
-                    residual, Tensor());
+    const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps, c10::string_view activation,
+    at::ArrayRef<double> activation_params, const optional<Tensor>& residual) {
+  return train_cuda(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, activation,
+                    activation_params, residual, Tensor());
 }
 
 // FusedSyncBatchNorm2d's forward, before its all_gather: this rank's
@@ -206,12 +209,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_with_stats_cuda(
     const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
     const optional<Tensor>& running_mean, const optional<Tensor>& running_var,
     const optional<Tensor>& num_batches_tracked, optional<double> momentum, double eps, const Tensor& all_stats,
-    bool relu) {
+    c10::string_view activation, at::ArrayRef<double> activation_params, const optional<Tensor>& residual) {
   check_input_tensor(input);
   TORCH_CHECK(all_stats.dim() == 3, "batch_norm: all_stats must be [ranks, C, 3], got ", all_stats.sizes());
   check_exchanged(all_stats, "all_stats", input, {all_stats.size(0)}, common::kExchangedMoments);
-  return train_cuda(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu,
-                    c10::nullopt, all_stats.contiguous());
+  return train_cuda(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, activation,
+                    activation_params, residual, all_stats.contiguous());
 }
 
 // ---------------------------------------------------------------------------
@@ -240,25 +243,27 @@ struct RunEvalForward {
     p.running_mean = device_data<param_t>(t.running_mean);
     p.running_var = device_data<param_t>(t.running_var);
     p.eps = t.eps;
-    p.epilogue = t.epilogue.kind;
+    p.activation = t.epilogue.activation;
     p.residual = device_data<scalar_t>(t.epilogue.residual);
+    Tensor workspace = allocate_workspace(cuda::eval_forward_workspace_bytes(p), t.in.tensor);
+    p.workspace = workspace.mutable_data_ptr();
     device::check_launch(cuda::launch_batch_norm_eval_forward(p, device::current_stream()));
   }
 };
 
 Tensor batch_norm_eval_cuda(const Tensor& input, const optional<Tensor>& weight,
                             const optional<Tensor>& bias, const Tensor& running_mean,
-                            const Tensor& running_var, double eps, bool relu,
-                            const optional<Tensor>& residual) {
+                            const Tensor& running_var, double eps, c10::string_view activation,
+                            at::ArrayRef<double> activation_params, const optional<Tensor>& residual) {
   const optional<Tensor> mean_opt(running_mean), var_opt(running_var);
   check_forward_args(input, weight, bias, mean_opt, var_opt);
-  check_epilogue(relu, residual, input);
+  check_residual(residual, input);
   device::check_input_device(input);
   const bool float_params = has_float_params(input, {&weight, &bias, &mean_opt, &var_opt});
   const device::DeviceGuard device_guard(input.device());
 
   PreparedInput in = prepare_for_cuda(input);
-  const PreparedEpilogue epilogue = prepare_epilogue(relu, residual, in);
+  const PreparedEpilogue epilogue = prepare_epilogue(activation, activation_params, residual, in);
   Tensor output = empty_output(input, in.format);
   const Tensor w = dense_or_undefined(weight), b = dense_or_undefined(bias);
   const Tensor mean = running_mean.contiguous(), var = running_var.contiguous();
@@ -270,25 +275,33 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const optional<Tensor>& weight,
 }
 
 // ---------------------------------------------------------------------------
-// Backward (batch_norm_backward, batch_norm_add_relu_backward and the two
-// data-parallel backward ops).
+// Backward (batch_norm_backward and the two data-parallel backward ops).
 
 // FusedSyncBatchNorm2d's two backward calls: want_local asks for this rank's
-// [C, 3] sums (returned as the fourth tensor); a defined global is every
-// rank's, over *global_count values per channel.
+// [C, 3] sums; a defined global is every rank's, over *global_count values
+// per channel.
 struct ExchangeArgs {
   bool want_local = false;
   Tensor global;
   Tensor global_count;
 };
 
+// The epilogue's part of a backward call: the activation, where its
+// derivative comes from (common::grad_source_for), and the tensors that
+// source reads (undefined where it reads none).
+struct BackwardEpilogue {
+  common::ActivationArgs activation;
+  common::GradSource source = common::GradSource::kNone;
+  Tensor bias;      // kInput, kInputAndResidual: the forward's
+  Tensor residual;  // kInputAndResidual
+  Tensor output;    // kOutput
+};
+
 struct BackwardTensors {
   const PreparedInput& in;
-  common::GradMask mask;
+  const BackwardEpilogue& epilogue;
   const Tensor& grad_output;
   const Tensor& weight;
-  const Tensor& bias;
-  const Tensor& forward_output;
   const Tensor& mean;
   const Tensor& invstd;
   bool training;
@@ -321,10 +334,12 @@ struct RunBackward {
     p.grad_input = t.output_mask[0] ? mutable_device_data<scalar_t>(t.grad_input) : nullptr;
     p.grad_weight = t.output_mask[1] ? mutable_device_data<grad_param_t>(t.grad_weight) : nullptr;
     p.grad_bias = t.output_mask[2] ? mutable_device_data<grad_param_t>(t.grad_bias) : nullptr;
-    p.mask = t.mask;
-    p.bias = device_data<grad_param_t>(t.bias);
-    p.output = device_data<scalar_t>(t.forward_output);
-    p.grad_residual = mutable_device_data<scalar_t>(t.grad_residual);
+    p.activation = t.epilogue.activation;
+    p.source = t.epilogue.source;
+    p.bias = device_data<grad_param_t>(t.epilogue.bias);
+    p.residual = device_data<scalar_t>(t.epilogue.residual);
+    p.output = device_data<scalar_t>(t.epilogue.output);
+    p.grad_residual = t.grad_residual.defined() ? mutable_device_data<scalar_t>(t.grad_residual) : nullptr;
     p.local_sums = t.local_sums.defined() ? t.local_sums.mutable_data_ptr<double>() : nullptr;
     p.global_sums = t.exchange.global.defined() ? t.exchange.global.const_data_ptr<double>() : nullptr;
     p.global_count = t.exchange.global_count.defined() ? t.exchange.global_count.const_data_ptr<double>() : nullptr;
@@ -336,7 +351,7 @@ struct RunBackward {
   template <typename scalar_t, typename param_t>
   static void run(const BackwardTensors& t) {
     using acc_scalar_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (t.weight.defined() || t.bias.defined()) {
+    if (t.weight.defined() || t.epilogue.bias.defined()) {
       run_with<scalar_t, param_t>(t);
     } else {
       run_with<scalar_t, acc_scalar_t>(t);
@@ -344,17 +359,35 @@ struct RunBackward {
   }
 };
 
-// The backward ops' shared body (the CPU glue's backward_cpu): mask kNone
-// (batch_norm), kReluOfInput (relu(batch_norm): bias is the forward's),
-// kReluOfOutput (relu(batch_norm + residual): forward_output is the forward's
-// y, and grad_residual is returned).
-std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
-    common::GradMask mask, const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const optional<Tensor>& bias, const Tensor& forward_output, const Tensor& mean, const Tensor& invstd,
-    bool training, double eps, std::array<bool, 3> output_mask, const ExchangeArgs& exchange = {}) {
+struct BackwardResult {
+  Tensor grad_input, grad_weight, grad_bias, grad_residual, local_sums;
+};
+
+// The backward ops' shared body (the CPU glue's backward_cpu). The
+// activation's derivative comes from `output` (the forward's y) when it is
+// given, else from u = z (+ residual) recomputed from input with the forward's
+// coefficients (bias is the forward's); grad_residual is written where the
+// source writes g (kInputAndResidual, kOutput), an empty [0] tensor otherwise.
+BackwardResult backward_cuda(const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
+                             const optional<Tensor>& bias, c10::string_view activation,
+                             at::ArrayRef<double> activation_params, const optional<Tensor>& residual,
+                             const optional<Tensor>& output, const Tensor& mean, const Tensor& invstd, bool training,
+                             double eps, std::array<bool, 3> output_mask, const ExchangeArgs& exchange = {}) {
   check_backward_args(grad_output, input, weight, mean, invstd);
-  if (mask == common::GradMask::kReluOfInput) check_channel_tensor(bias, "bias", input);
-  if (mask == common::GradMask::kReluOfOutput) check_like_input(forward_output, "output", input);
+  const common::ActivationArgs args = parse_activation(activation, activation_params);
+  const bool has_residual = residual.has_value() && residual->defined();
+  const bool has_output = output.has_value() && output->defined();
+  // As the CPU glue (batch_norm_cpu.cpp): the identity ignores y (its g is dy).
+  TORCH_CHECK_VALUE(!has_output || args.kind == common::Activation::kIdentity ||
+                        common::grad_from_output_allowed(args),
+                    "batch_norm_backward: the derivative of ", std::string(activation), " with these parameters ",
+                    "cannot be taken from the output; pass the residual instead");
+  const common::GradSource source = common::grad_source_for(args.kind, has_residual, has_output);
+  const bool recomputes = source == common::GradSource::kInput || source == common::GradSource::kInputAndResidual;
+  // Only what the source reads is checked (and used).
+  if (recomputes) check_channel_tensor(bias, "bias", input);
+  if (source == common::GradSource::kInputAndResidual) check_residual(residual, input);
+  if (source == common::GradSource::kOutput) check_like_input(*output, "output", input);
   const at::ScalarType acc_dtype = accumulate_dtype(input.scalar_type());
   TORCH_CHECK(mean.scalar_type() == acc_dtype && invstd.scalar_type() == acc_dtype,
               "batch_norm_backward: mean and invstd must be ", acc_dtype, " for ", input.scalar_type(),
@@ -366,11 +399,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
 
   PreparedInput in = prepare_for_cuda(input);
   const Tensor dy = grad_output.contiguous(in.format);
-  const Tensor y =
-      mask == common::GradMask::kReluOfOutput ? forward_output.contiguous(in.format) : Tensor();
+  BackwardEpilogue epilogue;
+  epilogue.activation = args;
+  epilogue.source = source;
+  if (recomputes) epilogue.bias = dense_or_undefined(bias);
+  if (source == common::GradSource::kInputAndResidual) epilogue.residual = residual->contiguous(in.format);
+  if (source == common::GradSource::kOutput) epilogue.output = output->contiguous(in.format);
   const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
   const Tensor w = dense_or_undefined(weight);
-  const Tensor b = mask == common::GradMask::kReluOfInput ? dense_or_undefined(bias) : Tensor();
+  const Tensor& b = epilogue.bias;
   TORCH_CHECK(!w.defined() || !b.defined() || w.scalar_type() == b.scalar_type(),
               "batch_norm_backward: weight and bias must share a dtype");
   const int64_t channels = in.geometry.C;
@@ -378,72 +415,69 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
       w.defined() ? w.scalar_type() : (b.defined() ? b.scalar_type() : acc_dtype);
   const auto param_options = input.options().dtype(param_dtype);
   auto like_input = [&] { return empty_output(grad_output, in.format); };
-  Tensor grad_input = output_mask[0] ? like_input() : at::empty({0}, input.options());
-  Tensor grad_weight = at::empty({output_mask[1] ? channels : 0}, param_options);
-  Tensor grad_bias = at::empty({output_mask[2] ? channels : 0}, param_options);
-  Tensor grad_residual = mask == common::GradMask::kReluOfOutput ? like_input() : Tensor();
-  Tensor local_sums = exchange.want_local
-                          ? at::empty({channels, common::kExchangedGradSums}, input.options().dtype(at::kDouble))
-                          : Tensor();
-  const BackwardTensors tensors{in,          mask,       dy,        w,         b,           y,
-                                mean_c,      invstd_c,   training,  eps,       output_mask, exchange,
-                                grad_input,  grad_weight, grad_bias, grad_residual, local_sums};
+  const bool writes_residual_grad =
+      source == common::GradSource::kInputAndResidual || source == common::GradSource::kOutput;
+  BackwardResult r;
+  r.grad_input = output_mask[0] ? like_input() : at::empty({0}, input.options());
+  r.grad_weight = at::empty({output_mask[1] ? channels : 0}, param_options);
+  r.grad_bias = at::empty({output_mask[2] ? channels : 0}, param_options);
+  r.grad_residual = writes_residual_grad ? like_input() : at::empty({0}, input.options());
+  if (exchange.want_local) {
+    r.local_sums = at::empty({channels, common::kExchangedGradSums}, input.options().dtype(at::kDouble));
+  }
+  Tensor grad_residual_out = writes_residual_grad ? r.grad_residual : Tensor();
+  const BackwardTensors tensors{in,          epilogue,      dy,          w,           mean_c,
+                                invstd_c,    training,      eps,         output_mask, exchange,
+                                r.grad_input, r.grad_weight, r.grad_bias, grad_residual_out, r.local_sums};
   dispatch_input_and_params(input, float_params, [&](auto scalar, auto param) {
     RunBackward::run<typename decltype(scalar)::type, typename decltype(param)::type>(tensors);
   });
-  return {grad_input, grad_weight, grad_bias, exchange.want_local ? local_sums : grad_residual};
+  return r;
 }
 
-common::GradMask relu_mask(bool relu) { return relu ? common::GradMask::kReluOfInput : common::GradMask::kNone; }
-
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight, const Tensor& mean,
     const Tensor& invstd, bool training, double eps, std::array<bool, 3> output_mask, const optional<Tensor>& bias,
-    bool relu) {
-  auto [grad_input, grad_weight, grad_bias, unused] = backward_cuda(
-      relu_mask(relu), grad_output, input, weight, bias, Tensor(), mean, invstd, training, eps, output_mask);
-  return {grad_input, grad_weight, grad_bias};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_relu_backward_cuda(
-    const Tensor& grad_output, const Tensor& output, const Tensor& input, const optional<Tensor>& weight,
-    const Tensor& mean, const Tensor& invstd, bool training, double eps, std::array<bool, 3> output_mask) {
-  auto [grad_input, grad_weight, grad_bias, grad_residual] =
-      backward_cuda(common::GradMask::kReluOfOutput, grad_output, input, weight, c10::nullopt, output, mean, invstd,
-                    training, eps, output_mask);
-  return {grad_input, grad_residual, grad_weight, grad_bias};
+    c10::string_view activation, at::ArrayRef<double> activation_params, const optional<Tensor>& residual,
+    const optional<Tensor>& output) {
+  BackwardResult r = backward_cuda(grad_output, input, weight, bias, activation, activation_params, residual, output,
+                                   mean, invstd, training, eps, output_mask);
+  return {r.grad_input, r.grad_weight, r.grad_bias, r.grad_residual};
 }
 
 // FusedSyncBatchNorm2d's backward, before its all_reduce: this rank's [C, 3]
-// sums and its share of grad_weight and grad_bias.
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_sums_cuda(
+// sums, its share of grad_weight and grad_bias, and grad_residual as
+// batch_norm_backward gives it.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_sums_cuda(
     const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight, const Tensor& mean,
-    const Tensor& invstd, std::array<bool, 2> param_mask, const optional<Tensor>& bias, bool relu) {
+    const Tensor& invstd, std::array<bool, 2> param_mask, const optional<Tensor>& bias, c10::string_view activation,
+    at::ArrayRef<double> activation_params, const optional<Tensor>& residual, const optional<Tensor>& output) {
   ExchangeArgs exchange;
   exchange.want_local = true;
-  auto [unused, grad_weight, grad_bias, sums] =
-      backward_cuda(relu_mask(relu), grad_output, input, weight, bias, Tensor(), mean, invstd, /*training=*/true,
-                    /*eps=*/0.0, {false, param_mask[0], param_mask[1]}, exchange);
-  return {sums, grad_weight, grad_bias};
+  BackwardResult r = backward_cuda(grad_output, input, weight, bias, activation, activation_params, residual, output,
+                                   mean, invstd, /*training=*/true, /*eps=*/0.0, {false, param_mask[0], param_mask[1]},
+                                   exchange);
+  return {r.local_sums, r.grad_weight, r.grad_bias, r.grad_residual};
 }
 
 // FusedSyncBatchNorm2d's backward, after its all_reduce: grad_input from the
 // sums of every rank, over `count` values per channel in all (read on the
-// device: the host never waits for the gathered counts).
+// device: the host never waits for the gathered counts). With a residual the
+// caller passes g (batch_norm_backward_sums' grad_residual) and "identity".
 Tensor batch_norm_backward_with_sums_cuda(const Tensor& grad_output, const Tensor& input,
                                           const optional<Tensor>& weight, const Tensor& mean, const Tensor& invstd,
                                           const Tensor& sums, const Tensor& count, const optional<Tensor>& bias,
-                                          bool relu) {
+                                          c10::string_view activation, at::ArrayRef<double> activation_params) {
   check_input_tensor(input);
   check_exchanged(sums, "sums", input, {}, common::kExchangedGradSums);
   check_exchanged_count(count, input);
   ExchangeArgs exchange;
   exchange.global = sums.contiguous();
   exchange.global_count = count.reshape({1}).to(at::kDouble);
-  auto [grad_input, unused_w, unused_b, unused_sums] =
-      backward_cuda(relu_mask(relu), grad_output, input, weight, bias, Tensor(), mean, invstd, /*training=*/true,
-                    /*eps=*/0.0, {true, false, false}, exchange);
-  return grad_input;
+  BackwardResult r = backward_cuda(grad_output, input, weight, bias, activation, activation_params, c10::nullopt,
+                                   c10::nullopt, mean, invstd, /*training=*/true, /*eps=*/0.0, {true, false, false},
+                                   exchange);
+  return r.grad_input;
 }
 
 }  // namespace
@@ -452,7 +486,6 @@ void register_cuda_glue(torch::Library& m) {
   m.impl("batch_norm_train", &batch_norm_train_cuda);
   m.impl("batch_norm_eval", &batch_norm_eval_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
-  m.impl("batch_norm_add_relu_backward", &batch_norm_add_relu_backward_cuda);
   m.impl("batch_norm_stats", &batch_norm_stats_cuda);
   m.impl("batch_norm_train_with_stats", &batch_norm_train_with_stats_cuda);
   m.impl("batch_norm_backward_sums", &batch_norm_backward_sums_cuda);

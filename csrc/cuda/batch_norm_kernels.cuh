@@ -18,8 +18,10 @@
 //                      finalize  per-channel only (partials, running stats)
 //                      normalize reads x, writes y
 //                      => 2 reads of x + 1 write of y.
-//   eval forward     : normalize reads x, writes y (coefficients computed
-//                      per thread from the running statistics): 1 read + 1 write.
+//   eval forward     : coefficients per channel only (from the running
+//                      statistics, a launch of its own: its double sqrt and
+//                      division stay out of the hot kernel)
+//                      normalize reads x, writes y: 1 read + 1 write.
 //   backward         : grad sums reads x and dy once (only when dx in training
 //                      mode, grad_weight or grad_bias is wanted)
 //                      finalize  per-channel only (grad_weight, grad_bias, dx
@@ -28,14 +30,27 @@
 //                      (only when output_mask[0])
 //                      => training: 2 reads of x and dy + 1 write of dx;
 //                         eval dx only: 1 read of dy + 1 write of dx.
-//   epilogues (epilogues.cuh, the one copy of their per-element formulas):
-//                      relu(bn(x)) applies the ReLU in the normalize pass; its
-//                      backward recomputes the mask from x with the forward's
-//                      coefficients in both the grad-sums and the grad-input
-//                      pass (eval's dx then reads x too). relu(bn(x) + z)
-//                      reads z in the normalize pass; its backward reads y in
-//                      the grad-sums pass and writes g = dz there, which the
-//                      grad-input pass reads in place of dy.
+//   epilogues        : y = A(z) or A(z + r), A any activation of
+//                      csrc/common/activation.h (its formulas are written
+//                      only there; epilogues.cuh is the plumbing). The
+//                      normalize pass applies A and reads r when there is
+//                      one (+1 read). The backward's g = A'(u) · dy
+//                      (common::GradSource) comes from:
+//                      kNone  (identity): g = dy; nothing more is read (with
+//                               a residual, dr = dy is the caller's).
+//                      kInput (A(z)): z recomputed from x with the forward's
+//                               coefficients in both the grad-sums and the
+//                               grad-input pass (eval's dx then reads x too).
+//                      kInputAndResidual (A(z + r)): the grad-sums pass reads
+//                               r beside dy and x, recomputes z, and writes
+//                               g = dr; the grad-input pass reads g in place
+//                               of dy (and x in training).
+//                      kOutput (A(z) or A(z + r), derivative from y where A
+//                               allows it): as kInputAndResidual with y read
+//                               in place of r and nothing recomputed.
+//                      => with a residual or y: +1 read of r or y and +1
+//                         write of g in the grad-sums pass, which then runs
+//                         even in eval.
 //   data parallel    : batch_norm_stats is the moments and finalize passes,
 //                      writing (count, mean, M2) per channel; the training
 //                      forward with gathered moments merges them in rank order
@@ -68,9 +83,11 @@
 // with K the channel's first element (0 if it is not finite): for data far from
 // zero (mean 1e4, std 1 in float32) the shifted values are exact and their mean
 // keeps full precision; the normalize pass uses (x − mean_hi) − mean_lo, the
-// double mean in two parts, rather than x − rounded_mean (an epilogue's
-// normalizes with the saved statistics instead, which its backward recomputes
-// the mask from). float32 moments accumulate in double, half/bfloat16 in
+// double mean in two parts, rather than x − rounded_mean (an epilogue whose
+// activation is not the identity normalizes with the saved statistics'
+// coefficients instead, common::Epilogue::kCoefficientsFromSaved, so that its
+// backward recomputes z bit for bit). Activations are applied in acc_t and
+// the output rounded once. float32 moments accumulate in double, half/bfloat16 in
 // float. The backward sums Σdy, Σdy·(x − mean) and Σ(x − mean) in double for
 // every dtype, centres Σdy·(x − mean) on the exact batch mean, and writes dx in
 // nn's factored form (dy − mean(dy) − (x − mean)·projection)·w·invstd. Double
@@ -132,8 +149,10 @@ struct TrainForwardParams {
   double eps = 1e-5;
   double momentum = 0.1;
   bool cumulative_momentum = false;  // momentum=None: 1 / num_batches_tracked
-  common::Epilogue epilogue = common::Epilogue::kNone;
-  const scalar_t* residual = nullptr;  // kAddRelu: laid out as input
+  // The epilogue: y = activation(z), or activation(z + residual) when
+  // residual is not null (laid out as input).
+  common::ActivationArgs activation;
+  const scalar_t* residual = nullptr;  // nullable: no residual
   // batch_norm_train_with_stats: the statistics are all ranks' moments,
   // gathered_moments[ranks][C][3] (each rank's launch_batch_norm_stats),
   // merged in rank order; the moments pass does not run.
@@ -161,8 +180,9 @@ struct EvalForwardParams {
   const param_t* running_mean = nullptr;
   const param_t* running_var = nullptr;
   double eps = 1e-5;
-  common::Epilogue epilogue = common::Epilogue::kNone;
-  const scalar_t* residual = nullptr;  // kAddRelu: laid out as input
+  common::ActivationArgs activation;   // as TrainForwardParams
+  const scalar_t* residual = nullptr;  // nullable: no residual
+  void* workspace = nullptr;           // eval_forward_workspace_bytes(), 16-byte aligned
 };
 
 // param_t: the weight's dtype, or acc_t when there is no weight; grad_weight
@@ -182,13 +202,20 @@ struct BackwardParams {
   param_t* grad_weight = nullptr;   // nullable: output_mask[1] false
   param_t* grad_bias = nullptr;     // nullable: output_mask[2] false
   void* workspace = nullptr;        // backward_workspace_bytes(), 16-byte aligned
-  // The gradient the passes take (common::GradMask): kReluOfInput recomputes
-  // the forward's z from x, weight, invstd, mean and bias; kReluOfOutput
-  // masks by output and writes that g to grad_residual in the reduction pass.
-  common::GradMask mask = common::GradMask::kNone;
-  const param_t* bias = nullptr;        // kReluOfInput, nullable: 0
-  const scalar_t* output = nullptr;     // kReluOfOutput
-  scalar_t* grad_residual = nullptr;    // kReluOfOutput
+  // The gradient the passes take, g = activation'(u) · dy with u from
+  // `source` (common::GradSource; the glue's common::grad_source_for):
+  //   kNone            : g = dy (identity activation).
+  //   kInput           : z recomputed from x, weight, invstd, mean and bias.
+  //   kInputAndResidual: u = z + residual, z recomputed as kInput.
+  //   kOutput          : from output (activation::kGradFromOutput).
+  // kInputAndResidual and kOutput write g to grad_residual in the reduction
+  // pass, which then always runs, and the dx pass reads that g as its dy.
+  common::ActivationArgs activation;
+  common::GradSource source = common::GradSource::kNone;
+  const param_t* bias = nullptr;        // kInput, kInputAndResidual; nullable: 0
+  const scalar_t* residual = nullptr;   // kInputAndResidual
+  const scalar_t* output = nullptr;     // kOutput
+  scalar_t* grad_residual = nullptr;    // kInputAndResidual, kOutput
   // FusedSyncBatchNorm2d's two training calls (exchange format in
   // csrc/common/exchange.h):
   //   local_sums  : the reduction pass only; this rank's sums go to
@@ -218,6 +245,9 @@ size_t train_forward_workspace_bytes(const TrainForwardParams<scalar_t, param_t>
 template <typename scalar_t, typename param_t>
 cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, param_t>& params,
                                             cudaStream_t stream);
+
+template <typename scalar_t, typename param_t>
+size_t eval_forward_workspace_bytes(const EvalForwardParams<scalar_t, param_t>& params);
 
 template <typename scalar_t, typename param_t>
 cudaError_t launch_batch_norm_eval_forward(const EvalForwardParams<scalar_t, param_t>& params,

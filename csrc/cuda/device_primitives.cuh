@@ -162,6 +162,38 @@ __device__ __forceinline__ double reciprocal_of_count(double n) {
   return fma(r, fma(-n, r, 1.0), r);
 }
 
+// A per-channel parameter (the weight, the forward's bias) as the backward's
+// grad-sums pass reads it. Its dtype is scalar_t's pair's
+// (FUSED_BN_CUDA_DTYPE_PAIRS: scalar_t, or float beside half/bfloat16), told
+// at run time, so that pass's kernels (one per activation and gradient
+// source) are instantiated per input dtype rather than per pair. Read once
+// per channel and thread, as a double (exact for every parameter dtype);
+// nullable.
+template <typename scalar_t>
+struct ParamArray {
+  const void* data = nullptr;
+  bool is_float = false;  // float parameters beside half/bfloat16 input
+
+  template <typename param_t>
+  FUSED_BN_HOST_DEVICE static ParamArray of(const param_t* p) {
+    static_assert(std::is_same_v<param_t, scalar_t> || std::is_same_v<param_t, float>,
+                  "parameters are the input's dtype or float");
+    ParamArray a;
+    a.data = p;
+    a.is_float = !std::is_same_v<param_t, scalar_t>;
+    return a;
+  }
+  __device__ __forceinline__ bool defined() const { return data != nullptr; }
+  __device__ __forceinline__ double load(int64_t c) const {
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+      return static_cast<double>(static_cast<const scalar_t*>(data)[c]);
+    } else {
+      return is_float ? static_cast<double>(static_cast<const float*>(data)[c])
+                      : convert<double>(static_cast<const scalar_t*>(data)[c]);
+    }
+  }
+};
+
 __device__ __forceinline__ float fused_multiply_add(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double fused_multiply_add(double a, double b, double c) { return fma(a, b, c); }
 

@@ -79,20 +79,33 @@ cudaError_t launch_finalize(const FinalizeMomentsArgs<scalar_t, param_t>& args, 
       dim3(static_cast<unsigned>(finalize_blocks)), dim3(kFinalizeThreads), stream, args);
 }
 
-template <typename scalar_t, typename param_t>
+// Whether the epilogue (activation, residual) normalizes with the saved
+// statistics' coefficients (common::Epilogue::kCoefficientsFromSaved).
+inline bool coefficients_from_saved(const common::ActivationArgs& activation, bool has_residual) {
+  return common::with_epilogue(activation.kind, has_residual,
+                               [](auto epilogue) { return decltype(epilogue)::kCoefficientsFromSaved; });
+}
+
+// The normalize pass under the epilogue of (activation, residual): one
+// kernel per input dtype, layout, vector width and common::Epilogue of the list.
+template <typename scalar_t>
 cudaError_t launch_normalize(const Geometry& g, const scalar_t* input, const scalar_t* residual, scalar_t* output,
-                             Epilogue epilogue, const NormalizeCoefficients<acc_type<scalar_t>, param_t>& coefficients,
+                             const common::ActivationArgs& activation,
+                             const NormalizeCoefficients<acc_type<scalar_t>>& coefficients,
                              cudaStream_t stream) {
-  const int vec = pick_vector_width<scalar_t>(g, {input, output, residual});
-  return with_epilogue(epilogue, [&](auto kind) {
-    constexpr Epilogue kEpilogue = decltype(kind)::value;
-    return with_vector_width<scalar_t>(vec, [&](auto v) {
+  using acc_t = acc_type<scalar_t>;
+  return common::with_epilogue(activation.kind, residual != nullptr, [&](auto epilogue) {
+    using Epi = decltype(epilogue);
+    using A = typename Epi::Activation;
+    const NormalizeArgs<acc_t, A> args{coefficients, ActivationParams<A, acc_t>::from(activation)};
+    const int vec = pick_activation_vector_width<scalar_t, A>(g, {input, output, residual});
+    return with_activation_vector_width<scalar_t, A>(vec, [&](auto v) {
       constexpr int kVec = decltype(v)::value;
-      constexpr auto kChannelsFirst = channels_first_normalize_kernel<scalar_t, param_t, kVec, kEpilogue>;
-      constexpr auto kChannelsLast = channels_last_normalize_kernel<scalar_t, param_t, kVec, kEpilogue>;
+      constexpr auto kChannelsFirst = channels_first_normalize_kernel<scalar_t, kVec, Epi>;
+      constexpr auto kChannelsLast = channels_last_normalize_kernel<scalar_t, kVec, Epi>;
       const LaunchPlan plan = make_pass_plan<kChannelsFirst, kChannelsLast>(g, vec);
       return launch_for_layout<kChannelsFirst, kChannelsLast>(g, plan, stream, input, residual, output, g,
-                                                              plan.work_per_split, coefficients);
+                                                              plan.work_per_split, args);
     });
   });
 }
@@ -156,19 +169,19 @@ cudaError_t launch_batch_norm_train_forward(const TrainForwardParams<scalar_t, p
   args.eps = p.eps;
   args.momentum = p.momentum;
   args.cumulative_momentum = p.cumulative_momentum;
-  args.coefficients_from_saved = p.epilogue != Epilogue::kNone;
+  args.coefficients_from_saved = coefficients_from_saved(p.activation, p.residual != nullptr);
   args.gathered_moments = p.gathered_moments;
   args.ranks = p.ranks;
   err = launch_finalize(args, stream);
   if (err != cudaSuccess) return err;
 
   if (count_per_channel(g) == 0) return cudaSuccess;
-  NormalizeCoefficients<acc_t, param_t> coefficients;
+  NormalizeCoefficients<acc_t> coefficients;
   coefficients.mean_hi = ws.mean_hi;
   coefficients.mean_lo = ws.mean_lo;
   coefficients.scale = ws.scale;
   coefficients.shift = ws.shift;
-  return launch_normalize<scalar_t, param_t>(g, p.input, p.residual, p.output, p.epilogue, coefficients, stream);
+  return launch_normalize<scalar_t>(g, p.input, p.residual, p.output, p.activation, coefficients, stream);
 }
 
 template <typename scalar_t>
@@ -202,26 +215,58 @@ cudaError_t launch_batch_norm_stats(const StatsParams<scalar_t>& p, cudaStream_t
   return launch_finalize(args, stream);
 }
 
+// Eval's workspace: the per-channel coefficients, as the training forward's.
+template <typename acc_t>
+NormalizeCoefficients<acc_t> carve_eval_workspace(void* base, int64_t channels, size_t* bytes) {
+  WorkspaceCarver carver(base);
+  NormalizeCoefficients<acc_t> k;
+  k.mean_hi = carver.take<acc_t>(channels);
+  k.mean_lo = carver.take<acc_t>(channels);
+  k.scale = carver.take<acc_t>(channels);
+  k.shift = carver.take<acc_t>(channels);
+  if (bytes != nullptr) *bytes = carver.bytes();
+  return k;
+}
+
+template <typename scalar_t, typename param_t>
+size_t eval_forward_workspace_bytes(const EvalForwardParams<scalar_t, param_t>& params) {
+  using acc_t = acc_type<scalar_t>;
+  if (params.geometry.C == 0 || count_per_channel(params.geometry) == 0) return 0;
+  size_t bytes = 0;
+  carve_eval_workspace<acc_t>(nullptr, params.geometry.C, &bytes);
+  return bytes;
+}
+
 template <typename scalar_t, typename param_t>
 cudaError_t launch_batch_norm_eval_forward(const EvalForwardParams<scalar_t, param_t>& p,
                                            cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   const Geometry& g = p.geometry;
   if (g.C == 0 || count_per_channel(g) == 0) return cudaSuccess;
-  NormalizeCoefficients<acc_t, param_t> coefficients;
-  coefficients.running_mean = p.running_mean;
-  coefficients.running_var = p.running_var;
-  coefficients.weight = p.weight;
-  coefficients.bias = p.bias;
-  coefficients.eps = p.eps;
-  coefficients.from_saved = p.epilogue != Epilogue::kNone;
-  return launch_normalize<scalar_t, param_t>(g, p.input, p.residual, p.output, p.epilogue, coefficients, stream);
+  const NormalizeCoefficients<acc_t> coefficients = carve_eval_workspace<acc_t>(p.workspace, g.C, nullptr);
+  EvalCoefficientsArgs<acc_t, param_t> args;
+  args.channels = g.C;
+  args.running_mean = p.running_mean;
+  args.running_var = p.running_var;
+  args.weight = p.weight;
+  args.bias = p.bias;
+  args.eps = p.eps;
+  args.from_saved = coefficients_from_saved(p.activation, p.residual != nullptr);
+  args.mean_hi = const_cast<acc_t*>(coefficients.mean_hi);
+  args.mean_lo = const_cast<acc_t*>(coefficients.mean_lo);
+  args.scale = const_cast<acc_t*>(coefficients.scale);
+  args.shift = const_cast<acc_t*>(coefficients.shift);
+  const cudaError_t err = launch_kernel<finalize_eval_coefficients_kernel<acc_t, param_t>, kFinalizeThreads>(
+      dim3(static_cast<unsigned>(ceil_div(g.C, kFinalizeThreads))), dim3(kFinalizeThreads), stream, args);
+  if (err != cudaSuccess) return err;
+  return launch_normalize<scalar_t>(g, p.input, p.residual, p.output, p.activation, coefficients, stream);
 }
 
 #define FUSED_BN_INSTANTIATE(scalar_t, param_t) \
   template size_t train_forward_workspace_bytes<scalar_t, param_t>(const TrainForwardParams<scalar_t, param_t>&); \
   template cudaError_t launch_batch_norm_train_forward<scalar_t, param_t>(const TrainForwardParams<scalar_t, param_t>&, \
                                                                           cudaStream_t); \
+  template size_t eval_forward_workspace_bytes<scalar_t, param_t>(const EvalForwardParams<scalar_t, param_t>&); \
   template cudaError_t launch_batch_norm_eval_forward<scalar_t, param_t>(const EvalForwardParams<scalar_t, param_t>&, \
                                                                          cudaStream_t);
 

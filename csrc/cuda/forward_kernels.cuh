@@ -9,6 +9,7 @@
 #include "traversals.cuh"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fused_bn {
 namespace cuda {
@@ -154,8 +155,9 @@ struct FinalizeMomentsArgs {
   double eps;
   double momentum;
   bool cumulative_momentum;
-  // An epilogue normalizes with the coefficients of the saved statistics
-  // (mean_lo 0), which its backward recomputes (epilogue_input).
+  // An activation other than the identity normalizes with the coefficients
+  // of the saved statistics (mean_lo 0), which its backward recomputes
+  // (Epilogue::kCoefficientsFromSaved, epilogue_input).
   bool coefficients_from_saved = false;
   // batch_norm_train_with_stats: the moments are all ranks' exchanged ones,
   // gathered_moments[ranks][C][3], merged in rank order; no partials, no input.
@@ -257,85 +259,131 @@ __global__ void increment_counter_kernel(int64_t* counter) { *counter += 1; }
 // ---------------------------------------------------------------------------
 // Normalize: y = ((x - mean_hi) - mean_lo) * scale + shift, in acc_t.
 
+// Eval: the coefficients of the running statistics, one thread per channel,
+// into the workspace (what the training forward's finalize pass leaves
+// there). A launch of its own keeps the double sqrt and division of
+// inverse_std, which call out to slow-path subroutines, out of the hot
+// normalize kernels: across such a call few registers survive, and deriving
+// them per thread there made ptxas spill (and instantiate every normalize
+// kernel per parameter dtype).
 template <typename acc_t, typename param_t>
+struct EvalCoefficientsArgs {
+  int64_t channels;
+  const param_t* running_mean;
+  const param_t* running_var;
+  const param_t* weight;  // nullable: 1
+  const param_t* bias;    // nullable: 0
+  double eps;
+  // An activation's eval (Epilogue::kCoefficientsFromSaved) normalizes with
+  // the statistics its backward gets, the mean and invstd rounded to acc_t
+  // (fused_bn/_autograd.py), so the recomputed z is the forward's.
+  bool from_saved;
+  acc_t* mean_hi;
+  acc_t* mean_lo;
+  acc_t* scale;
+  acc_t* shift;
+};
+
+template <typename acc_t, typename param_t>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_eval_coefficients_kernel(const EvalCoefficientsArgs<acc_t, param_t> args) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= args.channels) return;
+  const double w = args.weight != nullptr ? convert<double>(args.weight[c]) : 1.0;
+  double invstd = common::inverse_std(convert<double>(args.running_var[c]), args.eps);
+  if (args.from_saved) invstd = static_cast<double>(static_cast<acc_t>(invstd));
+  args.mean_hi[c] = convert<acc_t>(args.running_mean[c]);
+  args.mean_lo[c] = acc_t(0);
+  args.scale[c] = static_cast<acc_t>(invstd * w);
+  args.shift[c] = args.bias != nullptr ? convert<acc_t>(args.bias[c]) : acc_t(0);
+}
+
+// The normalize pass's per-channel coefficients (the finalize kernel's, or
+// the eval coefficients kernel's), in acc_t.
+template <typename acc_t>
 struct NormalizeCoefficients {
-  // Training: the finalize kernel's per-channel coefficients.
   const acc_t* mean_hi = nullptr;
   const acc_t* mean_lo = nullptr;
   const acc_t* scale = nullptr;
   const acc_t* shift = nullptr;
-  // Eval (mean_hi == nullptr): derived per thread from the running statistics,
-  // which saves a launch.
-  const param_t* running_mean = nullptr;
-  const param_t* running_var = nullptr;
-  const param_t* weight = nullptr;
-  const param_t* bias = nullptr;
-  double eps = 0.0;
-  // An epilogue's eval normalizes with the statistics its backward gets, the
-  // mean and invstd rounded to acc_t (fused_bn/_autograd.py), so the
-  // recomputed mask is the forward's.
-  bool from_saved = false;
 
   __device__ __forceinline__ void load(int64_t c, acc_t& hi, acc_t& lo, acc_t& sc, acc_t& sh) const {
-    if (mean_hi != nullptr) {
-      hi = mean_hi[c];
-      lo = mean_lo[c];
-      sc = scale[c];
-      sh = shift[c];
-      return;
-    }
-    const double w = weight != nullptr ? convert<double>(weight[c]) : 1.0;
-    double invstd = common::inverse_std(convert<double>(running_var[c]), eps);
-    if (from_saved) invstd = static_cast<double>(static_cast<acc_t>(invstd));
-    hi = convert<acc_t>(running_mean[c]);
-    lo = acc_t(0);
-    sc = static_cast<acc_t>(invstd * w);
-    sh = bias != nullptr ? convert<acc_t>(bias[c]) : acc_t(0);
+    hi = mean_hi[c];
+    lo = mean_lo[c];
+    sc = scale[c];
+    sh = shift[c];
   }
 };
 
-// One channel's normalize, y = ((x - mean_hi) - mean_lo) * scale + shift, or
-// with an epilogue y = apply_epilogue(epilogue_input(x, mean_hi, scale,
-// shift), residual) (mean_lo is 0 there: the saved statistics' coefficients).
-template <typename scalar_t, typename param_t, Epilogue kEpilogue>
+// The normalize kernels' per-channel source: the coefficients, and the
+// epilogue's activation parameters (in acc_t, converted on the host).
+template <typename acc_t, typename A>
+struct NormalizeArgs {
+  NormalizeCoefficients<acc_t> coefficients;
+  ActivationParams<A, acc_t> params;
+};
+
+// One channel's normalize under Epi (common::Epilogue): plain batch norm is
+// y = ((x - mean_hi) - mean_lo) * scale + shift; an activation other than the
+// identity gets z = epilogue_input(x, mean_hi, scale, shift) (mean_lo is 0
+// there: the saved statistics' coefficients), the identity with a residual
+// keeps the accurate form; then y = apply_epilogue(z, residual), rounded once.
+template <typename scalar_t, class Epi>
 struct NormalizeChannel {
   using acc_t = acc_type<scalar_t>;
-  using Source = NormalizeCoefficients<acc_t, param_t>;
+  using A = typename Epi::Activation;
+  using Source = NormalizeArgs<acc_t, A>;
   acc_t mean_hi, mean_lo, scale, shift;
-  __device__ __forceinline__ static NormalizeChannel of_channel(const Source& coefficients, int64_t c) {
+  ActivationParams<A, acc_t> params;
+  __device__ __forceinline__ static NormalizeChannel of_channel(const Source& source, int64_t c) {
     NormalizeChannel op;
-    coefficients.load(c, op.mean_hi, op.mean_lo, op.scale, op.shift);
+    source.coefficients.load(c, op.mean_hi, op.mean_lo, op.scale, op.shift);
+    op.params = source.params;
     return op;
   }
   __device__ __forceinline__ scalar_t operator()(scalar_t x, scalar_t residual) const {
-    if constexpr (kEpilogue == Epilogue::kNone) {
-      return convert<scalar_t>(((convert<acc_t>(x) - mean_hi) - mean_lo) * scale + shift);
+    if constexpr (Epi::kCoefficientsFromSaved) {
+      return convert<scalar_t>(apply_epilogue<Epi>(epilogue_input(convert<acc_t>(x), mean_hi, scale, shift),
+                                                   convert<acc_t>(residual), params));
     } else {
-      return convert<scalar_t>(
-          apply_epilogue<kEpilogue>(epilogue_input(convert<acc_t>(x), mean_hi, scale, shift), convert<acc_t>(residual)));
+      const acc_t z = ((convert<acc_t>(x) - mean_hi) - mean_lo) * scale + shift;
+      if constexpr (Epi::kPlain) {
+        (void)residual;
+        return convert<scalar_t>(z);
+      } else {
+        return convert<scalar_t>(apply_epilogue<Epi>(z, convert<acc_t>(residual), params));
+      }
     }
   }
 };
 
-// The residual (kAddRelu only) is laid out as the input.
-template <typename scalar_t, typename param_t, int kVec, Epilogue kEpilogue>
+// Groups of vectors a normalize thread loads before using any of them:
+// kUnroll for plain batch norm and the identity with a residual (pure
+// streaming, as before activations), 2 under an activation, as the backward's
+// two-input kernels (kDualUnroll). An activation's arithmetic bounds those
+// kernels more than the loads in flight do; 2 groups leave fewer values live
+// across the slow-path subroutines of its math, and half the code per kernel
+// (there are 16 such epilogues per dtype, layout and width to build).
+template <class Epi>
+constexpr int kNormalizeSteps = std::is_same_v<typename Epi::Activation, common::Identity> ? kUnroll : 2;
+
+// The residual (Epi::kHasResidual only) is laid out as the input.
+template <typename scalar_t, int kVec, class Epi>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_first_normalize_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ residual,
                                     scalar_t* __restrict__ output, Geometry geometry, int64_t vectors_per_split,
-                                    const NormalizeCoefficients<acc_type<scalar_t>, param_t> coefficients) {
-  channels_first_element_pass<NormalizeChannel<scalar_t, param_t, kEpilogue>, scalar_t, kVec, kUnroll,
-                              kEpilogue == Epilogue::kAddRelu ? 2 : 1>(input, residual, output, geometry,
-                                                                      vectors_per_split, coefficients);
+                                    const NormalizeArgs<acc_type<scalar_t>, typename Epi::Activation> args) {
+  channels_first_element_pass<NormalizeChannel<scalar_t, Epi>, scalar_t, kVec, kNormalizeSteps<Epi>,
+                              Epi::kHasResidual ? 2 : 1>(input, residual, output, geometry, vectors_per_split, args);
 }
 
-template <typename scalar_t, typename param_t, int kVec, Epilogue kEpilogue>
+template <typename scalar_t, int kVec, class Epi>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_last_normalize_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ residual,
                                    scalar_t* __restrict__ output, Geometry geometry, int64_t rows_per_split,
-                                   const NormalizeCoefficients<acc_type<scalar_t>, param_t> coefficients) {
-  channels_last_element_pass<NormalizeChannel<scalar_t, param_t, kEpilogue>, scalar_t, kVec, kUnroll,
-                             kEpilogue == Epilogue::kAddRelu ? 2 : 1>(input, residual, output, geometry,
-                                                                     rows_per_split, coefficients);
+                                   const NormalizeArgs<acc_type<scalar_t>, typename Epi::Activation> args) {
+  channels_last_element_pass<NormalizeChannel<scalar_t, Epi>, scalar_t, kVec, kNormalizeSteps<Epi>,
+                             Epi::kHasResidual ? 2 : 1>(input, residual, output, geometry, rows_per_split, args);
 }
 
 }  // namespace detail

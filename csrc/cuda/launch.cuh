@@ -109,6 +109,37 @@ cudaError_t with_vector_width(const LaunchPlan& plan, F&& f) {
   return with_vector_width<scalar_t>(plan.vec, f);
 }
 
+// Whether a pass applying activation A per element (its forward or its
+// derivative) uses 16-byte vectors: not for float64 under an activation other
+// than the identity. Its FP64 math calls slow-path subroutines (division,
+// exp), across which few registers survive; two values per vector made ptxas
+// spill there, one does not (and FP64 activations bound those kernels more
+// than the width of their loads).
+template <typename scalar_t, typename A>
+constexpr bool kActivationVectors = !(std::is_same_v<scalar_t, double> && !std::is_same_v<A, common::Identity>);
+
+// pick_vector_width, or 1 where kActivationVectors says no.
+template <typename scalar_t, typename A>
+int pick_activation_vector_width(const Geometry& geometry, std::initializer_list<const void*> pointers) {
+  if constexpr (!kActivationVectors<scalar_t, A>) {
+    return 1;
+  } else {
+    return pick_vector_width<scalar_t>(geometry, pointers);
+  }
+}
+
+// with_vector_width for a pass applying activation A: only kVec = 1 is
+// instantiated where kActivationVectors says no.
+template <typename scalar_t, typename A, typename F>
+auto with_activation_vector_width(int vec, F&& f) {
+  if constexpr (!kActivationVectors<scalar_t, A>) {
+    (void)vec;
+    return f(std::integral_constant<int, 1>{});
+  } else {
+    return with_vector_width<scalar_t>(vec, f);
+  }
+}
+
 // The plan of a pass whose kernels are kChannelsFirst and kChannelsLast (one
 // vector width's), sized by the occupancy of the one that runs.
 template <auto kChannelsFirst, auto kChannelsLast>
@@ -118,31 +149,11 @@ LaunchPlan make_pass_plan(const Geometry& g, int vec) {
   return make_plan(g, vec, resident);
 }
 
-// f(std::integral_constant<Epilogue, e>) and f(std::integral_constant<GradMask,
-// m>): a runtime epilogue or mask as the constant the kernels are templated on.
-template <typename F>
-auto with_epilogue(Epilogue e, F&& f) {
-  switch (e) {
-    case Epilogue::kRelu:
-      return f(std::integral_constant<Epilogue, Epilogue::kRelu>{});
-    case Epilogue::kAddRelu:
-      return f(std::integral_constant<Epilogue, Epilogue::kAddRelu>{});
-    default:
-      return f(std::integral_constant<Epilogue, Epilogue::kNone>{});
-  }
-}
-
-template <typename F>
-auto with_grad_mask(GradMask m, F&& f) {
-  switch (m) {
-    case GradMask::kReluOfInput:
-      return f(std::integral_constant<GradMask, GradMask::kReluOfInput>{});
-    case GradMask::kReluOfOutput:
-      return f(std::integral_constant<GradMask, GradMask::kReluOfOutput>{});
-    default:
-      return f(std::integral_constant<GradMask, GradMask::kNone>{});
-  }
-}
+// Epilogues and gradient sources are dispatched by csrc/common/epilogue.h's
+// common::with_epilogue and common::with_activation + common::with_grad_source,
+// which expand FUSED_BN_ACTIVATIONS: every kernel templated on an activation
+// is instantiated from that list (and FUSED_BN_CUDA_DTYPE_PAIRS), and a kind
+// outside it aborts instead of running another epilogue.
 
 // Carves typed arrays out of the caller's workspace. Run with a null base it
 // only measures, so the byte count and the launch agree by construction.

@@ -8,9 +8,11 @@
 #include <c10/util/Optional.h>
 
 #include <initializer_list>
+#include <string>
 #include <utility>
 #include <vector>
 
+#include "../common/activation.h"
 #include "../common/channel_math.h"
 
 namespace fused_bn {
@@ -131,11 +133,37 @@ inline void check_like_input(const at::Tensor& t, const char* name, const at::Te
               " is on ", t.device(), " and input is on ", input.device());
 }
 
-// The forward epilogue's arguments: a residual is added only before a ReLU.
-inline void check_epilogue(bool relu, const c10::optional<at::Tensor>& residual, const at::Tensor& input) {
-  if (!residual.has_value() || !residual->defined()) return;
-  TORCH_CHECK(relu, "batch_norm: a residual is supported only with relu=True (relu(batch_norm(x) + residual))");
-  check_like_input(*residual, "residual", input);
+// The epilogue's activation from the ops' arguments (its name and parameters,
+// as fused_bn/_activations.py passes them), checked against the one list of
+// activations (csrc/common/activation.h).
+inline common::ActivationArgs parse_activation(c10::string_view name, at::ArrayRef<double> params) {
+  common::ActivationArgs args;
+  bool found = false;
+  int expected_params = 0;
+  std::string supported;
+#define FUSED_BN_ACTIVATION_NAME(Type, enumerator)                      \
+  supported += std::string(supported.empty() ? "" : ", ") + common::Type::kName; \
+  if (name == common::Type::kName) {                                    \
+    args.kind = common::Activation::enumerator;                         \
+    expected_params = common::Type::kParamCount;                        \
+    found = true;                                                       \
+  }
+  FUSED_BN_ACTIVATIONS(FUSED_BN_ACTIVATION_NAME)
+#undef FUSED_BN_ACTIVATION_NAME
+  TORCH_CHECK_VALUE(found, "batch_norm: unsupported activation '", std::string(name), "'; supported: ", supported);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == expected_params, "batch_norm: activation '",
+                    std::string(name), "' takes ", expected_params, " parameter(s), got ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) args.params[i] = params[i];
+  if (args.kind == common::Activation::kHardtanh) {
+    // nn.Hardtanh's own check.
+    TORCH_CHECK_VALUE(args.params[1] > args.params[0], "max_val must be greater than min_val");
+  }
+  return args;
+}
+
+// A residual added before the activation: shaped, typed and placed as the input.
+inline void check_residual(const c10::optional<at::Tensor>& residual, const at::Tensor& input) {
+  if (residual.has_value() && residual->defined()) check_like_input(*residual, "residual", input);
 }
 
 // Per-channel statistics exchanged between data-parallel ranks

@@ -41,19 +41,19 @@ inline PreparedInput prepare(const at::Tensor& input) {
   return {x, format, g};
 }
 
-// The forward's epilogue, and its residual in the input's layout (undefined
-// when there is none).
+// The forward's epilogue: its activation, and its residual in the input's
+// layout (undefined when there is none).
 struct PreparedEpilogue {
-  common::Epilogue kind;
+  common::ActivationArgs activation;
   at::Tensor residual;
+  bool has_residual() const { return residual.defined(); }
 };
 
-inline PreparedEpilogue prepare_epilogue(bool relu, const c10::optional<at::Tensor>& residual,
-                                         const PreparedInput& in) {
-  if (residual.has_value() && residual->defined()) {
-    return {common::Epilogue::kAddRelu, residual->contiguous(in.format)};
-  }
-  return {relu ? common::Epilogue::kRelu : common::Epilogue::kNone, at::Tensor()};
+inline PreparedEpilogue prepare_epilogue(c10::string_view activation, at::ArrayRef<double> activation_params,
+                                         const c10::optional<at::Tensor>& residual, const PreparedInput& in) {
+  const common::ActivationArgs args = parse_activation(activation, activation_params);
+  if (residual.has_value() && residual->defined()) return {args, residual->contiguous(in.format)};
+  return {args, at::Tensor()};
 }
 
 }  // namespace fused_bn

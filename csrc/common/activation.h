@@ -1,0 +1,335 @@
+// Every activation an epilogue can apply after batch norm, each defined once
+// for both devices (no torch, no CUDA runtime): its forward act(u), its
+// derivative applied to a gradient, g · act'(u), its parameters as a small
+// struct, and whether that derivative can be taken from the output instead
+// (kGradFromOutput: act'(act(u)) = act'(u) for every u, which holds for the
+// piecewise-linear activations whose kinks are fixed points; ELU's
+// derivative is a function of y too, y + alpha, but not act'(y), so a
+// recorded double backward could not use it: it recomputes u). The CPU kernels
+// instantiate these with vectors (csrc/cpu/epilogue.h, at::vec), the CUDA
+// kernels and the CPU's scalar paths with scalars (ScalarMath below).
+//
+// Adding an activation: one struct here and one line in FUSED_BN_ACTIVATIONS;
+// both devices' dispatch and instantiation expand that list, and Python's
+// table (fused_bn/_activations.py) gives it a public name.
+//
+// The definitions are written against a math policy M, which provides
+//   M::T, M::V          the accumulation type and the value type (T or a vector of T)
+//   M::splat(T) -> V    a constant
+//   M::select(m, a, b)  a where the mask m (a comparison of Vs) holds, else b
+//   M::fma(a, b, c)     a · b + c, one rounding
+//   M::exp, expm1, erf, tanh, log1p
+// Comparisons are false for NaN, so each formula's NaN behaviour is the one
+// PyTorch's kernels give (written next to each).
+#pragma once
+
+#include <cmath>
+#include <cstdlib>
+
+#include "host_device.h"
+
+namespace fused_bn {
+namespace common {
+
+// X(Type, enumerator) for every activation, in the order of the enumeration.
+#define FUSED_BN_ACTIVATIONS(X) \
+  X(Identity, kIdentity)        \
+  X(Relu, kRelu)                \
+  X(Hardtanh, kHardtanh)        \
+  X(LeakyRelu, kLeakyRelu)      \
+  X(Elu, kElu)                  \
+  X(Silu, kSilu)                \
+  X(Hardswish, kHardswish)      \
+  X(Gelu, kGelu)                \
+  X(GeluTanh, kGeluTanh)
+
+enum class Activation : int {
+#define FUSED_BN_ACTIVATION_ENUMERATOR(Type, kind) kind,
+  FUSED_BN_ACTIVATIONS(FUSED_BN_ACTIVATION_ENUMERATOR)
+#undef FUSED_BN_ACTIVATION_ENUMERATOR
+};
+
+constexpr int kMaxActivationParams = 2;
+
+// An epilogue's activation as the glue hands it to the kernels: its kind and
+// its parameters in double, in the order of the activation's kParamNames.
+struct ActivationArgs {
+  Activation kind = Activation::kIdentity;
+  double params[kMaxActivationParams] = {0.0, 0.0};
+};
+
+// No parameters.
+template <typename T>
+struct NoParams {
+  FUSED_BN_HOST_DEVICE static NoParams from(const ActivationArgs&) { return {}; }
+};
+
+struct Identity {
+  static constexpr Activation kKind = Activation::kIdentity;
+  static constexpr const char* kName = "identity";
+  static constexpr int kParamCount = 0;
+  static constexpr bool kGradFromOutput = false;  // no derivative to take
+  template <typename T>
+  using Params = NoParams<T>;
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
+    return u;
+  }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V&,
+                                                  const Params<typename M::T>&) {
+    return g;
+  }
+};
+
+// max(u, 0), NaN kept (torch.relu). Derivative: g where u > 0 (a NaN u gives
+// 0).
+struct Relu {
+  static constexpr Activation kKind = Activation::kRelu;
+  static constexpr const char* kName = "relu";
+  static constexpr int kParamCount = 0;
+  static constexpr bool kGradFromOutput = true;
+  template <typename T>
+  using Params = NoParams<T>;
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
+    return M::select(u < M::splat(0), M::splat(0), u);
+  }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
+                                                  const Params<typename M::T>&) {
+    return M::select(u > M::splat(0), g, M::splat(0));
+  }
+  static bool grad_from_output_allowed(const ActivationArgs&) { return true; }
+};
+
+// clamp(u, min_val, max_val) (nn.Hardtanh; ReLU6 is hardtanh(0, 6)), NaN
+// kept. Derivative: 0 where u <= min_val or u >= max_val, g elsewhere (NaN
+// included), as hardtanh_backward.
+struct Hardtanh {
+  static constexpr Activation kKind = Activation::kHardtanh;
+  static constexpr const char* kName = "hardtanh";
+  static constexpr int kParamCount = 2;  // min_val, max_val
+  static constexpr bool kGradFromOutput = true;
+  template <typename T>
+  struct Params {
+    T min_val, max_val;
+    FUSED_BN_HOST_DEVICE static Params from(const ActivationArgs& a) {
+      return {static_cast<T>(a.params[0]), static_cast<T>(a.params[1])};
+    }
+  };
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>& p) {
+    const auto lo = M::splat(p.min_val), hi = M::splat(p.max_val);
+    return M::select(u < lo, lo, M::select(u > hi, hi, u));
+  }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
+                                                  const Params<typename M::T>& p) {
+    const auto zero = M::splat(0);
+    return M::select(u <= M::splat(p.min_val), zero, M::select(u >= M::splat(p.max_val), zero, g));
+  }
+  static bool grad_from_output_allowed(const ActivationArgs&) { return true; }
+};
+
+// u where u > 0, else u · negative_slope (NaN kept). Derivative g or
+// g · negative_slope by the same test; y > 0 exactly where u > 0 when the
+// slope is not negative (the condition for taking it from y).
+struct LeakyRelu {
+  static constexpr Activation kKind = Activation::kLeakyRelu;
+  static constexpr const char* kName = "leaky_relu";
+  static constexpr int kParamCount = 1;  // negative_slope
+  static constexpr bool kGradFromOutput = true;
+  template <typename T>
+  struct Params {
+    T negative_slope;
+    FUSED_BN_HOST_DEVICE static Params from(const ActivationArgs& a) { return {static_cast<T>(a.params[0])}; }
+  };
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>& p) {
+    return M::select(u > M::splat(0), u, u * M::splat(p.negative_slope));
+  }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
+                                                  const Params<typename M::T>& p) {
+    return M::select(u > M::splat(0), g, g * M::splat(p.negative_slope));
+  }
+  static bool grad_from_output_allowed(const ActivationArgs& a) { return a.params[0] >= 0.0; }
+};
+
+// u where u > 0, else alpha · (exp(u) − 1) (nn.ELU; a NaN u gives NaN).
+// Derivative: g · alpha · exp(u) where u <= 0, else g (NaN: g), as
+// elu_backward.
+struct Elu {
+  static constexpr Activation kKind = Activation::kElu;
+  static constexpr const char* kName = "elu";
+  static constexpr int kParamCount = 1;  // alpha
+  static constexpr bool kGradFromOutput = false;
+  template <typename T>
+  struct Params {
+    T alpha;
+    FUSED_BN_HOST_DEVICE static Params from(const ActivationArgs& a) { return {static_cast<T>(a.params[0])}; }
+  };
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>& p) {
+    return M::select(u > M::splat(0), u, M::expm1(u) * M::splat(p.alpha));
+  }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
+                                                  const Params<typename M::T>& p) {
+    return M::select(u <= M::splat(0), g * (M::splat(p.alpha) * M::exp(u)), g);
+  }
+};
+
+// u · σ(u) = u / (1 + exp(−u)) (nn.SiLU). Derivative: g · σ(u) · (1 + u · (1 − σ(u))).
+struct Silu {
+  static constexpr Activation kKind = Activation::kSilu;
+  static constexpr const char* kName = "silu";
+  static constexpr int kParamCount = 0;
+  static constexpr bool kGradFromOutput = false;
+  template <typename T>
+  using Params = NoParams<T>;
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
+    return u / (M::splat(1) + M::exp(M::splat(0) - u));
+  }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
+                                                  const Params<typename M::T>&) {
+    const auto one = M::splat(1);
+    const auto sigmoid = one / (one + M::exp(M::splat(0) - u));
+    return g * sigmoid * (one + u * (one - sigmoid));
+  }
+};
+
+// u · clamp(u + 3, 0, 6) / 6 (nn.Hardswish; NaN kept). Derivative: 0 where
+// u < −3, g · (u / 3 + 0.5) where u <= 3, else g (NaN: g), as hardswish_backward.
+struct Hardswish {
+  static constexpr Activation kKind = Activation::kHardswish;
+  static constexpr const char* kName = "hardswish";
+  static constexpr int kParamCount = 0;
+  static constexpr bool kGradFromOutput = false;
+  template <typename T>
+  using Params = NoParams<T>;
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
+    const auto zero = M::splat(0), six = M::splat(6);
+    const auto shifted = u + M::splat(3);
+    const auto clamped = M::select(shifted < zero, zero, M::select(shifted > six, six, shifted));
+    return u * clamped / six;
+  }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
+                                                  const Params<typename M::T>&) {
+    const auto three = M::splat(3);
+    return M::select(u < M::splat(-3), M::splat(0),
+                     M::select(u <= three, g * (u / three + M::splat(0.5)), g));
+  }
+};
+
+// u · Φ(u) = u · (1 + erf(u / √2)) / 2 (nn.GELU(approximate="none")).
+// Derivative: g · (Φ(u) + u · φ(u)), φ(u) = exp(−u²/2) / √(2π).
+struct Gelu {
+  static constexpr Activation kKind = Activation::kGelu;
+  static constexpr const char* kName = "gelu";
+  static constexpr int kParamCount = 0;
+  static constexpr bool kGradFromOutput = false;
+  template <typename T>
+  using Params = NoParams<T>;
+  static constexpr double kSqrtHalf = 0.70710678118654752440;         // 1/√2
+  static constexpr double kInvSqrtTwoPi = 0.39894228040143267794;     // 1/√(2π)
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
+    const auto half = M::splat(0.5);
+    return u * half * (M::splat(1) + M::erf(u * M::splat(kSqrtHalf)));
+  }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
+                                                  const Params<typename M::T>&) {
+    const auto half = M::splat(0.5);
+    const auto cdf = half * (M::splat(1) + M::erf(u * M::splat(kSqrtHalf)));
+    const auto pdf = M::exp(u * u * M::splat(-0.5)) * M::splat(kInvSqrtTwoPi);
+    return g * (cdf + u * pdf);
+  }
+};
+
+// u · (1 + tanh(√(2/π) · (u + 0.044715 · u³))) / 2 (nn.GELU(approximate="tanh")),
+// and its derivative as gelu_backward writes it.
+struct GeluTanh {
+  static constexpr Activation kKind = Activation::kGeluTanh;
+  static constexpr const char* kName = "gelu_tanh";
+  static constexpr int kParamCount = 0;
+  static constexpr bool kGradFromOutput = false;
+  template <typename T>
+  using Params = NoParams<T>;
+  static constexpr double kBeta = 0.79788456080286535588;  // √(2/π)
+  static constexpr double kKappa = 0.044715;
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
+    const auto inner = M::splat(kBeta) * (u + M::splat(kKappa) * u * u * u);
+    return M::splat(0.5) * u * (M::splat(1) + M::tanh(inner));
+  }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
+                                                  const Params<typename M::T>&) {
+    const auto one = M::splat(1), half = M::splat(0.5);
+    const auto u_sq = u * u;
+    const auto tanh_inner = M::tanh(M::splat(kBeta) * (u + M::splat(kKappa) * u_sq * u));
+    const auto left_derivative = half * (one + tanh_inner);
+    const auto right_derivative = half * u * (one - tanh_inner * tanh_inner);
+    const auto inner_derivative = M::splat(kBeta) * (one + M::splat(3 * kKappa) * u_sq);
+    return g * (left_derivative + right_derivative * inner_derivative);
+  }
+};
+
+// Calls f(A{}) with A the activation's struct. The switch lists every
+// enumerator (both expand FUSED_BN_ACTIVATIONS), so none can be missed; a
+// value outside the enumeration (a bad cast) aborts rather than run another
+// epilogue. Host code: the glue has validated the kind by then.
+template <typename F>
+decltype(auto) with_activation(Activation kind, F&& f) {
+  switch (kind) {
+#define FUSED_BN_ACTIVATION_CASE(Type, enumerator) \
+  case Activation::enumerator:                     \
+    return f(Type{});
+    FUSED_BN_ACTIVATIONS(FUSED_BN_ACTIVATION_CASE)
+#undef FUSED_BN_ACTIVATION_CASE
+  }
+  std::abort();
+}
+
+// Scalar math for the activations (the CUDA kernels, the CPU's scalar paths):
+// float or double, host or device.
+template <typename Acc>
+struct ScalarMath {
+  using T = Acc;
+  using V = Acc;
+  FUSED_BN_HOST_DEVICE static V splat(double v) { return static_cast<V>(v); }
+  FUSED_BN_HOST_DEVICE static V select(bool mask, V a, V b) { return mask ? a : b; }
+  FUSED_BN_HOST_DEVICE static V fma(V a, V b, V c);
+  FUSED_BN_HOST_DEVICE static V exp(V v);
+  FUSED_BN_HOST_DEVICE static V expm1(V v);
+  FUSED_BN_HOST_DEVICE static V erf(V v);
+  FUSED_BN_HOST_DEVICE static V tanh(V v);
+  FUSED_BN_HOST_DEVICE static V log1p(V v);
+};
+
+#define FUSED_BN_SCALAR_MATH(type, fma_fn, exp_fn, expm1_fn, erf_fn, tanh_fn, log1p_fn)                         \
+  template <>                                                                                                     \
+  FUSED_BN_HOST_DEVICE inline type ScalarMath<type>::fma(type a, type b, type c) { return ::fma_fn(a, b, c); }    \
+  template <>                                                                                                     \
+  FUSED_BN_HOST_DEVICE inline type ScalarMath<type>::exp(type v) { return ::exp_fn(v); }                          \
+  template <>                                                                                                     \
+  FUSED_BN_HOST_DEVICE inline type ScalarMath<type>::expm1(type v) { return ::expm1_fn(v); }                      \
+  template <>                                                                                                     \
+  FUSED_BN_HOST_DEVICE inline type ScalarMath<type>::erf(type v) { return ::erf_fn(v); }                          \
+  template <>                                                                                                     \
+  FUSED_BN_HOST_DEVICE inline type ScalarMath<type>::tanh(type v) { return ::tanh_fn(v); }                        \
+  template <>                                                                                                     \
+  FUSED_BN_HOST_DEVICE inline type ScalarMath<type>::log1p(type v) { return ::log1p_fn(v); }
+FUSED_BN_SCALAR_MATH(float, fmaf, expf, expm1f, erff, tanhf, log1pf)
+FUSED_BN_SCALAR_MATH(double, fma, exp, expm1, erf, tanh, log1p)
+#undef FUSED_BN_SCALAR_MATH
+
+}  // namespace common
+}  // namespace fused_bn

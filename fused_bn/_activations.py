@@ -1,0 +1,110 @@
+"""The one table of the activations fused_bn fuses after batch norm: public
+names and nn modules -> what the kernels take (an activation of
+csrc/common/activation.h and its parameters), and back (the nn module and
+the differentiable reference used by double backward and forward AD).
+
+Adding an activation: its struct and list entry in csrc/common/activation.h,
+one row in ``_ACTIVATIONS`` here.
+"""
+import functools
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._extension import ops
+
+
+class Activation(NamedTuple):
+    """An activation as the ops take it: ``name`` is the kernels' name, ``params``
+    its parameters (floats) in that activation's order."""
+    name: str
+    params: Tuple[float, ...] = ()
+
+    @property
+    def is_identity(self) -> bool:
+        return self.name == "identity"
+
+    def module(self) -> nn.Module:
+        """The nn module computing this activation (``nn.Identity`` for none)."""
+        return _BY_KERNEL_NAME[self.name].module(*self.params)
+
+    def reference(self, u: torch.Tensor) -> torch.Tensor:
+        """The activation of ``u`` with differentiable ATen ops (PyTorch's own
+        derivatives): what double backward and forward AD differentiate."""
+        return _BY_KERNEL_NAME[self.name].function(u, *self.params)
+
+
+class _Row(NamedTuple):
+    kernel_name: str           # csrc/common/activation.h's kName
+    defaults: Tuple[float, ...]  # the parameters a bare name gets
+    module_type: type          # the nn module, matched by exact type
+    module: Callable           # params -> an nn module
+    function: Callable         # (u, *params) -> the activation with differentiable ops
+    from_module: Callable      # nn module -> params
+
+
+# public name -> row. relu6 is hardtanh(0, 6) in the kernels, as in nn.
+_ACTIVATIONS = {
+    "identity": _Row("identity", (), nn.Identity, nn.Identity, lambda u: u, lambda m: ()),
+    "relu": _Row("relu", (), nn.ReLU, nn.ReLU, F.relu, lambda m: ()),
+    "relu6": _Row("hardtanh", (0.0, 6.0), nn.ReLU6, lambda lo, hi: nn.ReLU6(), F.hardtanh, lambda m: (0.0, 6.0)),
+    "hardtanh": _Row("hardtanh", (-1.0, 1.0), nn.Hardtanh, nn.Hardtanh, F.hardtanh,
+                     lambda m: (float(m.min_val), float(m.max_val))),
+    "leaky_relu": _Row("leaky_relu", (0.01,), nn.LeakyReLU, nn.LeakyReLU, F.leaky_relu,
+                       lambda m: (float(m.negative_slope),)),
+    "elu": _Row("elu", (1.0,), nn.ELU, nn.ELU, F.elu, lambda m: (float(m.alpha),)),
+    "silu": _Row("silu", (), nn.SiLU, nn.SiLU, F.silu, lambda m: ()),
+    "hardswish": _Row("hardswish", (), nn.Hardswish, nn.Hardswish, F.hardswish, lambda m: ()),
+    "gelu": _Row("gelu", (), nn.GELU, nn.GELU, F.gelu, lambda m: ()),
+    "gelu_tanh": _Row("gelu_tanh", (), nn.GELU, lambda: nn.GELU(approximate="tanh"),
+                      lambda u: F.gelu(u, approximate="tanh"), lambda m: ()),
+}
+# kernel name -> its row (hardtanh(0, 6) becomes nn.Hardtanh(0, 6) again,
+# which computes what nn.ReLU6 does).
+_BY_KERNEL_NAME = {name: row for name, row in _ACTIVATIONS.items() if row.kernel_name == name}
+
+SUPPORTED = tuple(_ACTIVATIONS)
+IDENTITY = Activation("identity")
+
+
+def _from_module(module: nn.Module) -> Optional[Activation]:
+    if type(module) is nn.GELU:
+        return Activation("gelu_tanh" if module.approximate == "tanh" else "gelu")
+    for row in _ACTIVATIONS.values():
+        if type(module) is row.module_type and row.kernel_name != "gelu_tanh":
+            return Activation(row.kernel_name, row.from_module(module))
+    return None
+
+
+def resolve(activation) -> Activation:
+    """The ``Activation`` for what a user passes as ``activation=``: None (no
+    activation), a name of ``SUPPORTED`` (with nn's default parameters), an
+    nn activation module (its parameters carried over; ``inplace`` does not
+    matter, the kernels write a new output), or an ``Activation``."""
+    if activation is None:
+        return IDENTITY
+    if isinstance(activation, Activation):
+        return activation
+    if isinstance(activation, str):
+        row = _ACTIVATIONS.get(activation)
+        if row is not None:
+            return Activation(row.kernel_name, row.defaults)
+    elif isinstance(activation, nn.Module):
+        resolved = _from_module(activation)
+        if resolved is not None:
+            return resolved
+    raise ValueError(
+        f"unsupported activation {activation!r}: fused_bn fuses one of {', '.join(SUPPORTED)} "
+        "(by name, or as the nn module: nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.ELU, "
+        "nn.SiLU, nn.Hardswish, nn.GELU, nn.Identity)")
+
+
+@functools.lru_cache(maxsize=None)
+def grad_from_output(activation: Activation) -> bool:
+    """Whether the kernels take this activation's derivative from the
+    forward's output (csrc/common/activation.h's kGradFromOutput and its
+    parameter condition), so that with a residual autograd saves y rather than
+    the residual."""
+    return ops.activation_grad_from_output(activation.name, list(activation.params))

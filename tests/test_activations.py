@@ -1,0 +1,419 @@
+"""Every fused activation, with and without a residual: parity with nn's
+composite (nn's batch norm, then + residual, then nn's activation module)
+under the accuracy rule (tests/_accuracy.py), on every rank, precision and
+layout; gradcheck, gradgradcheck and forward AD in float64; opcheck of the
+ops with activations; what autograd saves; torch.compile and torch.export;
+errors. The full cross product runs on the CPU; on the emulated GPU a covering
+subset (every activation with every precision, both residual forms, both
+layouts and every shape)."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import fused_bn
+from _accuracy import assert_accurate
+from _helpers import BATCH_NORMS, PRECISIONS, F32, F64, channels_last_format
+from conftest import EMULATED_CUDA
+
+ops = torch.ops.fused_bn
+
+# (id, nn module) for each supported activation, parameters as real models
+# use them and off their defaults.
+ACTIVATIONS = [
+    ("none", None),
+    ("relu", nn.ReLU()),
+    ("relu6", nn.ReLU6()),
+    ("hardtanh", nn.Hardtanh(-0.75, 1.25)),
+    ("leaky_relu_0.1", nn.LeakyReLU(0.1)),
+    ("leaky_relu_neg", nn.LeakyReLU(-0.2)),
+    ("elu_0.7", nn.ELU(0.7)),
+    ("silu", nn.SiLU()),
+    ("hardswish", nn.Hardswish()),
+    ("gelu", nn.GELU()),
+    ("gelu_tanh", nn.GELU(approximate="tanh")),
+]
+ACTIVATION_IDS = [name for name, _ in ACTIVATIONS]
+MODULES = dict(ACTIVATIONS)
+
+# Shapes over the ranks: C = 1, N = 1, H·W = 1, primes, (N, C) rows.
+SHAPES = [(4, 5, 3, 7), (1, 3, 5, 5), (6, 7, 1, 1), (3, 1, 4, 9), (5, 11), (2, 3, 13), (2, 3, 2, 3, 5)]
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+def _cases():
+    cases = list(itertools.product(ACTIVATION_IDS, [False, True], PRECISIONS))
+    if not EMULATED_CUDA:
+        return [(a, r, p, layout, shape) for (a, r, p), layout, shape in itertools.product(cases, LAYOUTS, SHAPES)]
+    # The emulated GPU: each (activation, residual, precision) once, layout
+    # and shape rotating, so every activation meets every shape and layout and
+    # every precision meets every layout.
+    return [(a, r, p, LAYOUTS[i % 2], SHAPES[(i // 2) % len(SHAPES)]) for i, (a, r, p) in enumerate(cases)]
+
+
+def _sample(shape, dtype, layout, *, mean=0.3, std=1.5):
+    t = (torch.randn(shape, dtype=torch.float64) * std + mean).to(dtype)
+    fmt = channels_last_format(len(shape))
+    if layout == "channels_last" and fmt is not None:
+        t = t.contiguous(memory_format=fmt)
+    return t
+
+
+def _act(name):
+    module = MODULES[name]
+    return nn.Identity() if module is None else module
+
+
+class _Composite(nn.Module):
+    """nn's composite: act(bn(x) [+ residual])."""
+
+    def __init__(self, bn, act):
+        super().__init__()
+        self.bn, self.act = bn, act
+
+    def forward(self, x, residual=None):
+        z = self.bn(x)
+        return self.act(z if residual is None else z + residual)
+
+
+def _trio(name, shape, precision, device):
+    C = shape[1]
+    nn_cls, fused_cls = BATCH_NORMS[len(shape)]
+    reference = nn_cls(C, dtype=torch.float64)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    theirs = nn_cls(C).to(device=device, dtype=precision.param_dtype)
+    theirs.load_state_dict(reference.state_dict())
+    ours = fused_cls(C, activation=MODULES[name]).to(device=device, dtype=precision.param_dtype)
+    ours.load_state_dict(reference.state_dict())
+    return ours, _Composite(theirs, _act(name)), _Composite(reference, _act(name))
+
+
+def _step(module, x, residual, gy, params):
+    x = x.detach().requires_grad_()
+    r = None if residual is None else residual.detach().requires_grad_()
+    y = module(x, r) if r is not None else module(x)
+    grads = torch.autograd.grad(y, [x] + ([r] if r is not None else []) + params, gy)
+    return [y] + list(grads)
+
+
+@pytest.mark.parametrize("name,residual,precision,layout,shape", _cases(), ids=str)
+def test_parity_with_nn_composite(name, residual, precision, layout, shape, device):
+    ours, theirs, reference = _trio(name, shape, precision, device)
+    label = f"[{name} residual={residual} {precision} {layout} {shape} {device}]"
+    for step, training in enumerate([True, True, False]):
+        for m in (ours, theirs, reference):
+            m.train(training)
+        x = _sample(shape, precision.input_dtype, layout).to(device)
+        r = _sample(shape, precision.input_dtype, layout, mean=0.0, std=1.0).to(device) if residual else None
+        gy = _sample(shape, precision.input_dtype, layout, mean=0.0, std=1.0).to(device)
+        results = [
+            _step(ours, x, r, gy, [ours.weight, ours.bias]),
+            _step(theirs, x, r, gy, [theirs.bn.weight, theirs.bn.bias]),
+            _step(reference, x.double(), None if r is None else r.double(), gy.double(),
+                  [reference.bn.weight, reference.bn.bias]),
+        ]
+        names = ["output", "grad_input"] + (["grad_residual"] if residual else []) + ["grad_weight", "grad_bias"]
+        for i, what in enumerate(names):
+            o, n, f = (res[i] for res in results)
+            assert o.dtype == n.dtype, f"{label} {what}: dtype {o.dtype}, nn's {n.dtype}"
+            if what in ("output", "grad_input", "grad_residual"):
+                fmt = channels_last_format(len(shape)) if layout == "channels_last" else None
+                if fmt is not None and 1 not in shape[1:]:
+                    assert o.is_contiguous(memory_format=fmt), f"{label} {what}: layout not kept"
+            assert_accurate(o, n, f, dtype=precision.input_dtype if what.startswith("grad_") and what != "grad_weight"
+                            and what != "grad_bias" else None, name=f"{label} step {step} {what}")
+        if training:
+            for stat in ("running_mean", "running_var"):
+                assert_accurate(getattr(ours, stat), getattr(theirs.bn, stat), getattr(reference.bn, stat),
+                                name=f"{label} step {step} {stat}")
+            assert int(ours.num_batches_tracked) == int(theirs.bn.num_batches_tracked)
+
+
+# ---------------------------------------------------------------- float64 derivatives
+
+# Inputs away from each activation's kinks (a finite difference across one
+# is not a derivative): a fixed draw, checked below.
+def _smooth_case(name, residual, training, device):
+    torch.manual_seed(3)
+    shape = (3, 2, 3, 2)
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    r = torch.randn(shape, dtype=torch.float64, device=device) * 0.5 if residual else None
+    w = torch.rand(2, dtype=torch.float64, device=device) + 0.5
+    b = torch.rand(2, dtype=torch.float64, device=device) - 0.5
+    rm = torch.zeros(2, dtype=torch.float64, device=device)
+    rv = torch.ones(2, dtype=torch.float64, device=device) * 1.5
+    return x, r, w, b, rm, rv
+
+
+def _functional(name, training, rm, rv):
+    module = MODULES[name]
+
+    def f(x, w, b, r=None):
+        return fused_bn.batch_norm(x, None if training else rm, None if training else rv, w, b, training,
+                                   activation=module, residual=r)
+    return f
+
+
+def _distance_to_kinks(name, u):
+    kinks = {"relu": [0.0], "relu6": [0.0, 6.0], "hardtanh": [-0.75, 1.25], "leaky_relu_0.1": [0.0],
+             "leaky_relu_neg": [0.0], "elu_0.7": [0.0], "hardswish": [-3.0, 3.0]}.get(name, [])
+    return min([float((u - k).abs().min()) for k in kinks], default=float("inf"))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("name", ACTIVATION_IDS)
+def test_gradcheck_and_gradgradcheck(name, residual, training, device):
+    x, r, w, b, rm, rv = _smooth_case(name, residual, training, device)
+    f = _functional(name, training, rm, rv)
+    with torch.no_grad():
+        u = f(x, w, b, r) if name == "none" else fused_bn.batch_norm(
+            x, None if training else rm, None if training else rv, w, b, training, residual=r)
+    assert _distance_to_kinks(name, u) > 1e-3, "the draw lies on a kink; pick another seed"
+    inputs = [t.requires_grad_() for t in (x, w, b) + ((r,) if residual else ())]
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("name", ACTIVATION_IDS)
+def test_forward_ad_matches_nn(name, residual, training, device):
+    x, r, w, b, rm, rv = _smooth_case(name, residual, training, device)
+    f = _functional(name, training, rm, rv)
+    nn_bn = nn.BatchNorm2d(2, dtype=torch.float64, device=device).train(training)
+    with torch.no_grad():
+        nn_bn.running_mean.copy_(rm)
+        nn_bn.running_var.copy_(rv)
+    act = _act(name)
+
+    def g(x, w, b, r=None):
+        z = nn.functional.batch_norm(x, None if training else rm, None if training else rv, w, b, training)
+        return act(z if r is None else z + r)
+
+    primals = (x, w, b) + ((r,) if residual else ())
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    ours = torch.func.jvp(f, primals, tangents)
+    theirs = torch.func.jvp(g, primals, tangents)
+    for o, t, what in zip(ours, theirs, ("output", "tangent")):
+        torch.testing.assert_close(o, t, rtol=1e-10, atol=1e-10, msg=f"{name} {what}")
+
+
+# ---------------------------------------------------------------- the ops
+
+OP_ACTIVATIONS = [("identity", []), ("relu", []), ("hardtanh", [0.0, 6.0]), ("leaky_relu", [0.1]), ("elu", [0.5]),
+                  ("silu", []), ("hardswish", []), ("gelu", []), ("gelu_tanh", [])]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("activation,params", OP_ACTIVATIONS, ids=[a for a, _ in OP_ACTIVATIONS])
+def test_opcheck_with_activations(activation, params, residual, device):
+    x = torch.randn(3, 4, 5, 2, device=device)
+    r = torch.randn_like(x) if residual else None
+    w, b = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    nbt = torch.tensor(0, device=device)
+    torch.library.opcheck(ops.batch_norm_train.default, (x, w, b, rm, rv, nbt, 0.1, 1e-5, activation, params, r))
+    torch.library.opcheck(ops.batch_norm_eval.default, (x, w, b, rm, rv, 1e-5, activation, params, r))
+    y, mean, invstd = ops.batch_norm_train(x, w, b, None, None, None, 0.1, 1e-5, activation, params, r)
+    gy = torch.randn_like(x)
+    from_output = residual and ops.activation_grad_from_output(activation, params)
+    args = (gy, x, w, mean, invstd, True, 1e-5, [True, True, True], b, activation, params,
+            None if from_output else r, y if from_output else None)
+    torch.library.opcheck(ops.batch_norm_backward.default, args)
+
+
+def test_grad_residual_is_written_only_where_the_backward_computes_it():
+    x = torch.randn(2, 3, 4, 4)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    y, mean, invstd = ops.batch_norm_train(x, w, b, None, None, None, 0.1, 1e-5, "silu", [], x)
+    gy = torch.randn_like(x)
+    _, _, _, g = ops.batch_norm_backward(gy, x, w, mean, invstd, True, 1e-5, [True, True, True], b, "silu", [], x)
+    assert g.shape == x.shape
+    _, _, _, g = ops.batch_norm_backward(gy, x, w, mean, invstd, True, 1e-5, [True, True, True], b, "silu", [])
+    assert g.shape == (0,)
+
+
+def test_activation_grad_from_output_follows_the_definitions():
+    assert ops.activation_grad_from_output("relu", [])
+    assert ops.activation_grad_from_output("hardtanh", [0.0, 6.0])
+    assert ops.activation_grad_from_output("leaky_relu", [0.1])
+    assert not ops.activation_grad_from_output("leaky_relu", [-0.1])
+    for name in ("identity", "silu", "hardswish", "gelu", "gelu_tanh"):
+        assert not ops.activation_grad_from_output(name, [])
+    assert not ops.activation_grad_from_output("elu", [1.0])
+
+
+# ---------------------------------------------------------------- what autograd keeps
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd saves while fn() runs, each storage once."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("name", ["relu", "leaky_relu_0.1", "silu", "hardswish", "gelu"])
+def test_autograd_saves_no_more_than_the_input_and_statistics(name, residual):
+    """Without a residual: the input and the per-channel statistics (nn's
+    composite also keeps the activation's input, except for an in-place ReLU).
+    With one: also the output (derivative read from y) or the residual."""
+    shape = (4, 8, 16, 16)
+    x = torch.randn(shape, requires_grad=True)
+    r = torch.randn(shape, requires_grad=True) if residual else None
+    m = fused_bn.FusedBatchNorm2d(8, activation=MODULES[name])
+    saved, _ = _saved_bytes(lambda: m(x, r) if residual else m(x))
+    tensor_bytes = x.numel() * x.element_size()
+    expected = tensor_bytes * (2 if residual else 1)
+    assert expected <= saved <= expected + 4096, f"saved {saved} bytes, expected {expected} (+ statistics)"
+    composite = _Composite(nn.BatchNorm2d(8), _act(name))
+    theirs, _ = _saved_bytes(lambda: composite(x, r))
+    assert saved < theirs, f"ours saves {saved} bytes, nn's composite {theirs}"
+
+
+# ---------------------------------------------------------------- API and errors
+
+def test_names_and_modules_resolve_to_the_same_activation():
+    from fused_bn._activations import resolve
+
+    assert resolve("relu6") == resolve(nn.ReLU6()) == fused_bn.Activation("hardtanh", (0.0, 6.0))
+    assert resolve(nn.LeakyReLU(0.1, inplace=True)) == fused_bn.Activation("leaky_relu", (0.1,))
+    assert resolve("leaky_relu") == fused_bn.Activation("leaky_relu", (0.01,))
+    assert resolve(nn.GELU(approximate="tanh")) == fused_bn.Activation("gelu_tanh")
+    assert resolve(None) == resolve(nn.Identity()) == resolve("identity")
+    for name in fused_bn.ACTIVATIONS:
+        spec = resolve(name)
+        assert resolve(spec.module()) == spec, name
+
+
+@pytest.mark.parametrize("bad", ["tanh", nn.Tanh(), nn.CELU(), 3])
+def test_unsupported_activation_raises_naming_the_supported(bad):
+    with pytest.raises(ValueError, match="silu.*hardswish|leaky_relu"):
+        fused_bn.FusedBatchNorm2d(4, activation=bad)
+    with pytest.raises(ValueError, match="unsupported activation"):
+        fused_bn.batch_norm(torch.randn(2, 4, 3, 3), None, None, training=True, activation=bad)
+
+
+def test_ops_check_the_activation_and_its_parameters():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="unsupported activation 'mish2'.*supported: identity, relu"):
+        ops.batch_norm_train(x, None, None, None, None, None, 0.1, 1e-5, "mish2", [])
+    with pytest.raises(ValueError, match="'leaky_relu' takes 1 parameter"):
+        ops.batch_norm_eval(x, None, None, torch.zeros(3), torch.ones(3), 1e-5, "leaky_relu", [])
+    with pytest.raises(ValueError, match="max_val must be greater than min_val"):
+        ops.batch_norm_train(x, None, None, None, None, None, 0.1, 1e-5, "hardtanh", [1.0, 1.0])
+
+
+def test_bad_activation_leaves_the_module_state_untouched():
+    m = fused_bn.FusedBatchNorm2d(3)
+    m._activation = fused_bn.Activation("leaky_relu", ())  # a parameter missing
+    before = (m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
+    with pytest.raises(ValueError):
+        m(torch.randn(2, 3, 4, 4))
+    assert torch.equal(m.running_mean, before[0]) and torch.equal(m.running_var, before[1])
+    assert int(m.num_batches_tracked) == before[2]
+
+
+def test_aliases_keep_their_state_dict_and_activation():
+    relu = fused_bn.FusedBatchNormReLU2d(4)
+    add_relu = fused_bn.FusedBatchNormAddReLU2d(4)
+    plain = fused_bn.FusedBatchNorm2d(4, activation="relu")
+    assert relu.activation == add_relu.activation == plain.activation == fused_bn.Activation("relu")
+    assert relu.state_dict().keys() == plain.state_dict().keys() == nn.BatchNorm2d(4).state_dict().keys()
+    x, r = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert torch.equal(relu(x), plain(x))
+    assert torch.equal(add_relu(x, r), plain(x, r))
+    assert "activation=Activation(name='relu'" in repr(plain)
+
+
+def test_a_residual_that_broadcasts_is_added_unfused_as_eager_does():
+    m = fused_bn.FusedBatchNorm2d(4, activation="silu")
+    ref = _Composite(nn.BatchNorm2d(4), nn.SiLU())
+    x, r = torch.randn(2, 4, 3, 3), torch.randn(4, 1, 1)
+    torch.testing.assert_close(m(x, r), ref(x, r))
+
+
+# ---------------------------------------------------------------- compile, export
+
+def test_compile_fullgraph_with_activation_and_residual():
+    torch._dynamo.reset()
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn = fused_bn.FusedBatchNorm2d(4, activation=nn.LeakyReLU(0.1))
+            self.bn2 = fused_bn.FusedBatchNorm2d(4, activation="silu")
+
+        def forward(self, x):
+            return self.bn2(self.conv(self.bn(x)), x)
+
+    torch.manual_seed(0)
+    eager = Block()
+    compiled_model = Block()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(2, 4, 6, 5)
+        outs = []
+        for model in (eager, compiled):
+            leaf = x.clone().requires_grad_()
+            y = model(leaf)
+            y.backward(torch.ones_like(y))
+            outs.append((y.detach(), leaf.grad))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    torch.testing.assert_close(compiled_model.bn.running_var, eager.bn.running_var)
+
+
+def test_export_with_activation():
+    m = fused_bn.FusedBatchNorm2d(4, activation=nn.Hardswish()).eval()
+    x = torch.randn(2, 4, 3, 3)
+    exported = torch.export.export(m, (x,))
+    torch.testing.assert_close(exported.module()(x), m(x))
+
+
+def _copy_kernels_around_batch_norm(code):
+    """Lines of Inductor's output code that copy a whole tensor into a new
+    layout (as_strided/clone of our op's input or output)."""
+    return [line for line in code.splitlines() if "clone" in line or "as_strided" in line and "reinterpret" not in line]
+
+
+@pytest.mark.parametrize("name", ["relu6", "silu"])
+def test_inductor_adds_no_copy_around_the_op(name):
+    """conv -> bn+act -> conv with NCHW input: Inductor runs the convolutions in
+    channels_last (layout optimization) and our flexible-layout op takes their
+    output as it is: no layout-changing copy feeds or follows it."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False),
+                          fused_bn.FusedBatchNorm2d(16, activation=MODULES[name]),
+                          nn.Conv2d(16, 8, 3, padding=1, bias=False))
+    x = torch.randn(4, 8, 12, 12, requires_grad=True)
+
+    def step(x):
+        y = model(x)
+        y.sum().backward()
+        return y
+
+    compiled = torch.compile(step)
+    _, codes = run_and_get_code(compiled, x)
+    code = "\n".join(codes)
+    assert "fused_bn.batch_norm_train" in code and "fused_bn.batch_norm_backward" in code
+    # A layout change is a pointwise kernel copying a full tensor: Inductor names
+    # those clone/copy kernels, or reorders with as_strided + clone.
+    copies = [line for line in code.splitlines()
+              if "torch.ops.aten.clone" in line or "aten.copy_" in line
+              or ("def triton_" not in line and "cpp_fused_clone" in line)]
+    assert not copies, "copy kernels around fused_bn's ops:\n" + "\n".join(copies[:10])
