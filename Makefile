@@ -59,7 +59,7 @@ test: test-deps build
 # with gcov), the kernel layer's line coverage, then a sanitized build
 # (ASan + UBSan, Python under LD_PRELOAD) on a focused subset.
 EMULATED_TESTS := tests/test_parity.py tests/test_ops.py tests/test_fused_relu.py tests/test_sync.py tests/test_validation.py tests/test_family.py \
-	tests/test_reliability.py tests/test_properties.py tests/test_emulation.py
+	tests/test_reliability.py tests/test_properties.py tests/test_emulation.py tests/test_activations.py
 SANITIZED_TESTS := tests/test_emulation.py tests/test_parity.py tests/test_validation.py
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
 
@@ -69,6 +69,9 @@ test-emulated: test-deps build
 	$(PYTHON) tools/emulation_coverage.py --min 95
 	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 FUSED_BN_EMULATED_CUDA=1 \
 		FUSED_BN_EMULATION_VARIANT=asan $(PYTHON) -m pytest -q --capture=sys $(SANITIZED_TESTS)
+	@# every activation x residual x precision once (the emulated subset), sanitized
+	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 FUSED_BN_EMULATED_CUDA=1 \
+		FUSED_BN_EMULATION_VARIANT=asan $(PYTHON) -m pytest -q --capture=sys tests/test_activations.py -k parity
 
 # Each planted fault (tools/planted_faults.py) must be caught by the emulated suite.
 planted-faults: test-deps build

@@ -1,7 +1,8 @@
-"""Benchmark of the fused epilogues: bn_relu = relu(bn(x)) and bn_add_relu =
-relu(bn(x) + z), training forward+backward, against the eager block they replace
-(nn.BatchNorm2d, then the add, then nn.ReLU(inplace=True), as torchvision's ResNet
-writes it) and torch.compile of that same eager block.
+"""Benchmark of the fused epilogues: bn_<act> = act(bn(x)) and bn_add_<act> =
+act(bn(x) + z) for every activation fused_bn fuses, training forward+backward,
+against the eager block they replace (nn.BatchNorm2d, then the add in place, then
+the activation module, in place where nn has that, as torchvision's and timm's
+blocks write it) and torch.compile of that same eager block.
 
 Memory: on CUDA, the peak allocation during one forward+backward above what was
 allocated before it (torch.cuda.max_memory_allocated). On the CPU, PyTorch keeps no
@@ -9,7 +10,7 @@ allocator statistics, so the column is what autograd saves for the backward
 (unique storages seen by saved_tensors_hooks): the activation memory a training
 step holds between its forward and its backward, where the implementations differ.
 
-    python -m bench.blocks [--device cpu|cuda] [--quick]
+    python -m bench.blocks [--device cpu|cuda] [--quick] [--activations relu silu ...]
 """
 import argparse
 import json
@@ -26,43 +27,60 @@ from . import timing
 from .impls import configure_dynamo, no_recompiles
 from .run import Timer, describe_device, git_state, import_fused_bn, resolve_device
 
-BLOCKS = ("bn_relu", "bn_add_relu")
+# The activations measured, as real networks set them (name -> nn module maker).
+ACTIVATIONS = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "relu6": lambda: nn.ReLU6(inplace=True),
+    "leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),
+    "hardtanh": lambda: nn.Hardtanh(-1.0, 1.0, inplace=True),
+    "elu": lambda: nn.ELU(inplace=True),
+    "silu": lambda: nn.SiLU(inplace=True),
+    "hardswish": lambda: nn.Hardswish(inplace=True),
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
 IMPLS = ("fused", "eager", "compiled")
+# The CPU's block shape: 12.8 MB of float32, far beyond its L2 (and most of its L3).
+BLOCK_CPU_SHAPES = ((16, 64, 56, 56),)
 # Passes over an input-sized tensor the fused kernels make in a training step:
-#   bn_relu:     forward 3 (read x twice, write y) + backward 5 (read x, dy twice; write dx)
-#   bn_add_relu: forward 4 (+ read z) + backward 7 (read x, dy, y; write dz; read dz, x; write dx)
-PASSES = {"bn_relu": 8, "bn_add_relu": 11}
+#   bn_<act>:     forward 3 (read x twice, write y) + backward 5 (read x, dy twice; write dx)
+#   bn_add_<act>: forward 4 (+ read z) + backward 7 (read x, dy and y or z; write g = dz;
+#                 read g, x; write dx)
+PASSES = {False: 8, True: 11}
 # The floor: the passes no implementation can avoid (forward reads x (and z),
-# writes y; backward reads x, dy (and y, add+relu's mask), writes dx (and dz)).
+# writes y; backward reads x, dy (and y or z), writes dx (and dz)).
 # On CUDA, floor bytes / time over the copy bandwidth measured in the same run
 # is each case's fraction of the device's reachable bandwidth.
-FLOOR_PASSES = {"bn_relu": 5, "bn_add_relu": 8}
+FLOOR_PASSES = {False: 5, True: 8}
+
+
+def block_name(activation, add):
+    return f"bn_add_{activation}" if add else f"bn_{activation}"
 
 
 class EagerBlock(nn.Module):
-    def __init__(self, channels, add):
+    def __init__(self, channels, activation, add):
         super().__init__()
         self.bn = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
+        self.act = ACTIVATIONS[activation]()
         self.add = add
 
     def forward(self, x, z=None):
         out = self.bn(x)
         if self.add:
             out += z
-        return self.relu(out)
+        return self.act(out)
 
 
-def make_modules(fused_bn, block, channels, device):
-    add = block == "bn_add_relu"
+def make_modules(fused_bn, activation, add, channels, device):
     generator = torch.Generator().manual_seed(channels)
-    eager = EagerBlock(channels, add)
+    eager = EagerBlock(channels, activation, add)
     with torch.no_grad():
         eager.bn.weight.copy_(1 + 0.1 * torch.randn(channels, generator=generator))
         eager.bn.bias.copy_(0.1 * torch.randn(channels, generator=generator))
-    fused = (fused_bn.FusedBatchNormAddReLU2d if add else fused_bn.FusedBatchNormReLU2d)(channels)
+    fused = fused_bn.FusedBatchNorm2d(channels, activation=ACTIVATIONS[activation]())
     fused.load_state_dict(eager.bn.state_dict())
-    compiled_source = EagerBlock(channels, add)
+    compiled_source = EagerBlock(channels, activation, add)
     compiled_source.load_state_dict(eager.state_dict())
     modules = {"fused": fused.to(device), "eager": eager.to(device),
                "compiled_source": compiled_source.to(device)}
@@ -108,8 +126,8 @@ def peak_bytes(step, device):
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def measure(fused_bn, block, dtype, layout, shape, timer, device, copy_bw_gbps=None):
-    modules = make_modules(fused_bn, block, shape[1], device)
+def measure(fused_bn, activation, add, dtype, layout, shape, timer, device, copy_bw_gbps=None):
+    modules = make_modules(fused_bn, activation, add, shape[1], device)
     generator = torch.Generator(device=device).manual_seed(0)
     torch_dtype = cases_mod.DTYPES[dtype]
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -119,10 +137,10 @@ def measure(fused_bn, block, dtype, layout, shape, timer, device, copy_bw_gbps=N
         return t.to(torch_dtype).contiguous(memory_format=memory_format)
 
     x = tensor(2, 0.5).requires_grad_()
-    z = tensor(1, 0).requires_grad_() if block == "bn_add_relu" else None
+    z = tensor(1, 0).requires_grad_() if add else None
     grad = tensor(1, 0)
     steps = {impl: make_step(modules[impl], x, z, grad) for impl in IMPLS}
-    record = {"block": block, "dtype": dtype, "layout": layout, "shape": list(shape), "errors": {}}
+    record = {"block": block_name(activation, add), "activation": activation, "residual": add, "dtype": dtype, "layout": layout, "shape": list(shape), "errors": {}}
     for impl in IMPLS:
         try:
             timer.warm_up(steps[impl])
@@ -141,9 +159,9 @@ def measure(fused_bn, block, dtype, layout, shape, timer, device, copy_bw_gbps=N
         median, iqr = timing.summarize_samples(samples[impl])
         record[f"{impl}_ms"] = median
         record[f"{impl}_iqr_ms"] = iqr
-        record[f"{impl}_gbps"] = numel * itemsize * PASSES[block] / (median * 1e-3) / 1e9
+        record[f"{impl}_gbps"] = numel * itemsize * PASSES[add] / (median * 1e-3) / 1e9
         if copy_bw_gbps:
-            floor_gbps = numel * itemsize * FLOOR_PASSES[block] / (median * 1e-3) / 1e9
+            floor_gbps = numel * itemsize * FLOOR_PASSES[add] / (median * 1e-3) / 1e9
             record[f"{impl}_of_copy_bw"] = floor_gbps / copy_bw_gbps
         if device.type == "cuda":
             record[f"{impl}_peak_mb"] = peak_bytes(steps[impl], device) / 2**20
@@ -203,6 +221,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dtypes", nargs="+", choices=list(cases_mod.DTYPES), default=None)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--activations", nargs="+", choices=list(ACTIVATIONS), default=list(ACTIVATIONS))
+    p.add_argument("--shapes", nargs="+", default=None, help="NxCxHxW shapes (default: the device's)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--min-run-time", type=float, default=None)
     p.add_argument("--rep-ms", type=float, default=None)
@@ -215,13 +235,17 @@ def main(argv=None):
     timer = Timer(device, args.quick, args)
     if device.type == "cpu":
         timing.settle_cpu_allocator()
-        shapes = cases_mod.CPU_QUICK_SHAPES if args.quick else cases_mod.CPU_SHAPES
-        dtypes = args.dtypes or ["float32"]
+        # One shape well beyond the caches per layout and dtype: 19 blocks x 2 x 2
+        # cases, each compiled once, is most of make bench's time already.
+        shapes = cases_mod.CPU_QUICK_SHAPES if args.quick else BLOCK_CPU_SHAPES
+        dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
         memory_key, memory_label = "saved_mb", "saved MB"
     else:
         shapes = cases_mod.GPU_QUICK_SHAPES if args.quick else cases_mod.gpu_shapes((64,))
         dtypes = args.dtypes or ["float32", "float16", "bfloat16"]
         memory_key, memory_label = "peak_mb", "peak MB"
+    if args.shapes:
+        shapes = [tuple(int(v) for v in text.split("x")) for text in args.shapes]
     copy_bw_gbps = None
     if device.type == "cuda":
         copy_bw_gbps, _ = timing.copy_bandwidth_gbps(device)
@@ -233,10 +257,10 @@ def main(argv=None):
     for shape in shapes:
         for dtype in dtypes:
             for layout in cases_mod.LAYOUTS:
-                for block in BLOCKS:
-                    r = measure(fused_bn, block, dtype, layout, shape, timer, device, copy_bw_gbps)
+                for activation, add in ((a, add) for a in args.activations for add in (False, True)):
+                    r = measure(fused_bn, activation, add, dtype, layout, shape, timer, device, copy_bw_gbps)
                     records.append(r)
-                    print(f"{block:12s} {dtype:9s} {layout:13s} {'x'.join(map(str, shape)):14s} "
+                    print(f"{r['block']:18s} {dtype:9s} {layout:13s} {'x'.join(map(str, shape)):14s} "
                           f"fused {r.get('fused_ms', float('nan')):.3f} ms  "
                           f"{r.get('speedup_vs_eager', float('nan')):.2f}x eager  "
                           f"{r.get('speedup_vs_compiled', float('nan')):.2f}x compiled  "
@@ -255,8 +279,9 @@ def main(argv=None):
         json.dump({"meta": meta, "records": records}, f, indent=1)
     text = (f"# fused_bn epilogue benchmark: {device_name}\n\n"
             f"- {description}; torch {torch.__version__}; commit `{commit}`{' (dirty)' if dirty else ''}\n"
-            f"- training forward+backward of relu(bn(x)) and relu(bn(x) + z); eager = nn.BatchNorm2d, "
-            f"in-place add, nn.ReLU(inplace=True); compiled = torch.compile of that eager block "
+            f"- training forward+backward of act(bn(x)) and act(bn(x) + z); eager = nn.BatchNorm2d, "
+            f"in-place add, the activation module (in place where nn has that); compiled = torch.compile "
+            f"of that eager block "
             f"(fullgraph, dynamic=False); timer {timer.name}, median of interleaved rounds\n"
             f"- memory: {meta['memory']}\n"
             + (f"- of copy BW: the floor's bytes ({FLOOR_PASSES} input-sized passes) / time, over the "

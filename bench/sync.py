@@ -58,11 +58,12 @@ class _OneRankSync(nn.Module):
         self.module = module
 
     def forward(self, x):
+        from fused_bn._activations import IDENTITY
         from fused_bn._sync import sync_batch_norm
 
         m = self.module
         return sync_batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, m.momentum, m.eps,
-                               m.num_batches_tracked, False, None, 1)
+                               m.num_batches_tracked, IDENTITY, None, None, 1)
 
 
 def _modules(channels, world_size, device):

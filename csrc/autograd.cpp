@@ -107,7 +107,7 @@ struct BatchNormTrainFunction : public torch::autograd::Function<BatchNormTrainF
     const double eps = ctx->saved_data["eps"].toDouble();
     const std::string activation = ctx->saved_data["activation"].toStringRef();
     const std::vector<double> params = ctx->saved_data["activation_params"].toDoubleVector();
-    const bool identity = activation == common::Identity::kName;
+    const bool identity = parse_activation(activation, params).kind == common::Activation::kIdentity;
     auto needs = [&](const char* name) {
       const int64_t edge = ctx->saved_data[name].toInt();
       return edge >= 0 && ctx->needs_input_grad(edge);

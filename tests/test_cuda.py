@@ -114,9 +114,10 @@ def _sync_ops_step(state, x, dy, relu):
     w, b, rm, rv, nbt = state
     all_stats = ops.batch_norm_stats(x, w, b, rm, rv)[None]
     count = all_stats[:, :1, 0].sum()
-    y, mean, invstd = ops.batch_norm_train_with_stats(x, w, b, rm, rv, nbt, 0.1, 1e-5, all_stats, relu)
-    sums, gw, gb = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, relu)
-    dx = ops.batch_norm_backward_with_sums(dy, x, w, mean, invstd, sums, count, b, relu)
+    act = "relu" if relu else "identity"
+    y, mean, invstd = ops.batch_norm_train_with_stats(x, w, b, rm, rv, nbt, 0.1, 1e-5, all_stats, act)
+    sums, gw, gb, _ = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, act)
+    dx = ops.batch_norm_backward_with_sums(dy, x, w, mean, invstd, sums, count, b, act)
     return y, dx, gw, gb
 
 

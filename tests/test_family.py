@@ -45,7 +45,12 @@ def test_constructor_and_state_dict_match_nn(nn_cls, affine, track):
     shape = FAMILY[nn_cls][3]
     for cls in FAMILY[nn_cls][:3]:
         ours, theirs = cls(4, **kwargs), nn_cls(4, **kwargs)
-        assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+        # nn's repr; the ReLU forms add their activation (fused_bn.Activation) at the end.
+        expected = repr(theirs).split("(", 1)[1]
+        if ours.activation is not None:
+            assert ours.activation == fused_bn.Activation("relu", ()), cls
+            expected = expected[:-1] + f", activation={ours.activation})"
+        assert repr(ours).split("(", 1)[1] == expected
         assert ours.state_dict().keys() == theirs.state_dict().keys()
         # Checkpoints go both ways, after training steps on either side.
         for src, dst in ((theirs, ours), (ours, theirs)):
@@ -181,7 +186,8 @@ def test_convert_sync_batchnorm_covers_every_rank():
     params = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     converted = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(model)
     assert all(type(m) is fused_bn.FusedSyncBatchNorm2d for m in converted)
-    assert [m.activation for m in converted] == [None, "relu", None, "relu", None, None]
+    relu = fused_bn.Activation("relu", ())
+    assert [m.activation for m in converted] == [None, relu, None, relu, None, None]
     assert converted[2].momentum is None and converted[3].affine is False
     assert {id(t) for t in list(converted.parameters()) + list(converted.buffers())} == params
     # Without a process group each is the fused batch norm of its input's rank.
@@ -196,11 +202,39 @@ def test_convert_sync_batchnorm_covers_every_rank():
             assert torch.equal(sync.state_dict()[key], value), (i, key)
 
 
-@pytest.mark.parametrize("module", [fused_bn.FusedBatchNormAddReLU1d(3), fused_bn.FusedBatchNormAddReLU3d(3)],
-                         ids=lambda m: type(m).__name__)
-def test_convert_sync_batchnorm_refuses_add_relu_forms(module):
-    with pytest.raises(NotImplementedError, match="has no synchronised form"):
-        fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(nn.Sequential(module))
+@pytest.mark.parametrize("module_cls,shape", [(fused_bn.FusedBatchNormAddReLU1d, (4, 3, 6)),
+                                              (fused_bn.FusedBatchNormAddReLU3d, (2, 3, 2, 3, 4))],
+                         ids=["FusedBatchNormAddReLU1d", "FusedBatchNormAddReLU3d"])
+def test_convert_sync_batchnorm_converts_add_relu_forms(module_cls, shape):
+    """The add+ReLU forms become FusedSyncBatchNorm2d with activation relu that take
+    the residual as forward's second argument; without a process group the converted
+    model computes exactly what the original did (outputs, grads, state)."""
+    torch.manual_seed(0)
+    original = nn.Sequential(module_cls(3))
+    with torch.no_grad():
+        original[0].weight.uniform_(0.5, 1.5)
+        original[0].bias.uniform_(-1, 1)
+    kept = copy.deepcopy(original)
+    params = {id(t) for t in list(original.parameters()) + list(original.buffers())}
+    converted = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(original)
+    sync = converted[0]
+    assert type(sync) is fused_bn.FusedSyncBatchNorm2d
+    assert sync.activation == fused_bn.Activation("relu", ())
+    assert {id(t) for t in list(converted.parameters()) + list(converted.buffers())} == params
+    x, z, dy = sample(shape), sample(shape), sample(shape)
+    for step, training in enumerate((True, True, False)):
+        results = []
+        for m in (sync, kept[0]):
+            m.train(training)
+            m.zero_grad(set_to_none=True)
+            leaf, res = x.detach().requires_grad_(), z.detach().requires_grad_()
+            y = m(leaf, res)
+            y.backward(dy)
+            results.append((y.detach(), leaf.grad, res.grad, m.weight.grad, m.bias.grad))
+        for i, (a, b) in enumerate(zip(*results)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"step {step} item {i}")
+    for key, value in kept[0].state_dict().items():
+        assert torch.equal(sync.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("lazy_cls", [nn.LazyBatchNorm1d, fused_bn.FusedLazyBatchNorm3d], **by_name)

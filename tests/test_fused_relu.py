@@ -167,12 +167,12 @@ def test_relu_mask_is_the_forwards(device, training, precision, shape, layout):
     bias = (-(torch.tensor(1.0) - save_mean.double().cpu()) * save_invstd.double().cpu()
             * weight.double().cpu()).to(device, precision.param_dtype)
     if training:
-        y, save_mean, save_invstd = ops.batch_norm_train(x, weight, bias, None, None, None, 0.1, 1e-5, True)
+        y, save_mean, save_invstd = ops.batch_norm_train(x, weight, bias, None, None, None, 0.1, 1e-5, "relu")
     else:
-        y = ops.batch_norm_eval(x, weight, bias, mean, var, 1e-5, True)
+        y = ops.batch_norm_eval(x, weight, bias, mean, var, 1e-5, "relu")
     gy = torch.randn(shape).to(device, precision.input_dtype)
     mask = [True, True, True]
-    fused = ops.batch_norm_backward(gy, x, weight, save_mean, save_invstd, training, 1e-5, mask, bias, True)
+    fused = ops.batch_norm_backward(gy, x, weight, save_mean, save_invstd, training, 1e-5, mask, bias, "relu")
     plain = ops.batch_norm_backward(torch.where(y > 0, gy, 0.0), x, weight, save_mean, save_invstd, training,
                                     1e-5, mask)
     for name, a, b in zip(("grad_input", "grad_weight", "grad_bias"), fused, plain):
@@ -186,12 +186,13 @@ def test_add_relu_residual_grad_is_masked_grad_output(device, training):
     w, b = (0.5 + torch.rand(8)).to(device), torch.randn(8).to(device)
     rm, rv = torch.randn(8).to(device), (0.5 + torch.rand(8)).to(device)
     if training:
-        y, m, istd = ops.batch_norm_train(x, w, b, rm, rv, None, 0.1, 1e-5, True, z)
+        y, m, istd = ops.batch_norm_train(x, w, b, rm, rv, None, 0.1, 1e-5, "relu", [], z)
     else:
-        y = ops.batch_norm_eval(x, w, b, rm, rv, 1e-5, True, z)
+        y = ops.batch_norm_eval(x, w, b, rm, rv, 1e-5, "relu", [], z)
         m, istd = rm.clone(), 1.0 / torch.sqrt(rv.double() + 1e-5).float()
     gy = torch.randn(shape, device=device)
-    dx, dz, dw, db = ops.batch_norm_add_relu_backward(gy, y, x, w, m, istd, training, 1e-5, [True, True, True])
+    dx, dw, db, dz = ops.batch_norm_backward(gy, x, w, m, istd, training, 1e-5, [True, True, True], None, "relu",
+                                             [], None, y)
     assert_bitwise_equal(dz, torch.where(y > 0, gy, 0.0), "grad_residual")
     plain = ops.batch_norm_backward(torch.where(y > 0, gy, 0.0), x, w, m, istd, training, 1e-5, [True, True, True])
     for name, a, b_ in zip(("grad_input", "grad_weight", "grad_bias"), (dx, dw, db), plain):
@@ -267,17 +268,18 @@ def test_opcheck(device, add, layout):
     x, z, w, b, rm, rv = _epilogue_args(device, layout)
     residual = z if add else None
     nbt = torch.tensor(3, device=device)
-    torch.library.opcheck(ops.batch_norm_train.default, (x, w, b, rm, rv, nbt, 0.1, 1e-5, True, residual))
-    torch.library.opcheck(ops.batch_norm_eval.default, (x, w, b, rm, rv, 1e-5, True, residual))
+    torch.library.opcheck(ops.batch_norm_train.default, (x, w, b, rm, rv, nbt, 0.1, 1e-5, "relu", [], residual))
+    torch.library.opcheck(ops.batch_norm_eval.default, (x, w, b, rm, rv, 1e-5, "relu", [], residual))
     with torch.no_grad():
-        y, m, istd = ops.batch_norm_train(x, w, b, None, None, None, 0.1, 1e-5, True, residual)
+        y, m, istd = ops.batch_norm_train(x, w, b, None, None, None, 0.1, 1e-5, "relu", [], residual)
     gy = torch.randn_like(y)
     if add:
-        torch.library.opcheck(ops.batch_norm_add_relu_backward.default,
-                              (gy, y, x.detach(), w.detach(), m, istd, True, 1e-5, [True, True, True]))
+        torch.library.opcheck(ops.batch_norm_backward.default,
+                              (gy, x.detach(), w.detach(), m, istd, True, 1e-5, [True, True, True], None,
+                               "relu", [], None, y))
     else:
         torch.library.opcheck(ops.batch_norm_backward.default,
-                              (gy, x.detach(), w.detach(), m, istd, True, 1e-5, [True, True, True], b.detach(), True))
+                              (gy, x.detach(), w.detach(), m, istd, True, 1e-5, [True, True, True], b.detach(), "relu"))
 
 
 class _ResidualBlock(nn.Module):
@@ -314,8 +316,15 @@ def test_compile_fullgraph_keeps_fused_ops(device):
             torch.testing.assert_close(a, b, rtol=1.3e-6, atol=1e-6, msg=f"step {step} result {i}")
     _assert_not_decomposed(recorder.forward_graphs, ops.batch_norm_train.default, "forward graphs")
     _assert_not_decomposed(recorder.backward_graphs, ops.batch_norm_backward.default, "backward graphs")
-    _assert_not_decomposed(recorder.backward_graphs, ops.batch_norm_add_relu_backward.default,
-                           "backward graphs")
+    # The add+ReLU's backward (once batch_norm_add_relu_backward): batch_norm_backward with
+    # "relu" and the forward's output or the residual.
+    add_relu_backward = [
+        node for g in recorder.backward_graphs for node in g.graph.nodes
+        if node.op == "call_function" and node.target == ops.batch_norm_backward.default
+        and "relu" in node.args[9:10] + tuple(v for k, v in node.kwargs.items() if k == "activation")
+        and any(a is not None for a in node.args[11:13] + tuple(
+            v for k, v in node.kwargs.items() if k in ("residual", "output")))]
+    assert add_relu_backward, "backward graphs: no add+ReLU batch_norm_backward"
     assert len(recorder.dynamo_graphs) == 2, f"{len(recorder.dynamo_graphs)} dynamo graphs"
 
 
@@ -333,13 +342,14 @@ def test_errors_leave_state_untouched(device):
         m(x[0], x[0])
     assert_state_unchanged(m, before, "after errors")
     with pytest.raises(RuntimeError, match=r"residual of shape \[2, 4, 3, 2\] does not match input"):
-        ops.batch_norm_train(x, None, None, None, None, None, 0.1, 1e-5, True, x[..., :2])
+        ops.batch_norm_train(x, None, None, None, None, None, 0.1, 1e-5, "relu", [], x[..., :2])
     with pytest.raises(RuntimeError, match="residual dtype Double does not match input dtype Float"):
-        ops.batch_norm_eval(x, None, None, m.running_mean, m.running_var, 1e-5, True, x.double())
-    with pytest.raises(RuntimeError, match="a residual is supported only with relu=True"):
-        ops.batch_norm_train(x, None, None, None, None, None, 0.1, 1e-5, False, x)
-    with pytest.raises(ValueError, match="activation must be one of"):
-        fused_bn.batch_norm(x, None, None, training=True, activation="gelu")
+        ops.batch_norm_eval(x, None, None, m.running_mean, m.running_var, 1e-5, "relu", [], x.double())
+    # A residual without an activation is bn(x) + residual now (no longer refused).
+    y, _, _ = ops.batch_norm_train(x, None, None, None, None, None, 0.1, 1e-5, "identity", [], x)
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True) + x, rtol=1.3e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="unsupported activation 'tanh'"):
+        fused_bn.batch_norm(x, None, None, training=True, activation="tanh")
 
 
 # ---------------------------------------------------------------- convert_model(fuse_relu=True)

@@ -175,6 +175,7 @@ def test_backward_op_matches_aten(device, mask):
     up = lambda t: t.double().cpu()  # noqa: E731
     ref = torch.ops.aten.native_batch_norm_backward(up(gy), up(x), up(w), None, None, up(mean),
                                                     up(invstd), True, 1e-5, mask)
+    assert len(ours) == 4 and ours[3].shape == (0,), "grad_residual: written without a residual or output"
     for name, o, n, r, m in zip(("grad_input", "grad_weight", "grad_bias"), ours, theirs, ref, mask):
         if m:
             assert_accurate(o, n, r, name=f"backward op {name}")

@@ -8,6 +8,7 @@ compare against a single-process nn.BatchNorm2d and a float64 one on the whole g
 batch, under the accuracy rule. Rank processes have a deadline, are killed past it,
 and always destroy their process group.
 """
+import copy
 import datetime
 import math
 import os
@@ -195,7 +196,7 @@ def _run_ddp(rank, world_size, device):
     (the first with its ReLU fused) to FusedSyncBatchNorm2d."""
     model = fused_bn.convert_model(_ddp_model(), fuse_relu=True)
     model = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(model).to(device)
-    kinds = sorted(f"{type(mod).__name__}/{getattr(mod, 'activation', None)}"
+    kinds = sorted(f"{type(mod).__name__}/{getattr(getattr(mod, 'activation', None), 'name', None)}"
                    for mod in model.modules() if isinstance(mod, nn.BatchNorm2d))
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -488,13 +489,14 @@ def test_ops_with_split_statistics_match_nn(shape, layout, split, dtype, relu):
     rm, rv = torch.zeros(C, dtype=param_dtype), torch.ones(C, dtype=param_dtype)
     nbt = torch.tensor(0)
     chunks = list(torch.split(x, split))
+    act = "relu" if relu else "identity"
     all_stats = torch.stack([ops.batch_norm_stats(c, weight, bias, rm, rv) for c in chunks])
     assert all_stats.shape == (len(split), C, 3) and all_stats.dtype == torch.float64
     positions = math.prod(shape[2:])
     assert all_stats[:, :, 0].tolist() == [[float(n * positions)] * C for n in split]
-    y, mean, invstd = ops.batch_norm_train_with_stats(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, all_stats, relu)
-    sums, gw, gb = ops.batch_norm_backward_sums(dy, x, weight, mean, invstd, [True, True], bias, relu)
-    dx = ops.batch_norm_backward_with_sums(dy, x, weight, mean, invstd, sums, torch.tensor(x.numel() // C), bias, relu)
+    y, mean, invstd = ops.batch_norm_train_with_stats(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, all_stats, act)
+    sums, gw, gb, _ = ops.batch_norm_backward_sums(dy, x, weight, mean, invstd, [True, True], bias, act)
+    dx = ops.batch_norm_backward_with_sums(dy, x, weight, mean, invstd, sums, torch.tensor(x.numel() // C), bias, act)
 
     def reference(dt):
         bn = BATCH_NORMS[len(shape)][0](C).to(param_dtype if dt != torch.float64 else dt)
@@ -529,15 +531,17 @@ def test_ops_with_one_rank_are_bitwise_the_fused_ops(shape, layout, relu):
     state = [torch.rand(C), 1 + torch.rand(C), torch.tensor(3)]
     plain_state = [t.clone() for t in state]
     stats = ops.batch_norm_stats(x, w, b, *state[:2])[None]
-    y, mean, invstd = ops.batch_norm_train_with_stats(x, w, b, *state, None, 1e-5, stats, relu)
-    y0, mean0, invstd0 = ops.batch_norm_train(x, w, b, *plain_state, None, 1e-5, relu)
+    act = "relu" if relu else "identity"
+    y, mean, invstd = ops.batch_norm_train_with_stats(x, w, b, *state, None, 1e-5, stats, act)
+    y0, mean0, invstd0 = ops.batch_norm_train(x, w, b, *plain_state, None, 1e-5, act)
     for a, e, name in ((y, y0, "y"), (mean, mean0, "mean"), (invstd, invstd0, "invstd"),
                        (state[0], plain_state[0], "running_mean"), (state[1], plain_state[1], "running_var"),
                        (state[2], plain_state[2], "num_batches_tracked")):
         assert_bitwise_equal(a, e, name)
-    sums, gw, gb = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, relu)
-    dx = ops.batch_norm_backward_with_sums(dy, x, w, mean, invstd, sums, torch.tensor(x.numel() // C), b, relu)
-    dx0, gw0, gb0 = ops.batch_norm_backward(dy, x, w, mean, invstd, True, 1e-5, [True, True, True], b, relu)
+    sums, gw, gb, g = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, act)
+    dx = ops.batch_norm_backward_with_sums(dy, x, w, mean, invstd, sums, torch.tensor(x.numel() // C), b, act)
+    dx0, gw0, gb0, g0 = ops.batch_norm_backward(dy, x, w, mean, invstd, True, 1e-5, [True, True, True], b, act)
+    assert g.shape == (0,) and g0.shape == (0,), "grad_residual written without a residual or output"
     for a, e, name in ((dx, dx0, "dx"), (gb, gb0, "grad_bias")):
         assert_bitwise_equal(a, e, name)
     # A rank's grad_weight share is Σg·(x − mean) about the saved (rounded) mean,
@@ -555,7 +559,7 @@ def test_ops_empty_rank_and_empty_world():
     other = ops.batch_norm_stats(torch.randn(5, 3, 4, 4) * 2 + 1, None, None, None, None)
     rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
     y, mean, invstd = ops.batch_norm_train_with_stats(x, None, None, rm, rv, nbt, 0.1, 1e-5,
-                                                      torch.stack([stats, other]), False)
+                                                      torch.stack([stats, other]), "identity")
     # This rank has nothing to normalize but takes the same update as the others.
     assert y.shape == x.shape and int(nbt) == 1
     torch.testing.assert_close(mean.double(), other[:, 1], rtol=1e-6, atol=1e-6)
@@ -563,7 +567,7 @@ def test_ops_empty_rank_and_empty_world():
     # Nobody has data: as nn.BatchNorm2d on an empty batch, the running statistics stay.
     before = (rm.clone(), rv.clone())
     y, _, _ = ops.batch_norm_train_with_stats(x, None, None, rm, rv, nbt, 0.1, 1e-5,
-                                              torch.stack([stats, stats]), False)
+                                              torch.stack([stats, stats]), "identity")
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1]) and int(nbt) == 2
 
 
@@ -585,17 +589,18 @@ def test_ops_reject_malformed_exchanged_tensors():
 
 
 def _opcheck_args(relu):
+    act = "relu" if relu else "identity"
     x, dy = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
     w, b = torch.rand(4) + 0.5, torch.rand(4)
     stats = torch.stack([ops.batch_norm_stats(x, w, b, None, None)] * 2)
     _, mean, invstd = ops.batch_norm_train(x, w, b, None, None, None, 0.1, 1e-5)
-    sums = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, relu)[0]
+    sums = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, act)[0]
     return {
         "batch_norm_stats": (x, w, b, torch.zeros(4), torch.ones(4)),
-        "batch_norm_train_with_stats": (x, w, b, torch.zeros(4), torch.ones(4), torch.tensor(0), 0.1, 1e-5, stats, relu),
-        "batch_norm_backward_sums": (dy, x, w, mean, invstd, [True, True], b, relu),
+        "batch_norm_train_with_stats": (x, w, b, torch.zeros(4), torch.ones(4), torch.tensor(0), 0.1, 1e-5, stats, act),
+        "batch_norm_backward_sums": (dy, x, w, mean, invstd, [True, True], b, act),
         "batch_norm_backward_with_sums": (dy, x, w, mean, invstd, sums * 2, torch.tensor(150.0, dtype=torch.float64), b,
-                                          relu),
+                                          act),
     }
 
 
@@ -628,11 +633,44 @@ def test_convert_sync_batchnorm_shares_parameters_and_keeps_types():
             assert getattr(bn, attr) == getattr(old, attr), attr
         for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             assert getattr(bn, attr) is getattr(old, attr), attr
-    assert [bn.activation for bn in new] == [None, None, None, "relu", None]
+    assert [bn.activation for bn in new] == [None, None, None, fused_bn.Activation("relu", ()), None]
     single = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(nn.BatchNorm2d(2))
     assert type(single) is fused_bn.FusedSyncBatchNorm2d
-    with pytest.raises(NotImplementedError, match="FusedBatchNormAddReLU2d"):
-        fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(nn.Sequential(fused_bn.FusedBatchNormAddReLU2d(2)))
+
+
+def test_convert_sync_batchnorm_converts_add_relu_forms():
+    """Our add+ReLU forms become FusedSyncBatchNorm2d with activation relu taking the
+    residual as forward's second argument, sharing parameters and buffers; on a single
+    process the converted model computes bitwise what the original did."""
+    torch.manual_seed(0)
+    original = nn.Sequential(fused_bn.FusedBatchNormAddReLU2d(2, momentum=None))
+    with torch.no_grad():
+        original[0].weight.uniform_(0.5, 1.5)
+        original[0].bias.uniform_(-1, 1)
+    kept = copy.deepcopy(original)
+    old = original[0]
+    converted = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(original)
+    bn = converted[0]
+    assert type(bn) is fused_bn.FusedSyncBatchNorm2d
+    assert bn.activation == fused_bn.Activation("relu", ())
+    for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        assert getattr(bn, attr) is getattr(old, attr), attr
+    x, z, dy = torch.randn(3, 2, 4, 5) * 2 + 1, torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
+    results = []
+    for m in (bn, kept[0]):
+        out = []
+        for training in (True, True, False):
+            m.train(training)
+            m.zero_grad(set_to_none=True)
+            leaf, res = x.detach().requires_grad_(), z.detach().requires_grad_()
+            y = m(leaf, res)
+            y.backward(dy)
+            out.append((y.detach(), leaf.grad, res.grad, m.weight.grad, m.bias.grad))
+        out.append(tuple(v.clone() for v in (m.running_mean, m.running_var, m.num_batches_tracked)))
+        results.append(out)
+    for step, (a, b) in enumerate(zip(*results)):
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert_bitwise_equal(u, v, f"converted vs original, step {step} item {i}")
 
 
 def test_sync_state_dict_round_trips_with_nn_modules():
@@ -645,5 +683,7 @@ def test_sync_state_dict_round_trips_with_nn_modules():
         other.load_state_dict(sync.state_dict())
         assert sync.state_dict().keys() == other.state_dict().keys()
         assert torch.equal(sync.running_mean, other.running_mean) and int(sync.num_batches_tracked) == 4
-    with pytest.raises(ValueError, match="activation"):
-        fused_bn.FusedSyncBatchNorm2d(3, activation="gelu")
+    with pytest.raises(ValueError, match="unsupported activation.*relu, relu6, hardtanh"):
+        fused_bn.FusedSyncBatchNorm2d(3, activation=nn.Tanh())
+    with pytest.raises(ValueError, match="unsupported activation 'tanh'.*relu, relu6, hardtanh"):
+        fused_bn.FusedSyncBatchNorm2d(3, activation="tanh")

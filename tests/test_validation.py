@@ -398,7 +398,7 @@ def test_raw_ops_refuse_stats_requiring_grad(device, which):
 def _backward_args(device):
     x = torch.randn(SHAPE, device=device)
     with torch.no_grad():
-        y, mean, invstd = ops.batch_norm_train(x, None, None, None, None, None, 0.1, 1e-5, True, x.clone())
+        y, mean, invstd = ops.batch_norm_train(x, None, None, None, None, None, 0.1, 1e-5, "relu", [], x.clone())
     return dict(grad_output=torch.randn_like(x), output=y, input=x, weight=torch.ones(3, device=device),
                 mean=mean, invstd=invstd)
 
@@ -426,7 +426,9 @@ BACKWARD_CASES = {
 
 
 @pytest.mark.parametrize("case", list(BACKWARD_CASES))
-@pytest.mark.parametrize("op", ["batch_norm_backward", "batch_norm_add_relu_backward"])
+# batch_norm_backward_add_relu: batch_norm_backward with "relu" and the forward's output
+# (what batch_norm_add_relu_backward was).
+@pytest.mark.parametrize("op", ["batch_norm_backward", "batch_norm_backward_add_relu"])
 def test_raw_backward_ops_validate(device, op, case):
     edit, message = BACKWARD_CASES[case]
     if device != "cpu" and "meta" in case:
@@ -441,5 +443,5 @@ def test_raw_backward_ops_validate(device, op, case):
         if op == "batch_norm_backward":
             ops.batch_norm_backward(a["grad_output"], a["input"], a["weight"], a["mean"], a["invstd"], True, 1e-5, mask)
         else:
-            ops.batch_norm_add_relu_backward(a["grad_output"], a["output"], a["input"], a["weight"], a["mean"],
-                                             a["invstd"], True, 1e-5, mask)
+            ops.batch_norm_backward(a["grad_output"], a["input"], a["weight"], a["mean"], a["invstd"], True, 1e-5,
+                                    mask, None, "relu", [], None, a["output"])

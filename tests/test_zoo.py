@@ -265,15 +265,21 @@ assert torch.equal(y, torch.load({str(tmp_path / 'expected.pt')!r}))
 
 
 def test_timm_batch_norm_act_sync_conversion():
-    """convert_sync_batchnorm keeps a ReLU activation (as activation="relu")
-    and refuses one it cannot synchronise with rather than dropping it."""
+    """convert_sync_batchnorm keeps an activation fused_bn fuses (ReLU as
+    activation relu, SiLU as silu) and refuses one it cannot synchronise with
+    rather than dropping it."""
     BatchNormAct2d = _timm_batch_norm_act()
     relu_model = fused_bn.convert_model(nn.Sequential(BatchNormAct2d(4)))
     synced = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(relu_model)
-    assert type(synced[0]) is fused_bn.FusedSyncBatchNorm2d and synced[0].activation == "relu"
+    assert type(synced[0]) is fused_bn.FusedSyncBatchNorm2d
+    assert synced[0].activation == fused_bn.Activation("relu", ())
     silu_model = nn.Sequential(BatchNormAct2d(4, act_layer=nn.SiLU))
-    with pytest.raises(NotImplementedError, match="SiLU activation has no synchronised form"):
-        fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(silu_model)
+    synced = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(silu_model)
+    assert type(synced[0]) is fused_bn.FusedSyncBatchNorm2d
+    assert synced[0].activation == fused_bn.Activation("silu", ())
+    tanh_model = nn.Sequential(BatchNormAct2d(4, act_layer=nn.Tanh))
+    with pytest.raises(NotImplementedError, match="Tanh activation has no synchronised form"):
+        fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(tanh_model)
 
 
 @pytest.mark.parametrize("fuse_relu", [False, True], ids=["convert", "fuse_relu"])

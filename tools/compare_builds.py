@@ -66,8 +66,38 @@ def attempt(fn, *args):
         return f"{type(e).__name__}: {str(e).splitlines()[0]}"
 
 
+def _epilogue_api():
+    """Either build's epilogue arguments, so a record saved with a build before the
+    activations (``bool relu``, batch_norm_add_relu_backward) compares with one after
+    (``str activation, float[] activation_params``, batch_norm_backward with the
+    forward's output): (args for relu on/off, batch_norm_backward, add+ReLU backward,
+    batch_norm_backward_sums), each recording what the old ops returned."""
+    ops = torch.ops.fused_bn
+    if "str activation" not in str(ops.batch_norm_train.default._schema):
+        return (lambda relu: (relu,)), ops.batch_norm_backward, ops.batch_norm_add_relu_backward, \
+            ops.batch_norm_backward_sums
+
+    def act(relu):
+        return ("relu" if relu else "identity", [])
+
+    def backward(*args):
+        # (grad_input, grad_weight, grad_bias); grad_residual is [0] without a residual or output
+        return ops.batch_norm_backward(*args)[:3]
+
+    def add_relu_backward(dy, y, x, w, mean, invstd, training, eps, mask):
+        dx, dw, db, dz = ops.batch_norm_backward(dy, x, w, mean, invstd, training, eps, mask, None, "relu", [],
+                                                 None, y)
+        return dx, dz, dw, db
+
+    def backward_sums(*args):
+        return ops.batch_norm_backward_sums(*args)[:3]
+
+    return act, backward, add_relu_backward, backward_sums
+
+
 def run_case(shape, dtype, layout, seed):
     ops = torch.ops.fused_bn
+    act, backward, add_relu_backward, backward_sums = _epilogue_api()
     x, z, dy, w, b, rm, rv = make_inputs(shape, dtype, layout, seed)
     out = {}
     eps = 1e-5
@@ -78,9 +108,9 @@ def run_case(shape, dtype, layout, seed):
     for relu, residual, momentum in [(False, None, 0.1), (True, None, None), (True, z, 0.3)]:
         key = f"relu={relu},res={residual is not None},m={momentum}"
         rmc, rvc, nbt = rm.clone(), rv.clone(), torch.zeros((), dtype=torch.long)
-        train = attempt(ops.batch_norm_train, x, w, b, rmc, rvc, nbt, momentum, eps, relu, residual)
+        train = attempt(ops.batch_norm_train, x, w, b, rmc, rvc, nbt, momentum, eps, *act(relu), residual)
         out[f"train/{key}"] = (train, rmc, rvc, nbt)
-        out[f"eval/{key}"] = attempt(ops.batch_norm_eval, x, w, b, rm, rv, eps, relu, residual)
+        out[f"eval/{key}"] = attempt(ops.batch_norm_eval, x, w, b, rm, rv, eps, *act(relu), residual)
         if isinstance(train, str):  # no training kernel: take the saved statistics from float64
             x64 = x.double()
             mean = x64.mean((0, 2, 3)).to(param_dtype(dtype))
@@ -91,26 +121,26 @@ def run_case(shape, dtype, layout, seed):
         for mask in ([True, True, True], [True, False, False], [False, True, True]):
             if residual is None:
                 out[f"backward/{key}/{mask}"] = attempt(
-                    ops.batch_norm_backward, dy, x, w, mean, invstd, True, eps, mask, b, relu)
+                    backward, dy, x, w, mean, invstd, True, eps, mask, b, *act(relu))
             else:
                 out[f"add_relu_backward/{key}/{mask}"] = attempt(
-                    ops.batch_norm_add_relu_backward, dy, y, x, w, mean, invstd, True, eps, mask)
+                    add_relu_backward, dy, y, x, w, mean, invstd, True, eps, mask)
         eval_invstd = (rv + eps).rsqrt()
         out[f"eval_backward/{key}"] = attempt(
-            ops.batch_norm_backward, dy, x, w, rm, eval_invstd, False, eps, [True, True, True], b, relu)
+            backward, dy, x, w, rm, eval_invstd, False, eps, [True, True, True], b, *act(relu))
         # Data-parallel ops, one rank (the saved statistics of the fused op).
         stats = attempt(ops.batch_norm_stats, x, w, b, rm, rv)
         rmc, rvc, nbt = rm.clone(), rv.clone(), torch.zeros((), dtype=torch.long)
         if not isinstance(stats, str) and residual is None:
             out[f"sync/{key}/forward"] = (stats, attempt(ops.batch_norm_train_with_stats, x, w, b, rmc, rvc, nbt,
-                                                         momentum, eps, stats[None], relu), rmc, rvc, nbt)
+                                                         momentum, eps, stats[None], *act(relu)), rmc, rvc, nbt)
         else:
             out[f"sync/{key}/forward"] = stats
-        sums = attempt(ops.batch_norm_backward_sums, dy, x, w, mean, invstd, [True, True], b, relu)
+        sums = attempt(backward_sums, dy, x, w, mean, invstd, [True, True], b, *act(relu))
         out[f"sync/{key}/sums"] = sums
         if not isinstance(sums, str):
             out[f"sync/{key}/dx"] = attempt(ops.batch_norm_backward_with_sums, dy, x, w, mean, invstd, sums[0],
-                                            count, b, relu)
+                                            count, b, *act(relu))
     out["train/no_affine"] = attempt(ops.batch_norm_train, x, None, None, None, None, None, 0.1, eps)
     return out
 

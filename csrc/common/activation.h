@@ -31,20 +31,21 @@
 namespace fused_bn {
 namespace common {
 
-// X(Type, enumerator) for every activation, in the order of the enumeration.
-#define FUSED_BN_ACTIVATIONS(X) \
-  X(Identity, kIdentity)        \
-  X(Relu, kRelu)                \
-  X(Hardtanh, kHardtanh)        \
-  X(LeakyRelu, kLeakyRelu)      \
-  X(Elu, kElu)                  \
-  X(Silu, kSilu)                \
-  X(Hardswish, kHardswish)      \
-  X(Gelu, kGelu)                \
-  X(GeluTanh, kGeluTanh)
+// X(Type, enumerator, name, parameter count) for every activation, in the
+// order of the enumeration; the name is what the ops take (csrc/ops.cpp).
+#define FUSED_BN_ACTIVATIONS(X)               \
+  X(Identity, kIdentity, "identity", 0)       \
+  X(Relu, kRelu, "relu", 0)                   \
+  X(Hardtanh, kHardtanh, "hardtanh", 2)       \
+  X(LeakyRelu, kLeakyRelu, "leaky_relu", 1)   \
+  X(Elu, kElu, "elu", 1)                      \
+  X(Silu, kSilu, "silu", 0)                   \
+  X(Hardswish, kHardswish, "hardswish", 0)    \
+  X(Gelu, kGelu, "gelu", 0)                   \
+  X(GeluTanh, kGeluTanh, "gelu_tanh", 0)
 
 enum class Activation : int {
-#define FUSED_BN_ACTIVATION_ENUMERATOR(Type, kind) kind,
+#define FUSED_BN_ACTIVATION_ENUMERATOR(Type, kind, name, params) kind,
   FUSED_BN_ACTIVATIONS(FUSED_BN_ACTIVATION_ENUMERATOR)
 #undef FUSED_BN_ACTIVATION_ENUMERATOR
 };
@@ -52,65 +53,64 @@ enum class Activation : int {
 constexpr int kMaxActivationParams = 2;
 
 // An epilogue's activation as the glue hands it to the kernels: its kind and
-// its parameters in double, in the order of the activation's kParamNames.
+// its parameters in double, in the order of the activation's Params.
 struct ActivationArgs {
   Activation kind = Activation::kIdentity;
   double params[kMaxActivationParams] = {0.0, 0.0};
 };
 
-// No parameters.
-template <typename T>
-struct NoParams {
-  FUSED_BN_HOST_DEVICE static NoParams from(const ActivationArgs&) { return {}; }
-};
+// The value type of a math policy.
+template <class M>
+using Value = typename M::V;
 
-struct Identity {
-  static constexpr Activation kKind = Activation::kIdentity;
-  static constexpr const char* kName = "identity";
-  static constexpr int kParamCount = 0;
-  static constexpr bool kGradFromOutput = false;  // no derivative to take
+// What an activation without parameters derives from: its Params hold
+// nothing, and its derivative is taken from u (kGradFromOutput: see the top).
+struct Unparameterized {
   template <typename T>
-  using Params = NoParams<T>;
+  struct Params {
+    FUSED_BN_HOST_DEVICE static Params from(const ActivationArgs&) { return {}; }
+  };
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
-    return u;
-  }
-  template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V&,
-                                                  const Params<typename M::T>&) {
-    return g;
-  }
+  using P = Params<typename M::T>;
+  static constexpr bool kGradFromOutput = false;
 };
 
-// max(u, 0), NaN kept (torch.relu). Derivative: g where u > 0 (a NaN u gives
-// 0).
-struct Relu {
-  static constexpr Activation kKind = Activation::kRelu;
-  static constexpr const char* kName = "relu";
-  static constexpr int kParamCount = 0;
+// One parameter, params[0] of ActivationArgs (negative_slope, alpha).
+struct OneParameter {
+  template <typename T>
+  struct Params {
+    T value;
+    FUSED_BN_HOST_DEVICE static Params from(const ActivationArgs& a) { return {static_cast<T>(a.params[0])}; }
+  };
+  template <class M>
+  using P = Params<typename M::T>;
+};
+
+struct Identity : Unparameterized {
+  template <class M>
+  FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) { return u; }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>&, const P<M>&) { return g; }
+};
+
+// max(u, 0), NaN kept (torch.relu). Derivative: g where u > 0 (a NaN u gives 0).
+struct Relu : Unparameterized {
   static constexpr bool kGradFromOutput = true;
-  template <typename T>
-  using Params = NoParams<T>;
+  static bool grad_from_output_allowed(const ActivationArgs&) { return true; }
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
+  FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
     return M::select(u < M::splat(0), M::splat(0), u);
   }
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
-                                                  const Params<typename M::T>&) {
+  FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
     return M::select(u > M::splat(0), g, M::splat(0));
   }
-  static bool grad_from_output_allowed(const ActivationArgs&) { return true; }
 };
 
 // clamp(u, min_val, max_val) (nn.Hardtanh; ReLU6 is hardtanh(0, 6)), NaN
 // kept. Derivative: 0 where u <= min_val or u >= max_val, g elsewhere (NaN
 // included), as hardtanh_backward.
 struct Hardtanh {
-  static constexpr Activation kKind = Activation::kHardtanh;
-  static constexpr const char* kName = "hardtanh";
-  static constexpr int kParamCount = 2;  // min_val, max_val
-  static constexpr bool kGradFromOutput = true;
   template <typename T>
   struct Params {
     T min_val, max_val;
@@ -119,83 +119,60 @@ struct Hardtanh {
     }
   };
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>& p) {
+  using P = Params<typename M::T>;
+  static constexpr bool kGradFromOutput = true;
+  static bool grad_from_output_allowed(const ActivationArgs&) { return true; }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>& p) {
     const auto lo = M::splat(p.min_val), hi = M::splat(p.max_val);
     return M::select(u < lo, lo, M::select(u > hi, hi, u));
   }
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
-                                                  const Params<typename M::T>& p) {
+  FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>& p) {
     const auto zero = M::splat(0);
     return M::select(u <= M::splat(p.min_val), zero, M::select(u >= M::splat(p.max_val), zero, g));
   }
-  static bool grad_from_output_allowed(const ActivationArgs&) { return true; }
 };
 
 // u where u > 0, else u · negative_slope (NaN kept). Derivative g or
 // g · negative_slope by the same test; y > 0 exactly where u > 0 when the
 // slope is not negative (the condition for taking it from y).
-struct LeakyRelu {
-  static constexpr Activation kKind = Activation::kLeakyRelu;
-  static constexpr const char* kName = "leaky_relu";
-  static constexpr int kParamCount = 1;  // negative_slope
+struct LeakyRelu : OneParameter {  // negative_slope
   static constexpr bool kGradFromOutput = true;
-  template <typename T>
-  struct Params {
-    T negative_slope;
-    FUSED_BN_HOST_DEVICE static Params from(const ActivationArgs& a) { return {static_cast<T>(a.params[0])}; }
-  };
-  template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>& p) {
-    return M::select(u > M::splat(0), u, u * M::splat(p.negative_slope));
-  }
-  template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
-                                                  const Params<typename M::T>& p) {
-    return M::select(u > M::splat(0), g, g * M::splat(p.negative_slope));
-  }
   static bool grad_from_output_allowed(const ActivationArgs& a) { return a.params[0] >= 0.0; }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>& p) {
+    return M::select(u > M::splat(0), u, u * M::splat(p.value));
+  }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>& p) {
+    return M::select(u > M::splat(0), g, g * M::splat(p.value));
+  }
 };
 
 // u where u > 0, else alpha · (exp(u) − 1) (nn.ELU; a NaN u gives NaN).
 // Derivative: g · alpha · exp(u) where u <= 0, else g (NaN: g), as
 // elu_backward.
-struct Elu {
-  static constexpr Activation kKind = Activation::kElu;
-  static constexpr const char* kName = "elu";
-  static constexpr int kParamCount = 1;  // alpha
+struct Elu : OneParameter {  // alpha
   static constexpr bool kGradFromOutput = false;
-  template <typename T>
-  struct Params {
-    T alpha;
-    FUSED_BN_HOST_DEVICE static Params from(const ActivationArgs& a) { return {static_cast<T>(a.params[0])}; }
-  };
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>& p) {
-    return M::select(u > M::splat(0), u, M::expm1(u) * M::splat(p.alpha));
+  FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>& p) {
+    return M::select(u > M::splat(0), u, M::expm1(u) * M::splat(p.value));
   }
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
-                                                  const Params<typename M::T>& p) {
-    return M::select(u <= M::splat(0), g * (M::splat(p.alpha) * M::exp(u)), g);
+  FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>& p) {
+    return M::select(u <= M::splat(0), g * (M::splat(p.value) * M::exp(u)), g);
   }
 };
 
 // u · σ(u) = u / (1 + exp(−u)) (nn.SiLU). Derivative: g · σ(u) · (1 + u · (1 − σ(u))).
-struct Silu {
-  static constexpr Activation kKind = Activation::kSilu;
-  static constexpr const char* kName = "silu";
-  static constexpr int kParamCount = 0;
-  static constexpr bool kGradFromOutput = false;
-  template <typename T>
-  using Params = NoParams<T>;
+struct Silu : Unparameterized {
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
+  FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
     return u / (M::splat(1) + M::exp(M::splat(0) - u));
   }
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
-                                                  const Params<typename M::T>&) {
+  FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
     const auto one = M::splat(1);
     const auto sigmoid = one / (one + M::exp(M::splat(0) - u));
     return g * sigmoid * (one + u * (one - sigmoid));
@@ -204,50 +181,32 @@ struct Silu {
 
 // u · clamp(u + 3, 0, 6) / 6 (nn.Hardswish; NaN kept). Derivative: 0 where
 // u < −3, g · (u / 3 + 0.5) where u <= 3, else g (NaN: g), as hardswish_backward.
-struct Hardswish {
-  static constexpr Activation kKind = Activation::kHardswish;
-  static constexpr const char* kName = "hardswish";
-  static constexpr int kParamCount = 0;
-  static constexpr bool kGradFromOutput = false;
-  template <typename T>
-  using Params = NoParams<T>;
+struct Hardswish : Unparameterized {
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
+  FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
     const auto zero = M::splat(0), six = M::splat(6);
     const auto shifted = u + M::splat(3);
-    const auto clamped = M::select(shifted < zero, zero, M::select(shifted > six, six, shifted));
-    return u * clamped / six;
+    return u * M::select(shifted < zero, zero, M::select(shifted > six, six, shifted)) / six;
   }
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
-                                                  const Params<typename M::T>&) {
+  FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
     const auto three = M::splat(3);
-    return M::select(u < M::splat(-3), M::splat(0),
-                     M::select(u <= three, g * (u / three + M::splat(0.5)), g));
+    return M::select(u < M::splat(-3), M::splat(0), M::select(u <= three, g * (u / three + M::splat(0.5)), g));
   }
 };
 
 // u · Φ(u) = u · (1 + erf(u / √2)) / 2 (nn.GELU(approximate="none")).
 // Derivative: g · (Φ(u) + u · φ(u)), φ(u) = exp(−u²/2) / √(2π).
-struct Gelu {
-  static constexpr Activation kKind = Activation::kGelu;
-  static constexpr const char* kName = "gelu";
-  static constexpr int kParamCount = 0;
-  static constexpr bool kGradFromOutput = false;
-  template <typename T>
-  using Params = NoParams<T>;
-  static constexpr double kSqrtHalf = 0.70710678118654752440;         // 1/√2
-  static constexpr double kInvSqrtTwoPi = 0.39894228040143267794;     // 1/√(2π)
+struct Gelu : Unparameterized {
+  static constexpr double kSqrtHalf = 0.70710678118654752440;      // 1/√2
+  static constexpr double kInvSqrtTwoPi = 0.39894228040143267794;  // 1/√(2π)
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
-    const auto half = M::splat(0.5);
-    return u * half * (M::splat(1) + M::erf(u * M::splat(kSqrtHalf)));
+  FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
+    return u * M::splat(0.5) * (M::splat(1) + M::erf(u * M::splat(kSqrtHalf)));
   }
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
-                                                  const Params<typename M::T>&) {
-    const auto half = M::splat(0.5);
-    const auto cdf = half * (M::splat(1) + M::erf(u * M::splat(kSqrtHalf)));
+  FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
+    const auto cdf = M::splat(0.5) * (M::splat(1) + M::erf(u * M::splat(kSqrtHalf)));
     const auto pdf = M::exp(u * u * M::splat(-0.5)) * M::splat(kInvSqrtTwoPi);
     return g * (cdf + u * pdf);
   }
@@ -255,23 +214,16 @@ struct Gelu {
 
 // u · (1 + tanh(√(2/π) · (u + 0.044715 · u³))) / 2 (nn.GELU(approximate="tanh")),
 // and its derivative as gelu_backward writes it.
-struct GeluTanh {
-  static constexpr Activation kKind = Activation::kGeluTanh;
-  static constexpr const char* kName = "gelu_tanh";
-  static constexpr int kParamCount = 0;
-  static constexpr bool kGradFromOutput = false;
-  template <typename T>
-  using Params = NoParams<T>;
+struct GeluTanh : Unparameterized {
   static constexpr double kBeta = 0.79788456080286535588;  // √(2/π)
   static constexpr double kKappa = 0.044715;
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V forward(const typename M::V& u, const Params<typename M::T>&) {
+  FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
     const auto inner = M::splat(kBeta) * (u + M::splat(kKappa) * u * u * u);
     return M::splat(0.5) * u * (M::splat(1) + M::tanh(inner));
   }
   template <class M>
-  FUSED_BN_HOST_DEVICE static typename M::V grad(const typename M::V& g, const typename M::V& u,
-                                                  const Params<typename M::T>&) {
+  FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
     const auto one = M::splat(1), half = M::splat(0.5);
     const auto u_sq = u * u;
     const auto tanh_inner = M::tanh(M::splat(kBeta) * (u + M::splat(kKappa) * u_sq * u));
@@ -289,8 +241,8 @@ struct GeluTanh {
 template <typename F>
 decltype(auto) with_activation(Activation kind, F&& f) {
   switch (kind) {
-#define FUSED_BN_ACTIVATION_CASE(Type, enumerator) \
-  case Activation::enumerator:                     \
+#define FUSED_BN_ACTIVATION_CASE(Type, enumerator, name, params) \
+  case Activation::enumerator:                                   \
     return f(Type{});
     FUSED_BN_ACTIVATIONS(FUSED_BN_ACTIVATION_CASE)
 #undef FUSED_BN_ACTIVATION_CASE

@@ -48,6 +48,24 @@ double count_batch(const Tensor& num_batches_tracked) {
   return num_batches_tracked.item<double>();
 }
 
+// What every forward hands the kernels: the input, its epilogue, the output
+// and the per-channel tensors.
+template <typename scalar_t, typename param_t>
+cpu::ForwardArgs<scalar_t, param_t> forward_args(cpu::ForwardKind kind, const PreparedInput& in,
+                                                 const PreparedEpilogue& epilogue, Tensor& output,
+                                                 const cpu::ChannelTensors<param_t>& t, double eps) {
+  cpu::ForwardArgs<scalar_t, param_t> args;
+  args.kind = kind;
+  args.x = in.tensor.const_data_ptr<scalar_t>();
+  args.residual = data_or_null<scalar_t>(epilogue.residual);
+  args.y = output.mutable_data_ptr<scalar_t>();
+  args.geometry = in.geometry;
+  args.channels = t;
+  args.activation = epilogue.activation;
+  args.eps = eps;
+  return args;
+}
+
 // The training ops' shared body: checks, allocation and the counter, then the
 // forward (all_stats: the ranks' gathered statistics, else undefined).
 std::tuple<Tensor, Tensor, Tensor> train_cpu(
@@ -80,16 +98,10 @@ std::tuple<Tensor, Tensor, Tensor> train_cpu(
     cpu::ChannelTensors<param_t> t{data_or_null<param_t>(w), data_or_null<param_t>(b),
                                    mutable_data_or_null<param_t>(running_mean),
                                    mutable_data_or_null<param_t>(running_var)};
-    cpu::ForwardArgs<scalar_t, param_t> args;
-    args.kind = all_stats.defined() ? cpu::ForwardKind::kTrainWithStats : cpu::ForwardKind::kTrain;
-    args.x = in.tensor.const_data_ptr<scalar_t>();
-    args.residual = data_or_null<scalar_t>(epilogue.residual);
-    args.y = output.mutable_data_ptr<scalar_t>();
-    args.geometry = in.geometry;
-    args.channels = t;
-    args.activation = epilogue.activation;
+    auto args = forward_args<scalar_t>(
+        all_stats.defined() ? cpu::ForwardKind::kTrainWithStats : cpu::ForwardKind::kTrain, in, epilogue, output, t,
+        eps);
     args.factor = factor;
-    args.eps = eps;
     args.save_mean = save_mean.mutable_data_ptr<Acc>();
     args.save_invstd = save_invstd.mutable_data_ptr<Acc>();
     if (all_stats.defined()) {
@@ -161,16 +173,7 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const optional<Tensor>& weight,
     cpu::ChannelTensors<param_t> t{data_or_null<param_t>(w), data_or_null<param_t>(b),
                                    const_cast<param_t*>(mean.const_data_ptr<param_t>()),
                                    const_cast<param_t*>(var.const_data_ptr<param_t>())};
-    cpu::ForwardArgs<scalar_t, param_t> args;
-    args.kind = cpu::ForwardKind::kEval;
-    args.x = in.tensor.const_data_ptr<scalar_t>();
-    args.residual = data_or_null<scalar_t>(epilogue.residual);
-    args.y = output.mutable_data_ptr<scalar_t>();
-    args.geometry = in.geometry;
-    args.channels = t;
-    args.activation = epilogue.activation;
-    args.eps = eps;
-    cpu::run_forward(args);
+    cpu::run_forward(forward_args<scalar_t>(cpu::ForwardKind::kEval, in, epilogue, output, t, eps));
   });
   return output;
 }

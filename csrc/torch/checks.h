@@ -141,12 +141,12 @@ inline common::ActivationArgs parse_activation(c10::string_view name, at::ArrayR
   bool found = false;
   int expected_params = 0;
   std::string supported;
-#define FUSED_BN_ACTIVATION_NAME(Type, enumerator)                      \
-  supported += std::string(supported.empty() ? "" : ", ") + common::Type::kName; \
-  if (name == common::Type::kName) {                                    \
-    args.kind = common::Activation::enumerator;                         \
-    expected_params = common::Type::kParamCount;                        \
-    found = true;                                                       \
+#define FUSED_BN_ACTIVATION_NAME(Type, enumerator, kind_name, param_count) \
+  supported += std::string(supported.empty() ? "" : ", ") + kind_name;       \
+  if (name == kind_name) {                                                   \
+    args.kind = common::Activation::enumerator;                              \
+    expected_params = param_count;                                           \
+    found = true;                                                            \
   }
   FUSED_BN_ACTIVATIONS(FUSED_BN_ACTIVATION_NAME)
 #undef FUSED_BN_ACTIVATION_NAME
