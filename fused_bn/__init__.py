@@ -3,9 +3,8 @@
 Drop-ins for ``nn.BatchNorm1d``, ``nn.BatchNorm2d`` and ``nn.BatchNorm3d``:
 ``FusedBatchNorm1d``/``2d``/``3d`` (subclasses, same state_dict) and their lazy
 forms, ``batch_norm`` (mirrors ``torch.nn.functional.batch_norm``) and
-``convert_model``; with an activation (relu, relu6, hardtanh, leaky_relu, elu, silu, hardswish, gelu,
-gelu_tanh; ``activation=`` on every module and on ``batch_norm``, by name or as
-an nn module) and a residual add (``forward(input, residual)``) fused in, the
+``convert_model``; with an activation (``activation=`` on every module and on ``batch_norm``: a
+name of ``ACTIVATIONS`` or the nn module) and a residual add (``forward(input, residual)``) fused in, the
 ReLU forms also as classes:
 ``FusedBatchNormReLU1d``/``2d``/``3d``, ``FusedBatchNormAddReLU1d``/``2d``/``3d``,
 ``batch_norm(..., activation="relu")``, ``batch_norm_add_relu`` and

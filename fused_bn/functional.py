@@ -114,11 +114,10 @@ def batch_norm(
     with ``momentum=None`` the update is then the cumulative average
     ``1 / num_batches_tracked``, as in ``nn.BatchNorm2d``.
 
-    ``activation`` (keyword only): None, a name (``"relu"``, ``"relu6"``,
-    ``"hardtanh"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"hardswish"``,
-    ``"gelu"``, ``"gelu_tanh"``, with nn's default parameters) or an nn
-    activation module (``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``,
-    ...). ``residual`` (keyword only; the input's shape and dtype): added
+    ``activation`` (keyword only): None, a name of ``fused_bn.ACTIVATIONS``
+    (``"relu"``, ``"relu6"``, ``"silu"``, ..., with nn's default parameters) or
+    the nn activation module (``nn.LeakyReLU(0.1)``,
+    ``nn.GELU(approximate="tanh")``, ...). ``residual`` (keyword only; the input's shape and dtype): added
     before the activation. Returns ``activation(batch_norm(input) + residual)``
     from batch norm's own passes; its backward saves no more than batch norm
     does (plus the residual, or the output where the activation's derivative
