@@ -15,6 +15,8 @@ from torch import nn
 
 from ._extension import ops
 
+aten = torch.ops.aten
+
 
 class Activation(NamedTuple):
     """An activation as the ops take it: ``name`` is the kernels' name, ``params``
@@ -32,8 +34,13 @@ class Activation(NamedTuple):
 
     def reference(self, u: torch.Tensor) -> torch.Tensor:
         """The activation of ``u`` with differentiable ATen ops (PyTorch's own
-        derivatives): what double backward and forward AD differentiate."""
+        derivatives)."""
         return _BY_KERNEL_NAME[self.name].function(u, *self.params)
+
+    def grad(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """g · act'(u) by PyTorch's own backward op of the activation (itself
+        differentiable): what double backward and forward AD use."""
+        return _BY_KERNEL_NAME[self.name].backward(g, u, *self.params)
 
 
 class _Row(NamedTuple):
@@ -42,24 +49,34 @@ class _Row(NamedTuple):
     module_type: type          # the nn module, matched by exact type
     module: Callable           # params -> an nn module
     function: Callable         # (u, *params) -> the activation with differentiable ops
+    backward: Callable         # (g, u, *params) -> g · act'(u), PyTorch's backward op
     from_module: Callable      # nn module -> params
 
 
 # public name -> row. relu6 is hardtanh(0, 6) in the kernels, as in nn.
 _ACTIVATIONS = {
-    "identity": _Row("identity", (), nn.Identity, nn.Identity, lambda u: u, lambda m: ()),
-    "relu": _Row("relu", (), nn.ReLU, nn.ReLU, F.relu, lambda m: ()),
-    "relu6": _Row("hardtanh", (0.0, 6.0), nn.ReLU6, lambda lo, hi: nn.ReLU6(), F.hardtanh, lambda m: (0.0, 6.0)),
-    "hardtanh": _Row("hardtanh", (-1.0, 1.0), nn.Hardtanh, nn.Hardtanh, F.hardtanh,
+    "identity": _Row("identity", (), nn.Identity, nn.Identity, lambda u: u, lambda g, u: g, lambda m: ()),
+    "relu": _Row("relu", (), nn.ReLU, nn.ReLU, F.relu, lambda g, u: aten.threshold_backward(g, u, 0),
+                 lambda m: ()),
+    "relu6": _Row("hardtanh", (0.0, 6.0), nn.ReLU6, lambda lo, hi: nn.ReLU6(), F.hardtanh,
+                  aten.hardtanh_backward, lambda m: (0.0, 6.0)),
+    "hardtanh": _Row("hardtanh", (-1.0, 1.0), nn.Hardtanh, nn.Hardtanh, F.hardtanh, aten.hardtanh_backward,
                      lambda m: (float(m.min_val), float(m.max_val))),
     "leaky_relu": _Row("leaky_relu", (0.01,), nn.LeakyReLU, nn.LeakyReLU, F.leaky_relu,
+                       lambda g, u, slope: aten.leaky_relu_backward(g, u, slope, False),
                        lambda m: (float(m.negative_slope),)),
-    "elu": _Row("elu", (1.0,), nn.ELU, nn.ELU, F.elu, lambda m: (float(m.alpha),)),
-    "silu": _Row("silu", (), nn.SiLU, nn.SiLU, F.silu, lambda m: ()),
-    "hardswish": _Row("hardswish", (), nn.Hardswish, nn.Hardswish, F.hardswish, lambda m: ()),
-    "gelu": _Row("gelu", (), nn.GELU, nn.GELU, F.gelu, lambda m: ()),
+    "elu": _Row("elu", (1.0,), nn.ELU, nn.ELU, F.elu,
+                lambda g, u, alpha: aten.elu_backward(g, alpha, 1.0, 1.0, False, u), lambda m: (float(m.alpha),)),
+    # silu_backward has no derivative of its own: PyTorch's autograd uses this
+    # form (infinitely_differentiable_silu_backward) when it records a backward.
+    "silu": _Row("silu", (), nn.SiLU, nn.SiLU, F.silu,
+                 lambda g, u: g * torch.sigmoid(u) * (1 + u * (1 - torch.sigmoid(u))), lambda m: ()),
+    "hardswish": _Row("hardswish", (), nn.Hardswish, nn.Hardswish, F.hardswish, aten.hardswish_backward,
+                      lambda m: ()),
+    "gelu": _Row("gelu", (), nn.GELU, nn.GELU, F.gelu, aten.gelu_backward, lambda m: ()),
     "gelu_tanh": _Row("gelu_tanh", (), nn.GELU, lambda: nn.GELU(approximate="tanh"),
-                      lambda u: F.gelu(u, approximate="tanh"), lambda m: ()),
+                      lambda u: F.gelu(u, approximate="tanh"),
+                      lambda g, u: aten.gelu_backward(g, u, approximate="tanh"), lambda m: ()),
 }
 # kernel name -> its row (hardtanh(0, 6) becomes nn.Hardtanh(0, 6) again,
 # which computes what nn.ReLU6 does).
@@ -97,8 +114,7 @@ def resolve(activation) -> Activation:
             return resolved
     raise ValueError(
         f"unsupported activation {activation!r}: fused_bn fuses one of {', '.join(SUPPORTED)} "
-        "(by name, or as the nn module: nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.ELU, "
-        "nn.SiLU, nn.Hardswish, nn.GELU, nn.Identity)")
+        "(by name, or as the nn module of that name, e.g. nn.LeakyReLU(0.1); nn.Identity for none)")
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,11 +3,11 @@
 * first order: the backward op (batch_norm_backward), called from the
   Functions below (torch.func's transforms, forward mode, compiled graphs) and
   from the C++ node of eager reverse mode (csrc/autograd.cpp);
-* recorded (create_graph=True, double backward) and forward mode: PyTorch's
-  own derivatives of ``batch_norm_reference``, the epilogue written with
-  differentiable ATen ops (the activation's nn function from
-  fused_bn/_activations.py). Both are ops (defined here), so the C++ node
-  calls the same ``batch_norm_backward_differentiable`` as the Functions.
+* recorded (create_graph=True, double backward): ``batch_norm_backward_differentiable``,
+  batch norm's backward written with differentiable ATen ops around PyTorch's
+  own backward op of the activation (fused_bn/_activations.py), an op defined
+  here so that the C++ node calls the same one as the Functions; forward mode:
+  the same pieces (_normalized, the activation's derivative) in _epilogue_jvp.
 
 Registered as the ops' Autograd kernels by fused_bn/_registration.py.
 """
@@ -21,63 +21,72 @@ from ._extension import ops
 
 _lib = torch.library.Library("fused_bn", "FRAGMENT")
 _lib.define(
-    "batch_norm_reference(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
-    "Tensor? running_var, bool training, float eps, str activation, float[] activation_params, "
-    "Tensor? residual) -> Tensor")
-_lib.define(
     "batch_norm_backward_differentiable(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
     "Tensor? running_mean, Tensor? running_var, bool training, float eps, str activation, "
     "float[] activation_params, Tensor? residual, Tensor? output, bool[4] output_mask) "
     "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
-def _reference(input, weight, bias, running_mean, running_var, training, eps, activation,
-               activation_params, residual):
-    """act(batch_norm(input) [+ residual]) with differentiable ATen ops: batch
-    statistics in training (running statistics untouched), the running ones in
-    eval."""
-    z = F.batch_norm(input, running_mean if not training else None,
-                     running_var if not training else None, weight, bias, training=training,
-                     momentum=0.0, eps=eps)
-    if residual is not None:
-        z = z + residual
-    return Activation(activation, tuple(activation_params)).reference(z)
+def _normalized(input, running_mean, running_var, training, eps):
+    """x_hat and invstd in the accumulation dtype from differentiable ATen
+    ops: the batch statistics in training (so their dependence on x is
+    differentiated too), the running ones in eval; shaped to broadcast."""
+    acc = _accumulate_dtype(input.dtype)
+    dims = [0] + list(range(2, input.dim()))
+    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
+    x = input.to(acc)
+    if training:
+        mean = x.mean(dims, keepdim=True)
+        invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    else:
+        mean = running_mean.to(acc).view(shape)
+        invstd = torch.rsqrt(running_var.to(acc).view(shape) + eps)
+    return (x - mean) * invstd, invstd, dims, shape
+
+
+def _affine_input(x_hat, weight, bias, residual, shape):
+    """u = x_hat · w + b (+ residual): the activation's input."""
+    acc = x_hat.dtype
+    u = x_hat if weight is None else x_hat * weight.to(acc).view(shape)
+    if bias is not None:
+        u = u + bias.to(acc).view(shape)
+    return u if residual is None else u + residual.to(acc)
 
 
 def _backward_differentiable(grad_output, input, weight, bias, running_mean, running_var, training,
                              eps, activation, activation_params, residual, output, output_mask):
-    """Grads of (input, weight, bias, residual) where output_mask asks and the
-    tensor requires grad, recorded (create_graph) so they can be differentiated
-    again ([0] where not asked for). With the forward's output instead of its residual (an activation
-    whose derivative the kernels take from y), g = act'(y) · grad_output comes
-    from the activation's own derivative evaluated at y (exact for those:
-    csrc/common/activation.h, kGradFromOutput) and is the residual's grad."""
+    """Grads of (input, weight, bias, residual) where output_mask asks ([0]
+    elsewhere), from differentiable ATen ops, so autograd can differentiate
+    them again: g = act'(u) · grad_output by PyTorch's own backward op of the
+    activation, at u recomputed from x (and the residual), or at the
+    forward's y for an activation whose derivative the kernels take from y
+    (exact for those: csrc/common/activation.h, kGradFromOutput); then batch
+    norm's backward of g."""
     spec = Activation(activation, tuple(activation_params))
-    candidates = (input, weight, bias, residual)
-    with torch.enable_grad():
-        grad_residual = None
-        if output is not None and residual is None and not spec.is_identity:
-            y = output.detach().requires_grad_()
-            (grad_residual,) = torch.autograd.grad(spec.reference(y), y, grad_output, create_graph=True)
-            target = _reference(input, weight, bias, running_mean, running_var, training, eps,
-                                "identity", [], None)
-            target_grad = grad_residual
-            candidates = (input, weight, bias, None)
-        else:
-            target = _reference(input, weight, bias, running_mean, running_var, training, eps,
-                                activation, activation_params, residual)
-            target_grad = grad_output
-        wanted = [i for i, (t, m) in enumerate(zip(candidates, output_mask))
-                  if m and t is not None and t.requires_grad]
-        grads = torch.autograd.grad(target, [candidates[i] for i in wanted], target_grad,
-                                    create_graph=True, allow_unused=True) if wanted else ()
-    result = [None, None, None, grad_residual if output_mask[3] else None]
-    for i, g in zip(wanted, grads):
-        result[i] = g
-    return tuple(input.new_empty(0) if g is None else g for g in result)
+    x_hat, invstd, dims, shape = _normalized(input, running_mean, running_var, training, eps)
+    acc = x_hat.dtype
+    dy = grad_output.to(acc)
+    grad_residual = None
+    if not spec.is_identity:
+        u = output.to(acc) if output is not None and residual is None else _affine_input(
+            x_hat, weight, bias, residual, shape)
+        dy = spec.grad(dy, u)
+        grad_residual = dy.to(input.dtype)
+    elif residual is not None:
+        grad_residual = grad_output
+    param_dtype = weight.dtype if weight is not None else bias.dtype if bias is not None else acc
+    grad_weight = (dy * x_hat).sum(dims).to(param_dtype) if output_mask[1] else None
+    grad_bias = dy.sum(dims).to(param_dtype) if output_mask[2] else None
+    grad_input = None
+    if output_mask[0]:
+        scale = invstd if weight is None else weight.to(acc).view(shape) * invstd
+        if training:
+            dy = dy - dy.mean(dims, keepdim=True) - x_hat * (dy * x_hat).mean(dims, keepdim=True)
+        grad_input = (dy * scale).to(input.dtype)
+    grads = (grad_input, grad_weight, grad_bias, grad_residual)
+    return tuple(g if g is not None and m else input.new_empty(0) for g, m in zip(grads, output_mask))
 
 
-_lib.impl("batch_norm_reference", _reference, "CompositeImplicitAutograd")
 _lib.impl("batch_norm_backward_differentiable", _backward_differentiable, "CompositeImplicitAutograd")
 
 
@@ -182,27 +191,30 @@ def _epilogue_backward(ctx, grad_output, training):
 
 def _epilogue_jvp(ctx, training, input_t, weight_t, bias_t, residual_t):
     """Forward-mode derivative (torch.func.jvp, jacfwd, hessian,
-    torch.autograd.forward_ad) of a forward op's output: the jvp of the
-    reference (batch statistics moving with x in training, the running ones
-    fixed in eval)."""
+    torch.autograd.forward_ad) of a forward op's output: the tangent of u =
+    batch_norm(x) (+ residual) from ATen ops (x_hat's tangent invstd · (dx −
+    mean(dx) − x_hat · mean(x_hat · dx)) in training, where the batch
+    statistics move with x; invstd · dx in eval), then the activation's, which
+    for an elementwise function is its derivative at u times that tangent
+    (PyTorch's own backward op of the activation)."""
     input, weight, bias, mean, var, residual, _ = ctx.saved_tensors
-    activation = ctx.activation
-    primals = [input, weight, bias, residual]
-    tangents = [input_t, weight_t, bias_t, residual_t]
-    present = [i for i, p in enumerate(primals) if p is not None]
-
-    def reference(*tensors):
-        args = [None] * 4
-        for i, t in zip(present, tensors):
-            args[i] = t
-        return _reference(args[0], args[1], args[2], None if training else mean,
-                          None if training else var, training, ctx.eps, activation.name,
-                          activation.params, args[3])
-
-    _, tangent = torch.func.jvp(
-        reference, tuple(primals[i] for i in present),
-        tuple(torch.zeros_like(primals[i]) if tangents[i] is None else tangents[i] for i in present))
-    return tangent
+    x_hat, invstd, dims, shape = _normalized(input, mean, var, training, ctx.eps)
+    acc = x_hat.dtype
+    tangent = torch.zeros_like(x_hat)
+    if input_t is not None:
+        dx = input_t.to(acc) * invstd
+        if training:
+            dx = dx - dx.mean(dims, keepdim=True) - x_hat * (x_hat * dx).mean(dims, keepdim=True)
+        tangent = tangent + (dx if weight is None else dx * weight.to(acc).view(shape))
+    if weight_t is not None:
+        tangent = tangent + x_hat * weight_t.to(acc).view(shape)
+    if bias_t is not None:
+        tangent = tangent + bias_t.to(acc).view(shape)
+    if residual_t is not None:
+        tangent = tangent + residual_t.to(acc)
+    if not ctx.activation.is_identity:
+        tangent = ctx.activation.grad(tangent, _affine_input(x_hat, weight, bias, residual, shape))
+    return tangent.to(input.dtype)
 
 
 def _forward_mode_active():
@@ -253,8 +265,10 @@ class _BatchNormTrain(torch.autograd.Function):
                 "in place once per batch entry, so they must be batched when weight, bias or "
                 "residual are; set `track_running_stats` to False, or batch the buffers too "
                 "(torch.func.stack_module_state)")
+        # in_dims mirrors the arguments: an int for a batched tensor, None or
+        # an empty list (activation_params) for the rest.
         results = [
-            _BatchNormTrain.forward(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+            _BatchNormTrain.forward(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)))
             for i in range(info.batch_size)]
         return tuple(torch.stack(outs) for outs in zip(*results)), (0, 0, 0)
 

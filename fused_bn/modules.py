@@ -135,6 +135,9 @@ class _FusedBatchNormAddReLUForward(_FusedBatchNormForward):
     _default_activation = "relu"
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if residual is None:
+            # What eager relu(bn(x) + None) raises, before any state changes.
+            return self._forward_with_residual(input, residual, self._batch_norm_args(input))
         return super().forward(input, residual)
 
 

@@ -283,15 +283,26 @@ def test_compile_fullgraph_keeps_fused_ops(device, momentum, layout):
 
 def test_compile_inductor_matches_eager():
     """The default backend (Inductor) end to end: running statistics are written
-    back into the module's buffers after Inductor re-inplaces the op."""
+    back into the module's buffers after Inductor re-inplaces the op. Inductor's
+    layout optimization runs the convolution, and so our flexible-layout op, in
+    channels_last, which rounds differently from the eager NCHW run: both are
+    held to the accuracy rule against a float64 run of the same model."""
     torch._dynamo.reset()
     eager = _conv_bn_relu(0.1, "cpu")
     compiled_model = copy.deepcopy(eager)
+    reference = copy.deepcopy(eager).double()
     compiled = torch.compile(compiled_model, fullgraph=True)
+    names = ["output", "grad_input"] + [f"grad {n}" for n, _ in eager.named_parameters()] + [
+        n for n, _ in eager.named_buffers()]
     for step in range(3):
         x = sample((2, 3, 6, 5))
-        for a, b in zip(_step(compiled, x), _step(eager, x)):
-            torch.testing.assert_close(a, b, rtol=1.3e-6, atol=1e-6, msg=f"inductor step {step}")
+        results = zip(_step(compiled, x), _step(eager, x), _step(reference, x.double()))
+        for name, (a, b, r) in zip(names, results):
+            if name.endswith("num_batches_tracked"):
+                assert int(a) == int(b) == int(r)
+                continue
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert_accurate(a, b, r, name=f"inductor step {step} {name}")
     assert int(compiled_model[1].num_batches_tracked) == 3
 
 

@@ -2,6 +2,7 @@
 // the training forward and batch_stats.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -26,6 +27,12 @@ void nhwc_channel_moments(const scalar_t* x, int64_t rows, int64_t C, F&& on_cha
   double* block_m2 = thread_scratch<double, ScratchSlot::kBlockM2>(rb.blocks * C);
   double* mean = thread_scratch<double, ScratchSlot::kMean>(C);
   double* m2 = thread_scratch<double, ScratchSlot::kM2>(C);
+  if (rb.blocks == 0) {  // no rows (an empty batch): no block to merge
+    std::fill(mean, mean + C, 0.0);
+    std::fill(m2, m2 + C, 0.0);
+    on_channels(0, C, mean, m2);
+    return;
+  }
   parallel_over(tasks.tasks(), [&](int64_t t) {
     const int64_t b = tasks.block(t);
     nhwc_block_moments(x, C, tasks.strip(t, C), rb.begin(b), rb.end(b, rows), block_mean + b * C, block_m2 + b * C);
