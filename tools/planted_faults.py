@@ -74,6 +74,10 @@ FAULTS = [
           [(KERNELS, "    return image_ * image_stride + vector_ * vec;",
             "    return static_cast<int>(image_ * image_stride + vector_ * vec);")],
           ["test_emulation.py::test_offsets_past_two_to_the_31"]),
+    Fault("silu-derivative-sign", "SiLU's derivative adds σ where it subtracts it (one activation's backward, shared file)",
+          [("common/activation.h", "return g * sigmoid * (one + u * (one - sigmoid));",
+            "return g * sigmoid * (one + u * (one + sigmoid));")],
+          ["test_activations.py::test_parity_with_nn_composite"]),
 ]
 
 
