@@ -519,6 +519,44 @@ def test_ops_with_split_statistics_match_nn(shape, layout, split, dtype, relu):
                                  has_channels_last and (layout == "cl" or positions == 1))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("activation,params,residual", [
+    ("silu", [], True), ("leaky_relu", [0.1], True), ("hardswish", [], False), ("gelu_tanh", [], True),
+    ("identity", [], True)], ids=str)
+def test_ops_with_an_epilogue_and_one_rank_are_bitwise_the_fused_ops(activation, params, residual, layout):
+    """The synced ops with an activation and a residual: the training forward
+    with one rank's statistics, the sums pass (which writes the activation's g,
+    the residual's gradient) and the dx pass from g give exactly what
+    batch_norm_train and batch_norm_backward give (FusedSyncBatchNorm2d's path,
+    fused_bn/_sync.py)."""
+    shape, C = (4, 6, 5, 3), 6
+    x, dy = _layout(torch.randn(shape) + 1, layout), _layout(torch.randn(shape), layout)
+    r = _layout(torch.randn(shape), layout) if residual else None
+    w, b = 0.5 + torch.rand(C), torch.rand(C) - 0.5
+    stats = ops.batch_norm_stats(x, w, b, None, None)[None]
+    y, mean, invstd = ops.batch_norm_train_with_stats(x, w, b, None, None, None, 0.1, 1e-5, stats, activation,
+                                                      params, r)
+    y0, mean0, invstd0 = ops.batch_norm_train(x, w, b, None, None, None, 0.1, 1e-5, activation, params, r)
+    for a, e, name in ((y, y0, "y"), (mean, mean0, "mean"), (invstd, invstd0, "invstd")):
+        assert_bitwise_equal(a, e, name)
+    from_output = residual and ops.activation_grad_from_output(activation, params)
+    saved_residual, saved_output = (None, y) if from_output else (r, None)
+    sums, gw, gb, g = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, activation, params,
+                                                   saved_residual, saved_output)
+    dx0, gw0, gb0, g0 = ops.batch_norm_backward(dy, x, w, mean, invstd, True, 1e-5, [True, True, True], b,
+                                                activation, params, saved_residual, saved_output)
+    count = torch.tensor(x.numel() // C)
+    if residual and activation != "identity":
+        assert g.shape == x.shape, "the sums pass wrote no grad_residual"
+        assert_bitwise_equal(g, g0, "grad_residual")
+        dx = ops.batch_norm_backward_with_sums(g, x, w, mean, invstd, sums, count, None, "identity", [])
+    else:
+        assert g.shape == (0,) and g0.shape == (0,)
+        dx = ops.batch_norm_backward_with_sums(dy, x, w, mean, invstd, sums, count, b, activation, params)
+    for a, e, name in ((dx, dx0, "dx"), (gb, gb0, "grad_bias")):
+        assert_bitwise_equal(a, e, name)
+
+
 @pytest.mark.parametrize("shape,layout", [((4, 5, 6, 7), "nchw"), ((6, 64, 3, 3), "nchw"),
                                           ((2, 3, 80, 80), "nchw"), ((5, 9, 4, 4), "cl")])
 @pytest.mark.parametrize("relu", [False, True])
