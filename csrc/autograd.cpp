@@ -8,9 +8,10 @@
 // batch_norm_train_eager has batch_norm_train's schema and results; its
 // CompositeImplicitAutograd kernel records one node. Its backward is the one
 // both routes share: batch_norm_backward (the op) for first-order grads, and,
-// when the backward itself is recorded (create_graph=True), PyTorch's own
-// derivatives of batch_norm_reference (the epilogue written with
-// differentiable ATen ops, fused_bn/_activations.py), as the Python Function's.
+// when the backward itself is recorded (create_graph=True),
+// batch_norm_backward_differentiable (batch norm's backward in differentiable
+// ATen ops around PyTorch's own backward op of the activation,
+// fused_bn/_autograd.py), as the Python Function's.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
