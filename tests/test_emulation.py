@@ -92,7 +92,10 @@ def test_ops_run_the_emulated_kernels(training):
     y = m(x)
     after_forward = emulated_cuda.launch_count()
     y.backward(torch.randn_like(y))
-    assert after_forward - before == (3 if training else 1)  # moments, finalize, normalize / normalize
+    # moments, finalize, normalize / the eval coefficients, normalize (the
+    # per-channel eval math in its own launch: per thread it made the
+    # activations' normalize kernels spill)
+    assert after_forward - before == (3 if training else 2)
     assert emulated_cuda.launch_count() - after_forward == 3  # sums, finalize, dx
 
 
