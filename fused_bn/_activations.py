@@ -77,10 +77,6 @@ _ACTIVATIONS = {
     "gelu_tanh": _Row("gelu_tanh", (), nn.GELU, lambda: nn.GELU(approximate="tanh"),
                       lambda u: F.gelu(u, approximate="tanh"),
                       lambda g, u: aten.gelu_backward(g, u, approximate="tanh"), lambda m: ()),
-    # PyTorch's recorded form of mish's backward (infinitely_differentiable_mish_backward).
-    "mish": _Row("mish", (), nn.Mish, nn.Mish, F.mish,
-                 lambda g, u: g * (torch.tanh(F.softplus(u)) + u * torch.sigmoid(u)
-                                   * (1 - torch.tanh(F.softplus(u)) ** 2)), lambda m: ()),
 }
 # kernel name -> its row (hardtanh(0, 6) becomes nn.Hardtanh(0, 6) again,
 # which computes what nn.ReLU6 does).

@@ -42,8 +42,7 @@ namespace common {
   X(Silu, kSilu, "silu", 0)                   \
   X(Hardswish, kHardswish, "hardswish", 0)    \
   X(Gelu, kGelu, "gelu", 0)                   \
-  X(GeluTanh, kGeluTanh, "gelu_tanh", 0)     \
-  X(Mish, kMish, "mish", 0)
+  X(GeluTanh, kGeluTanh, "gelu_tanh", 0)
 
 enum class Activation : int {
 #define FUSED_BN_ACTIVATION_ENUMERATOR(Type, kind, name, params) kind,
@@ -232,23 +231,6 @@ struct GeluTanh : Unparameterized {
     const auto right_derivative = half * u * (one - tanh_inner * tanh_inner);
     const auto inner_derivative = M::splat(kBeta) * (one + M::splat(3 * kKappa) * u_sq);
     return g * (left_derivative + right_derivative * inner_derivative);
-  }
-};
-
-// u · tanh(softplus(u)), softplus(u) = log(1 + exp(u)) (nn.Mish; YOLOv4's
-// CSPDarknet). Derivative: g · (t + u · σ(u) · (1 − t²)), t = tanh(softplus(u)),
-// as mish_backward.
-struct Mish : Unparameterized {
-  template <class M>
-  FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
-    return u * M::tanh(M::log1p(M::exp(u)));
-  }
-  template <class M>
-  FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
-    const auto one = M::splat(1);
-    const auto sigmoid = one / (one + M::exp(M::splat(0) - u));
-    const auto t = M::tanh(M::log1p(M::exp(u)));
-    return g * (t + u * sigmoid * (one - t * t));
   }
 };
 
