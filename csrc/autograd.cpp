@@ -113,9 +113,11 @@ struct BatchNormTrainFunction : public torch::autograd::Function<BatchNormTrainF
       const int64_t edge = ctx->saved_data[name].toInt();
       return edge >= 0 && ctx->needs_input_grad(edge);
     };
-    // One entry per forward argument; non-tensor ones stay undefined.
-    constexpr int64_t kArguments = 11, kResidualArgument = 10;
-    variable_list result(kArguments);
+    // One entry per forward argument (the op's, csrc/ops.cpp: positions read
+    // from its schema, never written down twice); non-tensor ones stay undefined.
+    static const c10::FunctionSchema& schema = op<TrainSignature>("fused_bn::batch_norm_train").schema();
+    static const size_t residual_argument = schema.argumentIndexWithName("residual").value();
+    variable_list result(schema.arguments().size());
     const Tensor& grad_output = grads[0];
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), needs("weight_edge"), needs("bias_edge")};
     const bool residual_needs_grad = needs("residual_edge");
@@ -146,7 +148,7 @@ struct BatchNormTrainFunction : public torch::autograd::Function<BatchNormTrainF
     if (mask[0]) result[0] = grad_input;
     if (mask[1]) result[1] = grad_weight;
     if (mask[2]) result[2] = grad_bias;
-    if (residual_needs_grad) result[kResidualArgument] = grad_residual;
+    if (residual_needs_grad) result[residual_argument] = grad_residual;
     return result;
   }
 };

@@ -15,11 +15,12 @@ ReLU forms also as classes:
 from . import _registration  # noqa: F401  (loads the extension, registers fake kernels and autograd)
 from ._activations import SUPPORTED as ACTIVATIONS
 from ._activations import Activation
+from ._convert import convert_model
 from .functional import batch_norm, batch_norm_add_relu
 from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAddReLU1d,
                       FusedBatchNormAddReLU2d, FusedBatchNormAddReLU3d, FusedBatchNormReLU1d,
                       FusedBatchNormReLU2d, FusedBatchNormReLU3d, FusedLazyBatchNorm1d,
-                      FusedLazyBatchNorm2d, FusedLazyBatchNorm3d, FusedSyncBatchNorm2d, convert_model)
+                      FusedLazyBatchNorm2d, FusedLazyBatchNorm3d, FusedSyncBatchNorm2d)
 
 __all__ = [
     "ACTIVATIONS",

@@ -236,9 +236,15 @@ _VMAP_UNBATCHED_STATS = (
     "need eval mode, please see the functorch website for resources on how to patch your module "
     "to work with vmap")
 
-# Positions of the forward ops' arguments (their schemas, csrc/ops.cpp).
-_TRAIN_RESIDUAL = 10
-_EVAL_RESIDUAL = 8
+
+def _argument_position(op, name: str) -> int:
+    """Where ``op``'s schema (csrc/ops.cpp) puts the argument ``name``: read
+    from the schema, so that no position is written down twice."""
+    return [argument.name for argument in op.default._schema.arguments].index(name)
+
+
+_TRAIN_RESIDUAL = _argument_position(ops.batch_norm_train, "residual")
+_EVAL_RESIDUAL = _argument_position(ops.batch_norm_eval, "residual")
 
 
 # torch.library.register_autograd accepts only functional ops, and batch_norm_train

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import _FUSED_FORMS, _convert_in_place, _fused_from, _has_convertible
+from ._swap import _FUSED_FORMS, _convert_in_place, _has_convertible
+from .modules import _fused_from
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}

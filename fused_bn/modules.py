@@ -1,6 +1,4 @@
 """Drop-in modules and model conversion."""
-from typing import NamedTuple
-
 import torch
 import torch.distributed as dist
 from torch import fx, nn
@@ -215,24 +213,29 @@ class FusedLazyBatchNorm3d(_FusedBatchNormForward, nn.LazyBatchNorm3d):
     cls_to_become = FusedBatchNorm3d
 
 
-class _FusedForms(NamedTuple):
-    """The fused modules standing for one nn batch norm class."""
-    plain: type
-    relu: type
-    add_relu: type
+def _bias_option(bn) -> dict:
+    """bias=False for an affine batch norm made without a bias (a keyword-only
+    constructor argument of newer torch); nothing otherwise, so older torch,
+    which lacks it, is never passed it."""
+    return {"bias": False} if bn.affine and bn.bias is None else {}
 
 
-# What convert_model swaps, by the exact type of nn's module.
-_FUSED_FORMS = {
-    nn.BatchNorm1d: _FusedForms(FusedBatchNorm1d, FusedBatchNormReLU1d, FusedBatchNormAddReLU1d),
-    nn.BatchNorm2d: _FusedForms(FusedBatchNorm2d, FusedBatchNormReLU2d, FusedBatchNormAddReLU2d),
-    nn.BatchNorm3d: _FusedForms(FusedBatchNorm3d, FusedBatchNormReLU3d, FusedBatchNormAddReLU3d),
-}
-_FUSED_LAZY = {
-    nn.LazyBatchNorm1d: FusedLazyBatchNorm1d,
-    nn.LazyBatchNorm2d: FusedLazyBatchNorm2d,
-    nn.LazyBatchNorm3d: FusedLazyBatchNorm3d,
-}
+def _fused_from(bn: _BatchNorm, cls) -> _BatchNorm:
+    """A ``cls`` holding ``bn``'s settings, parameters, buffers and children."""
+    fused = cls(
+        bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+        track_running_stats=bn.track_running_stats, device="meta", **_bias_option(bn))
+    # The very same Parameter, buffer and child module objects (a timm
+    # BatchNormAct2d's activation): optimizers holding them and any other
+    # reference stay valid.
+    for name, param in bn.named_parameters(recurse=False):
+        setattr(fused, name, param)
+    for name, buf in bn.named_buffers(recurse=False):
+        setattr(fused, name, buf)
+    for name, child in bn.named_children():
+        setattr(fused, name, child)
+    fused.train(bn.training)
+    return fused
 
 
 class FusedSyncBatchNorm2d(FusedBatchNorm2d):
@@ -327,41 +330,6 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
         return converted
 
 
-def _bias_option(bn) -> dict:
-    """bias=False for an affine batch norm made without a bias (a keyword-only
-    constructor argument of newer torch); nothing otherwise, so older torch,
-    which lacks it, is never passed it."""
-    return {"bias": False} if bn.affine and bn.bias is None else {}
-
-
-def _fused_from(bn: _BatchNorm, cls=None) -> _BatchNorm:
-    """A ``cls`` (by default the fused twin of ``bn``'s class) holding ``bn``'s
-    settings, parameters, buffers and children."""
-    if cls is None:
-        cls = _FUSED_FORMS[type(bn)].plain
-    fused = cls(
-        bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-        track_running_stats=bn.track_running_stats, device="meta", **_bias_option(bn))
-    # The very same Parameter, buffer and child module objects (a timm
-    # BatchNormAct2d's activation): optimizers holding them and any other
-    # reference stay valid.
-    for name, param in bn.named_parameters(recurse=False):
-        setattr(fused, name, param)
-    for name, buf in bn.named_buffers(recurse=False):
-        setattr(fused, name, buf)
-    for name, child in bn.named_children():
-        setattr(fused, name, child)
-    fused.train(bn.training)
-    return fused
-
-
-def _is_timm_batch_norm_act(module: nn.Module) -> bool:
-    """Exactly timm's BatchNormAct2d (batch norm, then its ``drop`` and ``act``
-    children; most timm models since efficientnet use it)."""
-    cls = type(module)
-    return cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.")
-
-
 class _FusedBatchNormActForward(_FusedBatchNormForward):
     """The forward of timm's BatchNormAct2d on fused_bn's kernels: the ReLU in
     the kernels' passes when ``fuses_relu`` is set (convert_model(fuse_relu=True))
@@ -402,95 +370,3 @@ def __getattr__(name):
         from timm.layers.norm_act import BatchNormAct2d
         return _fused_act_class(BatchNormAct2d)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _fused_batch_norm_act_from(bn: nn.Module, fuse_relu: bool) -> nn.Module:
-    fused = _fused_from(bn, _fused_act_class(type(bn)))
-    fused.fuses_relu = fuse_relu
-    return fused
-
-
-def _has_convertible(module: nn.Module) -> bool:
-    """Whether convert_model would swap ``module`` or one of its submodules."""
-    return any(type(m) in _FUSED_FORMS or type(m) in _FUSED_LAZY or _is_timm_batch_norm_act(m)
-               for m in module.modules())
-
-
-def _fused_lazy_from(bn: nn.modules.batchnorm._LazyNormBase) -> nn.Module:
-    """An uninitialized nn lazy batch norm's twin (it holds no values yet);
-    the dtype and device its placeholders were made with carry over (it has
-    none with affine=False and track_running_stats=False)."""
-    placeholder = bn.weight if bn.weight is not None else bn.running_mean
-    fused = _FUSED_LAZY[type(bn)](eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                                  track_running_stats=bn.track_running_stats,
-                                  device=None if placeholder is None else placeholder.device,
-                                  dtype=None if placeholder is None else placeholder.dtype,
-                                  **_bias_option(bn))
-    fused.train(bn.training)
-    return fused
-
-
-def _convert_in_place(module: nn.Module, fuse_relu: bool) -> nn.Module:
-    if type(module) in _FUSED_FORMS:
-        return _fused_from(module)
-    if type(module) in _FUSED_LAZY:
-        return _fused_lazy_from(module)
-    if _is_timm_batch_norm_act(module):
-        return _fused_batch_norm_act_from(module, fuse_relu)
-    children = list(module.named_children())
-    for i, (name, child) in enumerate(children):
-        if type(child) not in _FUSED_FORMS:
-            converted = _convert_in_place(child, fuse_relu)
-            if converted is not child:  # a lazy batch norm or a timm BatchNormAct2d
-                setattr(module, name, converted)
-            continue
-        # An nn.Sequential's batch norm right before an nn.ReLU: the pair
-        # becomes the fused module and an nn.Identity at the ReLU's index, so
-        # the state_dict keys stay as they were.
-        following = children[i + 1][1] if i + 1 < len(children) else None
-        if fuse_relu and isinstance(module, nn.Sequential) and type(following) is nn.ReLU:
-            setattr(module, name, _fused_from(child, _FUSED_FORMS[type(child)].relu))
-            setattr(module, children[i + 1][0], nn.Identity())
-            children[i + 1] = (children[i + 1][0], nn.Identity())
-        else:
-            setattr(module, name, _fused_from(child))
-    return module
-
-
-def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
-    """Replace every submodule whose type is exactly ``nn.BatchNorm1d``,
-    ``nn.BatchNorm2d`` or ``nn.BatchNorm3d`` with ``FusedBatchNorm1d`` (2d, 3d)
-    sharing its parameters and buffers, and return the model. An
-    ``nn.LazyBatchNorm1d`` (2d, 3d) not yet run (nothing to share) becomes a
-    ``FusedLazyBatchNorm1d`` (2d, 3d) with its settings; one that has run is
-    already an ``nn.BatchNorm1d`` (2d, 3d). timm's ``BatchNormAct2d`` (batch norm plus its
-    activation) becomes a ``FusedBatchNormAct2d``, a subclass of it with the
-    same children; with ``fuse_relu=True`` a ReLU activation runs in the batch
-    norm's passes. Other subclasses of nn's batch norms are left as they are.
-
-    With ``fuse_relu=False`` the model is converted in place (the new module is
-    returned when ``module`` itself is an ``nn.BatchNorm2d``).
-
-    With ``fuse_relu=True`` a ReLU applied directly and only to a batch norm's
-    output (``nn.ReLU``, in place or not, ``F.relu``, ``torch.relu``,
-    ``Tensor.relu``) is folded into it (``FusedBatchNormReLU1d``, 2d, 3d), and
-    so is ``relu(bn(x) + identity)`` (``FusedBatchNormAddReLU1d``, 2d, 3d). The model is
-    traced with ``torch.fx`` to find these, and the return value is then a
-    ``torch.fx.GraphModule`` (use it in place of the model; the original is left
-    as it was, sharing its parameters and buffers with it). A model that does
-    not trace is converted in place instead, folding only an ``nn.ReLU`` that
-    directly follows a batch norm in an ``nn.Sequential``. Either way the
-    state_dict keys stay those of the original model. The trace leaves every
-    parameter, buffer and training flag as it found them, and a module whose
-    code depends on its training flag (stochastic depth, a dropout path) stays
-    a module the graph calls, so the GraphModule follows ``.train()`` and
-    ``.eval()`` as the model does (a model whose own top-level forward reads
-    ``self.training`` is converted in place).
-    """
-    if fuse_relu:
-        from ._fuse import fuse_with_fx
-
-        traced = fuse_with_fx(module)
-        if traced is not None:
-            return traced
-    return _convert_in_place(module, fuse_relu)
