@@ -26,11 +26,10 @@ TORCH_LIBRARY(fused_bn, m) {
   const std::vector<at::Tag> tags{at::Tag::flexible_layout};
   // The epilogue every forward takes: y = act(batch_norm(input)) or, with a
   // residual (same shape and dtype as input), act(batch_norm(input) +
-  // residual). `activation` names one of csrc/common/activation.h's list
-  // ("identity", "relu", "hardtanh", "leaky_relu", "elu", "silu",
-  // "hardswish", "gelu", "gelu_tanh") and `activation_params` its parameters
-  // in that activation's order (fused_bn/_activations.py is the one table of
-  // names and parameters).
+  // residual). `activation` is a name from csrc/common/activation.h's list
+  // (FUSED_BN_ACTIVATIONS) and `activation_params` its parameters in that
+  // activation's order (fused_bn/_activations.py is the one table of names
+  // and parameters).
   //
   // Training forward: batch statistics, normalize + affine + epilogue, and
   // (when given) the running-statistics update and num_batches_tracked
