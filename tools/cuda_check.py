@@ -9,6 +9,7 @@ Usage: cuda_check.py --nvcc NVCC --source FILE --output OBJ -- NVCC_FLAGS...
 (the flags must include -Xptxas -v).
 """
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -103,6 +104,39 @@ def parse(log):
     return kernels
 
 
+ACTIVATION_LIST_RE = re.compile(r'X\((\w+), k\w+, "(\w+)", \d+\)')
+
+
+def activation_structs():
+    """struct name -> op name, from FUSED_BN_ACTIVATIONS (csrc/common/activation.h)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc", "common", "activation.h")
+    with open(path) as f:
+        return dict(ACTIVATION_LIST_RE.findall(f.read()))
+
+
+def print_by_activation(rows):
+    """The hot kernels' registers and occupancy per activation (the kernels
+    instantiated with that activation's struct), so that a heavy activation's
+    cost shows at a glance."""
+    structs = activation_structs()
+    pattern = re.compile(r"common::(" + "|".join(sorted(structs, key=len, reverse=True)) + r")\b")
+    groups = {}
+    for arch, pretty, regs, smem, _, _, _, hot in rows:
+        if not hot:
+            continue
+        found = pattern.search(pretty)
+        name = structs[found.group(1)] if found else "(none)"
+        groups.setdefault((arch, name), []).append((regs, resident_threads(regs, smem)))
+    order = ["(none)"] + list(structs.values())
+    print("per activation (hot kernels): count, max registers, min resident threads")
+    for arch in sorted({a for a, _ in groups}):
+        for name in order:
+            entries = groups.get((arch, name))
+            if entries:
+                print(f"  {arch:6} {name:12} {len(entries):4d} {max(r for r, _ in entries):5d} "
+                      f"{min(t for _, t in entries):6d}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nvcc", required=True)
@@ -158,6 +192,7 @@ def main():
             below.append((arch, pretty, regs, resident))
         print(f"{arch:6} {pretty:{width}} {regs:5d} {smem:6d} {stack:6d} {stores:8d} {loads:8d} {resident:8d}{mark}")
     print(f"{len(rows)} kernels; max registers {max(r[2] for r in rows)}")
+    print_by_activation(rows)
     print(f"resident = threads per multiprocessor at {BLOCK_THREADS}-thread blocks; {len(below)} hot kernels hold "
           f"fewer than the {TARGET_RESIDENT_THREADS} the grids aim for, and get grids sized from their occupancy:")
     for arch, pretty, regs, resident in below:
