@@ -80,7 +80,7 @@ struct BatchNormTrainFunction : public torch::autograd::Function<BatchNormTrainF
     // What the activation's derivative needs (common::GradSource): nothing
     // for the identity, y where it can come from y, else the residual and the
     // bias (a recomputed z's shift).
-    const bool from_output = has_residual && !identity && common::grad_from_output_allowed(args);
+    const bool from_output = has_residual && !identity && common::grad_from_output_allowed(args, is_reduced_float(input.scalar_type()));
     std::vector<Tensor> saved(kSavedCount);
     saved[kInput] = input;
     saved[kWeight] = w;

@@ -70,13 +70,13 @@ TORCH_LIBRARY(fused_bn, m) {
       tags);
 
   // Whether the backward takes this activation's derivative from the
-  // forward's output (common::grad_from_output_allowed): autograd then saves y
-  // instead of the residual.
-  m.def("activation_grad_from_output(str activation, float[] activation_params) -> bool",
-        [](c10::string_view activation, at::ArrayRef<double> activation_params) {
+  // forward's output of dtype `dtype` (common::grad_from_output_allowed):
+  // autograd then saves y instead of the residual.
+  m.def("activation_grad_from_output(str activation, float[] activation_params, ScalarType dtype) -> bool",
+        [](c10::string_view activation, at::ArrayRef<double> activation_params, at::ScalarType dtype) {
           const fused_bn::common::ActivationArgs args = fused_bn::parse_activation(activation, activation_params);
           return args.kind != fused_bn::common::Activation::kIdentity &&
-                 fused_bn::common::grad_from_output_allowed(args);
+                 fused_bn::common::grad_from_output_allowed(args, fused_bn::is_reduced_float(dtype));
         });
 
   // Data-parallel batch norm (FusedSyncBatchNorm2d) splits the training ops

@@ -118,9 +118,9 @@ def resolve(activation) -> Activation:
 
 
 @functools.lru_cache(maxsize=None)
-def grad_from_output(activation: Activation) -> bool:
+def grad_from_output(activation: Activation, dtype: torch.dtype) -> bool:
     """Whether the kernels take this activation's derivative from the
-    forward's output (csrc/common/activation.h's kGradFromOutput and its
-    parameter condition), so that with a residual autograd saves y rather than
-    the residual."""
-    return ops.activation_grad_from_output(activation.name, list(activation.params))
+    forward's output of ``dtype`` (csrc/common/activation.h's kGradFromOutput
+    and its condition on the parameters and on the output's rounding), so that
+    with a residual autograd saves y rather than the residual."""
+    return ops.activation_grad_from_output(activation.name, list(activation.params), dtype)

@@ -142,7 +142,7 @@ def _save_epilogue_context(ctx, input_index, weight, bias, residual_index, input
     ctx.has_residual = residual is not None
     ctx.residual_needs_grad = residual is not None and ctx.needs_input_grad[residual_index]
     from_output = (residual is not None and not activation.is_identity
-                   and _activations.grad_from_output(activation))
+                   and _activations.grad_from_output(activation, output.dtype))
     saved = [inputs[input_index], weight, bias, mean, var_or_invstd,
              residual if residual is not None and not activation.is_identity and not from_output else None,
              output if from_output else None]

@@ -60,7 +60,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         # As the single-process autograd saves (fused_bn/_autograd.py): y where
         # the activation's derivative comes from it, else the residual.
         from_output = (residual is not None and not activation.is_identity
-                       and _activations.grad_from_output(activation))
+                       and _activations.grad_from_output(activation, output.dtype))
         saved_residual = residual if residual is not None and not activation.is_identity and not from_output else None
         ctx.save_for_backward(input, weight, bias, mean, invstd, saved_residual, output if from_output else None)
         ctx.activation = activation

@@ -221,7 +221,7 @@ def test_opcheck_with_activations(activation, params, residual, device):
     torch.library.opcheck(ops.batch_norm_eval.default, (x, w, b, rm, rv, 1e-5, activation, params, r))
     y, mean, invstd = ops.batch_norm_train(x, w, b, None, None, None, 0.1, 1e-5, activation, params, r)
     gy = torch.randn_like(x)
-    from_output = residual and ops.activation_grad_from_output(activation, params)
+    from_output = residual and ops.activation_grad_from_output(activation, params, x.dtype)
     args = (gy, x, w, mean, invstd, True, 1e-5, [True, True, True], b, activation, params,
             None if from_output else r, y if from_output else None)
     torch.library.opcheck(ops.batch_norm_backward.default, args)
@@ -238,14 +238,41 @@ def test_grad_residual_is_written_only_where_the_backward_computes_it():
     assert g.shape == (0,)
 
 
-def test_activation_grad_from_output_follows_the_definitions():
-    assert ops.activation_grad_from_output("relu", [])
-    assert ops.activation_grad_from_output("hardtanh", [0.0, 6.0])
-    assert ops.activation_grad_from_output("leaky_relu", [0.1])
-    assert not ops.activation_grad_from_output("leaky_relu", [-0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_activation_grad_from_output_follows_the_definitions(dtype):
+    rounded = dtype in (torch.float16, torch.bfloat16)
+    assert ops.activation_grad_from_output("relu", [], dtype)
+    # A bound of hardtanh is only told from y where y is u itself.
+    assert ops.activation_grad_from_output("hardtanh", [0.0, 6.0], dtype) == (not rounded)
+    assert ops.activation_grad_from_output("leaky_relu", [0.1], dtype)
+    assert not ops.activation_grad_from_output("leaky_relu", [-0.1], dtype)
     for name in ("identity", "silu", "hardswish", "gelu", "gelu_tanh"):
-        assert not ops.activation_grad_from_output(name, [])
-    assert not ops.activation_grad_from_output("elu", [1.0])
+        assert not ops.activation_grad_from_output(name, [], dtype)
+    assert not ops.activation_grad_from_output("elu", [1.0], dtype)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_relu6_mask_follows_u_where_y_rounds_onto_the_bound(dtype, training):
+    """u = bn(x) + r just below 6 gives y = 6 once rounded to half or
+    bfloat16: the backward's mask is u's, as the forward computed it (the
+    gradient passes), not the rounded y's. Found by the property test
+    (bfloat16, u = 5.99, ours 0 where nn and the float64 reference pass it)."""
+    n = 4
+    # training: the batch statistics put x̂ = ±1; eval: the running ones, x̂ ≈ x.
+    x = torch.tensor([4.0, 6.0] * (n // 2) if training else [5.0] * n).view(n, 1, 1, 1).to(dtype)
+    r = torch.full_like(x, 0.999 if not training else 4.999)
+    rm, rv = torch.zeros(1), torch.ones(1)
+    xs, rs = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y = fused_bn.batch_norm(xs, None if training else rm, None if training else rv, training=training,
+                            activation="relu6", residual=rs)
+    y.backward(torch.ones_like(y))
+    u = torch.nn.functional.batch_norm(x.double(), None if training else rm.double(),
+                                       None if training else rv.double(), training=training) + r.double()
+    inside = (u > 0) & (u < 6)
+    assert bool(((u > 5.98) & inside).any()), "the case must put some u just below 6"
+    assert bool((y.float()[(u > 5.98) & inside] == 6).all()), "y must round onto the bound there"
+    assert torch.equal(rs.grad, inside.to(dtype)), f"grad_residual {rs.grad.flatten()} for u {u.flatten()}"
 
 
 # ---------------------------------------------------------------- what autograd keeps

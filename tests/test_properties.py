@@ -240,6 +240,93 @@ def test_module_matches_nn(device, shape, precision, layout, grad_layout, moment
         check_step(trio, x, gy, label, contiguous_reference=True)
 
 
+# ---------------------------------------------------------------- epilogue parity
+
+# (activation, the nn module for drawn parameters, the points where its
+# derivative jumps). The parameters are drawn off nn's defaults.
+@st.composite
+def activations(draw):
+    name = draw(st.sampled_from(["identity", "relu", "relu6", "hardtanh", "leaky_relu", "elu", "silu",
+                                 "hardswish", "gelu", "gelu_tanh"]))
+    if name == "hardtanh":
+        low = draw(st.floats(-3.0, 1.0))
+        high = low + draw(st.floats(0.1, 4.0))
+        return nn.Hardtanh(low, high), [low, high]
+    if name == "leaky_relu":
+        return nn.LeakyReLU(draw(st.floats(-1.0, 1.0))), [0.0]
+    if name == "elu":
+        return nn.ELU(draw(st.floats(0.1, 2.0))), [0.0]
+    kinks = {"relu": [0.0], "relu6": [0.0, 6.0], "hardswish": [-3.0, 3.0]}
+    module = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish,
+              "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}[name]()
+    return module, kinks.get(name, [])
+
+
+@_settings(ci_examples=200)
+@given(shape=shapes(max_elements=3000), precision=st.sampled_from(PRECISIONS), activation=activations(),
+       residual=st.booleans(), layout=layouts, residual_layout=layouts, grad_layout=layouts,
+       steps=st.lists(st.booleans(), min_size=1, max_size=3),
+       style=st.fixed_dictionaries({"offset": st.sampled_from([0.0, 1.0, 3.0]), "std": st.sampled_from([0.5, 1.0, 3.0]),
+                                    "constant_channel": st.booleans()}),
+       seed=st.integers(0, 2**31 - 1))
+def test_epilogue_matches_nn_composite(device, shape, precision, activation, residual, layout, residual_layout,
+                                       grad_layout, steps, style, seed):
+    """act(bn(x) [+ residual]) with any activation and parameters, against nn's
+    batch norm, + residual, then nn's activation module, and the float64
+    composite: output, grad_input, grad_residual, grad_weight, grad_bias and
+    the running statistics, over train and eval steps, every layout."""
+    act, kinks = activation
+    # At least two values per channel (one is refused, as test_module_matches_nn
+    # checks; two is the closed form, checked apart).
+    assume(shape[0] * shape[2] * shape[3] > 2)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    _, nn_bn, ref = make_trio(shape[1], precision, device)
+    ours = fused_bn.FusedBatchNorm2d(shape[1], activation=act).to(device=device, dtype=precision.param_dtype)
+    ours.load_state_dict(nn_bn.state_dict())
+    for step, training in enumerate(steps):
+        for m in (ours, nn_bn, ref):
+            m.train(training)
+        x = _input(shape, precision, device, layout, gen, style)
+        r = _input(shape, precision, device, residual_layout, gen, dict(offset=0.0, std=1.0, constant_channel=False))
+        gy = _input(shape, precision, device, grad_layout, gen, dict(offset=0.5, std=1.0, constant_channel=False))
+        r = r if residual else None
+        label = (f"[step {step} {'train' if training else 'eval'}; {act} residual {residual} shape {shape} "
+                 f"{precision} layout {layout} residual layout {residual_layout} grad layout {grad_layout} "
+                 f"{style} {device}]")
+        # Where the float64 activation input sits within rounding of a point
+        # where the derivative jumps, which side a float32 computation lands
+        # on is a coin toss, not accuracy (test_activations' fixed draws and
+        # the masks' bitwise checks cover the kinks themselves).
+        with torch.no_grad():
+            u = F.batch_norm(x.cpu().double(), ref.running_mean.clone(), ref.running_var.clone(), ref.weight,
+                             ref.bias, training, 0.0, ref.eps)
+            if r is not None:
+                u = u + r.cpu().double()
+        assume(all(not bool(((u - k).abs() <= 1e-4 * (1 + abs(k))).any()) for k in kinks))
+        results = []
+        for module, dtype in ((ours, None), (nn_bn, None), (ref, torch.float64)):
+            xi = (x if dtype is None else x.cpu().to(dtype)).detach().requires_grad_()
+            ri = None if r is None else (r if dtype is None else r.cpu().to(dtype)).detach().requires_grad_()
+            if module is ours:
+                y = ours(xi) if ri is None else ours(xi, ri)
+            else:
+                z = module(xi)
+                y = act(z if ri is None else z + ri)
+            wanted = [xi] + ([] if ri is None else [ri]) + [module.weight, module.bias]
+            grads = torch.autograd.grad(y, wanted, gy if dtype is None else gy.cpu().to(dtype))
+            results.append([y] + list(grads))
+        names = ["output", "grad_input"] + ([] if r is None else ["grad_residual"]) + ["grad_weight", "grad_bias"]
+        for i, what in enumerate(names):
+            o, n, f = (res[i] for res in results)
+            assert o.dtype == n.dtype, f"{label} {what}: dtype {o.dtype}, nn's {n.dtype}"
+            assert_accurate(o, n, f, dtype=precision.input_dtype if what in ("grad_input", "grad_residual") else None,
+                            name=f"{label} {what}")
+        for stat in ("running_mean", "running_var"):
+            assert_accurate(getattr(ours, stat), getattr(nn_bn, stat), getattr(ref, stat), name=f"{label} {stat}")
+        assert int(ours.num_batches_tracked) == int(nn_bn.num_batches_tracked), label
+
+
 # ---------------------------------------------------------------- functional parity
 
 @st.composite

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import fused_bn
 from _accuracy import assert_accurate
-from _helpers import (BATCH_NORMS, RELU_BATCH_NORMS, assert_bitwise_equal, assert_state_unchanged,
+from _helpers import (BATCH_NORMS, assert_bitwise_equal, assert_state_unchanged,
                       channels_last_format, memory_formats, state_of)
 
 ops = torch.ops.fused_bn
@@ -32,23 +32,36 @@ CL = torch.channels_last
 DEADLINE_S = 240
 
 # name -> (per-rank batch sizes by world size, C, spatial sizes, dtype, param dtype,
-#          layout, momentum, affine, track_running_stats, relu); the spatial sizes give
-#          the input's rank: () for (N, C) as BatchNorm1d takes, (L,), (H, W), (D, H, W).
+#          layout, momentum, affine, track_running_stats, epilogue); the spatial sizes give
+#          the input's rank: () for (N, C) as BatchNorm1d takes, (L,), (H, W), (D, H, W); the
+#          epilogue is (activation: a key of _ACTIVATIONS or None, whether a residual is added).
 SCENARIOS = {
-    "unequal": ({2: [3, 5], 3: [2, 3, 4]}, 6, (5, 7), torch.float32, torch.float32, "nchw", 0.1, True, True, False),
-    "equal_cl": ({2: [4, 4], 3: [3, 3, 3]}, 5, (4, 4), torch.float32, torch.float32, "cl", 0.9, True, True, False),
-    "empty_rank": ({2: [0, 6], 3: [4, 0, 3]}, 3, (3, 5), torch.float32, torch.float32, "nchw", None, True, True, False),
-    "relu": ({2: [2, 5], 3: [1, 4, 2]}, 7, (3, 3), torch.float32, torch.float32, "cl", 0.1, True, True, True),
-    "short_planes": ({2: [5, 3], 3: [2, 2, 4]}, 48, (2, 3), torch.float32, torch.float32, "nchw", 0.1, True, True, True),
-    "no_affine_untracked": ({2: [3, 2], 3: [2, 2, 1]}, 4, (5, 5), torch.float32, torch.float32, "nchw", 0.1, False, False, False),
-    "bf16_amp": ({2: [3, 4], 3: [2, 3, 2]}, 6, (6, 6), torch.bfloat16, torch.float32, "cl", 0.1, True, True, False),
-    "float64": ({2: [2, 3], 3: [1, 2, 2]}, 3, (4, 5), torch.float64, torch.float64, "nchw", 0.1, True, True, True),
+    "unequal": ({2: [3, 5], 3: [2, 3, 4]}, 6, (5, 7), torch.float32, torch.float32, "nchw", 0.1, True, True, (None, False)),
+    "equal_cl": ({2: [4, 4], 3: [3, 3, 3]}, 5, (4, 4), torch.float32, torch.float32, "cl", 0.9, True, True, (None, False)),
+    "empty_rank": ({2: [0, 6], 3: [4, 0, 3]}, 3, (3, 5), torch.float32, torch.float32, "nchw", None, True, True, (None, False)),
+    "relu": ({2: [2, 5], 3: [1, 4, 2]}, 7, (3, 3), torch.float32, torch.float32, "cl", 0.1, True, True, ("relu", False)),
+    "short_planes": ({2: [5, 3], 3: [2, 2, 4]}, 48, (2, 3), torch.float32, torch.float32, "nchw", 0.1, True, True, ("relu", False)),
+    "no_affine_untracked": ({2: [3, 2], 3: [2, 2, 1]}, 4, (5, 5), torch.float32, torch.float32, "nchw", 0.1, False, False, (None, False)),
+    "bf16_amp": ({2: [3, 4], 3: [2, 3, 2]}, 6, (6, 6), torch.bfloat16, torch.float32, "cl", 0.1, True, True, (None, False)),
+    "float64": ({2: [2, 3], 3: [1, 2, 2]}, 3, (4, 5), torch.float64, torch.float64, "nchw", 0.1, True, True, ("relu", False)),
     # BatchNorm1d's and BatchNorm3d's input ranks; one value per rank at most in "rows_2d".
-    "rows_2d": ({2: [1, 4], 3: [2, 0, 3]}, 9, (), torch.float32, torch.float32, "nchw", 0.1, True, True, False),
-    "sequence_3d": ({2: [3, 2], 3: [1, 2, 2]}, 5, (7,), torch.float32, torch.float32, "nchw", None, True, True, True),
-    "volume_cl3d": ({2: [2, 1], 3: [1, 1, 2]}, 4, (2, 3, 5), torch.bfloat16, torch.float32, "cl", 0.1, True, True, False),
+    "rows_2d": ({2: [1, 4], 3: [2, 0, 3]}, 9, (), torch.float32, torch.float32, "nchw", 0.1, True, True, (None, False)),
+    "sequence_3d": ({2: [3, 2], 3: [1, 2, 2]}, 5, (7,), torch.float32, torch.float32, "nchw", None, True, True, ("relu", False)),
+    "volume_cl3d": ({2: [2, 1], 3: [1, 1, 2]}, 4, (2, 3, 5), torch.bfloat16, torch.float32, "cl", 0.1, True, True, (None, False)),
+    # The epilogue's other activations, with and without a residual (the
+    # inverted-residual block's identity + add among them).
+    "silu_residual": ({2: [3, 2], 3: [2, 1, 2]}, 6, (4, 5), torch.float32, torch.float32, "cl", 0.1, True, True, ("silu", True)),
+    "leaky_residual_bf16": ({2: [2, 3], 3: [1, 3, 1]}, 5, (5, 3), torch.bfloat16, torch.float32, "nchw", 0.1, True, True, ("leaky_relu", True)),
+    "relu6_residual_3d": ({2: [2, 2], 3: [1, 1, 2]}, 3, (2, 3, 4), torch.float32, torch.float32, "nchw", None, True, True, ("relu6", True)),
+    "identity_residual": ({2: [4, 1], 3: [2, 0, 3]}, 4, (3, 3), torch.float32, torch.float32, "nchw", 0.1, False, True, (None, True)),
+    "hardswish_rows": ({2: [2, 4], 3: [3, 1, 2]}, 7, (), torch.float32, torch.float32, "nchw", 0.1, True, True, ("hardswish", False)),
+    "gelu_residual_f64": ({2: [3, 3], 3: [2, 2, 2]}, 3, (3, 4), torch.float64, torch.float64, "cl", 0.1, True, True, ("gelu", True)),
 }
 TRAIN_STEPS = 3
+# The activations the scenarios use, as the nn modules the references apply
+# (and the fused modules are given).
+_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "leaky_relu": lambda: nn.LeakyReLU(0.1),
+                "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "gelu": nn.GELU}
 
 
 def _global_batch(name, step, world_size, device="cpu"):
@@ -64,6 +77,22 @@ def _global_batch(name, step, world_size, device="cpu"):
     fmt = channels_last_format(len(shape)) if layout == "cl" else torch.contiguous_format
     return (x.to(device, dtype).contiguous(memory_format=fmt),
             dy.to(device, dtype).contiguous(memory_format=fmt))
+
+
+def _global_residual(name, step, world_size, device="cpu"):
+    """The residual added before the activation, in the input's dtype and
+    layout (None when the scenario adds none)."""
+    if not SCENARIOS[name][-1][1]:
+        return None
+    x, _ = _global_batch(name, step, world_size, device)
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 1000 * step + world_size + 7)
+    return torch.randn(x.shape, generator=g).to(device, x.dtype).contiguous(
+        memory_format=channels_last_format(x.dim()) if SCENARIOS[name][5] == "cl" else torch.contiguous_format)
+
+
+def _activation_module(name):
+    activation = SCENARIOS[name][-1][0]
+    return None if activation is None else _ACTIVATIONS[activation]()
 
 
 def _initial_state(name):
@@ -114,17 +143,20 @@ class _NoCollectives:
 
 
 def _run_scenario(name, rank, world_size, device):
-    *_, param_dtype, _, _, _, _, relu = SCENARIOS[name]
-    m = _make(fused_bn.FusedSyncBatchNorm2d, name, param_dtype, device, activation="relu" if relu else None)
+    *_, param_dtype, _, _, _, _, _ = SCENARIOS[name]
+    m = _make(fused_bn.FusedSyncBatchNorm2d, name, param_dtype, device, activation=_activation_module(name))
     rows = _rank_slice(name, world_size, rank)
     steps = []
     for step in range(TRAIN_STEPS):
         xg, dyg = _global_batch(name, step, world_size, device)
+        rg = _global_residual(name, step, world_size, device)
         m.zero_grad(set_to_none=True)
         x = xg[rows].detach().requires_grad_()
-        y = m(x)
+        residual = None if rg is None else rg[rows].detach().requires_grad_()
+        y = m(x) if residual is None else m(x, residual)
         y.backward(dyg[rows])
         steps.append({"output": y.detach().cpu(), "grad_input": x.grad.cpu(),
+                      "grad_residual": None if residual is None else residual.grad.cpu(),
                       "channels_last": (memory_formats(y) == (False, True), memory_formats(x.grad) == (False, True)),
                       "grad_weight": None if m.weight is None else m.weight.grad.cpu(),
                       "grad_bias": None if m.bias is None else m.bias.grad.cpu()})
@@ -132,15 +164,16 @@ def _run_scenario(name, rank, world_size, device):
     # Eval: local, no collective, exactly the fused batch norm of the input's rank.
     m.eval()
     rank_of_input = 2 + len(SCENARIOS[name][2])
-    local = _make(RELU_BATCH_NORMS[rank_of_input] if relu else BATCH_NORMS[rank_of_input][1], name, param_dtype,
-                  device)
+    local = _make(BATCH_NORMS[rank_of_input][1], name, param_dtype, device, activation=_activation_module(name))
     local.load_state_dict(m.state_dict())
     local.eval()
     xg, _ = _global_batch(name, TRAIN_STEPS, world_size, device)
+    rg = _global_residual(name, TRAIN_STEPS, world_size, device)
+    eval_args = (xg[rows],) if rg is None else (xg[rows], rg[rows])
     with _NoCollectives(), torch.no_grad():
-        eval_out = m(xg[rows])
+        eval_out = m(*eval_args)
     with torch.no_grad():
-        eval_local = local(xg[rows])
+        eval_local = local(*eval_args)
     return {"steps": steps, "state": state, "eval": eval_out.cpu(), "eval_local": eval_local.cpu()}
 
 
@@ -275,8 +308,9 @@ def ranks(request, tmp_path_factory):
 
 def _reference_run(name, world_size, cls_dtype):
     """nn's batch norm for the input's rank (in the scenario's dtypes, or float64)
-    over the global batch."""
-    *_, param_dtype, _, _, _, _, relu = SCENARIOS[name]
+    over the global batch, then the residual add and the activation module."""
+    *_, param_dtype, _, _, _, _, _ = SCENARIOS[name]
+    activation = _activation_module(name) or nn.Identity()
     dtype = SCENARIOS[name][3]
     if cls_dtype == torch.float64:
         dtype = param_dtype = torch.float64
@@ -284,25 +318,29 @@ def _reference_run(name, world_size, cls_dtype):
     steps = []
     for step in range(TRAIN_STEPS):
         xg, dyg = _global_batch(name, step, world_size)
+        rg = _global_residual(name, step, world_size)
         m.zero_grad(set_to_none=True)
         x = xg.to(dtype).detach().requires_grad_()
-        y = m(x)
-        if relu:
-            y = torch.relu(y)
+        residual = None if rg is None else rg.to(dtype).detach().requires_grad_()
+        y = m(x) if residual is None else m(x) + residual
+        y = activation(y)
         y.backward(dyg.to(dtype))
         steps.append({"output": y.detach(), "grad_input": x.grad,
+                      "grad_residual": None if residual is None else residual.grad,
                       "grad_weight": None if m.weight is None else m.weight.grad,
                       "grad_bias": None if m.bias is None else m.bias.grad})
     m.eval()
     xg, _ = _global_batch(name, TRAIN_STEPS, world_size)
+    rg = _global_residual(name, TRAIN_STEPS, world_size)
     # Eval never synchronises (as nn.SyncBatchNorm): without running statistics
     # each rank normalizes with its own batch's.
     pieces = [xg] if m.track_running_stats else [xg[_rank_slice(name, world_size, r)]
                                                  for r in range(world_size)]
     with torch.no_grad():
         y = torch.cat([m(piece.to(dtype)) if piece.shape[0] else piece.to(dtype) for piece in pieces])
-        if relu:
-            y = torch.relu(y)
+        if rg is not None:
+            y = y + rg.to(dtype)
+        y = activation(y)
     return m, steps, y
 
 
@@ -317,7 +355,10 @@ def test_sync_matches_nn_on_the_global_batch(ranks, name):
         for rank, res in enumerate(results):
             rows = _rank_slice(name, world_size, rank)
             ours = res["scenarios"][name]["steps"][step]
-            for key in ("output", "grad_input"):
+            for key in ("output", "grad_input", "grad_residual"):
+                if nn_steps[step][key] is None:
+                    assert ours[key] is None, f"{label} rank {rank} {key}"
+                    continue
                 assert ours[key].dtype == dtype
                 assert_accurate(ours[key], nn_steps[step][key][rows], ref_steps[step][key][rows],
                                 name=f"{label} rank {rank} {key}")
@@ -539,7 +580,7 @@ def test_ops_with_an_epilogue_and_one_rank_are_bitwise_the_fused_ops(activation,
     y0, mean0, invstd0 = ops.batch_norm_train(x, w, b, None, None, None, 0.1, 1e-5, activation, params, r)
     for a, e, name in ((y, y0, "y"), (mean, mean0, "mean"), (invstd, invstd0, "invstd")):
         assert_bitwise_equal(a, e, name)
-    from_output = residual and ops.activation_grad_from_output(activation, params)
+    from_output = residual and ops.activation_grad_from_output(activation, params, x.dtype)
     saved_residual, saved_output = (None, y) if from_output else (r, None)
     sums, gw, gb, g = ops.batch_norm_backward_sums(dy, x, w, mean, invstd, [True, True], b, activation, params,
                                                    saved_residual, saved_output)

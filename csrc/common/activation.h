@@ -3,7 +3,9 @@
 // derivative applied to a gradient, g · act'(u), its parameters as a small
 // struct, and whether that derivative can be taken from the output instead
 // (kGradFromOutput: act'(act(u)) = act'(u) for every u, which holds for the
-// piecewise-linear activations whose kinks are fixed points; ELU's
+// piecewise-linear activations whose kinks are fixed points, and
+// grad_from_output_allowed(args, output_rounded): whether that survives the
+// parameters and the rounding of y to a narrower output type; ELU's
 // derivative is a function of y too, y + alpha, but not act'(y), so a
 // recorded double backward could not use it: it recomputes u). The CPU kernels
 // instantiate these with vectors (csrc/cpu/epilogue.h, at::vec), the CUDA
@@ -96,7 +98,9 @@ struct Identity : Unparameterized {
 // max(u, 0), NaN kept (torch.relu). Derivative: g where u > 0 (a NaN u gives 0).
 struct Relu : Unparameterized {
   static constexpr bool kGradFromOutput = true;
-  static bool grad_from_output_allowed(const ActivationArgs&) { return true; }
+  // Rounding keeps y's sign (below half's smallest subnormal y becomes 0, as
+  // nn's own u does in that dtype).
+  static bool grad_from_output_allowed(const ActivationArgs&, bool /*output_rounded*/) { return true; }
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
     return M::select(u < M::splat(0), M::splat(0), u);
@@ -121,7 +125,10 @@ struct Hardtanh {
   template <class M>
   using P = Params<typename M::T>;
   static constexpr bool kGradFromOutput = true;
-  static bool grad_from_output_allowed(const ActivationArgs&) { return true; }
+  // Only where y is u itself: rounded to half or bfloat16, a u just inside
+  // a bound can round onto it (5.99 becomes 6 in bfloat16), and a bound
+  // the type cannot hold is never reached exactly.
+  static bool grad_from_output_allowed(const ActivationArgs&, bool output_rounded) { return !output_rounded; }
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>& p) {
     const auto lo = M::splat(p.min_val), hi = M::splat(p.max_val);
@@ -139,7 +146,9 @@ struct Hardtanh {
 // slope is not negative (the condition for taking it from y).
 struct LeakyRelu : OneParameter {  // negative_slope
   static constexpr bool kGradFromOutput = true;
-  static bool grad_from_output_allowed(const ActivationArgs& a) { return a.params[0] >= 0.0; }
+  static bool grad_from_output_allowed(const ActivationArgs& a, bool /*output_rounded*/) {
+    return a.params[0] >= 0.0;  // rounding keeps the sign, as for Relu
+  }
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>& p) {
     return M::select(u > M::splat(0), u, u * M::splat(p.value));

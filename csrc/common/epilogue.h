@@ -101,12 +101,14 @@ decltype(auto) with_epilogue(Activation kind, bool residual, F&& f) {
 }
 
 // Whether activation `args` may take its derivative from the output (with a
-// residual, the backward then reads y instead of recomputing u = z + r).
-inline bool grad_from_output_allowed(const ActivationArgs& args) {
+// residual, the backward then reads y instead of recomputing u = z + r);
+// output_rounded: y is stored in a narrower type than the one act(u) is
+// computed in (half and bfloat16).
+inline bool grad_from_output_allowed(const ActivationArgs& args, bool output_rounded) {
   return with_activation(args.kind, [&](auto a) {
     using A = decltype(a);
     if constexpr (A::kGradFromOutput) {
-      return A::grad_from_output_allowed(args);
+      return A::grad_from_output_allowed(args, output_rounded);
     } else {
       return false;
     }

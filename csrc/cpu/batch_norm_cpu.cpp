@@ -196,7 +196,7 @@ BackwardEpilogue prepare_backward_epilogue(c10::string_view activation, at::Arra
   e.activation = parse_activation(activation, activation_params);
   const bool has_residual = is_defined(residual), has_output = is_defined(output);
   TORCH_CHECK_VALUE(!has_output || e.activation.kind == common::Activation::kIdentity ||
-                        common::grad_from_output_allowed(e.activation),
+                        common::grad_from_output_allowed(e.activation, is_reduced_float(input.scalar_type())),
                     "batch_norm_backward: the derivative of ", std::string(activation), " with these parameters ",
                     "cannot be taken from the output; pass the residual instead");
   e.source = common::grad_source_for(e.activation.kind, has_residual, has_output);

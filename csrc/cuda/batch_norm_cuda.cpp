@@ -379,7 +379,7 @@ BackwardResult backward_cuda(const Tensor& grad_output, const Tensor& input, con
   const bool has_output = output.has_value() && output->defined();
   // As the CPU glue (batch_norm_cpu.cpp): the identity ignores y (its g is dy).
   TORCH_CHECK_VALUE(!has_output || args.kind == common::Activation::kIdentity ||
-                        common::grad_from_output_allowed(args),
+                        common::grad_from_output_allowed(args, is_reduced_float(input.scalar_type())),
                     "batch_norm_backward: the derivative of ", std::string(activation), " with these parameters ",
                     "cannot be taken from the output; pass the residual instead");
   const common::GradSource source = common::grad_source_for(args.kind, has_residual, has_output);
