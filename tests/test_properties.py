@@ -262,7 +262,21 @@ def activations(draw):
     return module, kinks.get(name, [])
 
 
-@_settings(ci_examples=200)
+def _grad_weight_cancellation(x, u, gy, reference_act, ref, training):
+    """max over channels of Σ|g·x̂| over the largest |Σ g·x̂| (the scale the
+    accuracy rule's floor follows), in float64, g = dy · act'(u): how much
+    grad_weight's sums cancel against that scale."""
+    leaf = u.detach().requires_grad_()
+    g, = torch.autograd.grad(reference_act(leaf), leaf, gy.detach().cpu().double())
+    x_hat = F.batch_norm(x.detach().cpu().double(), ref.running_mean.clone(), ref.running_var.clone(), None, None,
+                         training, 0.0, ref.eps)
+    terms = g * x_hat
+    dims = [d for d in range(terms.dim()) if d != 1]
+    scale = float(terms.sum(dims).abs().max())
+    return float(terms.abs().sum(dims).max()) / scale if scale > 0 else float("inf")
+
+
+@_settings(ci_examples=400)
 @given(shape=shapes(max_elements=3000), precision=st.sampled_from(PRECISIONS), activation=activations(),
        residual=st.booleans(), layout=layouts, residual_layout=layouts, grad_layout=layouts,
        steps=st.lists(st.booleans(), min_size=1, max_size=3),
@@ -276,6 +290,9 @@ def test_epilogue_matches_nn_composite(device, shape, precision, activation, res
     composite: output, grad_input, grad_residual, grad_weight, grad_bias and
     the running statistics, over train and eval steps, every layout."""
     act, kinks = activation
+    # nn's float64 hardsigmoid backward multiplies by (double)(1.0f / 6.0f),
+    # 3e-8 off: the float64 reference takes relu6(u + 3) / 6's exact derivative.
+    reference_act = (lambda u: F.relu6(u + 3) / 6) if isinstance(act, nn.Hardsigmoid) else act
     # At least two values per channel (one is refused, as test_module_matches_nn
     # checks; two is the closed form, checked apart).
     assume(shape[0] * shape[2] * shape[3] > 2)
@@ -304,17 +321,36 @@ def test_epilogue_matches_nn_composite(device, shape, precision, activation, res
             if r is not None:
                 u = u + r.cpu().double()
         assume(all(not bool(((u - k).abs() <= 1e-4 * (1 + abs(k))).any()) for k in kinks))
+        # NOT OURS, as in test_module_matches_nn: in float64 the reference is nn
+        # itself, and a constant channel (drawn, or made by a stride-0 batch
+        # with H·W = 1) under batch statistics is where ours (exact x̂ = 0 or
+        # 1e-14 noise) and nn's differ by rounding alone.
+        if precision.input_dtype == torch.float64 and (training or not ref.track_running_stats):
+            dims = [d for d in range(x.dim()) if d != 1]
+            assume(not bool((x.detach().cpu().double().amax(dims) == x.detach().cpu().double().amin(dims)).any()))
+        # KNOWN TAIL (the CPU kernels' float lanes, as test_float32_constant_channel_eval's):
+        # where Σ g·x̂ cancels over 100x against grad_weight's scale, grad_weight carries the
+        # float rounding of its terms (the identity gives the same numbers).
+        if device == "cpu" and not EMULATED_CUDA and precision.input_dtype != torch.float64:
+            assume(_grad_weight_cancellation(x, u, gy, reference_act, ref, training) <= 100)
         results = []
+        # nn and the float64 reference get contiguous copies (the same values):
+        # nn's CPU backward gives a wrong grad_input for some grad_output
+        # layouts (test_nn_backward_layout_bug_counterexample), ours the drawn ones.
         for module, dtype in ((ours, None), (nn_bn, None), (ref, torch.float64)):
-            xi = (x if dtype is None else x.cpu().to(dtype)).detach().requires_grad_()
-            ri = None if r is None else (r if dtype is None else r.cpu().to(dtype)).detach().requires_grad_()
+            def handed(t):
+                if module is ours:
+                    return t
+                return t.contiguous() if module is nn_bn else t.detach().cpu().to(dtype).contiguous()
+            xi = handed(x).detach().requires_grad_()
+            ri = None if r is None else handed(r).detach().requires_grad_()
             if module is ours:
                 y = ours(xi) if ri is None else ours(xi, ri)
             else:
                 z = module(xi)
-                y = act(z if ri is None else z + ri)
+                y = (act if dtype is None else reference_act)(z if ri is None else z + ri)
             wanted = [xi] + ([] if ri is None else [ri]) + [module.weight, module.bias]
-            grads = torch.autograd.grad(y, wanted, gy if dtype is None else gy.cpu().to(dtype))
+            grads = torch.autograd.grad(y, wanted, handed(gy))
             results.append([y] + list(grads))
         names = ["output", "grad_input"] + ([] if r is None else ["grad_residual"]) + ["grad_weight", "grad_bias"]
         for i, what in enumerate(names):
