@@ -38,6 +38,7 @@ ACTIVATIONS = {
     "hardswish": lambda: nn.Hardswish(inplace=True),
     "gelu": lambda: nn.GELU(),
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "hardsigmoid": lambda: nn.Hardsigmoid(inplace=True),
 }
 IMPLS = ("fused", "eager", "compiled")
 # The CPU's block shape: 12.8 MB of float32, far beyond its L2 (and most of its L3).

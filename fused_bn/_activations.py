@@ -77,6 +77,10 @@ _ACTIVATIONS = {
     "gelu_tanh": _Row("gelu_tanh", (), nn.GELU, lambda: nn.GELU(approximate="tanh"),
                       lambda u: F.gelu(u, approximate="tanh"),
                       lambda g, u: aten.gelu_backward(g, u, approximate="tanh"), lambda m: ()),
+    # Not aten.hardsigmoid_backward: it multiplies by (double)(1.0f / 6.0f),
+    # 3e-8 off in float64; the kernels divide by 6.
+    "hardsigmoid": _Row("hardsigmoid", (), nn.Hardsigmoid, nn.Hardsigmoid, F.hardsigmoid,
+                        lambda g, u: torch.where((u > -3) & (u < 3), g / 6, 0), lambda m: ()),
 }
 # kernel name -> its row (hardtanh(0, 6) becomes nn.Hardtanh(0, 6) again,
 # which computes what nn.ReLU6 does).

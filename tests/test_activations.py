@@ -34,6 +34,7 @@ ACTIVATIONS = [
     ("hardswish", nn.Hardswish()),
     ("gelu", nn.GELU()),
     ("gelu_tanh", nn.GELU(approximate="tanh")),
+    ("hardsigmoid", nn.Hardsigmoid()),
 ]
 ACTIVATION_IDS = [name for name, _ in ACTIVATIONS]
 MODULES = dict(ACTIVATIONS)
@@ -66,6 +67,20 @@ def _act(name):
     return nn.Identity() if module is None else module
 
 
+class _ExactHardsigmoid(nn.Module):
+    """hardsigmoid for the float64 references: nn's float64 backward multiplies
+    by (double)(1.0f / 6.0f), 3e-8 off, which would make an exact 1/6 look
+    3e-8 wrong; relu6(u + 3) / 6 has the same forward and the exact derivative."""
+
+    def forward(self, u):
+        return nn.functional.relu6(u + 3) / 6
+
+
+def _reference_act(name):
+    """The activation of the float64 references."""
+    return _ExactHardsigmoid() if name == "hardsigmoid" else _act(name)
+
+
 class _Composite(nn.Module):
     """nn's composite: act(bn(x) [+ residual])."""
 
@@ -89,7 +104,7 @@ def _trio(name, shape, precision, device):
     theirs.load_state_dict(reference.state_dict())
     ours = fused_cls(C, activation=MODULES[name]).to(device=device, dtype=precision.param_dtype)
     ours.load_state_dict(reference.state_dict())
-    return ours, _Composite(theirs, _act(name)), _Composite(reference, _act(name))
+    return ours, _Composite(theirs, _act(name)), _Composite(reference, _reference_act(name))
 
 
 def _step(module, x, residual, gy, params):
@@ -160,7 +175,8 @@ def _functional(name, training, rm, rv):
 
 def _distance_to_kinks(name, u):
     kinks = {"relu": [0.0], "relu6": [0.0, 6.0], "hardtanh": [-0.75, 1.25], "leaky_relu_0.1": [0.0],
-             "leaky_relu_neg": [0.0], "elu_0.7": [0.0], "hardswish": [-3.0, 3.0]}.get(name, [])
+             "leaky_relu_neg": [0.0], "elu_0.7": [0.0], "hardswish": [-3.0, 3.0],
+             "hardsigmoid": [-3.0, 3.0]}.get(name, [])
     return min([float((u - k).abs().min()) for k in kinks], default=float("inf"))
 
 
@@ -189,7 +205,7 @@ def test_forward_ad_matches_nn(name, residual, training, device):
     with torch.no_grad():
         nn_bn.running_mean.copy_(rm)
         nn_bn.running_var.copy_(rv)
-    act = _act(name)
+    act = _reference_act(name)
 
     def g(x, w, b, r=None):
         z = nn.functional.batch_norm(x, None if training else rm, None if training else rv, w, b, training)
@@ -206,7 +222,7 @@ def test_forward_ad_matches_nn(name, residual, training, device):
 # ---------------------------------------------------------------- the ops
 
 OP_ACTIVATIONS = [("identity", []), ("relu", []), ("hardtanh", [0.0, 6.0]), ("leaky_relu", [0.1]), ("elu", [0.5]),
-                  ("silu", []), ("hardswish", []), ("gelu", []), ("gelu_tanh", [])]
+                  ("silu", []), ("hardswish", []), ("gelu", []), ("gelu_tanh", []), ("hardsigmoid", [])]
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -246,7 +262,7 @@ def test_activation_grad_from_output_follows_the_definitions(dtype):
     assert ops.activation_grad_from_output("hardtanh", [0.0, 6.0], dtype) == (not rounded)
     assert ops.activation_grad_from_output("leaky_relu", [0.1], dtype)
     assert not ops.activation_grad_from_output("leaky_relu", [-0.1], dtype)
-    for name in ("identity", "silu", "hardswish", "gelu", "gelu_tanh"):
+    for name in ("identity", "silu", "hardswish", "gelu", "gelu_tanh", "hardsigmoid"):
         assert not ops.activation_grad_from_output(name, [], dtype)
     assert not ops.activation_grad_from_output("elu", [1.0], dtype)
 

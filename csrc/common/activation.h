@@ -44,7 +44,8 @@ namespace common {
   X(Silu, kSilu, "silu", 0)                   \
   X(Hardswish, kHardswish, "hardswish", 0)    \
   X(Gelu, kGelu, "gelu", 0)                   \
-  X(GeluTanh, kGeluTanh, "gelu_tanh", 0)
+  X(GeluTanh, kGeluTanh, "gelu_tanh", 0)     \
+  X(Hardsigmoid, kHardsigmoid, "hardsigmoid", 0)
 
 enum class Activation : int {
 #define FUSED_BN_ACTIVATION_ENUMERATOR(Type, kind, name, params) kind,
@@ -240,6 +241,23 @@ struct GeluTanh : Unparameterized {
     const auto right_derivative = half * u * (one - tanh_inner * tanh_inner);
     const auto inner_derivative = M::splat(kBeta) * (one + M::splat(3 * kKappa) * u_sq);
     return g * (left_derivative + right_derivative * inner_derivative);
+  }
+};
+
+// clamp(u + 3, 0, 6) / 6 (nn.Hardsigmoid; NaN kept). Derivative: g / 6
+// where −3 < u < 3, else 0 (a NaN u gives 0), as hardsigmoid_backward. Not
+// from the output: y rounds to 1 for u just below 3, where act'(u) = 1/6.
+struct Hardsigmoid : Unparameterized {
+  template <class M>
+  FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
+    const auto zero = M::splat(0), six = M::splat(6);
+    const auto shifted = u + M::splat(3);
+    return M::select(shifted < zero, zero, M::select(shifted > six, six, shifted)) / six;
+  }
+  template <class M>
+  FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
+    const auto zero = M::splat(0);
+    return M::select(u > M::splat(-3), M::select(u < M::splat(3), g / M::splat(6), zero), zero);
   }
 };
 
