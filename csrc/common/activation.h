@@ -11,6 +11,11 @@
 // instantiate these with vectors (csrc/cpu/epilogue.h, at::vec), the CUDA
 // kernels and the CPU's scalar paths with scalars (ScalarMath below).
 //
+// kCostlyDerivative: the derivative evaluates a transcendental (exp, erf,
+// tanh), so that on the CPU, where that arithmetic and not memory bounds the
+// backward, the training backward evaluates it once, writing g in the
+// reduction pass for the dx pass to read, rather than once in each pass.
+//
 // Adding an activation: one struct here and one line in FUSED_BN_ACTIVATIONS;
 // both devices' dispatch and instantiation expand that list, and Python's
 // table (fused_bn/_activations.py) gives it a public name.
@@ -76,6 +81,7 @@ struct Unparameterized {
   template <class M>
   using P = Params<typename M::T>;
   static constexpr bool kGradFromOutput = false;
+  static constexpr bool kCostlyDerivative = false;
 };
 
 // One parameter, params[0] of ActivationArgs (negative_slope, alpha).
@@ -87,6 +93,7 @@ struct OneParameter {
   };
   template <class M>
   using P = Params<typename M::T>;
+  static constexpr bool kCostlyDerivative = false;
 };
 
 struct Identity : Unparameterized {
@@ -126,6 +133,7 @@ struct Hardtanh {
   template <class M>
   using P = Params<typename M::T>;
   static constexpr bool kGradFromOutput = true;
+  static constexpr bool kCostlyDerivative = false;
   // Only where y is u itself: rounded to half or bfloat16, a u just inside
   // a bound can round onto it (5.99 becomes 6 in bfloat16), and a bound
   // the type cannot hold is never reached exactly.
@@ -164,6 +172,7 @@ struct LeakyRelu : OneParameter {  // negative_slope
 // Derivative: g · alpha · exp(u) where u <= 0, else g (NaN: g), as
 // elu_backward.
 struct Elu : OneParameter {  // alpha
+  static constexpr bool kCostlyDerivative = true;
   static constexpr bool kGradFromOutput = false;
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>& p) {
@@ -177,6 +186,7 @@ struct Elu : OneParameter {  // alpha
 
 // u · σ(u) = u / (1 + exp(−u)) (nn.SiLU). Derivative: g · σ(u) · (1 + u · (1 − σ(u))).
 struct Silu : Unparameterized {
+  static constexpr bool kCostlyDerivative = true;
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
     return u / (M::splat(1) + M::exp(M::splat(0) - u));
@@ -208,6 +218,7 @@ struct Hardswish : Unparameterized {
 // u · Φ(u) = u · (1 + erf(u / √2)) / 2 (nn.GELU(approximate="none")).
 // Derivative: g · (Φ(u) + u · φ(u)), φ(u) = exp(−u²/2) / √(2π).
 struct Gelu : Unparameterized {
+  static constexpr bool kCostlyDerivative = true;
   static constexpr double kSqrtHalf = 0.70710678118654752440;      // 1/√2
   static constexpr double kInvSqrtTwoPi = 0.39894228040143267794;  // 1/√(2π)
   template <class M>
@@ -225,6 +236,7 @@ struct Gelu : Unparameterized {
 // u · (1 + tanh(√(2/π) · (u + 0.044715 · u³))) / 2 (nn.GELU(approximate="tanh")),
 // and its derivative as gelu_backward writes it.
 struct GeluTanh : Unparameterized {
+  static constexpr bool kCostlyDerivative = true;
   static constexpr double kBeta = 0.79788456080286535588;  // √(2/π)
   static constexpr double kKappa = 0.044715;
   template <class M>

@@ -115,6 +115,12 @@ inline bool grad_from_output_allowed(const ActivationArgs& args, bool output_rou
   });
 }
 
+// Whether activation `kind`'s derivative is costly to evaluate
+// (kCostlyDerivative: a transcendental).
+inline bool costly_derivative(Activation kind) {
+  return with_activation(kind, [](auto a) { return decltype(a)::kCostlyDerivative; });
+}
+
 // The backward's source for an activation, given what the forward saved: the
 // output (has_output) or the residual (has_residual) or neither.
 inline GradSource grad_source_for(Activation kind, bool has_residual, bool has_output) {

@@ -276,6 +276,13 @@ BackwardResults backward_cpu(const Tensor& grad_output, const Tensor& input, con
   const bool writes_grad = epilogue.source == common::GradSource::kInputAndResidual ||
                            epilogue.source == common::GradSource::kOutput;
   r.grad_residual = writes_grad ? like_input() : at::empty({0}, input.options());
+  // A costly derivative (common::costly_derivative) is evaluated once: the
+  // reduction pass writes g into grad_input's memory and the dx pass reads it
+  // there (a pass of writes and one of reads more, bench/NOTES.md: on the CPU
+  // the transcendental, not memory, bounds these activations).
+  const bool grad_once = training && output_mask[0] && epilogue.source == common::GradSource::kInput &&
+                         !exchange_args.want_local && !exchange_args.global.defined() &&
+                         common::costly_derivative(epilogue.activation.kind);
   if (exchange_args.want_local) {
     r.local_sums = at::empty({C, common::kExchangedGradSums}, input.options().dtype(at::kDouble));
   }
@@ -294,7 +301,9 @@ BackwardResults backward_cpu(const Tensor& grad_output, const Tensor& input, con
         output_mask[0] ? r.grad_input.mutable_data_ptr<scalar_t>() : nullptr,
         output_mask[1] ? r.grad_weight.mutable_data_ptr<Acc>() : nullptr,
         output_mask[2] ? r.grad_bias.mutable_data_ptr<Acc>() : nullptr,
-        writes_grad ? r.grad_residual.mutable_data_ptr<scalar_t>() : nullptr};
+        writes_grad ? r.grad_residual.mutable_data_ptr<scalar_t>()
+        : grad_once ? r.grad_input.mutable_data_ptr<scalar_t>()
+                    : nullptr};
     cpu::BackwardArgs<scalar_t> args;
     args.dy = dy.const_data_ptr<scalar_t>();
     args.x = in.tensor.const_data_ptr<scalar_t>();
@@ -308,6 +317,7 @@ BackwardResults backward_cpu(const Tensor& grad_output, const Tensor& input, con
     args.invstd = invstd_c.const_data_ptr<Acc>();
     args.training = training;
     args.eps = eps;
+    args.grad_once = grad_once;
     args.outputs = &out;
     args.exchange = &exchange;
     cpu::run_backward(args);

@@ -3,6 +3,8 @@
 // FUSED_BN_CPU_INSTANCES(scalar_t, param_t...) naming what it instantiates.
 #pragma once
 
+#include <type_traits>
+
 #include "entry_points.h"
 #include "kernels.h"
 
@@ -32,11 +34,19 @@ template <typename scalar_t>
 void run_backward(const BackwardArgs<scalar_t>& a) {
   using Acc = acc_type<scalar_t>;
   common::with_activation(a.activation.kind, [&](auto activation) {
-    using A = decltype(activation);
+    // decay: GCC reads decltype of the parameter inside the nested lambdas below as a reference.
+    using A = std::decay_t<decltype(activation)>;
     common::with_grad_source<A>(a.source, [&](auto source) {
-      backward<scalar_t, Acc, Grad<A, decltype(source)::value>>(
-          a.dy, a.x, a.geometry, a.weight, a.bias, a.aux, ActParams<scalar_t, A>::from(a.activation), a.mean,
-          a.invstd, a.training, a.eps, *a.outputs, *a.exchange);
+      constexpr common::GradSource kSource = decltype(source)::value;
+      auto run = [&](auto grad) {
+        backward<scalar_t, Acc, decltype(grad)>(a.dy, a.x, a.geometry, a.weight, a.bias, a.aux,
+                                                ActParams<scalar_t, A>::from(a.activation), a.mean, a.invstd,
+                                                a.training, a.eps, *a.outputs, *a.exchange);
+      };
+      if constexpr (kSource == common::GradSource::kInput && A::kCostlyDerivative) {
+        if (a.grad_once) return run(Grad<A, kSource, true>{});
+      }
+      run(Grad<A, kSource>{});
     });
   });
 }

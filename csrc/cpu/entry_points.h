@@ -61,6 +61,10 @@ struct BackwardArgs {
   const Acc* invstd = nullptr;
   bool training = true;
   double eps = 0.0;
+  // Training, one call (no SumsExchange), grad_input wanted, a recomputed u of
+  // an activation with kCostlyDerivative: g is written once (Grad's kOnce),
+  // to outputs->grad_residual, which is then grad_input's memory.
+  bool grad_once = false;
   const BackwardOutputs<scalar_t, Acc>* outputs = nullptr;
   const SumsExchange* exchange = nullptr;
 };

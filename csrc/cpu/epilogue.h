@@ -49,8 +49,10 @@ struct EpilogueArgs {
 };
 
 // The backward's gradient transform: activation A's derivative taken as
-// kSource says (common::GradSource).
-template <typename A, GradSource kSource>
+// kSource says (common::GradSource). kOnce: the reduction pass writes g (into
+// grad_input's memory, which the dx pass then overwrites with dx) so that a
+// costly derivative is evaluated once (BackwardArgs::grad_once).
+template <typename A, GradSource kSource, bool kOnce = false>
 struct Grad {
   using Activation = A;
   static constexpr GradSource kFrom = kSource;
@@ -59,8 +61,8 @@ struct Grad {
   static constexpr bool kRecomputes = kSource == GradSource::kInput || kSource == GradSource::kInputAndResidual;
   // Reads the residual or y beside x and dy.
   static constexpr bool kReadsAux = common::kReadsAux<kSource>;
-  // The reduction pass writes g (the residual's gradient).
-  static constexpr bool kWritesGrad = common::kWritesResidualGrad<kSource>;
+  // The reduction pass writes g (the residual's gradient, or kOnce's g).
+  static constexpr bool kWritesGrad = common::kWritesResidualGrad<kSource> || kOnce;
 };
 
 // What the dx pass applies: the reduction pass has already written g when it
