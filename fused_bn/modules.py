@@ -1,4 +1,4 @@
-"""Drop-in modules and model conversion."""
+"""The drop-in module classes (conversion: _convert.py, _swap.py, _fuse.py)."""
 import torch
 import torch.distributed as dist
 from torch import fx, nn
