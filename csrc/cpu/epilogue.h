@@ -20,9 +20,22 @@ struct VecMath {
   static inline V splat(double v) { return V(static_cast<Acc>(v)); }
   static inline V select(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
   static inline V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
-  static inline V exp(const V& v) { return v.exp(); }
+  // float lanes inline exp and erf (see exp_inlined); double keeps Sleef's.
+  static inline V exp(const V& v) {
+    if constexpr (std::is_same_v<Acc, float>) {
+      return exp_inlined(v);
+    } else {
+      return v.exp();
+    }
+  }
   static inline V expm1(const V& v) { return v.expm1(); }
-  static inline V erf(const V& v) { return v.erf(); }
+  static inline V erf(const V& v) {
+    if constexpr (std::is_same_v<Acc, float>) {
+      return erf_inlined(v);
+    } else {
+      return v.erf();
+    }
+  }
   static inline V tanh(const V& v) { return v.tanh(); }
   static inline V log1p(const V& v) { return v.log1p(); }
 };
@@ -64,6 +77,18 @@ struct Grad {
   // The reduction pass writes g (the residual's gradient, or kOnce's g).
   static constexpr bool kWritesGrad = common::kWritesResidualGrad<kSource> || kOnce;
 };
+
+// Whether the row passes (normalize_rows, nhwc_block_grad_sums) stage a piece
+// for A: z or g of all its rows first, into an L1-sized buffer, then the
+// activation or the sums over that buffer. The costly activations
+// (kCostlyDerivative) need it: their formulas hold more vectors than fit
+// beside a piece's per-column coefficients and accumulators (up to 24 where
+// AVX2 has 16 registers), or call out of line (Sleef's tanh, expm1 and double
+// exp; the x86-64 ABI saves no vector register across a call), so those would
+// be spilled and reloaded on every row (bench/NOTES.md, "Issue 37: exp and
+// erf inlined, pieces staged").
+template <typename A>
+constexpr bool kStagesRowPieces = A::kCostlyDerivative;
 
 // What the dx pass applies: the reduction pass has already written g when it
 // writes it, so the dx pass reads that g as its dy.

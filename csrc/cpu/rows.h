@@ -238,14 +238,26 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C, Colu
   Acc* first_dy = thread_scratch_filled<Acc, ScratchSlot::kBlockShift>(padded, Acc(0));
   Acc* differs = thread_scratch_filled<Acc, ScratchSlot::kBlockFlagLanes>(padded, Acc(0));
   for (int64_t c = 0; c < width; ++c) first_dy[c] = static_cast<Acc>(dy[row_begin * C + col + c]);
+  // A piece's g, staged first for a costly activation (kStagesRowPieces).
+  constexpr bool kStaged = kStagesRowPieces<typename G::Activation>;
+  Acc* staged = kStaged ? thread_scratch<Acc, ScratchSlot::kStagedPiece>(kRowsPerFold * T::kWidth) : nullptr;
   rows_walk<scalar_t>(Rows{width, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
     // c0 is the strip's column, col + c0 the channel.
-    const T m = T::coefs(k.mean + col + c0), g0 = T::coefs(first_dy + c0);
+    const T m = T::coefs(k.mean + col + c0);
+    if constexpr (kStaged) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t at = r * C + col + c0;
+        tile_grad<scalar_t, G>(k, col + c0, T::load(x + at, n), T::load(dy + at, n), m, aux, grad, params, at, n)
+            .store_coefs(staged + (r - r0) * T::kWidth);
+      }
+    }
+    const T g0 = T::coefs(first_dy + c0);
     T s_dy = T::zero(), s_dy_xmu = T::zero(), s_xmu = T::zero(), d = T::zero();
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t at = r * C + col + c0;
       const T tx = T::load(x + at, n);
-      const T tg = tile_grad<scalar_t, G>(k, col + c0, tx, T::load(dy + at, n), m, aux, grad, params, at, n);
+      const T tg = kStaged ? T::coefs(staged + (r - r0) * T::kWidth)
+                           : tile_grad<scalar_t, G>(k, col + c0, tx, T::load(dy + at, n), m, aux, grad, params, at, n);
       if (eval_dx) {
         T::zip([](auto g, auto s_) { return g * s_; }, tg, T::coefs(k.scale + col + c0)).store(eval_dx + at, n, stream_dx);
       }
@@ -282,13 +294,21 @@ void normalize_rows(const scalar_t* x, const scalar_t* residual, scalar_t* y, co
                     int64_t row_begin, int64_t row_end, const Coefs& k, const EpilogueArgs<scalar_t, Epi>& epilogue,
                     bool stream, bool reversed) {
   using T = Tile<scalar_t>;
+  // A piece's z, staged first for a costly activation (kStagesRowPieces).
+  constexpr bool kStaged = kStagesRowPieces<typename Epi::Activation>;
+  using Acc = acc_type<scalar_t>;
+  Acc* staged = kStaged ? thread_scratch<Acc, ScratchSlot::kStagedPiece>(kRowsPerFold * T::kWidth) : nullptr;
   rows_walk<scalar_t>(rows, row_begin, row_end, reversed, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
-    const T m = T::coefs(k.mean + c0), sc = T::coefs(k.scale + c0),
-            sh = T::coefs(k.shift + c0);
+    auto normalized = [&](int64_t at) __attribute__((always_inline)) {
+      return T::zip([](auto xx, auto mm, auto s_, auto h) { return at::vec::fmadd(xx - mm, s_, h); },
+                    T::load(x + at, n), T::coefs(k.mean + c0), T::coefs(k.scale + c0), T::coefs(k.shift + c0));
+    };
+    if constexpr (kStaged) {
+      for (int64_t r = r0; r < r1; ++r) normalized(r * rows.stride + c0).store_coefs(staged + (r - r0) * T::kWidth);
+    }
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t at = r * rows.stride + c0;
-      T z = T::zip([](auto xx, auto mm, auto s_, auto h) { return at::vec::fmadd(xx - mm, s_, h); },
-                   T::load(x + at, n), m, sc, sh);
+      T z = kStaged ? T::coefs(staged + (r - r0) * T::kWidth) : normalized(at);
       if constexpr (Epi::kHasResidual) {
         z = T::zip([&](auto v, auto res) { return epilogue.apply(v, res); }, z, T::load(residual + at, n));
       } else if constexpr (!Epi::kPlain) {

@@ -20,7 +20,7 @@ enum class ScratchSlot {
   kBlockShift, kBlockSum1, kBlockSum2, kBlockSum3, kBlockFlags, kBlockFlagLanes,
   kBlockSumDy, kBlockSumDyXmu, kBlockSumXmu, kSumDy, kSumDyXmu, kSumXmu,
   kRunMean, kRunScale, kRunProjection, kRunShift,
-  kCoefForwardShift, kRunForwardShift, kStagedRun,
+  kCoefForwardShift, kRunForwardShift, kStagedRun, kStagedPiece,
 };
 
 template <typename T, ScratchSlot kSlot>
