@@ -82,7 +82,7 @@ inline std::pair<Vectorized<double>, Vectorized<double>> widen(const Vectorized<
 // exp of float lanes, inlined. at::vec's exp is a call into Sleef (u10), across
 // which no vector register survives (the x86-64 ABI saves none), and it
 // dominated the costly activations' passes (bench/NOTES.md, "Issue 37: exp and
-// erf inlined"). Cody-Waite reduction by ln 2 and Moshier's Cephes polynomial
+// erf inlined, pieces staged"). Cody-Waite reduction by ln 2 and Moshier's Cephes polynomial
 // of degree 6 on [-ln2/2, ln2/2]: at most 1.01 ulp from float64's exp over
 // [-87.3, 88.7] (every 7th float checked; Sleef's u10: 0.57), which keeps the
 // epilogues within the accuracy rule (the rounding of u dominates their
