@@ -1,18 +1,20 @@
 """End-to-end benchmark: a training step (forward, backward, SGD step) of
 torchvision and timm models (bench/zoo.py) as they come, after
-``convert_model`` and after ``convert_model(fuse_relu=True)``, in both memory
-formats, all interleaved in one process; then the per-call host overhead of a
-tiny batch-norm layer (training forward+backward), ours against nn's.
+``convert_model`` and after ``convert_model(fuse=True)``, in both memory
+formats, eager and (``--compile``) ``torch.compile``d, all interleaved in one
+process; then the per-call host overhead of a tiny batch-norm layer
+(training forward+backward), ours against nn's. A compiled variant is
+compared with the compiled original: that is the choice a compile user makes.
 
 Reported per case: median step ms, speedup over the original, batch norm's
 share of the step (torch.profiler: self time of every batch-norm op, fused
-ReLU/add included for fuse_relu, over the self time of all ops), and memory
+activation/add included for fuse, over the self time of all ops), and memory
 (CUDA: peak allocated during a step above what was allocated before it; CPU,
 where PyTorch keeps no allocator statistics: the bytes autograd saves for the
 backward, unique storages). CPU: batch 8 at 112x112, float32. GPU: batch 128 at
 224x224, bf16 autocast.
 
-    python -m bench.models [--device cpu|cuda] [--quick] [--models resnet50 ...]
+    python -m bench.models [--device cpu|cuda] [--quick] [--compile] [--models resnet50 ...]
 """
 import argparse
 import copy
@@ -28,8 +30,9 @@ import torch
 from . import timing, zoo
 from .run import describe_device, git_state, import_fused_bn, resolve_device
 
-MODELS = ("resnet50", "resnet18", "mobilenet_v2", "densenet121", "timm/efficientnet_b0")
-VARIANTS = ("original", "convert", "fuse_relu")
+MODELS = ("resnet50", "resnet18", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
+          "timm/efficientnet_b0", "timm/cspdarknet53")
+VARIANTS = ("original", "convert", "fuse")
 FORMATS = ("contiguous", "channels_last")
 BATCH_NORM_OP_MARKERS = ("batch_norm", "batchnorm")
 TINY_LAYER_SHAPE = (2, 16, 4, 4)
@@ -51,15 +54,16 @@ def _synchronize(device):
 class Case:
     """One model variant in one memory format, with its optimizer and data."""
 
-    def __init__(self, fused_bn, name, variant, memory_format, device, config, original):
-        self.name, self.variant, self.memory_format = name, variant, memory_format
+    def __init__(self, fused_bn, name, variant, memory_format, mode, device, config, original):
+        self.name, self.variant, self.memory_format, self.mode = name, variant, memory_format, mode
         self.device, self.config = device, config
         model = copy.deepcopy(original)
         if variant != "original":
-            model = fused_bn.convert_model(model, fuse_relu=variant == "fuse_relu")
+            model = fused_bn.convert_model(model, fuse=variant == "fuse")
         fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-        self.model = model.to(device=device, memory_format=fmt).train()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        model = model.to(device=device, memory_format=fmt).train()
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.model = torch.compile(model) if mode == "compiled" else model
         generator = torch.Generator().manual_seed(0)
         side = config["side"]
         x = torch.randn(config["batch"], 3, side, side, generator=generator)
@@ -113,6 +117,8 @@ class Case:
         return statistics.median(shares), statistics.median(times_ms)
 
     def memory_mb(self):
+        if self.mode == "compiled" and self.device.type != "cuda":
+            return float("nan")  # saved-tensor hooks do not see inside a compiled graph's saved values
         if self.device.type == "cuda":
             _synchronize(self.device)
             before = torch.cuda.memory_allocated(self.device)
@@ -162,7 +168,7 @@ def tiny_layer_overhead_us(fused_bn, device, rounds=5, calls=400):
     return results
 
 
-def run(fused_bn, device, model_names, quick):
+def run(fused_bn, device, model_names, quick, modes=("eager",)):
     config = settings(device, quick)
     cases = []
     for name in model_names:
@@ -171,11 +177,12 @@ def run(fused_bn, device, model_names, quick):
             print(f"{name}: skipped ({reason})", flush=True)
             continue
         original, _ = zoo.build(name)
-        for variant in VARIANTS:
-            for memory_format in FORMATS:
-                cases.append(Case(fused_bn, name, variant, memory_format, device, config, original))
-    for case in cases:  # warm-up: first-call costs, allocator growth
-        case.timed_steps_ms(1)
+        for mode in modes:
+            for variant in VARIANTS:
+                for memory_format in FORMATS:
+                    cases.append(Case(fused_bn, name, variant, memory_format, mode, device, config, original))
+    for case in cases:  # warm-up: first-call costs (compilation), allocator growth
+        case.timed_steps_ms(2 if case.mode == "compiled" else 1)
     samples = {id(c): [] for c in cases}
     for round_index in range(config["rounds"]):
         shift = round_index % max(1, len(cases))
@@ -190,12 +197,13 @@ def run(fused_bn, device, model_names, quick):
     for case in cases:
         median, iqr = timing.summarize_samples(samples[id(case)])
         records.append({"model": case.name, "variant": case.variant, "memory_format": case.memory_format,
+                        "mode": case.mode,
                         "step_ms": median, "iqr_ms": iqr, "samples": len(samples[id(case)]),
                         "memory_mb": case.memory_mb()})
         records[-1]["bn_share"], records[-1]["bn_ms"] = case.batch_norm_profile()
-    by_key = {(r["model"], r["memory_format"], r["variant"]): r for r in records}
+    by_key = {(r["model"], r["memory_format"], r["mode"], r["variant"]): r for r in records}
     for r in records:
-        base = by_key[(r["model"], r["memory_format"], "original")]
+        base = by_key[(r["model"], r["memory_format"], r["mode"], "original")]
         r["speedup"] = base["step_ms"] / r["step_ms"]
         r["bn_speedup"] = base["bn_ms"] / r["bn_ms"] if r["bn_ms"] else float("nan")
     return config, records
@@ -207,27 +215,32 @@ def geomean(values):
 
 
 def format_table(records, memory_label):
-    lines = [f"| model | format | variant | step ms | IQR ms | speedup | batch norm share | "
+    lines = [f"| model | format | mode | variant | step ms | IQR ms | speedup | batch norm share | "
              f"batch norm ms | batch norm speedup | {memory_label} |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['model']} | {'NHWC' if r['memory_format'] == 'channels_last' else 'NCHW'} | "
-                     f"{r['variant']} | {r['step_ms']:.1f} | {r['iqr_ms']:.1f} | {r['speedup']:.3f}x | "
+                     f"{r.get('mode', 'eager')} | {r['variant']} | {r['step_ms']:.1f} | {r['iqr_ms']:.1f} | {r['speedup']:.3f}x | "
                      f"{100 * r['bn_share']:.1f}% | {r['bn_ms']:.1f} | {r['bn_speedup']:.2f}x | "
                      f"{r['memory_mb']:.0f} |")
     return "\n".join(lines)
 
 
 def format_summary(records):
-    lines = ["| variant | format | models | geomean step speedup over the original | "
-             "geomean batch-norm time speedup (profiled in the step) |", "|---|---|---|---|---|"]
-    for variant in VARIANTS[1:]:
-        for fmt in FORMATS:
-            rs = [r for r in records if r["variant"] == variant and r["memory_format"] == fmt]
-            if rs:
-                lines.append(f"| {variant} | {'NHWC' if fmt == 'channels_last' else 'NCHW'} | {len(rs)} | "
-                             f"{geomean([r['speedup'] for r in rs]):.3f}x | "
-                             f"{geomean([r['bn_speedup'] for r in rs]):.2f}x |")
+    lines = ["| mode | variant | format | models | geomean step speedup over the original (same mode) | "
+             "slowest model | geomean batch-norm time speedup (profiled in the step) |",
+             "|---|---|---|---|---|---|---|"]
+    for mode in ("eager", "compiled"):
+        for variant in VARIANTS[1:]:
+            for fmt in FORMATS:
+                rs = [r for r in records if r["variant"] == variant and r["memory_format"] == fmt
+                      and r.get("mode", "eager") == mode]
+                if rs:
+                    slowest = min(rs, key=lambda r: r["speedup"])
+                    lines.append(f"| {mode} | {variant} | {'NHWC' if fmt == 'channels_last' else 'NCHW'} | "
+                                 f"{len(rs)} | {geomean([r['speedup'] for r in rs]):.3f}x | "
+                                 f"{slowest['model']} {slowest['speedup']:.3f}x | "
+                                 f"{geomean([r['bn_speedup'] for r in rs]):.2f}x |")
     return "\n".join(lines)
 
 
@@ -237,16 +250,17 @@ def write_plot(path, records, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = sorted({(r["model"], r["memory_format"]) for r in records}, key=str)
+    labels = sorted({(r["model"], r["memory_format"], r.get("mode", "eager")) for r in records}, key=str)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4))
     width = 0.38
     for i, variant in enumerate(VARIANTS[1:]):
-        values = [next((r["speedup"] for r in records if (r["model"], r["memory_format"]) == label
+        values = [next((r["speedup"] for r in records
+                        if (r["model"], r["memory_format"], r.get("mode", "eager")) == label
                         and r["variant"] == variant), float("nan")) for label in labels]
         ax.bar([j + (i - 0.5) * width for j in range(len(labels))], values, width, label=variant)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels([f"{m}\n{'NHWC' if f == 'channels_last' else 'NCHW'}" for m, f in labels],
+    ax.set_xticklabels([f"{m}\n{'NHWC' if f == 'channels_last' else 'NCHW'}\n{mode}" for m, f, mode in labels],
                        fontsize=7)
     ax.set_ylabel("training step speedup over the original")
     ax.set_title(title, fontsize=9)
@@ -278,6 +292,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto picks cuda when available")
     p.add_argument("--quick", action="store_true", help="small smoke run; writes <device>-models-quick.*")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=zoo.ALL_MODELS)
+    p.add_argument("--compile", action="store_true",
+                   help="also torch.compile every variant (compared with the compiled original)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     started = time.time()
@@ -292,7 +308,8 @@ def main(argv=None):
     commit, dirty = git_state()
     print(f"fused_bn end-to-end training-step benchmark on {description}; commit {commit[:12]}"
           f"{' (dirty)' if dirty else ''}", flush=True)
-    config, records = run(fused_bn, device, args.models, args.quick)
+    modes = ("eager", "compiled") if args.compile else ("eager",)
+    config, records = run(fused_bn, device, args.models, args.quick, modes)
     overhead = tiny_layer_overhead_us(fused_bn, device)
     memory_label = "peak MB" if device.type == "cuda" else "saved MB"
     meta = {"device": description, "commit": commit, "dirty": dirty, "torch": torch.__version__,
@@ -301,12 +318,12 @@ def main(argv=None):
             "autocast": str(config["autocast"]) if config["autocast"] else None,
             "rounds": config["rounds"], "steps_per_round": config["steps_per_round"],
             "bandwidth_gbps": bandwidth, "tiny_layer": {"shape": list(TINY_LAYER_SHAPE), **overhead}}
-    stem = device_name + "-models" + ("-quick" if args.quick else "")
+    stem = device_name + "-models" + ("-compiled" if args.compile else "") + ("-quick" if args.quick else "")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
     setup = (f"training step (forward, backward, SGD step) at batch {config['batch']}, "
-             f"{config['side']}x{config['side']}, "
+             f"{config['side']}x{config['side']}, {' and '.join(modes)}, "
              + (f"{config['autocast']} autocast" if config["autocast"] else "float32")
              + f"; median of {config['rounds']} interleaved rounds x {config['steps_per_round']} steps")
     summary = format_summary(records)
@@ -328,7 +345,7 @@ def main(argv=None):
         readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
         block = (f"**{description}**, torch {torch.__version__}, commit `{commit[:12]}`: {setup}; "
                  f"full table [`bench/results/{stem}.md`](bench/results/{stem}.md).\n\n{summary}\n\n{tiny}")
-        update_readme(readme, device_name, block)
+        update_readme(readme, device_name + ("-compiled" if args.compile else ""), block)
     print("\n" + format_table(records, memory_label) + "\n\n" + summary + "\n\n" + tiny)
     print(f"\nwrote {os.path.join(args.out, stem)}.{{json,md,png}} in {time.time() - started:.0f} s")
     return 0

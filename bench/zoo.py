@@ -20,7 +20,8 @@ TORCHVISION_MODELS = {
     "resnet18": ("resnet18", 64), "resnet50": ("resnet50", 64),
     "resnext50_32x4d": ("resnext50_32x4d", 64), "wide_resnet50_2": ("wide_resnet50_2", 64),
     "densenet121": ("densenet121", 64), "mobilenet_v2": ("mobilenet_v2", 64),
-    "mobilenet_v3_small": ("mobilenet_v3_small", 64), "efficientnet_b0": ("efficientnet_b0", 64),
+    "mobilenet_v3_small": ("mobilenet_v3_small", 64), "mobilenet_v3_large": ("mobilenet_v3_large", 64),
+    "efficientnet_b0": ("efficientnet_b0", 64),
     "regnet_y_400mf": ("regnet_y_400mf", 64), "shufflenet_v2_x1_0": ("shufflenet_v2_x1_0", 64),
     "mnasnet1_0": ("mnasnet1_0", 64), "googlenet": ("googlenet", 64),
     "inception_v3": ("inception_v3", 96),
@@ -31,6 +32,9 @@ TIMM_MODELS = {
     "timm/rexnet_100": ("rexnet_100", 64), "timm/dla34": ("dla34", 64),
     "timm/cspresnet50": ("cspresnet50", 64), "timm/regnetx_002": ("regnetx_002", 64),
     "timm/hrnet_w18_small": ("hrnet_w18_small", 64),
+    "timm/mobilenetv3_large_100": ("mobilenetv3_large_100", 64), "timm/cspdarknet53": ("cspdarknet53", 64),
+    "timm/fastvit_t8": ("fastvit_t8", 64), "timm/repvit_m1": ("repvit_m1", 64),
+    "timm/ghostnet_100": ("ghostnet_100", 64),
 }
 # torch the index's torchvision 0.28.0 and the tested timm models are built for
 ZOO_TORCH = "2.13.0"

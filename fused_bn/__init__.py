@@ -15,7 +15,8 @@ ReLU forms also as classes:
 from . import _registration  # noqa: F401  (loads the extension, registers fake kernels and autograd)
 from ._activations import SUPPORTED as ACTIVATIONS
 from ._activations import Activation
-from ._convert import convert_model
+from ._convert import convert_model, fusion_report
+from ._fuse import FusionRecord
 from .functional import batch_norm, batch_norm_add_relu
 from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAddReLU1d,
                       FusedBatchNormAddReLU2d, FusedBatchNormAddReLU3d, FusedBatchNormReLU1d,
@@ -38,8 +39,10 @@ __all__ = [
     "FusedLazyBatchNorm2d",
     "FusedLazyBatchNorm3d",
     "FusedSyncBatchNorm2d",
+    "FusionRecord",
     "batch_norm",
     "batch_norm_add_relu",
     "convert_model",
+    "fusion_report",
 ]
 __version__ = "0.1.0"

@@ -1,13 +1,15 @@
 """convert_model, the public entry of conversion: fusion on an fx trace
 (``_fuse.py``) when asked and the model traces, else the module-by-module
 swap (``_swap.py``)."""
+from typing import List
+
 from torch import nn
 
-from ._fuse import fuse_with_fx
+from ._fuse import FusionRecord, _in_place_records, _structural_copy, fuse_with_fx
 from ._swap import _convert_in_place
 
 
-def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
+def convert_model(module: nn.Module, fuse: bool = False, *, fuse_relu: bool = False) -> nn.Module:
     """Replace every submodule whose type is exactly ``nn.BatchNorm1d``,
     ``nn.BatchNorm2d`` or ``nn.BatchNorm3d`` with ``FusedBatchNorm1d`` (2d, 3d)
     sharing its parameters and buffers, and return the model. An
@@ -15,20 +17,38 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
     ``FusedLazyBatchNorm1d`` (2d, 3d) with its settings; one that has run is
     already an ``nn.BatchNorm1d`` (2d, 3d). timm's ``BatchNormAct2d`` (batch norm plus its
     activation) becomes a ``FusedBatchNormAct2d``, a subclass of it with the
-    same children; with ``fuse_relu=True`` a ReLU activation runs in the batch
-    norm's passes. Other subclasses of nn's batch norms are left as they are.
+    same children. Other subclasses of nn's batch norms are left as they are.
 
-    With ``fuse_relu=False`` the model is converted in place (the new module is
+    With ``fuse=False`` the model is converted in place (the new module is
     returned when ``module`` itself is an ``nn.BatchNorm2d``).
 
-    With ``fuse_relu=True`` a ReLU applied directly and only to a batch norm's
-    output (``nn.ReLU``, in place or not, ``F.relu``, ``torch.relu``,
-    ``Tensor.relu``) is folded into it (``FusedBatchNormReLU1d``, 2d, 3d), and
-    so is ``relu(bn(x) + identity)`` (``FusedBatchNormAddReLU1d``, 2d, 3d). The model is
-    traced with ``torch.fx`` to find these, and the return value is then a
+    With ``fuse=True`` (``fuse_relu=True`` is the same, its older name) what
+    directly and only follows a batch norm's output runs in the batch norm's
+    own passes:
+
+    * an activation of ``fused_bn.ACTIVATIONS``, as a module (``nn.ReLU``,
+      ``ReLU6``, ``Hardtanh``, ``LeakyReLU``, ``ELU``, ``SiLU``, ``Hardswish``,
+      ``Hardsigmoid``, ``GELU``; in place or not), a function (``F.relu``,
+      ``F.relu6``, ``F.hardtanh``, ``F.leaky_relu``, ``F.elu``, ``F.silu``,
+      ``F.hardswish``, ``F.hardsigmoid``, ``F.gelu`` with either
+      ``approximate``, ``torch.relu`` and the in-place forms) or a method
+      (``.relu()``, ``.relu_()``), with its parameters exactly;
+    * a residual add, ``bn(x) + r`` in either order, ``bn(x) += r`` or
+      ``torch.add`` without alpha, with one of those activations after it or
+      none (an inverted-residual block's plain add);
+    * in timm's ``BatchNormAct2d``, its own activation (when fused_bn has it
+      and no dropout comes before it), and after one without an activation,
+      the add and activation that follow.
+
+    ReLU folds become ``FusedBatchNormReLU1d`` (2d, 3d) and
+    ``FusedBatchNormAddReLU1d`` (2d, 3d), the others ``FusedBatchNorm2d``
+    (1d, 3d) with ``activation=`` (its ``forward`` takes the residual). The
+    model is traced with ``torch.fx`` to find these, and the return value is then a
     ``torch.fx.GraphModule`` (use it in place of the model; the original is left
-    as it was, sharing its parameters and buffers with it). A model that does
-    not trace is converted in place instead, folding only an ``nn.ReLU`` that
+    as it was, sharing its parameters and buffers with it). A batch norm whose
+    output is read twice, a module called from several places, and an add
+    that writes into the residual stay unfused. A model that does
+    not trace is converted in place instead, folding only an activation module that
     directly follows a batch norm in an ``nn.Sequential``. Either way the
     state_dict keys stay those of the original model. The trace leaves every
     parameter, buffer and training flag as it found them, and a module whose
@@ -37,8 +57,21 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
     ``.eval()`` as the model does (a model whose own top-level forward reads
     ``self.training`` is converted in place).
     """
-    if fuse_relu:
+    fuse = fuse or fuse_relu
+    if fuse:
         traced = fuse_with_fx(module)
         if traced is not None:
             return traced
-    return _convert_in_place(module, fuse_relu)
+    return _convert_in_place(module, fuse)
+
+
+def fusion_report(model: nn.Module) -> List[FusionRecord]:
+    """What ``convert_model(model, fuse=True)`` folds into each batch norm, and
+    why it folds nothing where something fused_bn could fold follows: a
+    ``FusionRecord(name, follows, fused, reason)`` per batch norm, in graph
+    order. The model is left as it was (the conversion runs on a copy of its
+    module tree sharing its tensors)."""
+    report = []
+    if fuse_with_fx(model, report) is None:
+        report = list(_in_place_records("", model, _convert_in_place(_structural_copy(model), fuse=True)))
+    return report

@@ -5,7 +5,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.compiler import is_compiling
 
-from ._activations import IDENTITY, Activation, resolve
+from ._activations import IDENTITY, resolve
 from ._sync import sync_batch_norm
 from .functional import _batch_norm_epilogue
 
@@ -309,10 +309,10 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
         if isinstance(module, _BatchNorm) and not isinstance(module, cls):
             activation = module._activation if isinstance(module, _FusedBatchNormForward) else None
             act = module._modules.get("act")
-            if act is not None or "drop" in module._modules:
-                # timm's BatchNormAct2d (ours or theirs): the activation goes into
-                # the synchronised module when fused_bn fuses it and no dropout
-                # comes before it.
+            if (act is not None or "drop" in module._modules) and not getattr(module, "fuses_activation", False):
+                # timm's BatchNormAct2d (ours unfused, or theirs): the activation goes
+                # into the synchronised module when fused_bn fuses it and no dropout
+                # comes before it. (Ours fused carries its activation already.)
                 try:
                     activation = resolve(act)
                 except ValueError:
@@ -331,42 +331,94 @@ class FusedSyncBatchNorm2d(FusedBatchNorm2d):
 
 
 class _FusedBatchNormActForward(_FusedBatchNormForward):
-    """The forward of timm's BatchNormAct2d on fused_bn's kernels: the ReLU in
-    the kernels' passes when ``fuses_relu`` is set (convert_model(fuse_relu=True))
-    and the module's activation is a ReLU with no dropout before it, else the
-    module's ``drop`` and ``act`` applied to the batch norm's output."""
+    """The forward of timm's BatchNormAct2d on fused_bn's kernels. With
+    ``fuses_activation`` set (by ``convert_model(fuse=True)``, where the
+    module's ``drop`` is an ``nn.Identity`` and its ``act`` one fused_bn
+    fuses, or an ``nn.Identity``), the module's ``activation`` runs in the
+    kernels' passes in place of ``drop`` and ``act``, and ``forward`` takes a
+    residual, added before it, as every fused_bn batch norm does (conversion
+    folds a graph's add and activation after a BatchNormAct2d without one of
+    its own that way). Otherwise ``drop`` and ``act`` are applied to the
+    batch norm's output as timm does."""
 
-    fuses_relu = False
+    fuses_activation = False
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual=None) -> torch.Tensor:
+        if self.fuses_activation:
+            return super().forward(input, residual)
+        if residual is not None:
+            raise TypeError(f"{type(self).__name__}.forward takes a residual only when its activation is fused "
+                            "(convert_model(fuse=True))")
         if isinstance(input, fx.Proxy):
             return _record_leaf_call(self, input, (input,))
         args = self._batch_norm_args(input)
-        if self.fuses_relu and type(self.act) is nn.ReLU and type(self.drop) is nn.Identity:
-            return _batch_norm_epilogue(input, *args, Activation("relu"), None)
         return self.act(self.drop(_batch_norm_epilogue(input, *args, IDENTITY, None)))
 
 
-_fused_act_classes = {}
+class _FusedFrozenBatchNormForward:
+    """The forward of torchvision's FrozenBatchNorm2d (detection backbones:
+    statistics and affine transform frozen, all four held as buffers) on
+    fused_bn's eval kernel: one pass over memory, with the activation and
+    residual that ``convert_model(fuse=True)`` folds into it
+    (``forward(input, residual)``). What torchvision's own forward does
+    otherwise (input that is not 4-D, or whose dtype differs from the
+    buffers': torchvision promotes it) runs unfused, exactly as torchvision
+    computes it."""
+
+    _activation = IDENTITY
+
+    @property
+    def activation(self):
+        """The fused activation as a :class:`fused_bn.Activation`, or None."""
+        return None if self._activation.is_identity else self._activation
+
+    def forward(self, input: torch.Tensor, residual=None) -> torch.Tensor:
+        proxy = _traced_proxy((input, residual))
+        if proxy is not None:
+            return _record_leaf_call(self, proxy, (input,) if residual is None else (input, residual))
+        if (isinstance(input, torch.Tensor) and input.dim() == 4 and input.dtype == self.weight.dtype
+                and (residual is None or (isinstance(residual, torch.Tensor) and residual.shape == input.shape
+                                          and residual.dtype == input.dtype))):
+            return _batch_norm_epilogue(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                        False, 0.0, self.eps, None, self._activation, residual)
+        output = super().forward(input)
+        return self._activation.reference(output if residual is None else output + residual)
 
 
-def _fused_act_class(base: type) -> type:
-    """``FusedBatchNormAct2d``: a subclass of timm's BatchNormAct2d (``base``)
-    with our forward, so that timm's isinstance checks keep working; made on
-    first use, so that fused_bn does not import timm."""
-    cls = _fused_act_classes.get(base)
+_fused_subclasses = {}
+
+
+def _fused_subclass(base: type, forward: type, name: str, doc: str) -> type:
+    """``name``: a subclass of a batch norm class of another library
+    (``base``) with fused_bn's ``forward`` mixed in, so that that library's
+    isinstance checks keep working; made on first use, so that fused_bn does
+    not import the library."""
+    cls = _fused_subclasses.get(base)
     if cls is None:
-        cls = type("FusedBatchNormAct2d", (_FusedBatchNormActForward, base), {
-            "__module__": __name__,
-            "__doc__": "timm's BatchNormAct2d computed by fused_bn's kernels (same state_dict).",
-        })
-        _fused_act_classes[base] = cls
+        cls = type(name, (forward, base), {"__module__": __name__, "__doc__": doc})
+        _fused_subclasses[base] = cls
     return cls
 
 
+def _fused_act_class(base: type) -> type:
+    """``FusedBatchNormAct2d``, made from timm's BatchNormAct2d (``base``)."""
+    return _fused_subclass(base, _FusedBatchNormActForward, "FusedBatchNormAct2d",
+                           "timm's BatchNormAct2d computed by fused_bn's kernels (same state_dict).")
+
+
+def _fused_frozen_class(base: type) -> type:
+    """``FusedFrozenBatchNorm2d``, made from torchvision's FrozenBatchNorm2d (``base``)."""
+    return _fused_subclass(base, _FusedFrozenBatchNormForward, "FusedFrozenBatchNorm2d",
+                           "torchvision's FrozenBatchNorm2d computed by fused_bn's eval kernel, with the "
+                           "activation and residual add after it folded in (same state_dict).")
+
+
 def __getattr__(name):
-    # Unpickling a model holding a FusedBatchNormAct2d looks the class up here.
+    # Unpickling a model holding one of these classes looks it up here.
     if name == "FusedBatchNormAct2d":
         from timm.layers.norm_act import BatchNormAct2d
         return _fused_act_class(BatchNormAct2d)
+    if name == "FusedFrozenBatchNorm2d":
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        return _fused_frozen_class(FrozenBatchNorm2d)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,8 +27,8 @@ def test_quick_run_reports_every_case(tmp_path):
     with open(tmp_path / json_files[0]) as f:
         result = json.load(f)
     records = result["records"]
-    assert {(r["variant"], r["memory_format"]) for r in records} == {
-        (v, f) for v in models.VARIANTS for f in models.FORMATS}
+    assert {(r["variant"], r["memory_format"], r["mode"]) for r in records} == {
+        (v, f, "eager") for v in models.VARIANTS for f in models.FORMATS}
     for r in records:
         assert r["model"] == "resnet18"
         assert r["step_ms"] > 0 and math.isfinite(r["speedup"])

@@ -198,12 +198,28 @@ def _run_errors(rank, world_size, device):
     return results
 
 
+class _DdpNet(nn.Module):
+    """What convert_model(fuse=True) folds, each once: bn -> ReLU, bn + add ->
+    Hardswish, bn -> SiLU, and an inverted-residual block's plain add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3, self.bn3, self.act3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.SiLU()
+        self.conv4, self.bn4 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.hardswish(self.bn2(self.conv2(y)) + y)
+        y = y + self.bn4(self.conv4(self.act3(self.bn3(self.conv3(y)))))
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
 def _ddp_model():
     torch.manual_seed(7)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return _DdpNet()
 
 
 DDP_SIZES = {2: [3, 5], 3: [2, 4, 3]}
@@ -227,7 +243,7 @@ def _ddp_slices(world_size):
 def _run_ddp(rank, world_size, device):
     """A DDP training loop with SGD; the model's BatchNorm2d layers converted
     (the first with its ReLU fused) to FusedSyncBatchNorm2d."""
-    model = fused_bn.convert_model(_ddp_model(), fuse_relu=True)
+    model = fused_bn.convert_model(_ddp_model(), fuse=True)
     model = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(model).to(device)
     kinds = sorted(f"{type(mod).__name__}/{getattr(getattr(mod, 'activation', None), 'name', None)}"
                    for mod in model.modules() if isinstance(mod, nn.BatchNorm2d))
@@ -239,7 +255,9 @@ def _run_ddp(rank, world_size, device):
         opt.zero_grad()
         F.cross_entropy(ddp(x[rows].to(device)), target[rows].to(device)).backward()
         opt.step()
-    return {"kinds": kinds, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+    residual_calls = sum(1 for node in model.graph.nodes if node.op == "call_module" and len(node.args) == 2)
+    return {"kinds": kinds, "residual_calls": residual_calls,
+            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 
 
 def _rank_main(rank, world_size, port, out_dir, backend):
@@ -441,7 +459,9 @@ def test_sync_ddp_training_matches_single_process(ranks):
 
     expected, reference = train(torch.float32), train(torch.float64)
     for rank, res in enumerate(results):
-        assert res["ddp"]["kinds"] == ["FusedSyncBatchNorm2d/None", "FusedSyncBatchNorm2d/relu"], res["ddp"]["kinds"]
+        assert res["ddp"]["kinds"] == [f"FusedSyncBatchNorm2d/{name}" for name in (
+            "None", "hardswish", "relu", "silu")], res["ddp"]["kinds"]
+        assert res["ddp"]["residual_calls"] == 2, res["ddp"]
         state = res["ddp"]["state"]
         assert state.keys() == expected.keys()
         for key, value in state.items():
