@@ -83,6 +83,24 @@ def main(argv=None):
         json.dump(rows, f, indent=1)
     with open(os.path.join(args.out, "fusion-coverage.md"), "w") as f:
         f.write(table + "\n")
+    if set(args.models) == set(MODELS):
+        readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+        update_readme(readme, "fusion-coverage", table.split("\n\nLeft unfused:")[0])
+
+
+def update_readme(readme, marker, block):
+    """Replaces what lies between ``<!-- marker -->`` and ``<!-- /marker -->``."""
+    if not os.path.exists(readme):
+        return False
+    with open(readme) as f:
+        text = f.read()
+    begin, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    if begin not in text or end not in text:
+        return False
+    text = text[:text.index(begin) + len(begin)] + "\n" + block + "\n" + text[text.index(end):]
+    with open(readme, "w") as f:
+        f.write(text)
+    return True
 
 
 if __name__ == "__main__":

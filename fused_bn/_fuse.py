@@ -323,10 +323,15 @@ class FusionRecord(NamedTuple):
     reason: Optional[str]
 
 
+_RELU6 = Activation("hardtanh", (0.0, 6.0))
+
+
 def _spelled(activation: Optional[Activation], residual: bool) -> Optional[str]:
     """The report's spelling of a fold: "silu", "add", "add+relu", "leaky_relu(0.1)"."""
     act = None
-    if activation is not None and not activation.is_identity:
+    if activation == _RELU6:
+        act = "relu6"
+    elif activation is not None and not activation.is_identity:
         act = activation.name + (f"({', '.join(f'{p:g}' for p in activation.params)})" if activation.params else "")
     if residual:
         return "add" if act is None else f"add+{act}"

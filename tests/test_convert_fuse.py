@@ -398,3 +398,47 @@ def test_fusion_report_counts_what_another_batch_norm_folded(op):
     assert report["a"] == fused_bn.FusionRecord("a", None, None, None)
     assert report["b"] == fused_bn.FusionRecord("b", "add+relu", "add+relu", None)
     _assert_same(fused_bn.convert_model(copy.deepcopy(original), fuse=True), original)
+
+
+class _EveryFold(nn.Module):
+    """conv -> bn -> ReLU6, conv -> bn + add -> Hardswish, conv -> bn -> SiLU,
+    conv -> bn + plain add, conv -> bn -> GELU: what fuse=True folds."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16)
+        self.conv3, self.bn3 = nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8)
+        self.conv4, self.bn4 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = F.relu6(self.bn0(self.stem(x)))
+        y = F.hardswish(self.bn1(self.conv1(y)) + y)
+        y = y + self.bn3(self.conv3(F.silu(self.bn2(self.conv2(y)))))
+        return F.gelu(self.bn4(self.conv4(y)))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_compiled_fused_model_matches_the_eager_original(memory_format):
+    """torch.compile (Inductor) of a fuse=True model: two training steps and
+    an eval forward give the eager original's outputs, grads and buffers
+    (float64, 1e-10 relative)."""
+    original = _randomized(_EveryFold()).to(memory_format=memory_format)
+    converted = fused_bn.convert_model(copy.deepcopy(original), fuse=True)
+    assert len(_fused_batch_norms(converted)) == 5
+    assert not [n for n in converted.graph.nodes if n.op in ("call_function", "call_method")], converted.code
+    compiled = torch.compile(converted)
+    for step, training in enumerate((True, True, False)):
+        results = []
+        for model, run in ((original, original), (converted, compiled)):
+            model.train(training)
+            model.zero_grad(set_to_none=True)
+            x = torch.randn(4, 3, 12, 10, generator=torch.Generator().manual_seed(step),
+                            dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+            y = run(x)
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(9 + step), dtype=y.dtype))
+            results.append([y.detach(), x.grad] + [p.grad for _, p in sorted(model.named_parameters())]
+                           + [b for _, b in sorted(model.named_buffers())])
+        for i, (ours, theirs) in enumerate(zip(*results)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=lambda m: f"step {step} #{i}: {m}")

@@ -390,3 +390,92 @@ def test_fuse_covers_nine_tenths_of_the_survey():
         pytest.skip("the zoo is not installed")
     followed = sum(r["followed"] for r in rows)
     assert sum(r["fused"] for r in rows) >= 0.9 * followed
+
+
+# ---------------------------------------------------------------- DDP on a real model
+
+DDP_MODEL, DDP_WORLD, DDP_ROWS = "mobilenet_v2", 2, 2
+
+
+def _without_dropout(model):
+    # Ranks draw other dropout masks than one process does on the whole batch.
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _ddp_inputs(side):
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randn(DDP_WORLD * DDP_ROWS, 3, side, side, generator=generator, dtype=torch.float64)
+            for _ in range(STEPS)]
+
+
+def _ddp_zoo_rank(rank, port, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=DDP_WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        original, side = _build(DDP_MODEL, torch.float64)
+        model = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(
+            fused_bn.convert_model(_without_dropout(original), fuse=True))
+        kinds = sorted({f"{type(m).__name__}/{m.activation}" for m in model.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+        ddp = nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        rows = slice(rank * DDP_ROWS, (rank + 1) * DDP_ROWS)
+        record = {}
+        for step, x in enumerate(_ddp_inputs(side)):
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            output = ddp(x[rows])
+            # _run's loss on the whole batch, a mean: each rank's mean over its
+            # rows, averaged by DDP, is the same.
+            noise = torch.randn((x.shape[0], *output.shape[1:]),
+                                generator=torch.Generator().manual_seed(200 + step)).double()
+            (output * noise[rows]).mean().backward()
+            for name, p in model.named_parameters():
+                record[f"step {step} grad {name}"] = p.grad.clone()
+            optimizer.step()
+            for name, b in model.named_buffers():
+                record[f"step {step} buffer {name}"] = b.clone()
+        model.eval()
+        with torch.no_grad():
+            record["eval output 0"] = model(_ddp_inputs(side)[-1])
+        torch.save({"record": record, "kinds": kinds}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fused_model_trains_under_ddp_like_one_process(tmp_path):
+    """mobilenet_v2 converted with fuse=True (ReLU6 and plain residual adds
+    folded), then convert_sync_batchnorm, trained under DDP on two gloo
+    ranks: gradients, buffers (synchronised statistics) and the eval output
+    as one process training the original on the whole batch (float64, the
+    zoo test's bound)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    original, side = _build(DDP_MODEL, torch.float64)
+    _without_dropout(original)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_ddp_zoo_rank, args=(port, str(tmp_path)), nprocs=DDP_WORLD, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(DDP_WORLD)]
+    assert ranks[0]["kinds"] == ["FusedSyncBatchNorm2d/Activation(name='hardtanh', params=(0.0, 6.0))",
+                                 "FusedSyncBatchNorm2d/None"], ranks[0]["kinds"]
+    inputs = _ddp_inputs(side)
+    expected = _run(copy.deepcopy(original), inputs)[0]
+    probes = [_run(copy.deepcopy(original), [torch.nextafter(x, torch.full_like(x, d)) for x in inputs])[0]
+              for d in (float("inf"), -float("inf"))]
+    for rank in ranks:
+        ours = rank["record"]
+        assert set(ours) <= set(expected) and len(ours) > 100
+        _compare(ours, {k: expected[k] for k in ours}, None, [{k: p[k] for k in ours} for p in probes],
+                 torch.float64)
