@@ -16,6 +16,7 @@ from torch import nn
 import fused_bn
 
 from . import zoo
+from .report import README_PATH, replace_readme_block
 
 # The issue's survey (issue 38): torchvision's and timm's families whose batch
 # norms are followed by ReLU, ReLU6, SiLU, LeakyReLU, Hardswish, GELU and adds.
@@ -84,23 +85,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "fusion-coverage.md"), "w") as f:
         f.write(table + "\n")
     if set(args.models) == set(MODELS):
-        readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-        update_readme(readme, "fusion-coverage", table.split("\n\nLeft unfused:")[0])
-
-
-def update_readme(readme, marker, block):
-    """Replaces what lies between ``<!-- marker -->`` and ``<!-- /marker -->``."""
-    if not os.path.exists(readme):
-        return False
-    with open(readme) as f:
-        text = f.read()
-    begin, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
-    if begin not in text or end not in text:
-        return False
-    text = text[:text.index(begin) + len(begin)] + "\n" + block + "\n" + text[text.index(end):]
-    with open(readme, "w") as f:
-        f.write(text)
-    return True
+        replace_readme_block(README_PATH, "fusion-coverage", table.split("\n\nLeft unfused:")[0])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 import torch
 
 from . import timing, zoo
+from .report import README_PATH, replace_readme_block
 from .run import describe_device, git_state, import_fused_bn, resolve_device
 
 MODELS = ("resnet50", "resnet18", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
@@ -270,23 +271,6 @@ def write_plot(path, records, title):
     plt.close(fig)
 
 
-README_BEGIN, README_END = "<!-- bench-models:{} -->", "<!-- /bench-models:{} -->"
-
-
-def update_readme(readme, device_name, block):
-    if not os.path.exists(readme):
-        return False
-    with open(readme) as f:
-        text = f.read()
-    begin, end = README_BEGIN.format(device_name), README_END.format(device_name)
-    if begin not in text or end not in text:
-        return False
-    text = text[:text.index(begin) + len(begin)] + "\n" + block + "\n" + text[text.index(end):]
-    with open(readme, "w") as f:
-        f.write(text)
-    return True
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto picks cuda when available")
@@ -342,10 +326,9 @@ def main(argv=None):
         f.write(text)
     write_plot(os.path.join(args.out, stem + ".png"), records, f"{description}: {setup}")
     if not args.quick:
-        readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
         block = (f"**{description}**, torch {torch.__version__}, commit `{commit[:12]}`: {setup}; "
                  f"full table [`bench/results/{stem}.md`](bench/results/{stem}.md).\n\n{summary}\n\n{tiny}")
-        update_readme(readme, device_name + ("-compiled" if args.compile else ""), block)
+        replace_readme_block(README_PATH, f"bench-models:{device_name}" + ("-compiled" if args.compile else ""), block)
     print("\n" + format_table(records, memory_label) + "\n\n" + summary + "\n\n" + tiny)
     print(f"\nwrote {os.path.join(args.out, stem)}.{{json,md,png}} in {time.time() - started:.0f} s")
     return 0

@@ -201,6 +201,24 @@ def write_markdown(path, meta, parity, records, summary):
 
 
 README_MARKER = "<!-- bench-table -->"
+README_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def replace_readme_block(readme_path, marker, block):
+    """Replaces what lies between ``<!-- marker -->`` and ``<!-- /marker -->`` in
+    the README with ``block``. Returns False when the README or the markers are
+    missing."""
+    if not os.path.exists(readme_path):
+        return False
+    with open(readme_path) as f:
+        text = f.read()
+    begin, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    if begin not in text or end not in text:
+        return False
+    text = text[:text.index(begin) + len(begin)] + "\n" + block + "\n" + text[text.index(end):]
+    with open(readme_path, "w") as f:
+        f.write(text)
+    return True
 
 
 def readme_section(meta, summary, md_name):

@@ -146,15 +146,20 @@ def test_an_activation_fused_bn_lacks_stays_a_separate_op(after):
     assert fused_bn.fusion_report(original) == [fused_bn.FusionRecord("bn", None, None, None)]
 
 
-class _Residual(nn.Module):
+class _ConvBnShortcut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.shortcut = nn.Conv2d(4, 4, 1)
+
+
+class _Residual(_ConvBnShortcut):
     """conv -> bn, then `combine(model, bn's output, residual)` with the
     residual computed before the batch norm (`residual_first`) or after."""
 
     def __init__(self, combine, residual_first=True):
         super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.shortcut = nn.Conv2d(4, 4, 1)
         self.combine, self.residual_first = combine, residual_first
 
     def forward(self, x):
@@ -235,13 +240,7 @@ class _CalledTwice(nn.Module):
         return F.relu(self.bn(self.conv(x))) + F.relu(self.bn(x))
 
 
-class _InputReadElsewhere(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.shortcut = nn.Conv2d(4, 4, 1)
-
+class _InputReadElsewhere(_ConvBnShortcut):
     def forward(self, x):
         h = self.conv(x)
         y = self.bn(h)
@@ -249,13 +248,7 @@ class _InputReadElsewhere(nn.Module):
         return y + r
 
 
-class _WrittenResidual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.shortcut = nn.Conv2d(4, 4, 1)
-
+class _WrittenResidual(_ConvBnShortcut):
     def forward(self, x):
         return _residual_written_then_read(self, x)
 
