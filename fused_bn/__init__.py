@@ -8,7 +8,8 @@ name of ``ACTIVATIONS`` or the nn module) and a residual add (``forward(input, r
 ReLU forms also as classes:
 ``FusedBatchNormReLU1d``/``2d``/``3d``, ``FusedBatchNormAddReLU1d``/``2d``/``3d``,
 ``batch_norm(..., activation="relu")``, ``batch_norm_add_relu`` and
-``convert_model(model, fuse_relu=True)``; and for data-parallel training,
+``convert_model(model, fuse=True)`` (which folds every activation and residual add it
+finds after a batch norm; ``fusion_report`` says what and why not); and for data-parallel training,
 ``FusedSyncBatchNorm2d`` (statistics synchronised over ``torch.distributed``, on
 2-D to 5-D input like ``nn.SyncBatchNorm``).
 """
