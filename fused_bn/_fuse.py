@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._activations import IDENTITY, Activation
+from ._activations import IDENTITY, Activation, resolve
 from .modules import _FusedFrozenBatchNormForward
 from ._swap import (_FUSED_FORMS, _activation_module, _convert_in_place, _fused_batch_norm_act_from,
                     _fused_with_activation, _has_convertible, _is_batch_norm_of_another_library,
@@ -301,8 +301,8 @@ def fuse_with_fx(model: nn.Module, report: Optional[list] = None) -> Optional[fx
 
 def _fusable_batch_norm(module) -> bool:
     """A batch norm whose output a graph's activation or add can fold into: nn's
-    (exact types), or timm's BatchNormAct2d with no dropout and no activation
-    of its own."""
+    (exact types), torchvision's FrozenBatchNorm2d, or timm's BatchNormAct2d
+    with no dropout and no activation of its own."""
     if type(module) in _FUSED_FORMS or _is_torchvision_frozen_batch_norm(module):
         return True
     return (_is_timm_batch_norm_act(module) and type(module.act) is nn.Identity
@@ -323,7 +323,7 @@ class FusionRecord(NamedTuple):
     reason: Optional[str]
 
 
-_RELU6 = Activation("hardtanh", (0.0, 6.0))
+_RELU6 = resolve("relu6")  # hardtanh(0, 6), as _activations.py's table spells it
 
 
 def _spelled(activation: Optional[Activation], residual: bool) -> Optional[str]:

@@ -82,7 +82,7 @@ def _fused_batch_norm_act_from(bn: nn.Module, fuse: bool, activation: Optional[A
     return fused
 
 
-_RELU = Activation("relu")
+_RELU = resolve("relu")
 
 
 def _activation_module(module: Optional[nn.Module]) -> Optional[Activation]:
