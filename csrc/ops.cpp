@@ -21,9 +21,12 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fused_bn, m) {
   // Every op takes any memory layout it has kernels for (NCHW, channels_last,
   // channels_last_3d, and copies of others) and gives its outputs the layout
-  // the fake kernels (fused_bn/_fake.py) give: flexible_layout tells Inductor
-  // so, and it then leaves the strides it chose around the op as they are.
-  const std::vector<at::Tag> tags{at::Tag::flexible_layout};
+  // the fake kernels (fused_bn/_fake.py) give. An op whose only activation-
+  // shaped argument is `input` says so with flexible_layout: Inductor then
+  // leaves the strides it chose as they are. The others read their grad_output,
+  // residual or output in the input's layout, which no tag can say: they carry
+  // none, and fused_bn/_inductor.py registers that constraint with Inductor.
+  const std::vector<at::Tag> flexible_layout{at::Tag::flexible_layout};
   // The epilogue every forward takes: y = act(batch_norm(input)) or, with a
   // residual (same shape and dtype as input), act(batch_norm(input) +
   // residual). `activation` is a name from csrc/common/activation.h's list
@@ -42,14 +45,12 @@ TORCH_LIBRARY(fused_bn, m) {
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, float? momentum, float eps, "
       "str activation=\"identity\", float[] activation_params=[], Tensor? residual=None) "
-      "-> (Tensor, Tensor, Tensor)",
-      tags);
+      "-> (Tensor, Tensor, Tensor)");
   // Inference forward with the running statistics: one pass over memory.
   m.def(
       "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor running_mean, Tensor running_var, float eps, "
-      "str activation=\"identity\", float[] activation_params=[], Tensor? residual=None) -> Tensor",
-      tags);
+      "str activation=\"identity\", float[] activation_params=[], Tensor? residual=None) -> Tensor");
   // Backward of either forward with its epilogue. `mean`/`invstd` are the
   // saved batch statistics (training=True) or the running mean and
   // 1/sqrt(running_var + eps) (training=False). An output whose mask entry is
@@ -66,8 +67,7 @@ TORCH_LIBRARY(fused_bn, m) {
       "Tensor mean, Tensor invstd, bool training, float eps, bool[3] output_mask, "
       "Tensor? bias=None, str activation=\"identity\", float[] activation_params=[], "
       "Tensor? residual=None, Tensor? output=None) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)",
-      tags);
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 
   // Whether the backward takes this activation's derivative from the
   // forward's output of dtype `dtype` (common::grad_from_output_allowed):
@@ -89,14 +89,13 @@ TORCH_LIBRARY(fused_bn, m) {
   m.def(
       "batch_norm_stats(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
       "Tensor? running_var) -> Tensor",
-      tags);
+      flexible_layout);
   m.def(
       "batch_norm_train_with_stats(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, float? momentum, float eps, Tensor all_stats, "
       "str activation=\"identity\", float[] activation_params=[], Tensor? residual=None) "
-      "-> (Tensor, Tensor, Tensor)",
-      tags);
+      "-> (Tensor, Tensor, Tensor)");
   // Backward: batch_norm_backward_sums gives this rank's [C, 3] float64
   // (Σg, Σg·(x − mean), Σ(x − mean): cpu::GradSums), the rank's own
   // grad_weight and grad_bias (param_mask) and, as batch_norm_backward does,
@@ -109,11 +108,9 @@ TORCH_LIBRARY(fused_bn, m) {
       "batch_norm_backward_sums(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
       "Tensor invstd, bool[2] param_mask, Tensor? bias=None, str activation=\"identity\", "
       "float[] activation_params=[], Tensor? residual=None, Tensor? output=None) "
-      "-> (Tensor sums, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)",
-      tags);
+      "-> (Tensor sums, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   m.def(
       "batch_norm_backward_with_sums(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, "
       "Tensor invstd, Tensor sums, Tensor count, Tensor? bias=None, str activation=\"identity\", "
-      "float[] activation_params=[]) -> Tensor",
-      tags);
+      "float[] activation_params=[]) -> Tensor");
 }

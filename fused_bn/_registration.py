@@ -5,13 +5,29 @@ kernels in csrc/cpu and csrc/cuda. Registering through torch.library (rather
 than wrapping the kernels in an autograd.Function) is what lets
 torch.compile(fullgraph=True) keep fused_bn ops whole in its graph and
 torch.library.opcheck verify them."""
+import functools
+
 import torch
 
 from . import _extension  # noqa: F401  (the schemas must exist first)
 from ._autograd import batch_norm_eval_autograd, batch_norm_train_autograd
 from ._fake import FAKE_KERNELS
+from ._inductor import COMPANIONS, register_layout_constraints
+
+
+def _registering_layout_constraints(fake_kernel):
+    """The fake kernel, first registering the layout constraints with Inductor
+    (fused_bn/_inductor.py says why there)."""
+    @functools.wraps(fake_kernel)
+    def fake(*args, **kwargs):
+        register_layout_constraints()
+        return fake_kernel(*args, **kwargs)
+    return fake
+
 
 for _name, _kernel in FAKE_KERNELS.items():
+    if _name in COMPANIONS:
+        _kernel = _registering_layout_constraints(_kernel)
     torch.library.register_fake(f"fused_bn::{_name}")(_kernel)
 
 _autograd_lib = torch.library.Library("fused_bn", "IMPL")

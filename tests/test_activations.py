@@ -483,16 +483,21 @@ def test_export_with_activation():
     torch.testing.assert_close(exported.module()(x), m(x))
 
 
-@pytest.mark.parametrize("name", ["relu6", "silu"])
-def test_inductor_adds_no_copy_around_the_op(name):
+@pytest.mark.parametrize("name, fused", [("relu6", True), ("silu", True), ("relu6", False)],
+                         ids=["relu6", "silu", "relu6-after-the-op"])
+def test_inductor_adds_no_copy_around_the_op(name, fused):
     """conv -> bn+act -> conv with NCHW input: Inductor runs the convolutions in
-    channels_last (layout optimization) and our flexible-layout op takes their
-    output as it is: no layout-changing copy feeds or follows it."""
+    channels_last (layout optimization) and our ops take their output as it is:
+    no layout-changing copy feeds or follows them. With the activation left
+    outside (a plain convert_model), its backward is an Inductor kernel whose
+    output is our backward's grad_output: it must be written in the input's
+    layout (fused_bn/_inductor.py), not copied there by our op."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False),
-                          fused_bn.FusedBatchNorm2d(16, activation=MODULES[name]),
+    bn_act = ([fused_bn.FusedBatchNorm2d(16, activation=MODULES[name])] if fused
+              else [fused_bn.FusedBatchNorm2d(16), MODULES[name]])
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), *bn_act,
                           nn.Conv2d(16, 8, 3, padding=1, bias=False))
     x = torch.randn(4, 8, 12, 12, requires_grad=True)
 
@@ -515,3 +520,12 @@ def test_inductor_adds_no_copy_around_the_op(name):
     assert not nchw, f"fused_bn ops with channels-first outputs under layout optimization: {nchw}"
     copies = [line for line in code.splitlines() if "aten.clone" in line or "aten.copy_" in line]
     assert not copies, "copies around fused_bn's ops:\n" + "\n".join(copies[:10])
+    # Every 4-D buffer that one of our ops reads (grad_output among them) is
+    # allocated channels_last: a layout the op does not take would be copied
+    # inside it, where no Inductor-generated copy shows.
+    allocated = dict(re.findall(r"(buf\d+) = empty_strided_\w+\(\(\d+, \d+, \d+, \d+\), \((\d+, \d+, \d+, \d+)\)",
+                                code))
+    read = [arg for call in re.findall(r"torch\.ops\.fused_bn\.\w+\.default\(([^)]*)\)", code)
+            for arg in call.split(", ") if arg in allocated]
+    nchw_read = [(b, allocated[b]) for b in read if allocated[b].split(", ")[1] != "1"]
+    assert not nchw_read, f"channels-first buffers read by fused_bn's ops: {nchw_read}"
