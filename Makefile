@@ -51,7 +51,7 @@ build: deps
 	@$(MAKE) --no-print-directory $(BUILT)
 
 test: test-deps build
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=15 tests
 	@$(MAKE) --no-print-directory test-emulated
 
 # Our CUDA glue and kernels on the emulated GPU (tests/emulated_cuda.py): the
@@ -65,10 +65,10 @@ ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print
 
 test-emulated: test-deps build
 	@rm -f build/fused_bn_emulated_cuda_coverage/*.gcda
-	FUSED_BN_EMULATED_CUDA=1 FUSED_BN_EMULATION_COVERAGE=1 $(PYTHON) -m pytest -q $(EMULATED_TESTS)
+	FUSED_BN_EMULATED_CUDA=1 FUSED_BN_EMULATION_COVERAGE=1 $(PYTHON) -m pytest -q --durations=15 $(EMULATED_TESTS)
 	$(PYTHON) tools/emulation_coverage.py --min 95
 	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 FUSED_BN_EMULATED_CUDA=1 \
-		FUSED_BN_EMULATION_VARIANT=asan $(PYTHON) -m pytest -q --capture=sys $(SANITIZED_TESTS)
+		FUSED_BN_EMULATION_VARIANT=asan $(PYTHON) -m pytest -q --durations=15 --capture=sys $(SANITIZED_TESTS)
 	@# every activation x residual x precision once (the emulated subset), sanitized
 	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 FUSED_BN_EMULATED_CUDA=1 \
 		FUSED_BN_EMULATION_VARIANT=asan $(PYTHON) -m pytest -q --capture=sys tests/test_activations.py -k parity
