@@ -56,17 +56,25 @@ test: test-deps build
 
 # Our CUDA glue and kernels on the emulated GPU (tests/emulated_cuda.py): the
 # suites below once more, with CPU tensors served by the CUDA kernels (built
-# with gcov), the kernel layer's line coverage, then a sanitized build
-# (ASan + UBSan, Python under LD_PRELOAD) on a focused subset.
+# with gcov), the kernel layer's line coverage; then tools/cuda_smoke.py (what
+# a GPU session runs under compute-sanitizer) alone, which must reach every
+# line of the kernel layer; then a sanitized build (ASan + UBSan, Python under
+# LD_PRELOAD) on a focused subset: that smoke run (every kernel line), the
+# emulator's and the validation tests, and every activation's parity once.
 EMULATED_TESTS := tests/test_parity.py tests/test_ops.py tests/test_fused_relu.py tests/test_sync.py tests/test_validation.py tests/test_family.py \
 	tests/test_reliability.py tests/test_properties.py tests/test_emulation.py tests/test_activations.py
-SANITIZED_TESTS := tests/test_emulation.py tests/test_parity.py tests/test_validation.py
+SANITIZED_TESTS := tests/test_emulation.py tests/test_validation.py
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
 
 test-emulated: test-deps build
 	@rm -f build/fused_bn_emulated_cuda_coverage/*.gcda
 	FUSED_BN_EMULATED_CUDA=1 FUSED_BN_EMULATION_COVERAGE=1 $(PYTHON) -m pytest -q --durations=15 $(EMULATED_TESTS)
 	$(PYTHON) tools/emulation_coverage.py --min 95
+	@rm -f build/fused_bn_emulated_cuda_coverage/*.gcda
+	FUSED_BN_EMULATION_COVERAGE=1 $(PYTHON) tools/cuda_smoke.py emulated
+	$(PYTHON) tools/emulation_coverage.py --min 100
+	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 \
+		FUSED_BN_EMULATION_VARIANT=asan $(PYTHON) tools/cuda_smoke.py emulated
 	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 FUSED_BN_EMULATED_CUDA=1 \
 		FUSED_BN_EMULATION_VARIANT=asan $(PYTHON) -m pytest -q --durations=15 --capture=sys $(SANITIZED_TESTS)
 	@# every activation x residual x precision once (the emulated subset), sanitized

@@ -294,7 +294,7 @@ decltype(auto) with_activation(Activation kind, F&& f) {
     FUSED_BN_ACTIVATIONS(FUSED_BN_ACTIVATION_CASE)
 #undef FUSED_BN_ACTIVATION_CASE
   }
-  std::abort();
+  std::abort();  // unreachable
 }
 
 // Scalar math for the activations (the CUDA kernels, the CPU's scalar paths):

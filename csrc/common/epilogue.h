@@ -87,7 +87,7 @@ decltype(auto) with_grad_source(GradSource source, F&& f) {
         break;
     }
   }
-  std::abort();
+  std::abort();  // unreachable
 }
 
 // Calls f(Epilogue<A, residual>{}) for the activation `kind`.
