@@ -18,10 +18,17 @@ the companions are asked for the input's stride order, which costs nothing
 when their producer is an Inductor kernel (it writes that order) and one copy
 (the one our kernel would make) otherwise.
 
-Importing Inductor costs seconds, so the constraint is registered lazily: by
-the fake kernels of these ops (fused_bn/_registration.py), which run while
-AOTAutograd traces a graph, after torch.compile's Inductor backend has been
-imported and before it lowers that graph.
+The eval op, besides, is decomposed for Inductor (only: torch.export and other
+backends keep it) into ATen's inference batch norm, the residual add and the
+activation's ATen ops: what nn's eval composite becomes under torch.compile,
+which Inductor fuses with its neighbours and, with `freezing`, folds into the
+preceding convolution's weights, where our opaque kernel costs a pass over
+memory of its own.
+
+Importing Inductor costs seconds, so both are registered lazily: by the fake
+kernels of these ops (fused_bn/_registration.py), which run while Dynamo traces
+a graph (torch.compile's Inductor backend is imported by then) and before
+Inductor copies its decomposition table and lowers the graph.
 """
 import sys
 
@@ -76,12 +83,26 @@ def _companions_take_input_layout(companions):
     return constraint
 
 
-def register_layout_constraints():
-    """Registers the constraints with Inductor if Inductor is loaded (a no-op
-    otherwise, and after the first time)."""
+def _batch_norm_eval_decomposition(input, weight, bias, running_mean, running_var, eps,
+                                   activation="identity", activation_params=(), residual=None):
+    import torch
+
+    from ._activations import Activation
+
+    normalized = torch.ops.aten._native_batch_norm_legit_no_training.default(
+        input, weight, bias, running_mean, running_var, 0.0, eps)[0]
+    u = normalized if residual is None else normalized + residual
+    return Activation(activation, tuple(activation_params)).reference(u)
+
+
+def register_with_inductor():
+    """Registers the layout constraints and the eval decomposition with
+    Inductor if Inductor is loaded (a no-op otherwise, and after the first
+    time)."""
     global _registered
     lowering = sys.modules.get("torch._inductor.lowering")
-    if _registered or lowering is None:
+    decomposition = sys.modules.get("torch._inductor.decomposition")
+    if _registered or lowering is None or decomposition is None:
         return
     import torch
 
@@ -89,4 +110,9 @@ def register_layout_constraints():
         op = getattr(torch.ops.fused_bn, name).default
         lowering.make_fallback(op, layout_constraint=_companions_take_input_layout(companions),
                                warn=False)
+    # Inductor reads its table through fast_random_decomps(), a cached copy
+    # made at its first compile: both get the entry, whichever exists first.
+    eval_op = torch.ops.fused_bn.batch_norm_eval.default
+    decomposition.decompositions[eval_op] = _batch_norm_eval_decomposition
+    decomposition.fast_random_decomps()[eval_op] = _batch_norm_eval_decomposition
     _registered = True

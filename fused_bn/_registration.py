@@ -12,22 +12,22 @@ import torch
 from . import _extension  # noqa: F401  (the schemas must exist first)
 from ._autograd import batch_norm_eval_autograd, batch_norm_train_autograd
 from ._fake import FAKE_KERNELS
-from ._inductor import COMPANIONS, register_layout_constraints
+from ._inductor import COMPANIONS, register_with_inductor
 
 
-def _registering_layout_constraints(fake_kernel):
-    """The fake kernel, first registering the layout constraints with Inductor
-    (fused_bn/_inductor.py says why there)."""
+def _registering_with_inductor(fake_kernel):
+    """The fake kernel, first registering the layout constraints and the eval
+    decomposition with Inductor (fused_bn/_inductor.py says why there)."""
     @functools.wraps(fake_kernel)
     def fake(*args, **kwargs):
-        register_layout_constraints()
+        register_with_inductor()
         return fake_kernel(*args, **kwargs)
     return fake
 
 
 for _name, _kernel in FAKE_KERNELS.items():
     if _name in COMPANIONS:
-        _kernel = _registering_layout_constraints(_kernel)
+        _kernel = _registering_with_inductor(_kernel)
     torch.library.register_fake(f"fused_bn::{_name}")(_kernel)
 
 _autograd_lib = torch.library.Library("fused_bn", "IMPL")

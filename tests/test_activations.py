@@ -6,6 +6,7 @@ ops with activations; what autograd saves; torch.compile and torch.export;
 errors. The full cross product runs on the CPU; on the emulated GPU a covering
 subset (every activation with every precision, both residual forms, both
 layouts and every shape)."""
+import copy
 import itertools
 import re
 
@@ -481,6 +482,56 @@ def test_export_with_activation():
     x = torch.randn(2, 4, 3, 3)
     exported = torch.export.export(m, (x,))
     torch.testing.assert_close(exported.module()(x), m(x))
+
+
+class _EvalBlocks(nn.Module):
+    """conv -> bn+ReLU6 -> conv -> bn+SiLU with a residual, statistics and
+    affine parameters away from their defaults."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = fused_bn.FusedBatchNorm2d(8, activation="relu6")
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = fused_bn.FusedBatchNorm2d(8, activation=nn.SiLU())
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        return self.bn2(self.conv2(y), y)
+
+
+@pytest.mark.parametrize("freezing", [False, True], ids=["plain", "freezing"])
+def test_inductor_decomposes_eval_into_nn_composite(freezing):
+    """Under Inductor an eval batch norm becomes what nn's does (ATen's inference
+    batch norm, the add, the activation): Inductor fuses it with its neighbours
+    and, with freezing, folds it into the convolution's weights (no square root
+    of a running variance left in the code). Same numbers as eager: float64
+    exactly to rounding; float32 with freezing (mkldnn has no float64), where
+    the folded weights round differently, by the accuracy rule's tolerance."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dtype = torch.float32 if freezing else torch.float64
+    model = _EvalBlocks().to(dtype).eval()
+    x = torch.randn(2, 3, 10, 10, dtype=dtype)
+    with torch.no_grad(), inductor_config.patch(freezing=freezing):
+        expected = model(x)
+        got, codes = run_and_get_code(torch.compile(copy.deepcopy(model)), x)
+    code = "\n".join(codes)
+    assert "torch.ops.fused_bn.batch_norm_eval" not in code, "the eval op reached Inductor's lowering"
+    if freezing:
+        assert "sqrt" not in code, "batch norm not folded into the convolutions under freezing"
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name, fused", [("relu6", True), ("silu", True), ("relu6", False)],
