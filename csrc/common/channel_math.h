@@ -1,6 +1,11 @@
 // Per-channel arithmetic both devices share (no torch, no CUDA runtime): the
 // CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda, nvcc or the
-// emulated GPU) include this one copy, so the two cannot drift apart.
+// emulated GPU) include this one copy, so what is here cannot drift apart.
+// Not here: the CUDA kernels' merges of partial moments inside a reduction
+// (csrc/cuda/reductions.cuh, merge_moments), which run per lane in the
+// accumulation type with their own handling of non-finite deltas; chan_merge
+// below is the double-precision merge of whole channels' moments (the CPU's
+// blocks, and both devices' ranks).
 #pragma once
 
 #include <cmath>
