@@ -1,4 +1,4 @@
-"""What fused_bn's ops ask of Inductor's layouts.
+"""What fused_bn's ops ask of Inductor: layouts, and the eval op's decomposition.
 
 Every op takes its `input` in whatever layout Inductor chose (NCHW, or
 channels_last where layout optimization runs the convolutions that way), but
@@ -31,6 +31,10 @@ a graph (torch.compile's Inductor backend is imported by then) and before
 Inductor copies its decomposition table and lowers the graph.
 """
 import sys
+
+import torch
+
+from ._activations import Activation
 
 # op -> the arguments that must share the input's layout.
 COMPANIONS = {
@@ -85,10 +89,6 @@ def _companions_take_input_layout(companions):
 
 def _batch_norm_eval_decomposition(input, weight, bias, running_mean, running_var, eps,
                                    activation="identity", activation_params=(), residual=None):
-    import torch
-
-    from ._activations import Activation
-
     normalized = torch.ops.aten._native_batch_norm_legit_no_training.default(
         input, weight, bias, running_mean, running_var, 0.0, eps)[0]
     u = normalized if residual is None else normalized + residual
@@ -100,12 +100,12 @@ def register_with_inductor():
     Inductor if Inductor is loaded (a no-op otherwise, and after the first
     time)."""
     global _registered
+    if _registered:
+        return
     lowering = sys.modules.get("torch._inductor.lowering")
     decomposition = sys.modules.get("torch._inductor.decomposition")
-    if _registered or lowering is None or decomposition is None:
+    if lowering is None or decomposition is None:
         return
-    import torch
-
     for name, companions in COMPANIONS.items():
         op = getattr(torch.ops.fused_bn, name).default
         lowering.make_fallback(op, layout_constraint=_companions_take_input_layout(companions),
