@@ -11,13 +11,16 @@ ReLU forms also as classes:
 ``convert_model(model, fuse=True)`` (which folds every activation and residual add it
 finds after a batch norm; ``fusion_report`` says what and why not); and for data-parallel training,
 ``FusedSyncBatchNorm2d`` (statistics synchronised over ``torch.distributed``, on
-2-D to 5-D input like ``nn.SyncBatchNorm``).
+2-D to 5-D input like ``nn.SyncBatchNorm``). ``revert_model`` undoes
+``convert_model``: nn modules again, sharing the parameters and buffers (for
+ONNX export, quantization and other tools that know only nn's modules).
 """
 from . import _registration  # noqa: F401  (loads the extension, registers fake kernels and autograd)
 from ._activations import SUPPORTED as ACTIVATIONS
 from ._activations import Activation
 from ._convert import convert_model, fusion_report
 from ._fuse import FusionRecord
+from ._revert import revert_model
 from .functional import batch_norm, batch_norm_add_relu
 from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAddReLU1d,
                       FusedBatchNormAddReLU2d, FusedBatchNormAddReLU3d, FusedBatchNormReLU1d,
@@ -45,5 +48,6 @@ __all__ = [
     "batch_norm_add_relu",
     "convert_model",
     "fusion_report",
+    "revert_model",
 ]
 __version__ = "0.1.0"
