@@ -80,9 +80,10 @@ struct TailMask {
   using AccVec = typename IO::AccVec;
   AccVec lo, hi;
   explicit TailMask(int64_t n) {
-    const AccVec lane = AccVec::arange(0, 1);
-    lo = lane < AccVec(static_cast<acc_type<scalar_t>>(n));
-    hi = (lane + AccVec(static_cast<acc_type<scalar_t>>(IO::kHalf))) < AccVec(static_cast<acc_type<scalar_t>>(n));
+    const auto [first, second] = IO::lane_elements();
+    const AccVec count(static_cast<acc_type<scalar_t>>(n));
+    lo = first < count;
+    hi = second < count;
   }
   typename IO::Pair apply(const AccVec& a, const AccVec& b) const { return {a & lo, b & hi}; }
   // apply() where `masked` (a pair's tail), the pair as it is otherwise.

@@ -25,16 +25,16 @@ struct Tile {
 
   // Tile of f applied lane-wise to the tiles' vectors.
   template <typename F, typename... Tiles>
-  static inline Tile zip(F&& f, const Tiles&... t) {
+  __attribute__((always_inline)) static inline Tile zip(F&& f, const Tiles&... t) {
     return {f(t.v0...), f(t.v1...), f(t.v2...), f(t.v3...)};
   }
-  static inline Tile zero() {
+  __attribute__((always_inline)) static inline Tile zero() {
     const AccVec z(acc_type<scalar_t>(0));
     return {z, z, z, z};
   }
   // The first n columns (n <= kWidth); the rest read as zero, and a second
   // pair with no columns is not loaded at all.
-  static inline Tile load(const scalar_t* p, int64_t n) {
+  __attribute__((always_inline)) static inline Tile load(const scalar_t* p, int64_t n) {
     Tile t;
     if (n == kWidth) {
       std::tie(t.v0, t.v1) = IO::load(p);
@@ -49,20 +49,33 @@ struct Tile {
     }
     return t;
   }
-  // Per-column coefficients from a padded array.
-  static inline Tile coefs(const acc_type<scalar_t>* p) {
-    constexpr int64_t W = AccVec::size();
-    return {AccVec::loadu(p), AccVec::loadu(p + W), AccVec::loadu(p + 2 * W), AccVec::loadu(p + 3 * W)};
+  // Per-column coefficients from a padded array, each in the lane that holds
+  // its column after load() (VecPair::load_coefs).
+  __attribute__((always_inline)) static inline Tile coefs(const acc_type<scalar_t>* p) {
+    Tile t;
+    std::tie(t.v0, t.v1) = IO::load_coefs(p);
+    std::tie(t.v2, t.v3) = IO::load_coefs(p + IO::kWidth);
+    return t;
   }
   // The inverse of coefs.
-  inline void store_coefs(acc_type<scalar_t>* p) const {
+  __attribute__((always_inline)) inline void store_coefs(acc_type<scalar_t>* p) const {
+    IO::store_coefs(p, {v0, v1});
+    IO::store_coefs(p + IO::kWidth, {v2, v3});
+  }
+  // The vectors as they are, for load_lanes to read back (a staged piece):
+  // no lane reordering either way.
+  __attribute__((always_inline)) inline void store_lanes(acc_type<scalar_t>* p) const {
     constexpr int64_t W = AccVec::size();
     v0.store(p);
     v1.store(p + W);
     v2.store(p + 2 * W);
     v3.store(p + 3 * W);
   }
-  inline void store(scalar_t* p, int64_t n, bool stream) const {
+  __attribute__((always_inline)) static inline Tile load_lanes(const acc_type<scalar_t>* p) {
+    constexpr int64_t W = AccVec::size();
+    return {AccVec::loadu(p), AccVec::loadu(p + W), AccVec::loadu(p + 2 * W), AccVec::loadu(p + 3 * W)};
+  }
+  __attribute__((always_inline)) inline void store(scalar_t* p, int64_t n, bool stream) const {
     if (n == kWidth) {
       if (stream) {
         IO::stream(p, {v0, v1});
@@ -81,30 +94,27 @@ struct Tile {
     if (n > IO::kWidth) IO::store(p + IO::kWidth, {v2, v3}, n - IO::kWidth);
   }
   // Adds the lanes into totals[0..kWidth) in double (see LaneSum::fold).
-  inline void fold_into(double* totals) const {
-    constexpr int64_t W = AccVec::size();
+  __attribute__((always_inline)) inline void fold_into(double* totals) const {
     acc_type<scalar_t> lanes[kWidth];
-    v0.store(lanes);
-    v1.store(lanes + W);
-    v2.store(lanes + 2 * W);
-    v3.store(lanes + 3 * W);
+    store_coefs(lanes);
     for (int64_t i = 0; i < kWidth; ++i) totals[i] += static_cast<double>(lanes[i]);
   }
 };
 
-// g of a tile under G (see Grad, pair_grad); per-column coefficients from k at
-// column c0, the aux (residual or y) read and g written at element offset `at`.
-template <typename scalar_t, typename G, typename Coefs>
-__attribute__((always_inline)) inline Tile<scalar_t> tile_grad(const Coefs& k, int64_t c0, const Tile<scalar_t>& x,
-                                                               const Tile<scalar_t>& dy, const Tile<scalar_t>& mean,
-                                                               const scalar_t* aux, scalar_t* grad,
+// g of a tile under G (see Grad, pair_grad); z's per-column coefficients (mean,
+// scale, forward shift) loaded once per piece, the aux (residual or y) read and
+// g written at element offset `at`.
+template <typename scalar_t, typename G>
+__attribute__((always_inline)) inline Tile<scalar_t> tile_grad(const Tile<scalar_t>& x, const Tile<scalar_t>& dy,
+                                                               const Tile<scalar_t>& mean, const Tile<scalar_t>& sc,
+                                                               const Tile<scalar_t>& fs, const scalar_t* aux,
+                                                               scalar_t* grad,
                                                                const ActParams<scalar_t, typename G::Activation>& params,
                                                                int64_t at, int64_t n) {
   using T = Tile<scalar_t>;
   if constexpr (G::kIdentity) {
     return dy;
   } else {
-    const T sc = T::coefs(k.scale + c0), fs = T::coefs(k.forward_shift + c0);
     const T a = G::kReadsAux ? T::load(aux + at, n) : x;
     const T g = T::zip([&](auto d, auto xx, auto r, auto mm, auto s_, auto h) {
       return transform_grad<scalar_t, G>(d, xx, r, mm, s_, h, params);
@@ -244,11 +254,13 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C, Colu
   rows_walk<scalar_t>(Rows{width, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
     // c0 is the strip's column, col + c0 the channel.
     const T m = T::coefs(k.mean + col + c0);
+    const T sc = G::kRecomputes || eval_dx ? T::coefs(k.scale + col + c0) : T::zero();
+    const T fs = G::kRecomputes ? T::coefs(k.forward_shift + col + c0) : T::zero();
     if constexpr (kStaged) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t at = r * C + col + c0;
-        tile_grad<scalar_t, G>(k, col + c0, T::load(x + at, n), T::load(dy + at, n), m, aux, grad, params, at, n)
-            .store_coefs(staged + (r - r0) * T::kWidth);
+        tile_grad<scalar_t, G>(T::load(x + at, n), T::load(dy + at, n), m, sc, fs, aux, grad, params, at, n)
+            .store_lanes(staged + (r - r0) * T::kWidth);
       }
     }
     const T g0 = T::coefs(first_dy + c0);
@@ -256,11 +268,9 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C, Colu
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t at = r * C + col + c0;
       const T tx = T::load(x + at, n);
-      const T tg = kStaged ? T::coefs(staged + (r - r0) * T::kWidth)
-                           : tile_grad<scalar_t, G>(k, col + c0, tx, T::load(dy + at, n), m, aux, grad, params, at, n);
-      if (eval_dx) {
-        T::zip([](auto g, auto s_) { return g * s_; }, tg, T::coefs(k.scale + col + c0)).store(eval_dx + at, n, stream_dx);
-      }
+      const T tg = kStaged ? T::load_lanes(staged + (r - r0) * T::kWidth)
+                           : tile_grad<scalar_t, G>(tx, T::load(dy + at, n), m, sc, fs, aux, grad, params, at, n);
+      if (eval_dx) T::zip([](auto g, auto s_) { return g * s_; }, tg, sc).store(eval_dx + at, n, stream_dx);
       s_dy = T::zip([](auto s_, auto g) { return s_ + g; }, s_dy, tg);
       // Columns past n: x, mean, dy and first_dy all load as 0.
       const T xm = T::zip([](auto xx, auto mm) { return xx - mm; }, tx, m);
@@ -299,16 +309,17 @@ void normalize_rows(const scalar_t* x, const scalar_t* residual, scalar_t* y, co
   using Acc = acc_type<scalar_t>;
   Acc* staged = kStaged ? thread_scratch<Acc, ScratchSlot::kStagedPiece>(kRowsPerFold * T::kWidth) : nullptr;
   rows_walk<scalar_t>(rows, row_begin, row_end, reversed, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
+    const T m = T::coefs(k.mean + c0), sc = T::coefs(k.scale + c0), sh = T::coefs(k.shift + c0);
     auto normalized = [&](int64_t at) __attribute__((always_inline)) {
       return T::zip([](auto xx, auto mm, auto s_, auto h) { return at::vec::fmadd(xx - mm, s_, h); },
-                    T::load(x + at, n), T::coefs(k.mean + c0), T::coefs(k.scale + c0), T::coefs(k.shift + c0));
+                    T::load(x + at, n), m, sc, sh);
     };
     if constexpr (kStaged) {
-      for (int64_t r = r0; r < r1; ++r) normalized(r * rows.stride + c0).store_coefs(staged + (r - r0) * T::kWidth);
+      for (int64_t r = r0; r < r1; ++r) normalized(r * rows.stride + c0).store_lanes(staged + (r - r0) * T::kWidth);
     }
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t at = r * rows.stride + c0;
-      T z = kStaged ? T::coefs(staged + (r - r0) * T::kWidth) : normalized(at);
+      T z = kStaged ? T::load_lanes(staged + (r - r0) * T::kWidth) : normalized(at);
       if constexpr (Epi::kHasResidual) {
         z = T::zip([&](auto v, auto res) { return epilogue.apply(v, res); }, z, T::load(residual + at, n));
       } else if constexpr (!Epi::kPlain) {
@@ -330,8 +341,9 @@ void grad_input_rows(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const 
   using T = Tile<scalar_t>;
   rows_walk<scalar_t>(rows, row_begin, row_end, reversed, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
     const T sc = T::coefs(k.scale + c0), m = T::coefs(k.mean + c0);
+    const T fs = G::kRecomputes ? T::coefs(k.forward_shift + c0) : T::zero();
     auto grad = [&](int64_t at, const T& tx) __attribute__((always_inline)) {
-      return tile_grad<scalar_t, G>(k, c0, tx, T::load(dy + at, n), m, nullptr, nullptr, params, at, n);
+      return tile_grad<scalar_t, G>(tx, T::load(dy + at, n), m, sc, fs, nullptr, nullptr, params, at, n);
     };
     if (!training) {
       for (int64_t r = r0; r < r1; ++r) {

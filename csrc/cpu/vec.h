@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -148,7 +149,18 @@ inline void prefetch_span(const void* p, int64_t bytes) {
 }
 
 // Two accumulation-type vectors' worth of elements, so float16/bfloat16 data
-// converts in whole native vectors.
+// converts in whole native vectors. A pair's elements need not sit in its lanes
+// in memory order: a store puts them back where the load found them, and
+// whatever tells lanes apart asks the pair which elements its lanes hold
+// (lane_elements, a tail's mask) or loads its per-element coefficients in the
+// pair's order (load_coefs). bfloat16 under AVX2 uses that freedom (kPermuted):
+// a load widens each half with one unpack against zero (a bfloat16 is its
+// float's upper half), so .first holds elements 0-3 and 8-11 and .second 4-7
+// and 12-15, and a store rounds as ATen does and packs with one packus, which
+// restores memory order. ATen's conversions zero-extend and shift each half
+// after a lane extract, and pack then permute: they bound the bfloat16 passes
+// by instruction count (bench/NOTES.md, "Issue 37: where bfloat16's backward
+// goes").
 template <typename scalar_t>
 struct VecPair {
   using Acc = acc_type<scalar_t>;
@@ -158,23 +170,54 @@ struct VecPair {
   static constexpr int64_t kWidth = 2 * kHalf;
   static constexpr int64_t kBytes = kWidth * sizeof(scalar_t);
   static constexpr bool kNative = std::is_same_v<scalar_t, Acc>;
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  static constexpr bool kPermuted = std::is_same_v<scalar_t, c10::BFloat16>;
+#else
+  static constexpr bool kPermuted = false;
+#endif
 
   // The first n elements (0 <= n <= kWidth); the other lanes read as zero and
   // their memory is not touched.
-  static inline Pair load(const scalar_t* p, int64_t n = kWidth) {
+  __attribute__((always_inline)) static inline Pair load(const scalar_t* p, int64_t n = kWidth) {
     if constexpr (kNative) {
       if (n == kWidth) return {AccVec::loadu(p), AccVec::loadu(p + kHalf)};
       return {AccVec::loadu(p, std::min(n, kHalf)),
               n > kHalf ? AccVec::loadu(p + kHalf, n - kHalf) : AccVec(Acc(0))};
+    } else if constexpr (kPermuted) {
+#if defined(CPU_CAPABILITY_AVX2)
+      const __m256i words = n == kWidth ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n);
+      const __m256i zero = _mm256_setzero_si256();
+      return {_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, words)),
+              _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, words))};
+#endif
     } else {
       const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(
           n == kWidth ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n));
       return {lo, hi};
     }
   }
+  // The pair as a vector of scalar_t in memory order (not kNative).
+  __attribute__((always_inline)) static inline Vectorized<scalar_t> narrow(const Pair& v) {
+    if constexpr (kPermuted) {
+#if defined(CPU_CAPABILITY_AVX2)
+      // ATen's cvtfp32_bf16 rounding: to nearest even, NaN to 0xffff.
+      auto rounded = [](const __m256& f) {
+        const __m256i bits = _mm256_castps_si256(f);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)), bits);
+        return _mm256_srli_epi32(_mm256_blendv_epi8(_mm256_set1_epi32(-1), sum,
+                                                    _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_ORD_Q))),
+                                 16);
+      };
+      return _mm256_packus_epi32(rounded(v.first), rounded(v.second));
+#endif
+    } else {
+      return at::vec::convert_from_float<scalar_t>(v.first, v.second);
+    }
+  }
   // The first n elements. A partial pair goes through a buffer: masked vector
   // stores are microcoded and slow on AMD's AVX-512 cores.
-  static inline void store(scalar_t* p, const Pair& v, int64_t n = kWidth) {
+  __attribute__((always_inline)) static inline void store(scalar_t* p, const Pair& v, int64_t n = kWidth) {
     if constexpr (kNative) {
       if (n == kWidth) {
         v.first.store(p);
@@ -184,19 +227,50 @@ struct VecPair {
         if (n > kHalf) v.second.store(p + kHalf, n - kHalf);
       }
     } else {
-      at::vec::convert_from_float<scalar_t>(v.first, v.second).store(p, n);
+      narrow(v).store(p, n);
     }
   }
   // A whole pair with streaming stores; p must be stream_aligned.
-  static inline void stream(scalar_t* p, const Pair& v) {
+  __attribute__((always_inline)) static inline void stream(scalar_t* p, const Pair& v) {
     if constexpr (kNative) {
       stream_vector(p, v.first);
       stream_vector(p + kHalf, v.second);
     } else {
-      stream_vector(p, at::vec::convert_from_float<scalar_t>(v.first, v.second));
+      stream_vector(p, narrow(v));
     }
   }
-  static inline void prefetch_pair(const scalar_t* p) { prefetch_span(p, kBytes); }
+  __attribute__((always_inline)) static inline void prefetch_pair(const scalar_t* p) { prefetch_span(p, kBytes); }
+
+  // The index in the pair of the element each lane holds.
+  __attribute__((always_inline)) static inline Pair lane_elements() {
+    std::array<Acc, kWidth> index{};
+    for (int64_t i = 0; i < kWidth; ++i) index[i] = static_cast<Acc>(i);
+    return load_coefs(index.data());
+  }
+  // kWidth per-element values (the accumulation type, in memory order) in the
+  // lanes that hold those elements after load(); store_coefs is its inverse.
+  __attribute__((always_inline)) static inline Pair load_coefs(const Acc* p) {
+    const AccVec a = AccVec::loadu(p), b = AccVec::loadu(p + kHalf);
+    if constexpr (kPermuted) {
+#if defined(CPU_CAPABILITY_AVX2)
+      return {_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)};
+#endif
+    } else {
+      return {a, b};
+    }
+  }
+  __attribute__((always_inline)) static inline void store_coefs(Acc* p, const Pair& v) {
+    if constexpr (kPermuted) {
+#if defined(CPU_CAPABILITY_AVX2)
+      // The same exchange of 128-bit halves undoes itself.
+      AccVec(_mm256_permute2f128_ps(v.first, v.second, 0x20)).store(p);
+      AccVec(_mm256_permute2f128_ps(v.first, v.second, 0x31)).store(p + kHalf);
+#endif
+    } else {
+      v.first.store(p);
+      v.second.store(p + kHalf);
+    }
+  }
 };
 
 // The element count of a whole pair as a type: loop bodies written as generic
