@@ -2,11 +2,11 @@
 
 * first order: the backward op (batch_norm_backward), called from the
   Functions below (torch.func's transforms, forward mode, compiled graphs) and
-  from the C++ node of eager reverse mode (csrc/autograd.cpp);
+  from the C++ nodes of eager reverse mode (csrc/autograd.cpp);
 * recorded (create_graph=True, double backward): ``batch_norm_backward_differentiable``,
   batch norm's backward written with differentiable ATen ops around PyTorch's
   own backward op of the activation (fused_bn/_activations.py), an op defined
-  here so that the C++ node calls the same one as the Functions; forward mode:
+  here so that the C++ nodes call the same one as the Functions; forward mode:
   the same pieces (_normalized, the activation's derivative) in _epilogue_jvp.
 
 Registered as the ops' Autograd kernels by fused_bn/_registration.py.
@@ -364,13 +364,13 @@ _BatchNormEvalEager = _without_setup_context(_BatchNormEval)
 
 
 def _forward_with_autograd(op_name, function, eager_function, input, weight, bias, running_mean,
-                           running_var, args, cpp_autograd_op=None):
+                           running_var, args, cpp_autograd_op):
     if _needs_autograd():
         # The op has not run yet: this raises before any state changes.
         check_stats_not_requiring_grad(f"fused_bn::{op_name}", running_mean, running_var)
         if torch._C._are_functorch_transforms_active():
             return function.apply(input, weight, bias, running_mean, running_var, *args)
-        if cpp_autograd_op is not None and forward_ad._current_level < 0:
+        if forward_ad._current_level < 0:
             # Plain reverse mode: the autograd node recorded in C++
             # (csrc/autograd.cpp), without the Python Function's host time.
             return cpp_autograd_op(input, weight, bias, running_mean, running_var, *args)
@@ -396,4 +396,5 @@ def batch_norm_eval_autograd(input, weight, bias, running_mean, running_var, eps
                              activation_params=(), residual=None):
     return _forward_with_autograd("batch_norm_eval", _BatchNormEval, _BatchNormEvalEager, input,
                                   weight, bias, running_mean, running_var,
-                                  (eps, activation, list(activation_params), residual))
+                                  (eps, activation, list(activation_params), residual),
+                                  ops.batch_norm_eval_eager)
