@@ -354,6 +354,38 @@ def test_determinism(device, shape, precision, layout):
             assert_bitwise_equal(s1[key], s2[key], f"step {step} {key}")
 
 
+@pytest.mark.parametrize("shape,layout", [((2, 3, 37, 41), "contiguous"), ((4, 5, 7, 7), "contiguous"),
+                                          ((3, 2, 1, 19), "contiguous"), ((2, 19, 5, 7), "channels_last"),
+                                          ((3, 64, 9, 9), "channels_last"), ((2, 7, 33, 1), "channels_last"),
+                                          ((300, 37), "contiguous")],
+                         ids=str)
+def test_cpu_bfloat16_output_rounds_as_aten(shape, layout):
+    """The CPU kernels narrow float results to bfloat16 with their own
+    conversion (csrc/cpu/vec.h, VecPair): it must round as ATen does, bit for
+    bit, NaN and infinities included. An eval batch norm with zero mean, unit
+    variance, eps=0 and no bias computes x · w, one float product, as
+    ``x.float() * w`` does before ATen's rounding; x is every kind of bfloat16
+    bit pattern (normal, subnormal, inf, NaN), w per channel."""
+    torch.manual_seed(0)
+    C = shape[1]
+    x = torch.randint(-32768, 32768, shape, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    # Planted where a short sample might miss them: NaN, ±inf, a subnormal,
+    # and a finite value whose product overflows.
+    x.view(-1)[:5] = torch.tensor([math.nan, math.inf, -math.inf, 1e-39, 3e38], dtype=torch.bfloat16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    module = {2: fused_bn.FusedBatchNorm1d, 4: fused_bn.FusedBatchNorm2d}[len(shape)](C, eps=0.0).eval()
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(C) * 3)
+        module.bias.zero_()
+        module.running_mean.zero_()
+        module.running_var.fill_(1.0)
+    weight = module.weight.view(1, C, *([1] * (len(shape) - 2)))
+    expected = (x.float() * weight).to(torch.bfloat16)
+    y = module(x)
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
+
+
 @pytest.mark.parametrize("shape,layout", [((32, 1, 128, 128), "contiguous"), ((8, 3, 64, 64), "contiguous"),
                                           ((8, 3, 64, 64), "channels_last"), ((4, 16, 20, 20), "contiguous"),
                                           # few wide rows: one row block in column strips
