@@ -303,3 +303,32 @@ class EndToEndErrors:
             # check_bound adds FLOOR * scale: pass the summed floor through scale.
             check_bound(err_ours, err_nn, floor / FLOOR[torch.float32], torch.float32,
                         f"{label}, step {step}] {key}, errors summed over {draws} draws")
+
+
+def timm_batch_norm_act():
+    """timm's BatchNormAct2d, or a skip where the model zoo is not installed."""
+    import pytest
+    from bench import zoo
+    if zoo.available("timm/efficientnet_b0") is not None:
+        pytest.skip(zoo.available("timm/efficientnet_b0"))
+    from timm.layers.norm_act import BatchNormAct2d
+    return BatchNormAct2d
+
+
+def timm_residual_block():
+    """conv -> timm's BatchNormAct2d without an activation of its own -> drop
+    path -> + the block's input -> hardswish (timm's inverted-residual and
+    ResNet-style blocks): what convert_model(fuse=True) folds into one call."""
+    BatchNormAct2d = timm_batch_norm_act()
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = BatchNormAct2d(4, apply_act=False)
+            self.drop_path = nn.Identity()
+
+        def forward(self, x):
+            return torch.nn.functional.hardswish(self.drop_path(self.bn(self.conv(x))) + x)
+
+    return Block

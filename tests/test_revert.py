@@ -14,6 +14,7 @@ from torch import fx, nn
 
 import fused_bn
 from bench import zoo
+from _helpers import timm_batch_norm_act, timm_residual_block
 
 _BATCH_NORM_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -421,19 +422,12 @@ def test_frozen_batch_norm_reverts(fuse):
         assert type(reverted.bn_act) is nn.ReLU
 
 
-def _batch_norm_act():
-    if zoo.available("timm/efficientnet_b0") is not None:
-        pytest.skip(zoo.available("timm/efficientnet_b0"))
-    from timm.layers.norm_act import BatchNormAct2d
-    return BatchNormAct2d
-
-
 @pytest.mark.parametrize("act", ["relu", "silu", "identity", "tanh"])
 @pytest.mark.parametrize("fuse", [False, True], ids=["convert", "fuse"])
 def test_timm_batch_norm_act_reverts(fuse, act):
     """FusedBatchNormAct2d -> timm's BatchNormAct2d with its own drop and
     act children (the same objects): its activation is its act again."""
-    BatchNormAct2d = _batch_norm_act()
+    BatchNormAct2d = timm_batch_norm_act()
     act_layer = {"relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity, "tanh": nn.Tanh}[act]
     original = _randomized(nn.Sequential(nn.Conv2d(4, 4, 3), BatchNormAct2d(4, act_layer=act_layer)))
     converted, reverted = _round_trip(original, fuse, (2, 4, 7, 7))
@@ -446,17 +440,8 @@ def test_timm_batch_norm_act_reverts(fuse, act):
 def test_timm_batch_norm_act_graph_fold_reverts():
     """A BatchNormAct2d without an activation of its own, whose graph's add
     and activation were folded into it: BatchNormAct2d, add, nn.Hardswish."""
-    BatchNormAct2d = _batch_norm_act()
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-            self.bn = BatchNormAct2d(4, apply_act=False)
-            self.drop_path = nn.Identity()
-
-        def forward(self, x):
-            return F.hardswish(self.drop_path(self.bn(self.conv(x))) + x)
+    BatchNormAct2d = timm_batch_norm_act()
+    Block = timm_residual_block()
 
     original = _randomized(Block())
     converted, reverted = _round_trip(original, True, (2, 4, 5, 5))

@@ -23,6 +23,7 @@ from torch import nn
 
 import fused_bn
 from bench import coverage, zoo
+from _helpers import timm_batch_norm_act, timm_residual_block
 
 CI_MODELS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "timm/resnet26d", "timm/efficientnet_b0")
 BATCH = 2
@@ -229,13 +230,6 @@ def test_converted_model_trains_like_the_original(name, fuse, dtype, request):
     _compare(results_converted, results_original, reference, probes, dtype)
 
 
-def _timm_batch_norm_act():
-    if zoo.available("timm/efficientnet_b0") is not None:
-        pytest.skip(zoo.available("timm/efficientnet_b0"))
-    from timm.layers.norm_act import BatchNormAct2d
-    return BatchNormAct2d
-
-
 @pytest.mark.parametrize("act", ["relu", "silu", "leaky_relu", "identity", "tanh"])
 @pytest.mark.parametrize("fuse", [False, True], ids=["convert", "fuse"])
 def test_timm_batch_norm_act_converted(fuse, act):
@@ -243,7 +237,7 @@ def test_timm_batch_norm_act_converted(fuse, act):
     BatchNormAct2d, same children and state_dict); its activation runs in the
     kernels' passes with fuse=True where fused_bn has it (not Tanh), and
     then the module takes a residual; values and grads as timm's."""
-    BatchNormAct2d = _timm_batch_norm_act()
+    BatchNormAct2d = timm_batch_norm_act()
     act_layer = {"relu": nn.ReLU, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU, "identity": nn.Identity,
                  "tanh": nn.Tanh}[act]
     # float64: the conv's bias grad is rounding noise (a batch norm follows).
@@ -280,17 +274,7 @@ def test_timm_batch_norm_act_folds_the_graphs_add_and_activation():
     graph by a residual add and an activation (timm's inverted-residual and
     ResNet-style blocks), folds both: one fused call, timm's values and
     grads, and sync conversion keeps what was folded."""
-    BatchNormAct2d = _timm_batch_norm_act()
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-            self.bn = BatchNormAct2d(4, apply_act=False)
-            self.drop_path = nn.Identity()
-
-        def forward(self, x):
-            return torch.nn.functional.hardswish(self.drop_path(self.bn(self.conv(x))) + x)
+    Block = timm_residual_block()
 
     original = Block().double()
     with torch.no_grad():
@@ -314,7 +298,7 @@ def test_timm_batch_norm_act_folds_the_graphs_add_and_activation():
 def test_timm_converted_model_pickles_across_processes(tmp_path):
     """torch.save of a whole converted timm model loads in a fresh process
     (the FusedBatchNormAct2d class is found by name there)."""
-    _timm_batch_norm_act()
+    timm_batch_norm_act()
     model, _ = zoo.build("timm/efficientnet_b0")
     converted = fused_bn.convert_model(model.eval(), fuse_relu=False)
     path = tmp_path / "model.pt"
@@ -342,7 +326,7 @@ def test_timm_batch_norm_act_sync_conversion():
     """convert_sync_batchnorm keeps an activation fused_bn fuses (ReLU as
     activation relu, SiLU as silu) and refuses one it cannot synchronise with
     rather than dropping it."""
-    BatchNormAct2d = _timm_batch_norm_act()
+    BatchNormAct2d = timm_batch_norm_act()
     relu_model = fused_bn.convert_model(nn.Sequential(BatchNormAct2d(4)))
     synced = fused_bn.FusedSyncBatchNorm2d.convert_sync_batchnorm(relu_model)
     assert type(synced[0]) is fused_bn.FusedSyncBatchNorm2d
