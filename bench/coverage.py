@@ -16,7 +16,7 @@ from torch import nn
 import fused_bn
 
 from . import zoo
-from .report import README_PATH, replace_readme_block
+from .report import BENCHMARKS_DOC_PATH, replace_doc_block
 
 # The issue's survey (issue 38): torchvision's and timm's families whose batch
 # norms are followed by ReLU, ReLU6, SiLU, LeakyReLU, Hardswish, GELU and adds.
@@ -85,7 +85,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "fusion-coverage.md"), "w") as f:
         f.write(table + "\n")
     if set(args.models) == set(MODELS):
-        replace_readme_block(README_PATH, "fusion-coverage", table.split("\n\nLeft unfused:")[0])
+        replace_doc_block(BENCHMARKS_DOC_PATH, "fusion-coverage", table.split("\n\nLeft unfused:")[0])
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import torch
 
 from . import timing, zoo
 from .impls import configure_dynamo
-from .report import README_PATH, replace_readme_block
+from .report import BENCHMARKS_DOC_PATH, RESULTS_LINK, replace_doc_block
 from .run import describe_device, git_state, import_fused_bn, resolve_device
 
 MODELS = ("resnet50", "resnet18", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
@@ -639,19 +639,19 @@ def main(argv=None):
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(text)
     write_plot(os.path.join(args.out, stem + ".png"), records, f"{description}: {setup}")
-    # Only a full run (every default model and step) stands for the README's
+    # Only a full run (every default model and step) stands for docs/benchmarks.md's
     # table: a subset would replace it with part of it.
     full_run = not args.quick and sorted(args.models) == sorted(MODELS) and steps == list(STEPS)
     if full_run and eval_parity["passed"]:
         block = (f"**{description}**, torch {torch.__version__}, commit `{commit[:12]}`: {setup}; "
-                 f"full table [`bench/results/{stem}.md`](bench/results/{stem}.md).\n\n"
+                 f"full table [`bench/results/{stem}.md`]({RESULTS_LINK}/{stem}.md).\n\n"
                  + "".join(f"{table}\n\n" for table in (summary, eval_summary) if table) + tiny)
-        replace_readme_block(README_PATH, f"bench-models:{device_name}" + ("-compiled" if args.compile else ""), block)
+        replace_doc_block(BENCHMARKS_DOC_PATH, f"bench-models:{device_name}" + ("-compiled" if args.compile else ""), block)
     print("\n" + format_table(records, memory_label) + "\n\n"
           + "".join(f"{table}\n\n" for table in (summary, eval_summary) if table)
           + (f"{format_eval_table(records)}\n\n{parity_line}\n\n" if eval_records else "") + tiny)
     if failed:
-        print(f"\n*** EVAL PARITY FAILED ({len(failed)} case(s), README left alone): {'; '.join(failed)} ***")
+        print(f"\n*** EVAL PARITY FAILED ({len(failed)} case(s), docs/benchmarks.md left alone): {'; '.join(failed)} ***")
     print(f"\nwrote {os.path.join(args.out, stem)}.{{json,md,png}} in {time.time() - started:.0f} s")
     return 0 if eval_parity["passed"] else 1
 

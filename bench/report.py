@@ -200,35 +200,40 @@ def write_markdown(path, meta, parity, records, summary):
         f.write("\n".join(lines))
 
 
-README_MARKER = "<!-- bench-table -->"
-README_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+# The generated tables live in docs/benchmarks.md (the README links to it),
+# each between ``<!-- name -->`` and ``<!-- /name -->`` markers; links in them
+# are relative to docs/.
+BENCH_TABLE_MARKER = "<!-- bench-table -->"
+BENCHMARKS_DOC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                                   "benchmarks.md")
+RESULTS_LINK = "../bench/results"
 
 
-def replace_readme_block(readme_path, marker, block):
+def replace_doc_block(doc_path, marker, block):
     """Replaces what lies between ``<!-- marker -->`` and ``<!-- /marker -->`` in
-    the README with ``block``. Returns False when the README or the markers are
-    missing."""
-    if not os.path.exists(readme_path):
+    ``doc_path`` (docs/benchmarks.md) with ``block``. Returns False when the file
+    or the markers are missing."""
+    if not os.path.exists(doc_path):
         return False
-    with open(readme_path) as f:
+    with open(doc_path) as f:
         text = f.read()
     begin, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
     if begin not in text or end not in text:
         return False
     text = text[:text.index(begin) + len(begin)] + "\n" + block + "\n" + text[text.index(end):]
-    with open(readme_path, "w") as f:
+    with open(doc_path, "w") as f:
         f.write(text)
     return True
 
 
-def readme_section(meta, summary, md_name):
-    """The README's summary block for one device, between markers named after it."""
+def benchmarks_doc_section(meta, summary, md_name):
+    """docs/benchmarks.md's summary block for one device, between markers named after it."""
     name = meta["device_name"]
     lines = [
         f"<!-- bench:{name} -->",
         f"**{meta['device_description']}**, torch {meta['torch_version']}, commit "
         f"`{meta['git_commit'][:12]}`, {meta['date'][:10]}; full table: "
-        f"[`bench/results/{md_name}`](bench/results/{md_name}).",
+        f"[`bench/results/{md_name}`]({RESULTS_LINK}/{md_name}).",
         "",
         f"{headline(summary)}.",
         "",
@@ -238,22 +243,22 @@ def readme_section(meta, summary, md_name):
     return "\n".join(lines)
 
 
-def update_readme(readme_path, meta, summary, md_name):
-    """Replaces this device's block in the README (or adds it after README_MARKER).
-    Returns False when the README has no marker."""
-    if not os.path.exists(readme_path):
+def update_benchmarks_doc(doc_path, meta, summary, md_name):
+    """Replaces this device's block in docs/benchmarks.md (or adds it after
+    BENCH_TABLE_MARKER). Returns False when the file has no marker."""
+    if not os.path.exists(doc_path):
         return False
-    with open(readme_path) as f:
+    with open(doc_path) as f:
         text = f.read()
-    block = readme_section(meta, summary, md_name)
+    block = benchmarks_doc_section(meta, summary, md_name)
     begin, end = f"<!-- bench:{meta['device_name']} -->", f"<!-- /bench:{meta['device_name']} -->"
     if begin in text and end in text:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    elif README_MARKER in text:
-        text = text.replace(README_MARKER, README_MARKER + "\n\n" + block, 1)
+    elif BENCH_TABLE_MARKER in text:
+        text = text.replace(BENCH_TABLE_MARKER, BENCH_TABLE_MARKER + "\n\n" + block, 1)
     else:
         return False
-    with open(readme_path, "w") as f:
+    with open(doc_path, "w") as f:
         f.write(text)
     return True
 

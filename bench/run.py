@@ -419,10 +419,9 @@ def main(argv=None):
     summary = report.summarize(records)
     paths = report.write_outputs(args.out, stem, meta, parity, records, summary)
     if stem == device_name and parity["passed"]:
-        # Full runs only: the README shows each device's latest complete suite.
-        readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-        if report.update_readme(readme, meta, summary, os.path.basename(paths["md"])):
-            paths["readme"] = readme
+        # Full runs only: docs/benchmarks.md shows each device's latest complete suite.
+        if report.update_benchmarks_doc(report.BENCHMARKS_DOC_PATH, meta, summary, os.path.basename(paths["md"])):
+            paths["benchmarks_doc"] = report.BENCHMARKS_DOC_PATH
 
     print("\n" + report.format_cases_table(records, meta))
     print("\nGeometric-mean speedup of fused_bn (other's time / fused_bn's; > 1: fused_bn faster)")

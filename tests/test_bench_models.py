@@ -1,7 +1,7 @@
 """bench.models end to end on one small model (--quick): every case of every
 step (train, eval, eval_grad) is run, timed and profiled, the records carry
-what the README tables report, the eval steps' outputs are compared with the
-original's, and a quick run writes its own files and leaves the README alone."""
+what the docs/benchmarks.md tables report, the eval steps' outputs are compared with the
+original's, and a quick run writes its own files and leaves docs/benchmarks.md alone."""
 import json
 import math
 import os
@@ -17,8 +17,9 @@ def test_quick_run_reports_every_case(tmp_path):
     reason = zoo.available("resnet18")
     if reason:
         pytest.skip(reason)
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme_before = f.read()
+    doc = os.path.join(ROOT, "docs", "benchmarks.md")
+    with open(doc) as f:
+        doc_before = f.read()
     assert models.main(["--device", "cpu", "--quick", "--models", "resnet18", "--out", str(tmp_path)]) == 0
     stems = {p.name for p in tmp_path.iterdir()}
     json_files = [s for s in stems if s.endswith("-models-quick.json")]
@@ -64,8 +65,8 @@ def test_quick_run_reports_every_case(tmp_path):
     assert "## Eval summary" in text and "original/convert" in text and "eval parity: PASS" in text
     tiny = result["meta"]["tiny_layer"]
     assert tiny["fused_bn_us"] > 0 and tiny["nn_us"] > 0
-    with open(os.path.join(ROOT, "README.md")) as f:
-        assert f.read() == readme_before
+    with open(doc) as f:
+        assert f.read() == doc_before
 
 
 def test_eval_parity_flags_an_output_off_the_original():
