@@ -5,22 +5,31 @@ import glob
 import importlib.util
 import os
 
-import torch
 from setuptools import setup
 
 
-def _load_cuda_toolkit_finder():
+def _load_tool(name):
     spec = importlib.util.spec_from_file_location(
-        "cuda_toolkit", os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "cuda_toolkit.py"))
+        name, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+# Before torch is imported: a build that cannot see the torch the package will
+# run with (pip's default build isolation hides it) stops here with a message
+# saying to install torch first and build with --no-build-isolation
+# (tools/build_torch.py). pyproject.toml's build requirements leave torch out,
+# so an isolated build fails in seconds instead of downloading a torch.
+_load_tool("build_torch").require_target_torch()
+
+import torch  # noqa: E402
+
+
 # torch.utils.cpp_extension fixes CUDA_HOME when it is imported, from the first
 # nvcc on PATH: a wrapper script outside the toolkit makes that /usr/local and
 # cuda_runtime.h is then not found. Tell it where the toolkit really is.
-_cuda_toolkit = _load_cuda_toolkit_finder()
+_cuda_toolkit = _load_tool("cuda_toolkit")
 if not _cuda_toolkit.is_toolkit(os.environ.get("CUDA_HOME")):
     _found = _cuda_toolkit.find_cuda_home()
     if _found:
@@ -99,5 +108,9 @@ setup(
     packages=["fused_bn"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    # build_ext always runs ninja, which rebuilds exactly what changed (headers
+    # and flags included); setuptools' own up-to-date check compares only the
+    # .cpp files' times with the built library's and would put a stale
+    # extension in a wheel built from a tree with an earlier build in build/.
+    options={"bdist_wheel": {"py_limited_api": "cp39"}, "build_ext": {"force": True}},
 )
