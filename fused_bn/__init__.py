@@ -16,6 +16,16 @@ finds after a batch norm; ``fusion_report`` says what and why not); and for data
 ONNX export, quantization and other tools that know only nn's modules).
 """
 from . import _registration  # noqa: F401  (loads the extension, registers fake kernels and autograd)
+#: The names ``activation=`` takes (on every module and on ``batch_norm``), a tuple of
+#: str: ``"identity"`` (none), ``"relu"``, ``"relu6"``, ``"hardtanh"``, ``"leaky_relu"``,
+#: ``"elu"``, ``"silu"``, ``"hardswish"``, ``"gelu"``, ``"gelu_tanh"`` (``nn.GELU(approximate="tanh")``)
+#: and ``"hardsigmoid"``, each with nn's default parameters; pass the nn module for others.
+#:
+#: Example::
+#:
+#:     assert "silu" in fused_bn.ACTIVATIONS
+#:     bn = fused_bn.FusedBatchNorm2d(8, activation="gelu_tanh")
+#:     assert bn.activation.name == "gelu_tanh"
 from ._activations import SUPPORTED as ACTIVATIONS
 from ._activations import Activation
 from ._convert import convert_model, fusion_report

@@ -20,12 +20,27 @@ aten = torch.ops.aten
 
 class Activation(NamedTuple):
     """An activation as the ops take it: ``name`` is the kernels' name, ``params``
-    its parameters (floats) in that activation's order."""
+    its parameters (floats) in that activation's order. A fused module's
+    ``activation`` property returns one.
+
+    Attributes:
+        name: one of ``fused_bn.ACTIVATIONS``.
+        params: its parameters: ``("hardtanh", (min_val, max_val))``
+            (``relu6`` is ``hardtanh`` 0, 6), ``("leaky_relu", (negative_slope,))``,
+            ``("elu", (alpha,))``; empty for the others.
+
+    Example::
+
+        bn = fused_bn.FusedBatchNorm2d(8, activation=nn.LeakyReLU(0.2))
+        assert bn.activation == fused_bn.Activation("leaky_relu", (0.2,))
+        assert isinstance(bn.activation.module(), nn.LeakyReLU)
+    """
     name: str
     params: Tuple[float, ...] = ()
 
     @property
     def is_identity(self) -> bool:
+        """True for ``identity`` (no activation)."""
         return self.name == "identity"
 
     def module(self) -> nn.Module:

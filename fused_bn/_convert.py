@@ -56,6 +56,33 @@ def convert_model(module: nn.Module, fuse: bool = False, *, fuse_relu: bool = Fa
     a module the graph calls, so the GraphModule follows ``.train()`` and
     ``.eval()`` as the model does (a model whose own top-level forward reads
     ``self.training`` is converted in place).
+
+    Args:
+        module: the model (or a single batch norm) to convert.
+        fuse: fold the activations and residual adds that follow batch norms
+            into them (default False: swap the modules only).
+        fuse_relu: keyword only; the older name of ``fuse``.
+
+    Returns:
+        ``module`` converted in place (the new module when ``module`` is itself
+        a batch norm); with ``fuse=True`` and a model ``torch.fx`` traces, a
+        ``torch.fx.GraphModule``.
+
+    Shapes and dtypes:
+        The converted modules take what the originals took (see
+        ``FusedBatchNorm2d``); parameters and buffers keep their dtype and
+        device (they are the same objects).
+
+    Raises:
+        AttributeError: ``module`` is not an ``nn.Module`` (no check of its own).
+
+    Example::
+
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        fused = fused_bn.convert_model(model, fuse=True)
+        assert isinstance(fused.get_submodule("1"), fused_bn.FusedBatchNormReLU2d)
+        x = torch.randn(2, 3, 12, 12)
+        torch.testing.assert_close(fused(x), model(x))   # model: still nn's modules
     """
     fuse = fuse or fuse_relu
     if fuse:
@@ -70,7 +97,23 @@ def fusion_report(model: nn.Module) -> List[FusionRecord]:
     why it folds nothing where something fused_bn could fold follows: a
     ``FusionRecord(name, follows, fused, reason)`` per batch norm, in graph
     order. The model is left as it was (the conversion runs on a copy of its
-    module tree sharing its tensors)."""
+    module tree sharing its tensors).
+
+    Args:
+        model: the model ``convert_model(model, fuse=True)`` would convert.
+
+    Returns:
+        A list of ``FusionRecord``, one per batch norm.
+
+    Raises:
+        AttributeError: ``model`` is not an ``nn.Module``.
+
+    Example::
+
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU())
+        [record] = fused_bn.fusion_report(model)
+        assert record == fused_bn.FusionRecord("1", "silu", "silu", None)
+    """
     report = []
     if fuse_with_fx(model, report) is None:
         report = list(_in_place_records("", model, _convert_in_place(_structural_copy(model), fuse=True)))

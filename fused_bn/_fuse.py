@@ -316,7 +316,20 @@ class FusionRecord(NamedTuple):
     fused_bn could fold (an activation's name, ``"add"``, ``"add+<activation>"``;
     for timm's BatchNormAct2d, its own activation), or None. ``fused``: what
     was folded into it (same spelling), or None. ``reason``: why what follows
-    was not folded, or None."""
+    was not folded, or None.
+
+    Attributes:
+        name: the batch norm's module path (``"layer1.0.bn1"``).
+        follows: what follows its output that could fold, or None.
+        fused: what was folded, or None.
+        reason: why nothing was folded where something could be, or None.
+
+    Example::
+
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        for record in fused_bn.fusion_report(model):
+            print(record.name, record.follows, record.fused, record.reason)
+    """
     name: str
     follows: Optional[str]
     fused: Optional[str]

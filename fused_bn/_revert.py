@@ -314,7 +314,33 @@ def revert_model(model: nn.Module) -> nn.Module:
     Raises TypeError for anything but an ``nn.Module`` (or a subclass of a
     fused_bn class this does not know), and ValueError for a fused module
     applying an activation that has no place in the model (one a model's own
-    code calls with ``activation=`` set, outside a GraphModule)."""
+    code calls with ``activation=`` set, outside a GraphModule).
+
+    Args:
+        model: a model converted by :func:`fused_bn.convert_model` (in place or
+            the GraphModule it returned), or any model holding fused_bn modules.
+
+    Returns:
+        The model with nn's modules (a GraphModule for a GraphModule).
+
+    Shapes and dtypes:
+        Unchanged: the reverted modules hold the same tensors and take what
+        the fused ones took.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or holds a subclass of a
+            fused_bn class that revert_model does not know.
+        ValueError: a fused module whose activation has no place in the model
+            (see above).
+
+    Example::
+
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        plain = fused_bn.revert_model(fused_bn.convert_model(model, fuse=True))
+        assert not any(isinstance(m, fused_bn.FusedBatchNorm2d) for m in plain.modules())
+        x = torch.randn(2, 3, 12, 12)
+        torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fused_bn.revert_model expects an nn.Module, got {type(model).__name__}")
     return _reverted(model)

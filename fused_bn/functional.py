@@ -121,10 +121,57 @@ def batch_norm(
     before the activation. Returns ``activation(batch_norm(input) + residual)``
     from batch norm's own passes; its backward saves no more than batch norm
     does (plus the residual, or the output where the activation's derivative
-    can be read from it). Example::
+    can be read from it).
 
+    Args:
+        input: the batch, (N, C, ...).
+        running_mean, running_var: (C,) running statistics, updated in place in
+            training; used in eval. None: no running statistics, and then
+            ``training`` must be True (as in ``F.batch_norm``).
+        weight, bias: (C,) affine parameters, or None.
+        training: normalize with the batch's statistics (and update the
+            running ones) rather than with the running statistics.
+        momentum: the batch statistics' weight in the running update (default
+            0.1); None: the cumulative average over ``num_batches_tracked``.
+        eps: added to the variance before its square root (default 1e-5).
+        num_batches_tracked: keyword only; int64 scalar tensor incremented in
+            place by each training call.
+        activation: keyword only; None, a name of ``fused_bn.ACTIVATIONS`` or
+            the nn activation module.
+        residual: keyword only; a tensor of the input's shape and dtype added
+            before the activation (it gets a gradient).
+
+    Returns:
+        ``activation(batch_norm(input) + residual)``, the input's shape, dtype
+        and memory format.
+
+    Shapes and dtypes:
+        input: (N, C) to (N, C, D, H, W), float32, float64, float16 or
+            bfloat16, any strides (channels_last and channels_last_3d output
+            follow the input's layout).
+        running statistics, weight, bias: (C,), the input's dtype, or float32
+            with float16/bfloat16 input (mixed precision).
+        residual: the input's shape, dtype and device.
+
+    Raises:
+        ValueError: one value per channel in training; ``eps <= 0`` in
+            training or ``eps < 0`` in eval; an activation fused_bn does not
+            fuse.
+        TypeError: a residual that is not a tensor.
+        RuntimeError: input of fewer than 2 dimensions; per-channel tensors of
+            another length than C (``running_mean should contain 4 elements
+            not 3``); no running statistics in eval (``running_mean must be
+            defined in evaluation mode``); a residual of another shape, dtype
+            or device; dtypes other than those above.
+        NotImplementedError: integer input.
+
+    Example::
+
+        x, shortcut = torch.randn(8, 16, 5, 5), torch.randn(8, 16, 5, 5)
+        rm, rv, w, b = torch.zeros(16), torch.ones(16), torch.ones(16), torch.zeros(16)
         y = fused_bn.batch_norm(x, rm, rv, w, b, training=True,
                                 activation=nn.LeakyReLU(0.1), residual=shortcut)
+        assert y.shape == x.shape and rm.abs().sum() > 0   # running mean updated
     """
     # As torch.nn.functional does: tensor subclasses and modes with
     # __torch_function__ (torch.fx's Proxy among them) see this call whole.
@@ -154,7 +201,34 @@ def batch_norm_add_relu(
     num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     """``relu(batch_norm(input, ...) + residual)``, a ResNet block's ending:
-    :func:`batch_norm` with ``activation="relu", residual=residual``."""
+    :func:`batch_norm` with ``activation="relu", residual=residual``.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked:
+            as for :func:`batch_norm`.
+        residual: the tensor added before the ReLU (second positional
+            argument): the input's shape, dtype and device.
+
+    Returns:
+        ``relu(batch_norm(input) + residual)``, the input's shape, dtype and
+        memory format.
+
+    Shapes and dtypes:
+        As for :func:`batch_norm`; the residual is required.
+
+    Raises:
+        As :func:`batch_norm` (``TypeError`` for a residual that is not a
+        tensor, ``RuntimeError`` for one of another shape: ``batch_norm:
+        residual of shape [2, 4, 3] does not match input of shape [2, 4, 3,
+        3]``).
+
+    Example::
+
+        x, identity = torch.randn(8, 16, 5, 5), torch.randn(8, 16, 5, 5)
+        rm, rv = torch.zeros(16), torch.ones(16)
+        y = fused_bn.batch_norm_add_relu(x, identity, rm, rv, training=True)
+        assert (y >= 0).all()
+    """
     if has_torch_function_variadic(input, residual, running_mean, running_var, weight, bias):
         return handle_torch_function(
             batch_norm_add_relu, (input, residual, running_mean, running_var, weight, bias), input,
