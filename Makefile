@@ -62,7 +62,8 @@ test: test-deps build
 # LD_PRELOAD) on a focused subset: that smoke run (every kernel line), the
 # emulator's and the validation tests, and every activation's parity once.
 EMULATED_TESTS := tests/test_parity.py tests/test_ops.py tests/test_fused_relu.py tests/test_sync.py tests/test_validation.py tests/test_family.py \
-	tests/test_reliability.py tests/test_properties.py tests/test_emulation.py tests/test_activations.py
+	tests/test_reliability.py tests/test_properties.py tests/test_emulation.py tests/test_activations.py \
+	tests/test_traffic.py
 SANITIZED_TESTS := tests/test_emulation.py tests/test_validation.py
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
 

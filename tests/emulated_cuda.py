@@ -7,7 +7,9 @@ Variants: ``default`` (-O2, with gcov coverage when FUSED_BN_EMULATION_COVERAGE
 is set) and ``asan`` (AddressSanitizer + UndefinedBehaviorSanitizer; Python
 must run with the ASan runtime in LD_PRELOAD, see the Makefile).
 """
+import contextlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -97,3 +99,33 @@ def configure(multiprocessor_count=4, block_order="forward", seed=0, resident_th
 
 def launch_count():
     return torch.ops.fused_bn_emulation.launch_count()
+
+
+class Traffic:
+    """What traffic() yields: after the block, ``launches`` holds one dict per
+    kernel launch recorded inside it (emulation.cpp, take_traffic_json):
+    kernel, grid, block, and per direction ("load", "store") the warp
+    requests, 32-byte sectors, 128-byte lines, bytes asked and the disjoint
+    address ranges touched [begin, end, bytes asked inside]."""
+
+    def __init__(self):
+        self.launches = []
+
+
+@contextlib.contextmanager
+def traffic(every_kth_block=1):
+    """Records every global-memory access of the kernels launched inside the
+    block (off otherwise: one branch per access). A warp request is the k-th
+    access of one source site by a warp's lanes between the same two
+    synchronisation points (tests/_traffic.py: where that differs from hardware).
+    every_kth_block > 1 runs only every k-th block of each launch (and the
+    last), for traffic on shapes too large to emulate whole: the results are
+    then garbage; each record's blocks_run says how many ran."""
+    record = Traffic()
+    torch.ops.fused_bn_emulation.traffic(True, every_kth_block)
+    try:
+        yield record
+    finally:
+        taken = torch.ops.fused_bn_emulation.traffic_take()
+        torch.ops.fused_bn_emulation.traffic(False)
+        record.launches = json.loads(taken)

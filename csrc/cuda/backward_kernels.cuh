@@ -29,14 +29,14 @@ struct GradPartials {
   double* sum_xmu;
 
   __device__ __forceinline__ void store(int64_t slot, const double (&s)[kGradSums]) const {
-    sum_dy[slot] = s[0];
-    sum_dy_xmu[slot] = s[1];
-    sum_xmu[slot] = s[2];
+    store_global(sum_dy + slot, s[0]);
+    store_global(sum_dy_xmu + slot, s[1]);
+    store_global(sum_xmu + slot, s[2]);
   }
   __device__ __forceinline__ void add_to(int64_t slot, double (&s)[kGradSums]) const {
-    s[0] += sum_dy[slot];
-    s[1] += sum_dy_xmu[slot];
-    s[2] += sum_xmu[slot];
+    s[0] += load_global(sum_dy + slot);
+    s[1] += load_global(sum_dy_xmu + slot);
+    s[2] += load_global(sum_xmu + slot);
   }
 };
 
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   double sums[kGradSums] = {0.0, 0.0, 0.0};
   int64_t position = begin + threadIdx.x;
   if (position < end) {
-    const double channel_mean = static_cast<double>(args.source.mean[channel]);
+    const double channel_mean = static_cast<double>(load_global(args.source.mean + channel));
     const auto transform = args.source.template of_channel<kSource>(channel);
     PlaneCursor cursor(position, stride, plane_vectors);
     for (; position < end; position += stride * kSteps) {
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     ChannelGrad<A, kSource, acc_t> transforms[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      channel_mean[j] = static_cast<double>(args.source.mean[column * kVec + j]);
+      channel_mean[j] = static_cast<double>(load_global(args.source.mean + column * kVec + j));
       transforms[j] = args.source.template of_channel<kSource>(column * kVec + j);
     }
     const int64_t offset_step = row_step * geometry.C;
@@ -247,8 +247,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   if (args.global_sums != nullptr) {
     if (lane != 0) return;
 #pragma unroll
-    for (int i = 0; i < kGradSums; ++i) sums[i] = args.global_sums[channel * kGradSums + i];
-    n = static_cast<int64_t>(*args.global_count);
+    for (int i = 0; i < kGradSums; ++i) sums[i] = load_global(args.global_sums + channel * kGradSums + i);
+    n = static_cast<int64_t>(load_global(args.global_count));
   } else {
     for (int64_t split = lane; split < args.splits; split += kWarpSize) {
       args.partials.add_to(split * args.channels + channel, sums);
@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
   if (args.local_sums != nullptr) {
 #pragma unroll
-    for (int i = 0; i < kGradSums; ++i) args.local_sums[channel * kGradSums + i] = sums[i];
+    for (int i = 0; i < kGradSums; ++i) store_global(args.local_sums + channel * kGradSums + i, sums[i]);
   }
 
   const double sum_dy = sums[0];
@@ -266,16 +266,17 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   // needs every rank's values.
   const bool centred = args.training && n > 0 && args.local_sums == nullptr;
   const double sum_dy_xmu = centred ? common::centered_sum_dy_xmu(sum_dy, sums[1], sums[2], n) : sums[1];
-  const double invstd = static_cast<double>(args.invstd[channel]);
-  const double w = args.weight != nullptr ? convert<double>(args.weight[channel]) : 1.0;
-  if (args.grad_weight != nullptr) args.grad_weight[channel] = convert<param_t>(sum_dy_xmu * invstd);
-  if (args.grad_bias != nullptr) args.grad_bias[channel] = convert<param_t>(sum_dy);
+  const double invstd = static_cast<double>(load_global(args.invstd + channel));
+  const double w = args.weight != nullptr ? convert<double>(load_global(args.weight + channel)) : 1.0;
+  if (args.grad_weight != nullptr) store_global(args.grad_weight + channel, convert<param_t>(sum_dy_xmu * invstd));
+  if (args.grad_bias != nullptr) store_global(args.grad_bias + channel, convert<param_t>(sum_dy));
   const common::GradInputCoefficients k =
       common::grad_input_coefficients(w, invstd, sum_dy, sum_dy_xmu, n, args.training);
-  args.coefficients.scale[channel] = static_cast<acc_t>(k.scale);
-  args.coefficients.projection[channel] = static_cast<acc_t>(k.projection);
-  args.coefficients.shift[channel] = static_cast<acc_t>(k.shift);
-  args.coefficients.forward_shift[channel] = args.bias != nullptr ? convert<acc_t>(args.bias[channel]) : acc_t(0);
+  store_global(args.coefficients.scale + channel, static_cast<acc_t>(k.scale));
+  store_global(args.coefficients.projection + channel, static_cast<acc_t>(k.projection));
+  store_global(args.coefficients.shift + channel, static_cast<acc_t>(k.shift));
+  store_global(args.coefficients.forward_shift + channel,
+               args.bias != nullptr ? convert<acc_t>(load_global(args.bias + channel)) : acc_t(0));
 }
 
 // ---------------------------------------------------------------------------
@@ -304,17 +305,19 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   const auto transform = source.template of_channel<kSource>(c);
   double x[2], dy[2];
   for (int i = 0; i < 2; ++i) {
-    const acc_t gi = transform(p.grad_output[at[i]], p.input[at[i]], kReadsAux ? aux[at[i]] : p.grad_output[at[i]]);
-    if constexpr (common::kWritesResidualGrad<kSource>) p.grad_residual[at[i]] = convert<scalar_t>(gi);
-    x[i] = static_cast<double>(convert<acc_t>(p.input[at[i]]));
+    const scalar_t dy_i = load_global(p.grad_output + at[i]);
+    const scalar_t x_i = load_global(p.input + at[i]);
+    const acc_t gi = transform(dy_i, x_i, kReadsAux ? load_global(aux + at[i]) : dy_i);
+    if constexpr (common::kWritesResidualGrad<kSource>) store_global(p.grad_residual + at[i], convert<scalar_t>(gi));
+    x[i] = static_cast<double>(convert<acc_t>(x_i));
     dy[i] = static_cast<double>(gi);
   }
   const common::TwoValuesGrads r =
-      common::two_values_grads(x, dy, p.weight != nullptr ? convert<double>(p.weight[c]) : 1.0, p.eps);
-  if (p.grad_weight != nullptr) p.grad_weight[c] = convert<param_t>(r.grad_weight);
-  if (p.grad_bias != nullptr) p.grad_bias[c] = convert<param_t>(r.grad_bias);
+      common::two_values_grads(x, dy, p.weight != nullptr ? convert<double>(load_global(p.weight + c)) : 1.0, p.eps);
+  if (p.grad_weight != nullptr) store_global(p.grad_weight + c, convert<param_t>(r.grad_weight));
+  if (p.grad_bias != nullptr) store_global(p.grad_bias + c, convert<param_t>(r.grad_bias));
   if (p.grad_input == nullptr) return;
-  for (int i = 0; i < 2; ++i) p.grad_input[at[i]] = convert<scalar_t>(r.grad_input[i]);
+  for (int i = 0; i < 2; ++i) store_global(p.grad_input + at[i], convert<scalar_t>(r.grad_input[i]));
 }
 
 // ---------------------------------------------------------------------------
@@ -351,12 +354,12 @@ struct GradInputChannel {
   ChannelGrad<A, kSource, acc_t> transform;  // its mean and scale are the dx's too
   __device__ __forceinline__ static GradInputChannel of_channel(const Source& args, int64_t c) {
     GradInputChannel op;
-    op.transform.mean = args.mean[c];
-    op.transform.scale = args.coefficients.scale[c];
+    op.transform.mean = load_global(args.mean + c);
+    op.transform.scale = load_global(args.coefficients.scale + c);
     op.transform.params = args.params;
-    op.projection = args.coefficients.projection[c];
-    op.shift = args.coefficients.shift[c];
-    if constexpr (kSource == GradSource::kInput) op.transform.shift = args.coefficients.forward_shift[c];
+    op.projection = load_global(args.coefficients.projection + c);
+    op.shift = load_global(args.coefficients.shift + c);
+    if constexpr (kSource == GradSource::kInput) op.transform.shift = load_global(args.coefficients.forward_shift + c);
     return op;
   }
   __device__ __forceinline__ scalar_t operator()(scalar_t dy, scalar_t x) const {

@@ -125,14 +125,46 @@ struct alignas(sizeof(T) * kVec) Bundle {
   T v[kVec];
 };
 
+// The kernel layer's global-memory accesses go through the helpers below
+// (load_bundle and store_bundle for the element and reduction passes,
+// load_global and store_global for single values), so the emulated GPU can
+// account for them (cuda_emulation.h, note_global_access: warp requests,
+// sectors, bytes per launch); each records its caller's source line, the
+// instruction a warp issues. Under nvcc the hooks expand to nothing and the
+// helpers are the plain dereferences.
+#if defined(FUSED_BN_CUDA_EMULATION)
+#define FUSED_BN_ACCESS_SITE , const char *access_file = __builtin_FILE(), int access_line = __builtin_LINE()
+#define FUSED_BN_RECORD_ACCESS(p, bytes, store, element) \
+  ::fused_bn::emulation::note_global_access(p, bytes, store, element, access_file, access_line)
+#else
+#define FUSED_BN_ACCESS_SITE
+#define FUSED_BN_RECORD_ACCESS(p, bytes, store, element) ((void)0)
+#endif
+
 template <typename T, int kVec>
-__device__ __forceinline__ Bundle<T, kVec> load_bundle(const T* p) {
+__device__ __forceinline__ Bundle<T, kVec> load_bundle(const T* p FUSED_BN_ACCESS_SITE) {
+  FUSED_BN_RECORD_ACCESS(p, sizeof(Bundle<T, kVec>), false, true);
   return *reinterpret_cast<const Bundle<T, kVec>*>(p);
 }
 
 template <typename T, int kVec>
-__device__ __forceinline__ void store_bundle(T* p, const Bundle<T, kVec>& b) {
+__device__ __forceinline__ void store_bundle(T* p, const Bundle<T, kVec>& b FUSED_BN_ACCESS_SITE) {
+  FUSED_BN_RECORD_ACCESS(p, sizeof(Bundle<T, kVec>), true, true);
   *reinterpret_cast<Bundle<T, kVec>*>(p) = b;
+}
+
+// One value of global memory (per-channel statistics and coefficients,
+// partial sums, the x of two-value channels).
+template <typename T>
+__device__ __forceinline__ T load_global(const T* p FUSED_BN_ACCESS_SITE) {
+  FUSED_BN_RECORD_ACCESS(p, sizeof(T), false, false);
+  return *p;
+}
+
+template <typename T, typename V>
+__device__ __forceinline__ void store_global(T* p, const V& v FUSED_BN_ACCESS_SITE) {
+  FUSED_BN_RECORD_ACCESS(p, sizeof(T), true, false);
+  *p = static_cast<T>(v);
 }
 
 // 1/n for an element count n (positive, normal, finite; n == 0 gives NaN,
@@ -186,10 +218,10 @@ struct ParamArray {
   __device__ __forceinline__ bool defined() const { return data != nullptr; }
   __device__ __forceinline__ double load(int64_t c) const {
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-      return static_cast<double>(static_cast<const scalar_t*>(data)[c]);
+      return static_cast<double>(load_global(static_cast<const scalar_t*>(data) + c));
     } else {
-      return is_float ? static_cast<double>(static_cast<const float*>(data)[c])
-                      : convert<double>(static_cast<const scalar_t*>(data)[c]);
+      return is_float ? static_cast<double>(load_global(static_cast<const float*>(data) + c))
+                      : convert<double>(load_global(static_cast<const scalar_t*>(data) + c));
     }
   }
 };

@@ -100,8 +100,8 @@ struct GradSourceArgs {
     g.params = params;
     if constexpr (kRecomputesInput<kSource>) {
       const double w = weight.defined() ? weight.load(c) : 1.0;
-      g.mean = mean[c];
-      g.scale = static_cast<acc_t>(w * static_cast<double>(invstd[c]));
+      g.mean = load_global(mean + c);
+      g.scale = static_cast<acc_t>(w * static_cast<double>(load_global(invstd + c)));
       g.shift = bias.defined() ? static_cast<acc_t>(bias.load(c)) : acc_t(0);
     }
     return g;

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   acc_t mean = acc_t(0), m2 = acc_t(0), count = acc_t(0);
   int64_t position = begin + threadIdx.x;
   if (position < end) {
-    const acc_t shift = moments_shift<acc_t>(channel_input[0]);
+    const acc_t shift = moments_shift<acc_t>(load_global(channel_input));
     PlaneCursor cursor(position, stride, plane_vectors);
     for (; position < end; position += stride * kUnroll) {
       acc_t values[kUnroll][kVec];
@@ -60,10 +60,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   block_merge_moments(mean, m2, count);
   if (threadIdx.x == 0) {
     const int64_t slot = split * geometry.C + channel;
-    partial_mean[slot] = mean;
-    partial_m2[slot] = m2;
-    partial_count[slot] = count;
-    if (channel == 0 && split == 0 && counter != nullptr) *counter_snapshot = *counter + 1;
+    store_global(partial_mean + slot, mean);
+    store_global(partial_m2 + slot, m2);
+    store_global(partial_count + slot, count);
+    if (channel == 0 && split == 0 && counter != nullptr) store_global(counter_snapshot, load_global(counter) + 1);
   }
 }
 
@@ -114,13 +114,13 @@ __global__ void __launch_bounds__(kMaxThreads)
     const int64_t slot = static_cast<int64_t>(blockIdx.y) * geometry.C + column * kVec;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      partial_mean[slot + j] = mean[j];
-      partial_m2[slot + j] = m2[j];
-      partial_count[slot + j] = count;
+      store_global(partial_mean + slot + j, mean[j]);
+      store_global(partial_m2 + slot + j, m2[j]);
+      store_global(partial_count + slot + j, count);
     }
   }
   if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0 && counter != nullptr) {
-    *counter_snapshot = *counter + 1;
+    store_global(counter_snapshot, load_global(counter) + 1);
   }
 }
 
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       static_cast<int64_t>(blockIdx.x) * kFinalizeChannelsPerBlock + threadIdx.x / kWarpSize;
   // Only this kernel writes the counter, and no block of it reads the counter.
   if (blockIdx.x == 0 && threadIdx.x == 0 && args.counter != nullptr) {
-    *args.counter = *args.counter_snapshot;
+    store_global(args.counter, load_global(args.counter_snapshot));
   }
   if (channel >= args.channels) return;  // whole warps leave together
 
@@ -194,67 +194,69 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     double count = 0.0;
     for (int64_t split = lane; split < args.splits; split += kWarpSize) {
       const int64_t slot = split * args.channels + channel;
-      merge_moments(mean, m2, count, args.partial_mean[slot], args.partial_m2[slot], args.partial_count[slot]);
+      merge_moments(mean, m2, count, load_global(args.partial_mean + slot), load_global(args.partial_m2 + slot),
+                    load_global(args.partial_count + slot));
     }
     warp_merge_moments(mean, m2, count);
     if (lane != 0) return;
     n = static_cast<double>(args.count_per_channel);
-    if (args.count_per_channel > 0) shift = moments_shift<double>(args.input[channel * args.first_element_stride]);
+    if (args.count_per_channel > 0) shift = moments_shift<double>(load_global(args.input + channel * args.first_element_stride));
   }
 
   const bool has_data = n > 0;
   const double batch_mean = shift + mean;
   if (args.exchanged_moments != nullptr) {
     double* out = args.exchanged_moments + channel * common::kExchangedMoments;
-    out[common::kMomentsCount] = n;
-    out[common::kMomentsMean] = batch_mean;
-    out[common::kMomentsM2] = m2;
+    store_global(out + common::kMomentsCount, n);
+    store_global(out + common::kMomentsMean, batch_mean);
+    store_global(out + common::kMomentsM2, m2);
     return;
   }
   const double var = has_data ? m2 / n : 0.0;
   const double invstd = common::inverse_std(var, args.eps);
-  args.save_mean[channel] = static_cast<acc_t>(batch_mean);
-  args.save_invstd[channel] = static_cast<acc_t>(invstd);
+  store_global(args.save_mean + channel, static_cast<acc_t>(batch_mean));
+  store_global(args.save_invstd + channel, static_cast<acc_t>(invstd));
 
   double factor = args.momentum;
   if (args.cumulative_momentum) {
-    const int64_t batches = args.counter != nullptr ? *args.counter_snapshot : 0;
+    const int64_t batches = args.counter != nullptr ? load_global(args.counter_snapshot) : 0;
     factor = common::cumulative_average_factor(static_cast<double>(batches));
   }
   if (has_data && args.running_mean != nullptr) {
-    const double old = convert<double>(args.running_mean[channel]);
-    args.running_mean[channel] = convert<param_t>(common::running_average(old, batch_mean, factor));
+    const double old = convert<double>(load_global(args.running_mean + channel));
+    store_global(args.running_mean + channel, convert<param_t>(common::running_average(old, batch_mean, factor)));
   }
   if (has_data && args.running_var != nullptr) {
-    const double old = convert<double>(args.running_var[channel]);
-    args.running_var[channel] = convert<param_t>(common::running_average(old, common::unbiased_variance(m2, n), factor));
+    const double old = convert<double>(load_global(args.running_var + channel));
+    store_global(args.running_var + channel,
+                 convert<param_t>(common::running_average(old, common::unbiased_variance(m2, n), factor)));
   }
-  const double w = args.weight != nullptr ? convert<double>(args.weight[channel]) : 1.0;
-  const double b = args.bias != nullptr ? convert<double>(args.bias[channel]) : 0.0;
+  const double w = args.weight != nullptr ? convert<double>(load_global(args.weight + channel)) : 1.0;
+  const double b = args.bias != nullptr ? convert<double>(load_global(args.bias + channel)) : 0.0;
   if (args.coefficients_from_saved) {
-    args.mean_hi[channel] = args.save_mean[channel];
-    args.mean_lo[channel] = acc_t(0);
-    args.scale[channel] = static_cast<acc_t>(static_cast<double>(args.save_invstd[channel]) * w);
+    store_global(args.mean_hi + channel, load_global(args.save_mean + channel));
+    store_global(args.mean_lo + channel, acc_t(0));
+    store_global(args.scale + channel, static_cast<acc_t>(static_cast<double>(load_global(args.save_invstd + channel)) * w));
   } else {
     // The mean in two parts, its rounding and what that rounding left, so
     // the output keeps the double mean's accuracy; from the statistics alone,
     // so a rank's gathered moments normalize as its own do, bit for bit.
     const acc_t mean_hi = static_cast<acc_t>(batch_mean);
-    args.mean_hi[channel] = mean_hi;
-    args.mean_lo[channel] = static_cast<acc_t>(batch_mean - static_cast<double>(mean_hi));
-    args.scale[channel] = static_cast<acc_t>(invstd * w);
+    store_global(args.mean_hi + channel, mean_hi);
+    store_global(args.mean_lo + channel, static_cast<acc_t>(batch_mean - static_cast<double>(mean_hi)));
+    store_global(args.scale + channel, static_cast<acc_t>(invstd * w));
   }
-  args.shift[channel] = static_cast<acc_t>(b);
+  store_global(args.shift + channel, static_cast<acc_t>(b));
 }
 
 // batch_norm_train_with_stats has no moments pass to take the counter's
 // snapshot (see FinalizeMomentsArgs): this one-thread launch does.
 __global__ void snapshot_counter_kernel(const int64_t* counter, int64_t* counter_snapshot) {
-  *counter_snapshot = *counter + 1;
+  store_global(counter_snapshot, load_global(counter) + 1);
 }
 
 // Only launched for C == 0, where no finalize kernel runs.
-__global__ void increment_counter_kernel(int64_t* counter) { *counter += 1; }
+__global__ void increment_counter_kernel(int64_t* counter) { store_global(counter, load_global(counter) + 1); }
 
 // ---------------------------------------------------------------------------
 // Normalize: y = ((x - mean_hi) - mean_lo) * scale + shift, in acc_t.
@@ -289,13 +291,13 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     finalize_eval_coefficients_kernel(const EvalCoefficientsArgs<acc_t, param_t> args) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= args.channels) return;
-  const double w = args.weight != nullptr ? convert<double>(args.weight[c]) : 1.0;
-  double invstd = common::inverse_std(convert<double>(args.running_var[c]), args.eps);
+  const double w = args.weight != nullptr ? convert<double>(load_global(args.weight + c)) : 1.0;
+  double invstd = common::inverse_std(convert<double>(load_global(args.running_var + c)), args.eps);
   if (args.from_saved) invstd = static_cast<double>(static_cast<acc_t>(invstd));
-  args.mean_hi[c] = convert<acc_t>(args.running_mean[c]);
-  args.mean_lo[c] = acc_t(0);
-  args.scale[c] = static_cast<acc_t>(invstd * w);
-  args.shift[c] = args.bias != nullptr ? convert<acc_t>(args.bias[c]) : acc_t(0);
+  store_global(args.mean_hi + c, convert<acc_t>(load_global(args.running_mean + c)));
+  store_global(args.mean_lo + c, acc_t(0));
+  store_global(args.scale + c, static_cast<acc_t>(invstd * w));
+  store_global(args.shift + c, args.bias != nullptr ? convert<acc_t>(load_global(args.bias + c)) : acc_t(0));
 }
 
 // The normalize pass's per-channel coefficients (the finalize kernel's, or
@@ -308,10 +310,10 @@ struct NormalizeCoefficients {
   const acc_t* shift = nullptr;
 
   __device__ __forceinline__ void load(int64_t c, acc_t& hi, acc_t& lo, acc_t& sc, acc_t& sh) const {
-    hi = mean_hi[c];
-    lo = mean_lo[c];
-    sc = scale[c];
-    sh = shift[c];
+    hi = load_global(mean_hi + c);
+    lo = load_global(mean_lo + c);
+    sc = load_global(scale + c);
+    sh = load_global(shift + c);
   }
 };
 

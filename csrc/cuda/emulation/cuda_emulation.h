@@ -38,6 +38,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 using std::fma;
@@ -98,6 +99,33 @@ cudaError_t launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
 const char* last_error_message();
 cudaError_t get_last_error();
 const char* error_name(cudaError_t err);
+
+// Global-memory traffic accounting (tests/emulated_cuda.py's traffic(); off
+// by default). Every load and store of the kernel layer's access helpers
+// (device_primitives.cuh: load_bundle, store_bundle, load_global,
+// store_global) calls note_global_access, which costs one branch while off.
+// The emulator groups the k-th access of one source site by the lanes of a
+// warp between the same two synchronisation points (__syncthreads, a shuffle)
+// into one warp request, as a GPU issues one instruction for the warp, and
+// counts per launch requests, 32-byte sectors, 128-byte lines, bytes asked and
+// the address ranges touched (emulation.cpp, traffic_json).
+inline bool traffic_recording = false;
+// element: an element pass's access (load_bundle, store_bundle: the bulk
+// traffic), not a single per-channel value (load_global, store_global).
+void record_global_access(const void* address, unsigned bytes, bool store, bool element, const char* file,
+                          int line);
+inline void note_global_access(const void* address, unsigned bytes, bool store, bool element, const char* file,
+                               int line) {
+  if (traffic_recording) record_global_access(address, bytes, store, element, file, line);
+}
+// Starts (clearing what was recorded) or stops recording. every_kth_block > 1
+// runs only the blocks whose linear index is a multiple of it while recording
+// (bench/traffic.py's large shapes: the addresses do not depend on the data,
+// but the results are garbage); each launch's record says how many ran.
+void set_traffic_recording(bool on, int64_t every_kth_block = 1);
+// The launches recorded since recording started or the last take, as JSON
+// (a list of per-launch objects), and forgets them.
+std::string take_traffic_json();
 
 template <typename T>
 T shuffle_as(ShuffleKind kind, unsigned mask, T value, int lane_argument, int width, const char* file,

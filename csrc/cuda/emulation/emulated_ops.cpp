@@ -7,6 +7,7 @@
 
 #include <memory>
 #include <mutex>
+#include <string>
 
 #include "cuda_emulation.h"
 
@@ -50,6 +51,12 @@ void configure(int64_t multiprocessor_count, int64_t block_order, int64_t seed, 
 
 int64_t launches() { return launch_count(); }
 
+// Global-memory traffic accounting (cuda_emulation.h): traffic(true) starts
+// recording (clearing what was recorded), traffic(false) stops;
+// traffic_take() returns the recorded launches as JSON and forgets them.
+void traffic(bool on, int64_t every_kth_block) { set_traffic_recording(on, every_kth_block); }
+std::string traffic_take() { return take_traffic_json(); }
+
 }  // namespace
 }  // namespace emulation
 }  // namespace fused_bn
@@ -59,4 +66,6 @@ TORCH_LIBRARY(fused_bn_emulation, m) {
   m.def("enabled() -> bool", &fused_bn::emulation::enabled);
   m.def("configure(int multiprocessor_count, int block_order, int seed, int resident_threads=1024) -> ()", &fused_bn::emulation::configure);
   m.def("launch_count() -> int", &fused_bn::emulation::launches);
+  m.def("traffic(bool on, int every_kth_block=1) -> ()", &fused_bn::emulation::traffic);
+  m.def("traffic_take() -> str", &fused_bn::emulation::traffic_take);
 }

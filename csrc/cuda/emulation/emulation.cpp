@@ -5,6 +5,8 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <map>
+#include <sstream>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -12,6 +14,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -69,6 +72,61 @@ struct Fiber {
   Site site;
   ShuffleCall shuffle;
   uint3 index;
+  // Traffic accounting: synchronisation points passed (barriers, shuffles),
+  // and the accesses made at each source site since the last one.
+  uint32_t epoch = 0;
+  std::vector<std::pair<std::pair<const char*, int>, uint32_t>> site_counts;
+};
+
+// One lane's global access, as recorded while traffic recording is on.
+struct Access {
+  uint32_t warp, epoch, instance;
+  const char* file;
+  int line;
+  bool store;
+  bool element;
+  uint64_t address;
+  uint32_t bytes;
+};
+
+// Disjoint address ranges [begin, end) touched by a launch, with the bytes
+// asked for inside each, counted once per warp request (overlapping or
+// adjacent ranges merge).
+struct Segment {
+  uint64_t end = 0;
+  uint64_t asked = 0;
+};
+using Segments = std::map<uint64_t, Segment>;
+
+void add_range(Segments& segments, uint64_t begin, uint64_t end, uint64_t asked) {
+  auto it = segments.upper_bound(begin);
+  if (it != segments.begin() && std::prev(it)->second.end >= begin) it = std::prev(it);
+  while (it != segments.end() && it->first <= end) {
+    begin = std::min(begin, it->first);
+    end = std::max(end, it->second.end);
+    asked += it->second.asked;
+    it = segments.erase(it);
+  }
+  segments.emplace(begin, Segment{end, asked});
+}
+
+// Warp requests of one source site (file:line, load or store) in a launch.
+struct SiteTraffic {
+  // bytes: what the lanes asked for; unique_bytes: of those, the distinct
+  // bytes of each request (a broadcast of one value to 32 lanes is 4 bytes).
+  uint64_t requests = 0, sectors = 0, lines = 0, bytes = 0, unique_bytes = 0, accesses = 0;
+};
+
+// One launch's traffic.
+struct LaunchTraffic {
+  std::string kernel;
+  dim3 grid, block;
+  bool failed = false;
+  uint64_t blocks_run = 0;
+  // [load, store]
+  uint64_t requests[2] = {0, 0}, sectors[2] = {0, 0}, lines[2] = {0, 0}, bytes[2] = {0, 0}, unique_bytes[2] = {0, 0};
+  Segments ranges[2];
+  std::map<std::tuple<std::string, int, bool, bool>, SiteTraffic> sites;  // file, line, store, element
 };
 
 const char* state_name(State s) {
@@ -109,6 +167,13 @@ struct Machine {
   const void* scheduler_stack_bottom = nullptr;
   size_t scheduler_stack_size = 0;
   std::string failure;  // set by the first check that fails; ends the launch
+
+  // Traffic accounting (while traffic_recording): the block in flight's
+  // accesses, the launch in flight's totals, and the launches recorded.
+  std::vector<Access> block_accesses;
+  LaunchTraffic traffic;
+  std::vector<LaunchTraffic> recorded;
+  uint64_t every_kth_block = 1;
 };
 
 Machine& machine() {
@@ -293,6 +358,8 @@ void run_block(Machine& m, uint64_t block_linear) {
     Fiber& f = m.fibers[t];
     f.state = State::kRunnable;
     f.fake_stack = nullptr;
+    f.epoch = 0;
+    f.site_counts.clear();
     f.index = uint3{t % m.block.x, t / m.block.x % m.block.y, t / (m.block.x * m.block.y)};
     if (!f.stack) f.stack.reset(new char[kStackBytes]);
     getcontext(&f.context);
@@ -317,6 +384,70 @@ void run_block(Machine& m, uint64_t block_linear) {
       return;
     }
   }
+}
+
+// Groups the finished block's accesses into warp requests (same warp,
+// synchronisation epoch, source site, instance of that site and direction)
+// and adds them to the launch's totals.
+void account_block(Machine& m) {
+  std::vector<Access>& a = m.block_accesses;
+  std::sort(a.begin(), a.end(), [](const Access& x, const Access& y) {
+    return std::tie(x.warp, x.epoch, x.line, x.file, x.store, x.instance, x.address) <
+           std::tie(y.warp, y.epoch, y.line, y.file, y.store, y.instance, y.address);
+  });
+  std::vector<uint64_t> sectors, lines;
+  LaunchTraffic& lt = m.traffic;
+  for (size_t i = 0; i < a.size();) {
+    size_t j = i;
+    sectors.clear();
+    lines.clear();
+    uint64_t bytes = 0, unique_bytes = 0, covered_to = 0;
+    for (; j < a.size() && a[j].warp == a[i].warp && a[j].epoch == a[i].epoch && a[j].line == a[i].line &&
+           a[j].file == a[i].file && a[j].store == a[i].store && a[j].instance == a[i].instance;
+         ++j) {
+      const uint64_t first = a[j].address, last = a[j].address + a[j].bytes - 1;
+      for (uint64_t s = first >> 5; s <= last >> 5; ++s) sectors.push_back(s);
+      for (uint64_t l = first >> 7; l <= last >> 7; ++l) lines.push_back(l);
+      bytes += a[j].bytes;
+      // sorted by address within the request: count each byte once
+      const uint64_t from = std::max(first, covered_to);
+      const uint64_t fresh = last + 1 > from ? last + 1 - from : 0;
+      unique_bytes += fresh;
+      covered_to = std::max(covered_to, last + 1);
+      add_range(lt.ranges[a[j].store ? 1 : 0], first, last + 1, fresh);
+    }
+    std::sort(sectors.begin(), sectors.end());
+    std::sort(lines.begin(), lines.end());
+    const uint64_t n_sectors = std::unique(sectors.begin(), sectors.end()) - sectors.begin();
+    const uint64_t n_lines = std::unique(lines.begin(), lines.end()) - lines.begin();
+    const int d = a[i].store ? 1 : 0;
+    lt.requests[d] += 1;
+    lt.sectors[d] += n_sectors;
+    lt.lines[d] += n_lines;
+    lt.bytes[d] += bytes;
+    lt.unique_bytes[d] += unique_bytes;
+    std::string file = a[i].file;
+    const size_t slash = file.rfind('/');
+    if (slash != std::string::npos) file = file.substr(slash + 1);
+    SiteTraffic& site = lt.sites[{file, a[i].line, a[i].store, a[i].element}];
+    site.requests += 1;
+    site.sectors += n_sectors;
+    site.lines += n_lines;
+    site.bytes += bytes;
+    site.unique_bytes += unique_bytes;
+    site.accesses += j - i;
+    i = j;
+  }
+  a.clear();
+}
+
+std::string json_string(const std::string& s) {
+  std::string r = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') r += '\\';
+    if (static_cast<unsigned char>(c) >= 0x20) r += c;
+  }
+  return r + "\"";
 }
 
 Fiber& current_fiber(const char* what) {
@@ -360,6 +491,8 @@ const dim3& grid_dim() { return machine().grid; }
 void sync_threads(const char* file, int line) {
   Machine& m = machine();
   Fiber& f = current_fiber("__syncthreads");
+  ++f.epoch;
+  f.site_counts.clear();
   f.state = State::kAtBarrier;
   f.site = Site{file, line};
   switch_to_scheduler(m, f);
@@ -379,11 +512,84 @@ uint64_t shuffle(ShuffleKind kind, unsigned mask, uint64_t value, int lane_argum
     fail_in_thread(m, f, "__shfl_*_sync at " + where(site) + ": thread " + thread_name(f.index) +
                              " calls it with a mask that does not name its own lane");
   }
+  ++f.epoch;
+  f.site_counts.clear();
   f.state = State::kAtShuffle;
   f.site = site;
   f.shuffle = ShuffleCall{kind, mask, value, lane_argument, width, 0};
   switch_to_scheduler(m, f);
   return f.shuffle.result;
+}
+
+void record_global_access(const void* address, unsigned bytes, bool store, bool element, const char* file,
+                          int line) {
+  Machine& m = machine();
+  if (m.current == nullptr) return;  // host code (the accounting covers kernels)
+  Fiber& f = *m.current;
+  const unsigned t = static_cast<unsigned>(&f - m.fibers.data());
+  uint32_t instance = 0;
+  bool found = false;
+  for (auto& [site, count] : f.site_counts) {
+    if (site.first == file && site.second == line) {
+      instance = count++;
+      found = true;
+      break;
+    }
+  }
+  if (!found) f.site_counts.push_back({{file, line}, 1});
+  // One counter per site and direction: a site is one direction (its
+  // helper's), so the site alone keys it.
+  m.block_accesses.push_back(Access{t / kWarpSize, f.epoch, instance, file, line, store, element,
+                                    reinterpret_cast<uint64_t>(address), bytes});
+}
+
+void set_traffic_recording(bool on, int64_t every_kth_block) {
+  Machine& m = machine();
+  std::lock_guard<std::mutex> lock(m.launch_mutex);
+  m.recorded.clear();
+  m.every_kth_block = every_kth_block > 1 ? static_cast<uint64_t>(every_kth_block) : 1;
+  traffic_recording = on;
+}
+
+std::string take_traffic_json() {
+  Machine& m = machine();
+  std::lock_guard<std::mutex> lock(m.launch_mutex);
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < m.recorded.size(); ++i) {
+    const LaunchTraffic& lt = m.recorded[i];
+    if (i) o << ",";
+    o << "{\"kernel\":" << json_string(lt.kernel) << ",\"grid\":[" << lt.grid.x << "," << lt.grid.y << ","
+      << lt.grid.z << "],\"block\":[" << lt.block.x << "," << lt.block.y << "," << lt.block.z
+      << "],\"failed\":" << (lt.failed ? "true" : "false")
+      << ",\"blocks_run\":" << lt.blocks_run;
+    for (int d = 0; d < 2; ++d) {
+      o << ",\"" << (d ? "store" : "load") << "\":{\"requests\":" << lt.requests[d]
+        << ",\"sectors\":" << lt.sectors[d] << ",\"lines\":" << lt.lines[d] << ",\"bytes\":" << lt.bytes[d]
+        << ",\"unique_bytes\":" << lt.unique_bytes[d]
+        << ",\"ranges\":[";
+      bool first = true;
+      for (const auto& [begin, seg] : lt.ranges[d]) {
+        o << (first ? "" : ",") << "[" << begin << "," << seg.end << "," << seg.asked << "]";
+        first = false;
+      }
+      o << "]}";
+    }
+    o << ",\"sites\":[";
+    bool first = true;
+    for (const auto& [key, s] : lt.sites) {
+      o << (first ? "" : ",") << "{\"site\":" << json_string(std::get<0>(key) + ":" + std::to_string(std::get<1>(key)))
+        << ",\"store\":" << (std::get<2>(key) ? "true" : "false")
+        << ",\"element\":" << (std::get<3>(key) ? "true" : "false") << ",\"requests\":" << s.requests
+        << ",\"sectors\":" << s.sectors << ",\"lines\":" << s.lines << ",\"bytes\":" << s.bytes << ",\"unique_bytes\":" << s.unique_bytes
+        << ",\"accesses\":" << s.accesses << "}";
+      first = false;
+    }
+    o << "]}";
+  }
+  o << "]";
+  m.recorded.clear();
+  return o.str();
 }
 
 float rcp_approx_ftz(float x) { return 1.0f / x; }
@@ -429,10 +635,26 @@ cudaError_t launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
     std::mt19937_64 rng(m.config.seed);
     std::shuffle(order.begin(), order.end(), rng);
   }
+  const bool tracing = traffic_recording;
+  if (tracing) {
+    m.traffic = LaunchTraffic{};
+    m.traffic.kernel = kernel_name;
+    m.traffic.grid = grid;
+    m.traffic.block = block;
+    m.block_accesses.clear();
+  }
+  const uint64_t last_block = order.back();
   for (uint64_t b : order) {
+    if (tracing && m.every_kth_block > 1 && b % m.every_kth_block != 0 && b != last_block) continue;
     m.block_index = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
                           static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
     run_block(m, b);
+    if (tracing) {
+      account_block(m);
+      ++m.traffic.blocks_run;
+      if (!m.failure.empty()) m.traffic.failed = true;
+      if (!m.failure.empty() || b == last_block) m.recorded.push_back(std::move(m.traffic));
+    }
     if (!m.failure.empty()) {
       m.last_error = cudaErrorLaunchFailure;
       m.last_message = std::string(kernel_name) + ", block " + thread_name(m.block_index) + " of grid " +
