@@ -7,7 +7,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [p for folder in ("csrc", "fused_bn", "bench", "tools", "tests") for p in (ROOT / folder).rglob("*")
-           if p.suffix in {".h", ".cuh", ".cu", ".cpp", ".py"} and p.name != Path(__file__).name]
+           if p.suffix in {".h", ".cuh", ".cu", ".cpp", ".py"}
+           # this test and test_notes_pointers_unquoted.py quote the pattern as an example
+           and not p.name.startswith("test_notes_pointers")]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # A pointer's title may run over a comment's line break: `// ... "Issue 37: exp and\n// erf ..."`.
 POINTER = re.compile(r'bench/NOTES\.md, "([^"]+)"')
