@@ -49,8 +49,12 @@ def short_name(kernel):
     return f"{name}<{', '.join(args)}>" if args else name
 
 
+def is_hot_kernel(name):
+    return bool(HOT_KERNEL.search(name)) and "finalize" not in name
+
+
 def is_hot(launch):
-    return bool(HOT_KERNEL.search(launch["kernel"])) and "finalize" not in launch["kernel"]
+    return is_hot_kernel(launch["kernel"])
 
 
 def site_totals(launch, element_only):

@@ -118,8 +118,8 @@ def traffic(every_kth_block=1):
     block (off otherwise: one branch per access). A warp request is the k-th
     access of one source site by a warp's lanes between the same two
     synchronisation points (tests/_traffic.py: where that differs from hardware).
-    every_kth_block > 1 runs only every k-th block of each launch (and the
-    last), for traffic on shapes too large to emulate whole: the results are
+    every_kth_block > 1 runs only the blocks whose linear index is a multiple
+    of k, for traffic on shapes too large to emulate whole: the results are
     then garbage; each record's blocks_run says how many ran."""
     record = Traffic()
     torch.ops.fused_bn_emulation.traffic(True, every_kth_block)

@@ -643,25 +643,27 @@ cudaError_t launch(const char* kernel_name, dim3 grid, dim3 block, size_t dynami
     m.traffic.block = block;
     m.block_accesses.clear();
   }
-  const uint64_t last_block = order.back();
   for (uint64_t b : order) {
-    if (tracing && m.every_kth_block > 1 && b % m.every_kth_block != 0 && b != last_block) continue;
+    if (tracing && m.every_kth_block > 1 && b % m.every_kth_block != 0) continue;
     m.block_index = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
                           static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y))};
     run_block(m, b);
     if (tracing) {
       account_block(m);
       ++m.traffic.blocks_run;
-      if (!m.failure.empty()) m.traffic.failed = true;
-      if (!m.failure.empty() || b == last_block) m.recorded.push_back(std::move(m.traffic));
     }
     if (!m.failure.empty()) {
+      if (tracing) {
+        m.traffic.failed = true;
+        m.recorded.push_back(std::move(m.traffic));
+      }
       m.last_error = cudaErrorLaunchFailure;
       m.last_message = std::string(kernel_name) + ", block " + thread_name(m.block_index) + " of grid " +
                        dims(grid) + ", block size " + dims(block) + ": " + m.failure;
       return m.last_error;
     }
   }
+  if (tracing) m.recorded.push_back(std::move(m.traffic));
   return cudaSuccess;
 }
 
