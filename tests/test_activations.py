@@ -151,30 +151,35 @@ def test_parity_with_nn_composite(name, residual, precision, layout, shape, devi
 
 # ------------------------------------------------ transcendentals over their whole range
 
-def _relative_errors(value, reference):
+def _relative_errors(value, reference, dtype=torch.float32):
     """|value - reference| / |reference| element by element where the reference
-    is a normal float32 (a tiny or zero reference has no meaningful relative error)."""
+    is a normal number of ``dtype`` (a tiny or zero reference has no meaningful
+    relative error, and a subnormal result of a narrow type carries its own)."""
     v, r = value.double(), reference
-    mask = torch.isfinite(r) & (r.abs() >= torch.finfo(torch.float32).tiny)
-    return torch.where(mask, (v - r).abs() / r.abs().clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(r))
+    tiny = torch.finfo(dtype).tiny
+    mask = torch.isfinite(r) & (r.abs() >= tiny)
+    return torch.where(mask, (v - r).abs() / r.abs().clamp_min(tiny), torch.zeros_like(r))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", ["silu", "elu_0.7", "gelu", "gelu_tanh"])
-def test_transcendental_epilogues_hold_relative_accuracy_over_the_whole_range(name, layout, device):
-    """The costly activations evaluate exp and erf with our own vector code on
-    the CPU (csrc/cpu/vec.h, exp_inlined): element by element, over u from -100
-    to 100 and the special values, the forward and the derivative stay within
-    twice nn's own worst relative error (plus one float32 ulp), with NaN and
-    inf where nn has them. Eval with unit statistics and eps = 0, so u = x
-    exactly and nothing but the activation contributes error."""
+def test_transcendental_epilogues_hold_relative_accuracy_over_the_whole_range(name, layout, dtype, device):
+    """The costly activations evaluate exp, erf and the sigmoids' division with
+    our own vector code on the CPU (csrc/cpu/vec.h: exp_inlined, divide; for
+    bfloat16 and float16 outputs their narrow-output forms): element by
+    element, over u from -100 to 100 and the special values, the forward and
+    the derivative stay within twice nn's own worst relative error (plus one
+    float32 ulp), with NaN and inf where nn has them. Eval with unit statistics
+    and eps = 0 (float32 parameters, the mixed case for the narrow types), so
+    u = x exactly and nothing but the activation contributes error."""
     torch.manual_seed(11)
     C = 2
     u = torch.cat([torch.linspace(-100, 100, 40_000, dtype=torch.float64),
                    torch.randn(20_000, dtype=torch.float64) * 3,
                    torch.tensor([0.0, -0.0, 1e-30, -1e-30, 87.0, 87.4, 88.5, 88.8, 89.0, -87.0, -87.4, -88.5,
                                  -88.8, -89.0, -103.0, -104.0, float("inf"), float("-inf"), float("nan")],
-                                dtype=torch.float64)]).float()
+                                dtype=torch.float64)]).to(dtype)
     u = u[: u.numel() // (C * 16) * (C * 16)]  # whole (N, C, 4, 4) images
     x = u.reshape(-1, C, 4, 4)
     if layout == "channels_last":
@@ -186,6 +191,7 @@ def test_transcendental_epilogues_hold_relative_accuracy_over_the_whole_range(na
     module = MODULES[name]
     xr = x.detach().requires_grad_()
     ours = fused_bn.batch_norm(xr, rm, rv, w, b, False, eps=0.0, activation=module)
+    assert ours.dtype == dtype
     (ours_grad,) = torch.autograd.grad(ours, xr, gy)
     xn = x.detach().requires_grad_()
     theirs = module(xn)
@@ -198,11 +204,11 @@ def test_transcendental_epilogues_hold_relative_accuracy_over_the_whole_range(na
         o, n, r = o.detach().cpu(), n.detach().cpu(), r.detach().cpu()
         assert torch.equal(o.isnan(), n.isnan()), f"{name} {what}: NaN where nn has none, or none where nn has"
         assert torch.equal(o.isinf(), n.isinf()), f"{name} {what}: inf where nn has none, or none where nn has"
-        err_ours, err_nn = _relative_errors(o, r), _relative_errors(n, r)
+        err_ours, err_nn = _relative_errors(o, r, dtype), _relative_errors(n, r, dtype)
         worst = int(err_ours.argmax())
         assert float(err_ours.max()) <= 2 * float(err_nn.max()) + ulp, (
-            f"{name} {what} {layout}: relative error {float(err_ours.max()):.3e} at u = {float(x.detach().cpu().reshape(-1)[worst]):.9g}"
-            f" exceeds 2 x nn's {float(err_nn.max()):.3e} + one ulp")
+            f"{name} {what} {layout} {dtype}: relative error {float(err_ours.max()):.3e} at u = "
+            f"{float(x.detach().cpu().reshape(-1)[worst]):.9g} exceeds 2 x nn's {float(err_nn.max()):.3e} + one ulp")
 
 
 # ---------------------------------------------------------------- float64 derivatives

@@ -25,6 +25,9 @@
 //   M::splat(T) -> V    a constant
 //   M::select(m, a, b)  a where the mask m (a comparison of Vs) holds, else b
 //   M::fma(a, b, c)     a · b + c, one rounding
+//   M::div(a, b)        a / b for b >= 1 (the sigmoids' 1 + exp(·)), inf
+//                       included; a policy whose results are rounded to a
+//                       narrower type may divide by a refined reciprocal
 //   M::exp, expm1, erf, tanh, log1p
 // Comparisons are false for NaN, so each formula's NaN behaviour is the one
 // PyTorch's kernels give (written next to each).
@@ -189,12 +192,12 @@ struct Silu : Unparameterized {
   static constexpr bool kCostlyDerivative = true;
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
-    return u / (M::splat(1) + M::exp(M::splat(0) - u));
+    return M::div(u, M::splat(1) + M::exp(M::splat(0) - u));
   }
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
     const auto one = M::splat(1);
-    const auto sigmoid = one / (one + M::exp(M::splat(0) - u));
+    const auto sigmoid = M::div(one, one + M::exp(M::splat(0) - u));
     return g * sigmoid * (one + u * (one - sigmoid));
   }
 };
@@ -250,13 +253,13 @@ struct GeluTanh : Unparameterized {
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
     const auto twice_inner = M::splat(2 * kBeta) * (u + M::splat(kKappa) * u * u * u);
-    return u / (M::splat(1) + M::exp(M::splat(0) - twice_inner));
+    return M::div(u, M::splat(1) + M::exp(M::splat(0) - twice_inner));
   }
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
     const auto twice_inner = M::splat(2 * kBeta) * (u + M::splat(kKappa) * u * u * u);
     const auto e = M::exp(M::splat(0) - twice_inner);
-    const auto s = M::splat(1) / (M::splat(1) + e);
+    const auto s = M::div(M::splat(1), M::splat(1) + e);
     // e · s is 1 − s, but inf · 0 where exp(−2z) overflows: there 1 − s is 1.
     const auto one_minus_s = M::select(s > M::splat(0), e * s, M::splat(1));
     const auto inner_derivative = M::splat(kBeta) * (M::splat(1) + M::splat(3 * kKappa) * u * u);
@@ -306,6 +309,7 @@ struct ScalarMath {
   FUSED_BN_HOST_DEVICE static V splat(double v) { return static_cast<V>(v); }
   FUSED_BN_HOST_DEVICE static V select(bool mask, V a, V b) { return mask ? a : b; }
   FUSED_BN_HOST_DEVICE static V fma(V a, V b, V c);
+  FUSED_BN_HOST_DEVICE static V div(V a, V b) { return a / b; }
   FUSED_BN_HOST_DEVICE static V exp(V v);
   FUSED_BN_HOST_DEVICE static V expm1(V v);
   FUSED_BN_HOST_DEVICE static V erf(V v);

@@ -12,18 +12,28 @@ namespace fused_bn::cpu {
 
 using common::GradSource;
 
-// The math policy of csrc/common/activation.h over at::vec vectors of Acc.
-template <typename Acc>
+// The math policy of csrc/common/activation.h over at::vec vectors of Acc;
+// kPrecision (vec.h) says whether its float results are rounded once more to a
+// narrower output type.
+template <typename Acc, Precision kPrecision = Precision::kFloat>
 struct VecMath {
   using T = Acc;
   using V = Vectorized<Acc>;
   static inline V splat(double v) { return V(static_cast<Acc>(v)); }
   static inline V select(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
   static inline V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
-  // float lanes inline exp and erf (see exp_inlined); double keeps Sleef's.
+  // float lanes inline exp, erf and the sigmoids' division (vec.h); double
+  // keeps Sleef's and divides.
+  static inline V div(const V& a, const V& b) {
+    if constexpr (std::is_same_v<Acc, float>) {
+      return divide<kPrecision>(a, b);
+    } else {
+      return a / b;
+    }
+  }
   static inline V exp(const V& v) {
     if constexpr (std::is_same_v<Acc, float>) {
-      return exp_inlined(v);
+      return exp_inlined<kPrecision>(v);
     } else {
       return v.exp();
     }
@@ -31,7 +41,7 @@ struct VecMath {
   static inline V expm1(const V& v) { return v.expm1(); }
   static inline V erf(const V& v) {
     if constexpr (std::is_same_v<Acc, float>) {
-      return erf_inlined(v);
+      return erf_inlined<kPrecision>(v);
     } else {
       return v.erf();
     }
@@ -39,6 +49,12 @@ struct VecMath {
   static inline V tanh(const V& v) { return v.tanh(); }
   static inline V log1p(const V& v) { return v.log1p(); }
 };
+
+// The policy scalar_t's epilogues evaluate with: bfloat16 and float16 outputs
+// (accumulated in float) take the narrow-output forms.
+template <typename scalar_t>
+using EpilogueMath = VecMath<acc_type<scalar_t>, std::is_same_v<acc_type<scalar_t>, scalar_t> ? Precision::kFloat
+                                                                                               : Precision::kNarrowOutput>;
 
 template <typename scalar_t, typename A>
 using ActParams = typename A::template Params<acc_type<scalar_t>>;
@@ -54,9 +70,9 @@ struct EpilogueArgs {
   inline Vectorized<acc_type<scalar_t>> apply(const Vectorized<acc_type<scalar_t>>& z,
                                               const Vectorized<acc_type<scalar_t>>& residual) const {
     if constexpr (Epi::kHasResidual) {
-      return A::template forward<VecMath<acc_type<scalar_t>>>(z + residual, params);
+      return A::template forward<EpilogueMath<scalar_t>>(z + residual, params);
     } else {
-      return A::template forward<VecMath<acc_type<scalar_t>>>(z, params);
+      return A::template forward<EpilogueMath<scalar_t>>(z, params);
     }
   }
 };
@@ -103,8 +119,8 @@ __attribute__((always_inline)) inline Vectorized<acc_type<scalar_t>> transform_g
     const Vectorized<acc_type<scalar_t>>& aux, const Vectorized<acc_type<scalar_t>>& mean,
     const Vectorized<acc_type<scalar_t>>& scale, const Vectorized<acc_type<scalar_t>>& shift,
     const ActParams<scalar_t, typename G::Activation>& params) {
-  return common::transform_grad<typename G::Activation, G::kFrom, VecMath<acc_type<scalar_t>>>(dy, x, aux, mean,
-                                                                                              scale, shift, params);
+  return common::transform_grad<typename G::Activation, G::kFrom, EpilogueMath<scalar_t>>(dy, x, aux, mean, scale,
+                                                                                         shift, params);
 }
 
 }  // namespace fused_bn::cpu

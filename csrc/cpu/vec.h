@@ -80,31 +80,63 @@ inline std::pair<Vectorized<double>, Vectorized<double>> widen(const Vectorized<
 #endif
 }
 
+// How accurate the float lanes' transcendentals must be. kFloat: the result
+// is a float32 output or feeds float32 sums as itself (exp within ~1 ulp).
+// kNarrowOutput: the activation's result is rounded once more, to bfloat16 or
+// float16 (half an ulp: 2^-9, 2^-11 relative), and feeds float sums whose
+// inputs carry that rounding already: exp within 5.4e-6 relative (1% of
+// float16's half ulp), division by a once-refined reciprocal (2^-22). The
+// cheaper forms are worth it where the activation is compute-bound: SiLU's
+// pass in bfloat16 (bench/NOTES.md, "Issue 37: narrow-output transcendentals").
+enum class Precision { kFloat, kNarrowOutput };
+
+// min(max(x, low), high) where a NaN x stays NaN: the x86 min/max return their
+// second operand when either is NaN, so x goes second (at::vec's maximum and
+// minimum test for NaN with two more instructions each).
+inline Vectorized<float> clamp_keeping_nan(const Vectorized<float>& x, float low, float high) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_min_ps(_mm512_set1_ps(high), _mm512_max_ps(_mm512_set1_ps(low), x));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_min_ps(_mm256_set1_ps(high), _mm256_max_ps(_mm256_set1_ps(low), x));
+#else
+  return at::vec::minimum(at::vec::maximum(x, Vectorized<float>(low)), Vectorized<float>(high));
+#endif
+}
+
 // exp of float lanes, inlined. at::vec's exp is a call into Sleef (u10), across
 // which no vector register survives (the x86-64 ABI saves none), and it
 // dominated the costly activations' passes (bench/NOTES.md, "Issue 37: exp and
-// erf inlined, pieces staged"). Cody-Waite reduction by ln 2 and Moshier's Cephes polynomial
-// of degree 6 on [-ln2/2, ln2/2]: at most 1.01 ulp from float64's exp over
-// [-104, 88.7], subnormal results included (every 13th float checked; Sleef's
-// u10: 0.57), which keeps the epilogues within the accuracy rule (the rounding
-// of u dominates their error). Subnormal results round once, like Sleef's: 2^n
-// is applied as two normal factors. Above log(FLT_MAX) inf, NaN stays NaN.
+// erf inlined, pieces staged"). Cody-Waite reduction by ln 2 and a polynomial
+// on [-ln2/2, ln2/2]: kFloat, Moshier's Cephes polynomial of degree 6, at most
+// 1.01 ulp from float64's exp over [-104, 88.7], subnormal results included
+// (every 13th float checked; Sleef's u10: 0.57), which keeps the epilogues
+// within the accuracy rule (the rounding of u dominates their error);
+// kNarrowOutput, degree 4 (our minimax fit of the relative error), 5.4e-6.
+// Subnormal results round once, like Sleef's: 2^n is applied as two normal
+// factors. Above log(FLT_MAX) inf; a NaN flows through as NaN.
+template <Precision kPrecision = Precision::kFloat>
 inline Vectorized<float> exp_inlined(const Vectorized<float>& x) {
   using V = Vectorized<float>;
   // exp(-104) < 2^-150, half the least subnormal: from there down (-inf too)
   // the clamped x gives 0 with no test of its own.
   constexpr float kLowest = -104.0f;
   constexpr float kHighest = 88.72283905f;  // log(FLT_MAX)
-  const V clamped = at::vec::minimum(at::vec::maximum(x, V(kLowest)), V(kHighest));
+  const V clamped = clamp_keeping_nan(x, kLowest, kHighest);
   const V n = (clamped * V(1.44269504088896341f)).round();
   // r = x - n ln 2, with ln 2 split so that n times its high part is exact.
   V r = at::vec::fnmadd(n, V(0.693359375f), clamped);
   r = at::vec::fnmadd(n, V(-2.12194440e-4f), r);
-  V p = at::vec::fmadd(V(1.9875691500e-4f), r, V(1.3981999507e-3f));
-  p = at::vec::fmadd(p, r, V(8.3334519073e-3f));
-  p = at::vec::fmadd(p, r, V(4.1665795894e-2f));
-  p = at::vec::fmadd(p, r, V(1.6666665459e-1f));
-  p = at::vec::fmadd(p, r, V(5.0000001201e-1f));
+  V p;
+  if constexpr (kPrecision == Precision::kFloat) {
+    p = at::vec::fmadd(V(1.9875691500e-4f), r, V(1.3981999507e-3f));
+    p = at::vec::fmadd(p, r, V(8.3334519073e-3f));
+    p = at::vec::fmadd(p, r, V(4.1665795894e-2f));
+    p = at::vec::fmadd(p, r, V(1.6666665459e-1f));
+    p = at::vec::fmadd(p, r, V(5.0000001201e-1f));
+  } else {
+    p = at::vec::fmadd(V(4.127774e-2f), r, V(1.6753514e-1f));
+    p = at::vec::fmadd(p, r, V(5.0005114e-1f));
+  }
   p = at::vec::fmadd(p, r * r, r) + V(1.0f);
   // 2^n = 2^half · 2^(n - half): n runs from -150 to 128, each factor from -75
   // to 64, a normal float built from its exponent bits, (k + 127) << 23.
@@ -112,23 +144,45 @@ inline Vectorized<float> exp_inlined(const Vectorized<float>& x) {
     return at::vec::cast<float>(at::vec::convert_to_int_of_same_size(at::vec::fmadd(k, V(8388608.0f), V(1065353216.0f))));
   };
   const V half = (n * V(0.5f)).floor();
-  V y = p * power_of_two(half) * power_of_two(n - half);
-  y = V::blendv(y, V(std::numeric_limits<float>::infinity()), x > V(kHighest));
-  return V::blendv(y, x, x != x);
+  const V y = p * power_of_two(half) * power_of_two(n - half);
+  return V::blendv(y, V(std::numeric_limits<float>::infinity()), x > V(kHighest));
+}
+
+// a / b for float lanes with b >= 1 or inf (the sigmoids' 1 + exp(·)): kFloat
+// divides; kNarrowOutput multiplies by the hardware's reciprocal estimate
+// refined by one Newton step (2^-22 relative), a few cycles where the divide
+// takes ~10 and stalls the pass. b is first bounded by FLT_MAX, whose estimate
+// is 0 (flushed, as an inf's is), so that the step gives 0, not inf · 0.
+template <Precision kPrecision = Precision::kFloat>
+inline Vectorized<float> divide(const Vectorized<float>& a, const Vectorized<float>& b) {
+  using V = Vectorized<float>;
+  if constexpr (kPrecision == Precision::kNarrowOutput) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    const V bounded = clamp_keeping_nan(b, -std::numeric_limits<float>::max(), std::numeric_limits<float>::max());
+#if defined(CPU_CAPABILITY_AVX512)
+    const V estimate = _mm512_rcp14_ps(bounded);
+#else
+    const V estimate = _mm256_rcp_ps(bounded);
+#endif
+    return a * (estimate * at::vec::fnmadd(bounded, estimate, V(2.0f)));
+#endif
+  }
+  return a / b;
 }
 
 // erf of float lanes by the formula of at::vec's own (Abramowitz and Stegun
 // 7.1.26, |error| < 1.5e-7: what nn's CPU GELU evaluates), with exp_inlined
 // in place of its Sleef call.
+template <Precision kPrecision = Precision::kFloat>
 inline Vectorized<float> erf_inlined(const Vectorized<float>& x) {
   using V = Vectorized<float>;
   const V sign = x & V(-0.0f);
-  const V t = V(1.0f) / at::vec::fmadd(V(0.3275911f), x ^ sign, V(1.0f));
+  const V t = divide<kPrecision>(V(1.0f), at::vec::fmadd(V(0.3275911f), x ^ sign, V(1.0f)));
   V poly = at::vec::fmadd(V(1.061405429f), t, V(-1.453152027f));
   poly = at::vec::fmadd(poly, t, V(1.421413741f));
   poly = at::vec::fmadd(poly, t, V(-0.284496736f));
   poly = at::vec::fmadd(poly, t, V(0.254829592f));
-  const V gaussian = exp_inlined((x * x) ^ V(-0.0f));
+  const V gaussian = exp_inlined<kPrecision>((x * x) ^ V(-0.0f));
   return at::vec::fnmadd(gaussian * t, poly, V(1.0f)) ^ sign;
 }
 
