@@ -1,11 +1,16 @@
 // Per-channel arithmetic both devices share (no torch, no CUDA runtime): the
 // CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda, nvcc or the
-// emulated GPU) include this one copy, so what is here cannot drift apart.
-// Not here: the CUDA kernels' merges of partial moments inside a reduction
-// (csrc/cuda/reductions.cuh, merge_moments), which run per lane in the
-// accumulation type with their own handling of non-finite deltas; chan_merge
-// below is the double-precision merge of whole channels' moments (the CPU's
-// blocks, and both devices' ranks).
+// emulated GPU) include this one copy, so the formulas defined here cannot
+// drift apart between them. Chan's merge of moments is not defined only
+// here: chan_merge below (double, exact for an empty side) is the CPU's
+// Moments::merge (csrc/cpu/accumulators.h) and both devices' merge of the
+// ranks' exchanged moments, but two more copies of the same formula live
+// apart and must change with it: the CUDA kernels' merge_moments
+// (csrc/cuda/reductions.cuh), in the accumulation type inside the thread,
+// warp and block reductions and across a channel's split partials
+// (csrc/cuda/forward_kernels.cuh), with its own handling of an infinite delta
+// and of an empty side; and the CPU's merge_row_blocks (csrc/cpu/rows.h), one
+// block's weights for all its channels so that the loop vectorizes.
 #pragma once
 
 #include <cmath>

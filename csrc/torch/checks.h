@@ -181,9 +181,6 @@ inline void check_exchanged(const at::Tensor& t, const char* name, const at::Ten
               " is on ", t.device(), " and input is on ", input.device());
 }
 
-// The momentum actually applied to the running statistics: nn.BatchNorm2d's
-// cumulative average (1/num_batches_tracked, after the increment) when
-// momentum is None. `batches_tracked` is the counter's value after increment.
 // The data-parallel backward's count of values per channel over all ranks:
 // a one-element tensor on the input's device, so that it can stay where the
 // gathered statistics are (no host read on a GPU).
@@ -195,6 +192,9 @@ inline void check_exchanged_count(const at::Tensor& count, const at::Tensor& inp
               count.device(), " and input is on ", input.device());
 }
 
+// The momentum actually applied to the running statistics: nn.BatchNorm2d's
+// cumulative average (1/num_batches_tracked, after the increment) when
+// momentum is None. `batches_tracked` is the counter's value after increment.
 inline double running_average_factor(c10::optional<double> momentum, double batches_tracked) {
   if (momentum.has_value()) return *momentum;
   return common::cumulative_average_factor(batches_tracked);
