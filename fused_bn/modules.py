@@ -6,6 +6,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.compiler import is_compiling
 
 from ._activations import IDENTITY, resolve
+from ._docstrings import add_relu_doc, lazy_doc, module_doc, relu_doc
 from ._sync import sync_batch_norm
 from .functional import _batch_norm_epilogue
 
@@ -140,65 +141,27 @@ class _FusedBatchNormAddReLUForward(_FusedBatchNormForward):
 
 
 class FusedBatchNorm1d(_FusedBatchNormForward, nn.BatchNorm1d):
-    """``nn.BatchNorm1d`` computed by fused_bn's kernels, on (N, C) or (N, C, L)
-    input; a subclass, as ``FusedBatchNorm2d`` is of ``nn.BatchNorm2d``. (N, C)
-    is a batch of rows of C channels: the kernels read it as channels-last with
-    one position per image.
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias:
-            ``nn.BatchNorm1d``'s, as described for ``FusedBatchNorm2d``.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C) or (N, C, L); float32, float64, float16 or bfloat16; (N, C) rows are read as channels-last with one position each; a transposed (N, C, L) is copied to contiguous, as nn does.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 2D or 3D input (got 4D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
+    __doc__ = module_doc(1, """
+        ``nn.BatchNorm1d`` computed by fused_bn's kernels, on (N, C) or (N, C, L)
+        input; a subclass, as ``FusedBatchNorm2d`` is of ``nn.BatchNorm2d``. (N, C)
+        is a batch of rows of C channels: the kernels read it as channels-last with
+        one position per image.""", example="""
         head = fused_bn.FusedBatchNorm1d(256, activation="silu")
         y = head(torch.randn(32, 256))          # (N, C) rows
-        y = head(torch.randn(4, 256, 10))       # (N, C, L)
-    """
+        y = head(torch.randn(4, 256, 10))       # (N, C, L)""")
 
 
 class FusedBatchNorm2d(_FusedBatchNormForward, nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` computed by fused_bn's kernels.
+    __doc__ = module_doc(2, """
+        ``nn.BatchNorm2d`` computed by fused_bn's kernels.
 
-    A subclass with the same constructor, parameters, buffers and state_dict keys,
-    so checkpoints, optimizers and ``isinstance(m, nn.BatchNorm2d)`` keep working;
-    channels_last input gives channels_last output. Unlike ``nn.BatchNorm2d``, an
-    input that raises leaves ``num_batches_tracked`` untouched: every check runs
-    before the op mutates any state. ``forward(input, residual=None)`` returns
-    ``activation(bn(input) + residual)``; the ``activation`` property gives the
-    fused activation as an ``Activation`` (or None).
-
-    Args:
+        A subclass with the same constructor, parameters, buffers and state_dict keys,
+        so checkpoints, optimizers and ``isinstance(m, nn.BatchNorm2d)`` keep working;
+        channels_last input gives channels_last output. Unlike ``nn.BatchNorm2d``, an
+        input that raises leaves ``num_batches_tracked`` untouched: every check runs
+        before the op mutates any state. ``forward(input, residual=None)`` returns
+        ``activation(bn(input) + residual)``; the ``activation`` property gives the
+        fused activation as an ``Activation`` (or None).""", args="""
         num_features: C, the number of channels.
         eps: added to the variance before its square root (default 1e-5).
         momentum: the batch statistics' weight in the running statistics'
@@ -210,388 +173,52 @@ class FusedBatchNorm2d(_FusedBatchNormForward, nn.BatchNorm2d):
             them eval normalizes with the batch's statistics.
         device, dtype: where and in which dtype parameters and buffers are made.
         bias: keyword only (default True); False: an affine module with a
-            ``weight`` and no ``bias``, as nn's takes it.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C, H, W); float32, float64, float16 or bfloat16; contiguous, channels_last or any strides.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 4D input (got 3D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
+            ``weight`` and no ``bias``, as nn's takes it.""", example="""
         bn = fused_bn.FusedBatchNorm2d(16, activation="relu")
         x = torch.randn(8, 16, 7, 7).to(memory_format=torch.channels_last)
         y = bn(x)                          # relu(bn(x)), channels_last like x
         y = bn(x, torch.randn_like(x))     # relu(bn(x) + residual)
         assert y.is_contiguous(memory_format=torch.channels_last)
-        assert bn.activation == fused_bn.Activation("relu")
-    """
+        assert bn.activation == fused_bn.Activation("relu")""")
 
 
 class FusedBatchNorm3d(_FusedBatchNormForward, nn.BatchNorm3d):
-    """``nn.BatchNorm3d`` computed by fused_bn's kernels, on (N, C, D, H, W) input;
-    a subclass, as ``FusedBatchNorm2d`` is of ``nn.BatchNorm2d``. channels_last_3d
-    input gives channels_last_3d output.
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias:
-            ``nn.BatchNorm3d``'s, as described for ``FusedBatchNorm2d``.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C, D, H, W); float32, float64, float16 or bfloat16; contiguous, channels_last_3d or any strides.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 5D input (got 4D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
+    __doc__ = module_doc(3, """
+        ``nn.BatchNorm3d`` computed by fused_bn's kernels, on (N, C, D, H, W) input;
+        a subclass, as ``FusedBatchNorm2d`` is of ``nn.BatchNorm2d``. channels_last_3d
+        input gives channels_last_3d output.""", example="""
         bn = fused_bn.FusedBatchNorm3d(8)
         x = torch.randn(2, 8, 4, 6, 6).to(memory_format=torch.channels_last_3d)
-        assert bn(x).is_contiguous(memory_format=torch.channels_last_3d)
-    """
+        assert bn(x).is_contiguous(memory_format=torch.channels_last_3d)""")
 
 
 class FusedBatchNormReLU1d(_FusedBatchNormReLUForward, FusedBatchNorm1d):
-    """``relu(nn.BatchNorm1d(x))`` in batch norm's passes over memory.
-
-    ``FusedBatchNorm1d`` with ``activation="relu"`` by default (an alias:
-    same state_dict, same kernels).
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias:
-            ``nn.BatchNorm1d``'s, as described for ``FusedBatchNorm2d``. ``activation`` defaults to ``"relu"``.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C) or (N, C, L); float32, float64, float16 or bfloat16; (N, C) rows are read as channels-last with one position each; a transposed (N, C, L) is copied to contiguous, as nn does.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 2D or 3D input (got 4D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
-        bn = fused_bn.FusedBatchNormReLU1d(16)
-        x = torch.randn(4, 16)
-        assert (bn(x) >= 0).all()
-    """
+    __doc__ = relu_doc(1)
 
 
 class FusedBatchNormReLU2d(_FusedBatchNormReLUForward, FusedBatchNorm2d):
-    """``relu(nn.BatchNorm2d(x))`` in the passes over memory batch norm alone
-    takes; the backward recomputes the ReLU's mask from the input.
-
-    ``FusedBatchNorm2d`` with ``activation="relu"`` by default (an alias:
-    same state_dict, same kernels).
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias:
-            ``nn.BatchNorm2d``'s, as described for ``FusedBatchNorm2d``. ``activation`` defaults to ``"relu"``.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C, H, W); float32, float64, float16 or bfloat16; contiguous, channels_last or any strides.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 4D input (got 3D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
-        bn = fused_bn.FusedBatchNormReLU2d(16)
-        x = torch.randn(4, 16, 5, 5)
-        assert (bn(x) >= 0).all()
-    """
+    __doc__ = relu_doc(2, summary="""
+        ``relu(nn.BatchNorm2d(x))`` in the passes over memory batch norm alone
+        takes; the backward recomputes the ReLU's mask from the input.""")
 
 
 class FusedBatchNormReLU3d(_FusedBatchNormReLUForward, FusedBatchNorm3d):
-    """``relu(nn.BatchNorm3d(x))`` in batch norm's passes over memory.
-
-    ``FusedBatchNorm3d`` with ``activation="relu"`` by default (an alias:
-    same state_dict, same kernels).
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias:
-            ``nn.BatchNorm3d``'s, as described for ``FusedBatchNorm2d``. ``activation`` defaults to ``"relu"``.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C, D, H, W); float32, float64, float16 or bfloat16; contiguous, channels_last_3d or any strides.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 5D input (got 4D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
-        bn = fused_bn.FusedBatchNormReLU3d(16)
-        x = torch.randn(2, 16, 3, 4, 4)
-        assert (bn(x) >= 0).all()
-    """
+    __doc__ = relu_doc(3)
 
 
 class FusedBatchNormAddReLU1d(_FusedBatchNormAddReLUForward, FusedBatchNorm1d):
-    """``relu(nn.BatchNorm1d(x) + residual)`` in one op: ``forward(input, residual)``.
-
-    ``FusedBatchNorm1d`` with ``activation="relu"`` by default, always called
-    with a residual.
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias:
-            ``nn.BatchNorm1d``'s, as described for ``FusedBatchNorm2d``. ``activation`` defaults to ``"relu"``.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C) or (N, C, L); float32, float64, float16 or bfloat16; (N, C) rows are read as channels-last with one position each; a transposed (N, C, L) is copied to contiguous, as nn does.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 2D or 3D input (got 4D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        TypeError: ``forward`` without a residual (it is required).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
-        block_end = fused_bn.FusedBatchNormAddReLU1d(16)
-        x, identity = torch.randn(4, 16), torch.randn(4, 16)
-        y = block_end(x, identity)             # relu(bn(x) + identity)
-    """
+    __doc__ = add_relu_doc(1)
 
 
 class FusedBatchNormAddReLU2d(_FusedBatchNormAddReLUForward, FusedBatchNorm2d):
-    """``relu(nn.BatchNorm2d(x) + residual)``, the end of a ResNet block, in one
-    op; ``forward(input, residual)``, where ``residual`` has the input's shape
-    and dtype and gets a gradient.
-
-    ``FusedBatchNorm2d`` with ``activation="relu"`` by default, always called
-    with a residual.
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias:
-            ``nn.BatchNorm2d``'s, as described for ``FusedBatchNorm2d``. ``activation`` defaults to ``"relu"``.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C, H, W); float32, float64, float16 or bfloat16; contiguous, channels_last or any strides.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 4D input (got 3D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        TypeError: ``forward`` without a residual (it is required).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
-        block_end = fused_bn.FusedBatchNormAddReLU2d(16)
-        x, identity = torch.randn(4, 16, 5, 5), torch.randn(4, 16, 5, 5)
-        y = block_end(x, identity)             # relu(bn(x) + identity)
-    """
+    __doc__ = add_relu_doc(2, summary="""
+        ``relu(nn.BatchNorm2d(x) + residual)``, the end of a ResNet block, in one
+        op; ``forward(input, residual)``, where ``residual`` has the input's shape
+        and dtype and gets a gradient.""")
 
 
 class FusedBatchNormAddReLU3d(_FusedBatchNormAddReLUForward, FusedBatchNorm3d):
-    """``relu(nn.BatchNorm3d(x) + residual)`` in one op: ``forward(input, residual)``.
-
-    ``FusedBatchNorm3d`` with ``activation="relu"`` by default, always called
-    with a residual.
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias:
-            ``nn.BatchNorm3d``'s, as described for ``FusedBatchNorm2d``. ``activation`` defaults to ``"relu"``.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C, D, H, W); float32, float64, float16 or bfloat16; contiguous, channels_last_3d or any strides.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 5D input (got 4D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        TypeError: ``forward`` without a residual (it is required).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
-        block_end = fused_bn.FusedBatchNormAddReLU3d(16)
-        x, identity = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
-        y = block_end(x, identity)             # relu(bn(x) + identity)
-    """
+    __doc__ = add_relu_doc(3)
 
 
 # nn's lazy batch norms infer ``num_features`` from the first input's
@@ -600,151 +227,19 @@ class FusedBatchNormAddReLU3d(_FusedBatchNormAddReLUForward, FusedBatchNorm3d):
 # loops over batch norms would meet uninitialized parameters.
 
 class FusedLazyBatchNorm1d(_FusedBatchNormForward, nn.LazyBatchNorm1d):
-    """``nn.LazyBatchNorm1d`` computed by fused_bn's kernels; becomes a ``FusedBatchNorm1d``.
-
-    ``num_features`` is the first input's ``size(1)``; until that first call the
-    module holds no values and, like nn's, is no ``nn.BatchNorm1d``.
-
-    Args:
-        eps, momentum, affine, track_running_stats, device, dtype, bias:
-            ``nn.LazyBatchNorm1d``'s, as described for ``FusedBatchNorm2d``.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C) or (N, C, L); float32, float64, float16 or bfloat16; (N, C) rows are read as channels-last with one position each; a transposed (N, C, L) is copied to contiguous, as nn does.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 2D or 3D input (got 4D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
-        bn = fused_bn.FusedLazyBatchNorm1d()
-        y = bn(torch.randn(4, 16))
-        assert type(bn) is fused_bn.FusedBatchNorm1d and bn.num_features == 16
-    """
+    __doc__ = lazy_doc(1)
 
     cls_to_become = FusedBatchNorm1d
 
 
 class FusedLazyBatchNorm2d(_FusedBatchNormForward, nn.LazyBatchNorm2d):
-    """``nn.LazyBatchNorm2d`` computed by fused_bn's kernels; becomes a ``FusedBatchNorm2d``.
-
-    ``num_features`` is the first input's ``size(1)``; until that first call the
-    module holds no values and, like nn's, is no ``nn.BatchNorm2d``.
-
-    Args:
-        eps, momentum, affine, track_running_stats, device, dtype, bias:
-            ``nn.LazyBatchNorm2d``'s, as described for ``FusedBatchNorm2d``.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C, H, W); float32, float64, float16 or bfloat16; contiguous, channels_last or any strides.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 4D input (got 3D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
-        bn = fused_bn.FusedLazyBatchNorm2d()
-        y = bn(torch.randn(4, 16, 5, 5))
-        assert type(bn) is fused_bn.FusedBatchNorm2d and bn.num_features == 16
-    """
+    __doc__ = lazy_doc(2)
 
     cls_to_become = FusedBatchNorm2d
 
 
 class FusedLazyBatchNorm3d(_FusedBatchNormForward, nn.LazyBatchNorm3d):
-    """``nn.LazyBatchNorm3d`` computed by fused_bn's kernels; becomes a ``FusedBatchNorm3d``.
-
-    ``num_features`` is the first input's ``size(1)``; until that first call the
-    module holds no values and, like nn's, is no ``nn.BatchNorm3d``.
-
-    Args:
-        eps, momentum, affine, track_running_stats, device, dtype, bias:
-            ``nn.LazyBatchNorm3d``'s, as described for ``FusedBatchNorm2d``.
-        activation: keyword only. None (plain batch norm), a name of
-            ``fused_bn.ACTIVATIONS`` (nn's default parameters) or the nn module
-            (``nn.ReLU6()``, ``nn.LeakyReLU(0.1)``, ``nn.GELU(approximate="tanh")``):
-            applied after batch norm, and after the residual when ``forward`` gets
-            one, in batch norm's own passes. Not part of the state_dict.
-
-    Shapes and dtypes:
-        input: (N, C, D, H, W); float32, float64, float16 or bfloat16; contiguous, channels_last_3d or any strides.
-        residual: optional second argument of ``forward``: the input's shape and
-            dtype is fused into the passes (it gets a gradient); one that
-            broadcasts into the input's shape or promotes its dtype is added
-            unfused, as eager PyTorch adds it.
-        output: the input's shape, dtype and memory format.
-        parameters and buffers: (C,), the module's dtype; float16 or bfloat16
-            input with float32 parameters and running statistics (mixed precision)
-            returns the input's dtype and keeps float32 statistics.
-
-    Raises:
-        ValueError: input of another rank, with nn's message (``expected 5D input (got 4D input)``);
-            one value per channel in training; ``eps <= 0`` in training or
-            ``eps < 0`` in eval; an activation fused_bn does not fuse (when the
-            module is made).
-        RuntimeError: a channel count other than ``num_features`` (``running_mean
-            should contain 5 elements not 4``); input and parameters of different
-            floating dtypes, other than float16/bfloat16 input with float32
-            parameters; a residual that cannot be added to the output or would
-            broadcast it to a larger shape.
-        NotImplementedError: integer input (nn's error).
-        A call that raises leaves ``num_batches_tracked`` and the running
-        statistics untouched.
-
-    Example::
-
-        bn = fused_bn.FusedLazyBatchNorm3d()
-        y = bn(torch.randn(2, 16, 3, 4, 4))
-        assert type(bn) is fused_bn.FusedBatchNorm3d and bn.num_features == 16
-    """
+    __doc__ = lazy_doc(3)
 
     cls_to_become = FusedBatchNorm3d
 
