@@ -91,6 +91,8 @@ bench: bench-deps build
 	$(PYTHON) -m bench.blocks
 	$(PYTHON) -m bench.sync
 	$(PYTHON) -m bench.models
+	@# without a GPU: the CUDA kernels' memory traffic on the emulated GPU, and a PREDICTED H100/H200 table
+	@if $(PYTHON) -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then $(PYTHON) -m bench.traffic; fi
 
 clean:
 	rm -rf build fused_bn/*.so *.egg-info
