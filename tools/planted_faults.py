@@ -3,7 +3,7 @@ catches each one: for every fault, the copy is patched, the emulated extension
 is built from it (build/planted/<fault>/), and the named tests must fail.
 Usage: python tools/planted_faults.py [fault ...]   (all by default; ~1 min each)
 (FUSED_BN_PLANTED_DIR: where the copies are built, build/planted by default.)
-The list below is the README's planted-fault table."""
+The list below is the planted-fault table of docs/testing.md."""
 import argparse
 import os
 import shutil

@@ -1,6 +1,6 @@
 // An emulated GPU for the kernel layer: the CUDA built-ins csrc/cuda uses,
 // for host C++ (g++), so the same .cu source runs on the CPU under the test
-// suite (FUSED_BN_CUDA_EMULATION; see README "Testing"). Never included by nvcc.
+// suite (FUSED_BN_CUDA_EMULATION; see docs/testing.md, "Testing the CUDA kernels without a GPU"). Never included by nvcc.
 //
 // Execution model (emulation.cpp): a launch runs its blocks one at a time in a
 // configurable order (forward, reverse, seeded shuffle); a block's threads are
@@ -87,7 +87,7 @@ uint64_t shuffle(ShuffleKind kind, unsigned mask, uint64_t value, int lane_argum
 // The float one returns the correctly rounded reciprocal and the double one the
 // float reciprocal widened (about 2^-24 relative, the precision class of the
 // hardware's), so the Newton steps that follow in the kernels start from an
-// approximation as good as the GPU's, not from the same bits (README).
+// approximation as good as the GPU's, not from the same bits (docs/testing.md, "What only a real GPU can prove").
 float rcp_approx_ftz(float x);
 double rcp_approx_ftz(double x);
 
