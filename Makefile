@@ -100,7 +100,9 @@ clean:
 # Compile the CUDA kernel layer for sm_80 and sm_90 (no GPU needed) with the
 # flags torch.utils.cpp_extension builds extensions with, print ptxas's
 # resource report per kernel, and fail on any spill or on a stack frame in a
-# hot kernel (tools/cuda_check.py); then check that the torch glue compiles
+# hot kernel (tools/cuda_check.py); read the sm_90 SASS and fail where a hot
+# kernel's 16-byte vector path issues no 128-bit global loads/stores
+# (tools/sass_check.py); then check that the torch glue compiles
 # (syntax and types: a CPU torch ships the c10/cuda headers, not the libraries).
 CUDA_CHECK_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
 	-Xptxas -v -O3 -std=c++17 -DFUSED_BN_WITH_CUDA \
@@ -117,6 +119,19 @@ cuda-check:
 		$(PYTHON) tools/cuda_check.py --nvcc "$(NVCC)" --source csrc/cuda/$$unit.cu \
 			--output build/cuda-check/$$unit.o -- $(CUDA_CHECK_FLAGS) || exit 1; \
 	done
+	@# The SASS nvcc emitted (tools/sass_check.py): every 16-byte vector path of a hot kernel must
+	@# issue LDG.E.128 (and STG.E.128 where it writes a tensor). cuobjdump and the nvdisasm it runs
+	@# come from the toolkit, PATH, or the pip wheels, installed only when none is found.
+	@$(PYTHON) -c "import sys; sys.path.insert(0, 'tools'); import sass_check as s; \
+		sys.exit(0 if s.find_tool('cuobjdump', '$(NVCC)') and s.find_tool('nvdisasm', '$(NVCC)') else 1)" \
+		|| $(PIP) install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm || true
+	@$(PYTHON) tools/sass_check.py --nvcc "$(NVCC)" --arch sm_90 $(foreach unit,$(CUDA_UNITS),build/cuda-check/$(unit).o); \
+		rc=$$?; if [ $$rc -eq 3 ]; then \
+		echo "cuda-check: ************************************************************************" >&2; \
+		echo "cuda-check: SASS CHECK SKIPPED: no cuobjdump/nvdisasm and pip could not install them" >&2; \
+		echo "cuda-check: (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm); 128-bit accesses NOT verified" >&2; \
+		echo "cuda-check: ************************************************************************" >&2; \
+		elif [ $$rc -ne 0 ]; then exit $$rc; fi
 	@echo "cuda-check: the torch glue (csrc/cuda/batch_norm_cuda.cpp), syntax only, against torch's headers"
 	@test -n "$(CUDA_INCLUDE)" || { echo "cuda-check: no CUDA include directory (set CUDA_HOME)" >&2; exit 1; }
 	@$(CXX) -std=c++20 -fsyntax-only -DFUSED_BN_WITH_CUDA -Icsrc -I"$(CUDA_INCLUDE)" \
