@@ -43,18 +43,21 @@ COLD_KERNEL_RE = re.compile(r"finalize_|increment_counter|snapshot_counter")
 
 
 def demangle(names):
+    """{mangled: demangled} by c++filt (names unchanged where it is missing or
+    answers with another number of lines). tools/sass_check.py uses it too."""
     try:
         out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
                              check=True).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return {n: n for n in names}
-    return dict(zip(names, out))
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
-def short_name(pretty):
-    """'void ns::kernel<T, 4>(args)' -> 'kernel<T, 4>'."""
+def kernel_signature(pretty):
+    """'void fused_bn::cuda::kernel<T, 4>(args)' -> 'kernel<T, 4>' (types as
+    c++filt spells them; tools/sass_check.py classifies kernels by these)."""
     pretty = re.sub(r"^void ", "", pretty)
-    pretty = re.sub(r"fused_bn::cuda::(\(anonymous namespace\)::)?", "", pretty)
+    pretty = re.sub(r"fused_bn::cuda::(detail::)?(\(anonymous namespace\)::)?", "", pretty)
     depth = 0
     for i, ch in enumerate(pretty):
         if ch == "<":
@@ -62,9 +65,13 @@ def short_name(pretty):
         elif ch == ">":
             depth -= 1
         elif ch == "(" and depth == 0:
-            pretty = pretty[:i]
-            break
-    return pretty.replace("__nv_bfloat16", "bf16").replace("__half", "half")
+            return pretty[:i]
+    return pretty
+
+
+def short_name(pretty):
+    """kernel_signature with the half types' short names, for the report."""
+    return kernel_signature(pretty).replace("__nv_bfloat16", "bf16").replace("__half", "half")
 
 
 def parse(log):

@@ -39,11 +39,18 @@ cuobjdump/nvdisasm found (the SASS check is skipped; the caller decides).
 import argparse
 import collections
 import glob
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
+
+# The ptxas check's kernel naming (demangle, kernel_signature), shared rather than copied.
+_cuda_check_spec = importlib.util.spec_from_file_location(
+    "cuda_check", os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_check.py"))
+cuda_check = importlib.util.module_from_spec(_cuda_check_spec)
+_cuda_check_spec.loader.exec_module(cuda_check)
 
 FUNCTION_RE = re.compile(r"^\s*Function\s*:\s*(\S+)")
 # "@!P0 LDG.E.128.CONSTANT R4, desc[UR6][R2.64] ;" -> ("LDG", ".E.128.CONSTANT")
@@ -115,29 +122,6 @@ def expectation(short):
     return family, True, False  # moments: a reduction
 
 
-def demangle(names):
-    try:
-        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
-                             check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return {n: n for n in names}
-    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
-
-
-def short_name(pretty):
-    pretty = re.sub(r"^void ", "", pretty)
-    pretty = re.sub(r"fused_bn::cuda::(detail::)?(\(anonymous namespace\)::)?", "", pretty)
-    depth = 0
-    for i, ch in enumerate(pretty):
-        if ch == "<":
-            depth += 1
-        elif ch == ">":
-            depth -= 1
-        elif ch == "(" and depth == 0:
-            return pretty[:i]
-    return pretty
-
-
 def display_name(short):
     return (short.replace("fused_bn::common::", "").replace("__nv_bfloat16", "bf16").replace("__half", "half")
             .replace("(GradSource)", "src"))
@@ -153,7 +137,7 @@ def check(kernels, names=None):
     names = names or {n: n for n in kernels}
     rows, failures = [], []
     for mangled, counter in kernels.items():
-        short = short_name(names.get(mangled, mangled))
+        short = cuda_check.kernel_signature(names.get(mangled, mangled))
         exp = expectation(short)
         rows.append((short, exp, counter))
         if exp is None:
@@ -266,7 +250,7 @@ def main():
             print(f"sass-check FAILED: no {args.arch} SASS functions in {obj}", file=sys.stderr)
             return 1
         kernels.update(parsed)
-    rows, failures = check(kernels, demangle(sorted(kernels)))
+    rows, failures = check(kernels, cuda_check.demangle(sorted(kernels)))
     print_table(rows, args.arch)
     checked = sum(1 for r in rows if r[1] is not None)
     if failures:
