@@ -540,22 +540,41 @@ def test_inductor_decomposes_eval_into_nn_composite(freezing):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+class _ActivationOutside(nn.Module):
+    """conv -> bn -> act -> conv with the batch norm's output read a second
+    time, so that Inductor's pre-grad fold (fused_bn/_inductor.py) leaves the
+    activation outside our op."""
+
+    def __init__(self, activation):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn = fused_bn.FusedBatchNorm2d(16)
+        self.act = activation
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.bn(self.conv1(x))
+        return self.conv2(self.act(y)) + y.mean()
+
+
 @pytest.mark.parametrize("name, fused", [("relu6", True), ("silu", True), ("relu6", False)],
                          ids=["relu6", "silu", "relu6-after-the-op"])
 def test_inductor_adds_no_copy_around_the_op(name, fused):
     """conv -> bn+act -> conv with NCHW input: Inductor runs the convolutions in
     channels_last (layout optimization) and our ops take their output as it is:
     no layout-changing copy feeds or follows them. With the activation left
-    outside (a plain convert_model), its backward is an Inductor kernel whose
+    outside (its output read twice: not folded under compile), its backward is an Inductor kernel whose
     output is our backward's grad_output: it must be written in the input's
     layout (fused_bn/_inductor.py), not copied there by our op."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    bn_act = ([fused_bn.FusedBatchNorm2d(16, activation=MODULES[name])] if fused
-              else [fused_bn.FusedBatchNorm2d(16), MODULES[name]])
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), *bn_act,
-                          nn.Conv2d(16, 8, 3, padding=1, bias=False))
+    if fused:
+        model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False),
+                              fused_bn.FusedBatchNorm2d(16, activation=MODULES[name]),
+                              nn.Conv2d(16, 8, 3, padding=1, bias=False))
+    else:
+        model = _ActivationOutside(MODULES[name])
     x = torch.randn(4, 8, 12, 12, requires_grad=True)
 
     def step(x):
