@@ -34,7 +34,7 @@ outside, the activation is an Inductor kernel whose mask the partitioner saves
 for the backward in the eager trace's NCHW (Inductor's channels_last
 preference stops at the last convolution in graph order), transposed from our
 channels_last output: a compiled plain-converted MobileNet-v2 trained at half
-the compiled original's speed (bench/NOTES.md, "compiled plain conversion").
+the compiled original's speed (bench/NOTES.md, "Issue 37/38: compiled plain conversion").
 
 Importing Inductor costs seconds, so all three are registered lazily: by the fake
 kernels of these ops (fused_bn/_registration.py), which run while Dynamo traces
