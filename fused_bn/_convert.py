@@ -9,6 +9,11 @@ from ._fuse import FusionRecord, _in_place_records, _structural_copy, fuse_with_
 from ._swap import _convert_in_place
 
 
+def _require_module(model, function: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fused_bn.{function} expects an nn.Module, got {type(model).__name__}")
+
+
 def convert_model(module: nn.Module, fuse: bool = False, *, fuse_relu: bool = False) -> nn.Module:
     """Replace every submodule whose type is exactly ``nn.BatchNorm1d``,
     ``nn.BatchNorm2d`` or ``nn.BatchNorm3d`` with ``FusedBatchNorm1d`` (2d, 3d)
@@ -74,7 +79,7 @@ def convert_model(module: nn.Module, fuse: bool = False, *, fuse_relu: bool = Fa
         device (they are the same objects).
 
     Raises:
-        AttributeError: ``module`` is not an ``nn.Module`` (no check of its own).
+        TypeError: ``module`` is not an ``nn.Module`` (as ``revert_model``).
 
     Example::
 
@@ -84,6 +89,7 @@ def convert_model(module: nn.Module, fuse: bool = False, *, fuse_relu: bool = Fa
         x = torch.randn(2, 3, 12, 12)
         torch.testing.assert_close(fused(x), model(x))   # model: still nn's modules
     """
+    _require_module(module, "convert_model")
     fuse = fuse or fuse_relu
     if fuse:
         traced = fuse_with_fx(module)
@@ -106,7 +112,7 @@ def fusion_report(model: nn.Module) -> List[FusionRecord]:
         A list of ``FusionRecord``, one per batch norm.
 
     Raises:
-        AttributeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``.
 
     Example::
 
@@ -114,6 +120,7 @@ def fusion_report(model: nn.Module) -> List[FusionRecord]:
         [record] = fused_bn.fusion_report(model)
         assert record == fused_bn.FusionRecord("1", "silu", "silu", None)
     """
+    _require_module(model, "fusion_report")
     report = []
     if fuse_with_fx(model, report) is None:
         report = list(_in_place_records("", model, _convert_in_place(_structural_copy(model), fuse=True)))

@@ -435,3 +435,11 @@ def test_compiled_fused_model_matches_the_eager_original(memory_format):
                            + [b for _, b in sorted(model.named_buffers())])
         for i, (ours, theirs) in enumerate(zip(*results)):
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=lambda m: f"step {step} #{i}: {m}")
+
+
+@pytest.mark.parametrize("function", ["convert_model", "fusion_report"])
+@pytest.mark.parametrize("value", [None, 3, [nn.BatchNorm2d(4)]], ids=["None", "int", "list"])
+def test_not_a_module_raises_type_error(function, value):
+    """As revert_model: a clear TypeError, not an AttributeError from deep inside."""
+    with pytest.raises(TypeError, match=f"{function} expects an nn.Module, got {type(value).__name__}"):
+        getattr(fused_bn, function)(value)
