@@ -224,6 +224,63 @@ inline void merge_row_blocks(const RowBlocking& rb, int64_t rows, int64_t C, con
   }
 }
 
+// nhwc_block_grad_sums' piece when g is dy (no activation, no eval dx): the
+// same sums lane by lane in the same row order, a pair of vectors (half a
+// tile) at a time. Its four per-column sums (Σg, Σg·(x − mean), Σ(x − mean),
+// the g != G flags) over a whole tile are 16 vectors beside the tile's mean
+// and G: gcc spilled half of them, and the pass took 1.8x nn's reduction in
+// channels_last (bench/NOTES.md, "Issue 38: channels_last backward sums").
+template <typename scalar_t>
+__attribute__((always_inline)) inline void identity_piece_grad_sums(
+    const scalar_t* x, const scalar_t* dy, int64_t C, int64_t width, int64_t col, int64_t c0, int64_t n, int64_t r0,
+    int64_t r1, const acc_type<scalar_t>* mean, const acc_type<scalar_t>* first_dy, acc_type<scalar_t>* differs, double* sum_dy,
+    double* sum_dy_xmu, double* sum_xmu) {
+  using IO = VecPair<scalar_t>;
+  using Acc = acc_type<scalar_t>;
+  using AccVec = typename IO::AccVec;
+  for (int64_t h = 0; h < 2; ++h) {
+    const int64_t hc = c0 + h * IO::kWidth;  // the strip's column of this pair
+    const int64_t hn = std::min<int64_t>(n - h * IO::kWidth, IO::kWidth);
+    if (hn <= 0) break;
+    const auto [m0, m1] = IO::load_coefs(mean + col + hc);
+    const auto [f0, f1] = IO::load_coefs(first_dy + hc);
+    const AccVec zero(Acc(0));
+    AccVec sd0 = zero, sd1 = zero, sgx0 = zero, sgx1 = zero, sx0 = zero, sx1 = zero, d0 = zero, d1 = zero;
+    // The pair the walk reads next in this row (the next pair of columns, or
+    // after the strip's last, the first pair kRowsPerFold rows down) is
+    // prefetched: a piece is 16 rows, too few for the hardware's stride
+    // prefetcher to get ahead. A prefetch past the tensor is a hint, never a fault.
+    const int64_t ahead = hc + IO::kWidth < width ? IO::kWidth : kRowsPerFold * C - hc;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t at = r * C + col + hc;
+      __builtin_prefetch(x + at + ahead);
+      __builtin_prefetch(dy + at + ahead);
+      // Columns past hn: x, mean, dy and G all load as 0.
+      const auto [x0, x1] = IO::load(x + at, hn);
+      const auto [g0, g1] = IO::load(dy + at, hn);
+      sd0 = sd0 + g0;
+      sd1 = sd1 + g1;
+      const AccVec u0 = x0 - m0, u1 = x1 - m1;
+      sgx0 = at::vec::fmadd(g0, u0, sgx0);
+      sgx1 = at::vec::fmadd(g1, u1, sgx1);
+      sx0 = sx0 + u0;
+      sx1 = sx1 + u1;
+      d0 = d0 | (g0 != f0);
+      d1 = d1 | (g1 != f1);
+    }
+    Acc lanes[IO::kWidth];
+    const auto fold = [&](const AccVec& a, const AccVec& b, double* totals) {
+      IO::store_coefs(lanes, {a, b});
+      for (int64_t i = 0; i < IO::kWidth; ++i) totals[hc + i] += static_cast<double>(lanes[i]);
+    };
+    fold(sd0, sd1, sum_dy);
+    fold(sgx0, sgx1, sum_dy_xmu);
+    fold(sx0, sx1, sum_xmu);
+    const auto [e0, e1] = IO::load_coefs(differs + hc);
+    IO::store_coefs(differs + hc, {d0 | e0, d1 | e1});
+  }
+}
+
 // Per-channel GradSums of channels [strip.begin, strip.end) over rows
 // [row_begin, row_end) of C channels, as structure of arrays (see
 // merge_row_blocks) at [strip.begin, strip.end); mean is padded to whole tiles.
@@ -253,6 +310,13 @@ void nhwc_block_grad_sums(const scalar_t* x, const scalar_t* dy, int64_t C, Colu
   Acc* staged = kStaged ? thread_scratch<Acc, ScratchSlot::kStagedPiece>(kRowsPerFold * T::kWidth) : nullptr;
   rows_walk<scalar_t>(Rows{width, C}, row_begin, row_end, false, [&](int64_t r0, int64_t r1, int64_t c0, int64_t n) {
     // c0 is the strip's column, col + c0 the channel.
+    if constexpr (G::kIdentity) {
+      if (!eval_dx) {
+        identity_piece_grad_sums(x, dy, C, width, col, c0, n, r0, r1, k.mean, first_dy, differs, sum_dy, sum_dy_xmu,
+                                 sum_xmu);
+        return;
+      }
+    }
     const T m = T::coefs(k.mean + col + c0);
     const T sc = G::kRecomputes || eval_dx ? T::coefs(k.scale + col + c0) : T::zero();
     const T fs = G::kRecomputes ? T::coefs(k.forward_shift + col + c0) : T::zero();
