@@ -155,10 +155,6 @@ def _same_tensor_type(a, b) -> bool:
             and ta.shape == tb.shape and ta.dtype == tb.dtype and ta.device == tb.device)
 
 
-def _only_user(node):
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
 def _fold_activation(op, output, follower) -> bool:
     from ._fuse import _activation_of
 
@@ -208,6 +204,8 @@ def fold_into_training_ops(graph: torch.fx.Graph) -> None:
     a tensor of its shape and dtype, or by such an add and then an activation,
     takes them as its arguments (fused_bn/_fuse.py's rules for what folds:
     parameters carried exactly, no write into the residual, no alpha)."""
+    from ._fuse import _only_user  # here, not at the top: _fuse imports modules, whose registration imports this file
+
     targets = {getattr(torch.ops.fused_bn, name) for name in _FOLDING_OPS}
     targets |= {t.default for t in targets}
     for op in list(graph.nodes):
