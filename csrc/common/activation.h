@@ -28,6 +28,8 @@
 //   M::div(a, b)        a / b for b >= 1 (the sigmoids' 1 + exp(·)), inf
 //                       included; a policy whose results are rounded to a
 //                       narrower type may divide by a refined reciprocal
+//   M::times_sigmoid(a, v)  a · σ(v) = a / (1 + exp(−v)), inf and NaN as that
+//                       formula gives them (a policy may evaluate σ its own way)
 //   M::exp, expm1, erf, tanh, log1p
 // Comparisons are false for NaN, so each formula's NaN behaviour is the one
 // PyTorch's kernels give (written next to each).
@@ -192,12 +194,12 @@ struct Silu : Unparameterized {
   static constexpr bool kCostlyDerivative = true;
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
-    return M::div(u, M::splat(1) + M::exp(M::splat(0) - u));
+    return M::times_sigmoid(u, u);
   }
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
     const auto one = M::splat(1);
-    const auto sigmoid = M::div(one, one + M::exp(M::splat(0) - u));
+    const auto sigmoid = M::times_sigmoid(one, u);
     return g * sigmoid * (one + u * (one - sigmoid));
   }
 };
@@ -253,7 +255,7 @@ struct GeluTanh : Unparameterized {
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
     const auto twice_inner = M::splat(2 * kBeta) * (u + M::splat(kKappa) * u * u * u);
-    return M::div(u, M::splat(1) + M::exp(M::splat(0) - twice_inner));
+    return M::times_sigmoid(u, twice_inner);
   }
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
@@ -310,6 +312,7 @@ struct ScalarMath {
   FUSED_BN_HOST_DEVICE static V select(bool mask, V a, V b) { return mask ? a : b; }
   FUSED_BN_HOST_DEVICE static V fma(V a, V b, V c);
   FUSED_BN_HOST_DEVICE static V div(V a, V b) { return a / b; }
+  FUSED_BN_HOST_DEVICE static V times_sigmoid(V a, V v) { return a / (V(1) + exp(V(0) - v)); }
   FUSED_BN_HOST_DEVICE static V exp(V v);
   FUSED_BN_HOST_DEVICE static V expm1(V v);
   FUSED_BN_HOST_DEVICE static V erf(V v);

@@ -22,13 +22,20 @@ struct VecMath {
   static inline V splat(double v) { return V(static_cast<Acc>(v)); }
   static inline V select(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
   static inline V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
-  // float lanes inline exp, erf and the sigmoids' division (vec.h); double
-  // keeps Sleef's and divides.
+  // float lanes inline exp, erf, the sigmoids' division and σ (vec.h);
+  // double keeps Sleef's and divides.
   static inline V div(const V& a, const V& b) {
     if constexpr (std::is_same_v<Acc, float>) {
       return divide<kPrecision>(a, b);
     } else {
       return a / b;
+    }
+  }
+  static inline V times_sigmoid(const V& a, const V& v) {
+    if constexpr (std::is_same_v<Acc, float>) {
+      return cpu::times_sigmoid<kPrecision>(a, v);
+    } else {
+      return a / (V(1) + (V(0) - v).exp());
     }
   }
   static inline V exp(const V& v) {
