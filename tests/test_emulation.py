@@ -2,6 +2,12 @@
 checks catch what a GPU leaves undefined, its warp and block built-ins compute
 what a GPU computes, and fused_bn's ops really run our CUDA kernels under it.
 Runs in the emulated pass of ``make test`` (FUSED_BN_EMULATED_CUDA=1)."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -132,8 +138,11 @@ def test_bitwise_identical_in_any_block_and_thread_order(shape, dtype, layout, r
 def test_offsets_past_two_to_the_31(restore_device):
     """A tensor of more than 2^31 elements (bfloat16, 4.3 GB in and out): every
     element offset is 64-bit. Each image is one constant, so the check is cheap;
-    a wrapped 32-bit offset writes elsewhere (or outside the tensor)."""
-    shape = (2, 1, 32768, 32769)
+    a wrapped 32-bit offset writes elsewhere (or outside the tensor). Planes of
+    whole 16-byte vectors, so the channels-first cursor's path runs (a plane
+    that is not, 32768x32769 before issue 39, now walks the flattened tensor,
+    whose index is 64-bit too)."""
+    shape = (2, 1, 32768, 32776)
     assert shape[0] * shape[2] * shape[3] > 2 ** 31
     emulated_cuda.configure(132, "forward", 0)
     x = torch.empty(shape, dtype=torch.bfloat16)
@@ -167,6 +176,60 @@ def test_zero_channels_count_the_batch():
     before = emulated_cuda.launch_count()
     fused_bn.FusedBatchNorm2d(0, track_running_stats=False)(x)
     assert emulated_cuda.launch_count() == before
+
+
+# An empty batch (N = 0) whose planes take the staged moments kernel (at
+# most 256 elements, not whole 16-byte vectors: traversals.cuh,
+# uses_staged_planes). The training forward and batch_norm_stats still launch
+# the moments pass (for the counter snapshot); its input is empty, a null data
+# pointer, and the staged kernel read each channel's shift K from it: a
+# segfault (issue 39's first attempt, b52946d; hypothesis drew (0, 65, 5, 3)
+# bfloat16 in test_properties.py::test_module_matches_nn). It runs in a child
+# process, so that a crash fails this test with the shape instead of ending
+# the session.
+EMPTY_STAGED_CASE = textwrap.dedent("""
+    import sys
+    import torch
+    import fused_bn
+    import emulated_cuda
+
+    emulated_cuda.build(sys.argv[1])
+    emulated_cuda.enable(True)
+    ops = torch.ops.fused_bn
+    for shape, dtype in [((0, 65, 5, 3), torch.bfloat16), ((0, 3, 5, 5), torch.float32),
+                         ((0, 8, 7, 7), torch.float64), ((0, 5, 1, 3), torch.float16)]:
+        print("shape", shape, dtype, flush=True)
+        C = shape[1]
+        x = torch.empty(shape, dtype=dtype)
+        with emulated_cuda.traffic() as t:
+            m = fused_bn.FusedBatchNorm2d(C).to(dtype)
+            before = {k: v.clone() for k, v in m.state_dict().items()}
+            xr = x.clone().requires_grad_()
+            y = m(xr)
+            y.backward(torch.empty_like(y))
+            stats = ops.batch_norm_stats(x, None, None, None, None)
+        assert any("staged_moments_kernel" in l["kernel"] for l in t.launches), [l["kernel"] for l in t.launches]
+        assert y.shape == xr.grad.shape == shape
+        assert torch.equal(m.weight.grad, torch.zeros(C, dtype=dtype))
+        assert torch.equal(m.bias.grad, torch.zeros(C, dtype=dtype))
+        assert torch.equal(m.running_mean, before["running_mean"])
+        assert torch.equal(m.running_var, before["running_var"])
+        assert int(m.num_batches_tracked) == 1
+        assert torch.equal(stats, torch.zeros(C, 3, dtype=torch.float64)), stats
+    print("done", flush=True)
+""")
+
+
+def test_empty_batch_on_staged_planes():
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    variant = os.environ.get("FUSED_BN_EMULATION_VARIANT", "default")
+    result = subprocess.run([sys.executable, "-c", EMPTY_STAGED_CASE, variant], env=env, capture_output=True,
+                            text=True, timeout=600)
+    shapes = [line for line in result.stdout.splitlines() if line.startswith("shape")]
+    assert result.returncode == 0 and "done" in result.stdout, (
+        f"exit status {result.returncode} at {shapes[-1] if shapes else 'start'}\n{result.stderr[-3000:]}")
 
 
 def test_two_values_per_channel_with_nonfinite_grad():

@@ -197,3 +197,80 @@ def test_recording_is_off_by_default_and_counts_one_copy_exactly(grid):
     passes = tensor_passes(t.launches, {"x": x, "y": y})
     assert passes["x"]["read"] == pytest.approx(1.0) and passes["x"]["write"] == 0
     assert passes["y"]["write"] == pytest.approx(1.0) and passes["y"]["read"] == 0
+
+
+# Issue 39's fixes, each with the guard as its regression test.
+#
+# NCHW planes that are not whole 16-byte vectors (7x7 float32 and bfloat16,
+# 14x14 bfloat16, primes) run on scalar accesses; a block per channel had
+# each warp straddle the end of one image's plane and the start of the
+# next's, C*H*W elements away (at batch 64, 7x7 float32: 74% of the sector
+# bytes used, bfloat16 57%). The element passes now walk the flattened
+# tensor (traversals.cuh, flat_element_pass), the reductions (moments, grad
+# sums of dy and x) stage 8 channels' planes through shared memory
+# (staged_planes_pass): whole sectors. Small runs leave some partial sectors
+# (3x4x1x31 bfloat16: 86%), so the shapes here have 8 channels or more per
+# block, as ResNet's do.
+UNALIGNED_SHAPES = [(4, 8, 7, 7), (2, 8, 14, 14), (3, 8, 1, 31)]
+
+
+@pytest.mark.parametrize("multiprocessors", GRIDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["train_forward", "eval_forward", "backward", "eval_backward_relu", "stats",
+                                "backward_sums"])
+def test_unaligned_nchw_planes_read_whole_sectors(op, dtype, multiprocessors, grid):
+    emulated_cuda.configure(multiprocessors, "forward", 0)
+    problems = []
+    for shape in UNALIGNED_SHAPES:
+        x = make(shape, "nchw", dtype)
+        launches, _, _ = run_op(op, x, "nchw", dtype)
+        hot = [launch for launch in launches if is_hot(launch)]
+        assert hot, f"{shape}: no hot kernel ran"
+        for launch in hot:
+            eff = sector_efficiency(launch)
+            if eff < MIN_SECTOR_EFFICIENCY:
+                problems.append(f"{shape}: {short_name(launch['kernel'])}: sector efficiency {eff:.1%} "
+                                f"(grid {launch['grid']}, block {launch['block']})")
+    assert not problems, "\n".join(problems)
+
+
+# Grids fill whole waves (launch.cuh, wave_filling_split): on ResNet-50's
+# NCHW shapes at batch 64 on 132 multiprocessors the grid of (C, splits)
+# blocks took 1.09 (C = 64 at 56x56), 1.21 (C = 128 at 56x56) and 1.45
+# (C = 256 at 28x28) waves, the last wave mostly idle; every hot launch's
+# blocks now fill at least 90% of the waves they take. Block sampling (the
+# addresses, not the results, are what is looked at) keeps this to seconds.
+WAVE_SHAPES = [(64, 64, 56, 56), (64, 128, 56, 56), (64, 256, 28, 28)]
+MIN_WAVE_FILL = 0.9
+
+
+def wave_fill(launch, multiprocessors=132, resident_threads=1024):
+    blocks = launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
+    threads = launch["block"][0] * launch["block"][1] * launch["block"][2]
+    wave = multiprocessors * max(1, resident_threads // threads)
+    return blocks / (-(-blocks // wave) * wave), blocks / wave
+
+
+@pytest.mark.parametrize("op", ["train_forward", "backward"])
+def test_resnet_nchw_grids_fill_whole_waves(op, grid):
+    emulated_cuda.configure(132, "forward", 0)
+    problems = []
+    for shape in WAVE_SHAPES:
+        C = shape[1]
+        x = torch.zeros(shape)
+        w, b = params(C, torch.float32)
+        rm, rv = torch.zeros(C), torch.ones(C)
+        with emulated_cuda.traffic(every_kth_block=256) as t:
+            if op == "train_forward":
+                ops.batch_norm_train(x, w, b, rm, rv, None, 0.1, 1e-5)
+            else:
+                ops.batch_norm_backward(torch.zeros(shape), x, w, torch.zeros(C), torch.ones(C), True, 1e-5,
+                                        [True, True, True])
+        hot = [launch for launch in t.launches if is_hot(launch)]
+        assert len(hot) == 2
+        for launch in hot:
+            fill, waves = wave_fill(launch)
+            if fill < MIN_WAVE_FILL:
+                problems.append(f"{shape}: {short_name(launch['kernel'])}: {waves:.2f} waves, the last "
+                                f"{fill:.0%} full (grid {launch['grid']}, block {launch['block']})")
+    assert not problems, "\n".join(problems)

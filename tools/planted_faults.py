@@ -76,6 +76,10 @@ FAULTS = [
           [(KERNELS, "    return image_ * image_stride + vector_ * vec;",
             "    return static_cast<int>(image_ * image_stride + vector_ * vec);")],
           ["test_emulation.py::test_offsets_past_two_to_the_31"]),
+    Fault("empty-batch-shift-read", "the staged moments kernel reads each channel's shift K on an empty batch "
+          "(issue 39's first attempt: a null input pointer)",
+          [(KERNELS, "owns && has_images ? moments_shift<acc_t>(", "owns ? moments_shift<acc_t>(")],
+          ["test_emulation.py::test_empty_batch_on_staged_planes"]),
     # The traffic guard (tests/test_traffic.py): correct results, wasted bandwidth. The parity tests
     # named in `passes` must still pass, so only the guard can see these.
     Fault("channels-last-strided-walk", "the channels-last element pass maps a warp's lanes down rows "

@@ -83,6 +83,13 @@ LaunchPlan backward_sums_plan(const BackwardParams<scalar_t, param_t>& p) {
     constexpr GradSource kSource = decltype(source)::value;
     const int vec = pick_activation_vector_width<scalar_t, A>(
         p.geometry, {p.input, p.grad_output, grad_aux(p), p.grad_residual});
+    if constexpr (kStagedGradSums<scalar_t, A, kSource>) {
+      if (uses_staged_planes(p.geometry, vec)) {
+        return make_staged_plan(p.geometry,
+                                resident_threads_per_multiprocessor<staged_grad_sums_kernel<scalar_t, A, kSource>,
+                                                                    kMaxThreads>());
+      }
+    }
     return with_activation_vector_width<scalar_t, A>(vec, [&](auto v) {
       constexpr int kVec = decltype(v)::value;
       return make_pass_plan<channels_first_grad_sums_kernel<scalar_t, kVec, A, kSource>,
@@ -137,6 +144,12 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
       sums_args.aux = grad_aux(p);
       sums_args.grad_residual = p.grad_residual;
       sums_args.partials = partials;
+      if constexpr (kStagedGradSums<scalar_t, A, kSource>) {
+        if (sums_plan.staged) {
+          return launch_kernel<staged_grad_sums_kernel<scalar_t, A, kSource>, kMaxThreads>(
+              sums_plan.grid, sums_plan.block, stream, p.grad_output, p.input, g, sums_plan.work_per_split, sums_args);
+        }
+      }
       return with_activation_vector_width<scalar_t, A>(sums_plan.vec, [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
         return launch_for_layout<channels_first_grad_sums_kernel<scalar_t, kVec, A, kSource>,
@@ -188,7 +201,7 @@ cudaError_t launch_batch_norm_backward(const BackwardParams<scalar_t, param_t>& 
         constexpr bool kTraining = decltype(training)::value;
         constexpr auto kChannelsFirst = channels_first_grad_input_kernel<scalar_t, kVec, kTraining, A, kDxSource>;
         constexpr auto kChannelsLast = channels_last_grad_input_kernel<scalar_t, kVec, kTraining, A, kDxSource>;
-        const LaunchPlan plan = make_pass_plan<kChannelsFirst, kChannelsLast>(g, vec);
+        const LaunchPlan plan = make_element_pass_plan<kChannelsFirst, kChannelsLast>(g, vec);
         return launch_for_layout<kChannelsFirst, kChannelsLast>(g, plan, stream, dx_grad, p.input, p.grad_input, g,
                                                                 plan.work_per_split, args_dx);
       };

@@ -10,6 +10,7 @@
 #include "traversals.cuh"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fused_bn {
 namespace cuda {
@@ -134,6 +135,48 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   block_sum(sums);
   if (threadIdx.x == 0) args.partials.store(split * geometry.C + channel, sums);
+}
+
+// Short planes that are not whole vectors (uses_staged_planes), for the
+// sources that read dy and x only (the others write g per element), and not
+// for float64 under an activation other than the identity (its FP64 math
+// calls slow-path subroutines, across which kUnroll rows of dy and x made
+// ptxas spill: GELU 72 bytes, ELU 8): warp w of block (group, split) takes
+// channel group * kStagedChannels + w over the split's images, through
+// staged_planes_pass.
+template <typename scalar_t, typename A, GradSource kSource>
+constexpr bool kStagedGradSums = !common::kReadsAux<kSource> && !common::kWritesResidualGrad<kSource> &&
+                                 !(std::is_same_v<scalar_t, double> && !std::is_same_v<A, common::Identity>);
+
+template <typename scalar_t, typename A, GradSource kSource>
+__global__ void __launch_bounds__(kMaxThreads)
+    staged_grad_sums_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
+                            Geometry geometry, int64_t images_per_split, const GradSumsArgs<scalar_t, A> args) {
+  static_assert(kStagedGradSums<scalar_t, A, kSource>, "channels_first_grad_sums_kernel runs this one");
+  const int64_t channel = static_cast<int64_t>(blockIdx.x) * kStagedChannels + threadIdx.x / kWarpSize;
+  const bool owns = channel < geometry.C;
+  // Warps past the last channel visit nothing; channel 0's values stand in.
+  const int64_t source_channel = owns ? channel : 0;
+  const double channel_mean = static_cast<double>(load_global(args.source.mean + source_channel));
+  const auto transform = args.source.template of_channel<kSource>(source_channel);
+
+  double sums[kGradSums] = {0.0, 0.0, 0.0};
+  const scalar_t* const inputs[2] = {grad_output, input};
+  staged_planes_pass<scalar_t, 2>(inputs, geometry, images_per_split,
+                                  [&](const scalar_t (&v)[kUnroll][2], int valid_rows) {
+#pragma unroll
+                                    for (int u = 0; u < kUnroll; ++u) {
+                                      if (u < valid_rows) {
+                                        add_grad_sums(sums, transform(v[u][0], v[u][1], v[u][0]), v[u][1],
+                                                      channel_mean);
+                                      }
+                                    }
+                                  });
+
+  warp_sum(sums);
+  if (owns && threadIdx.x % kWarpSize == 0) {
+    args.partials.store(static_cast<int64_t>(blockIdx.y) * geometry.C + channel, sums);
+  }
 }
 
 template <typename scalar_t, int kVec, typename A, GradSource kSource>

@@ -68,12 +68,18 @@
 // in double. Same GPU (same multiprocessor count) => bitwise identical results.
 //
 // Grids. Channels-first: grid (C, splits), 1-D blocks of 32..256 threads over
-// one channel's N x HW/vec vector positions. Channels-last: grid (column tiles,
+// one channel's N x HW/vec vector positions; on scalar accesses an element
+// pass walks the flattened tensor instead (grid of element runs), and a
+// reduction over planes of at most 256 elements stages 8 channels' planes
+// through shared memory (grid (C/8 channel groups, splits of the N images)),
+// so that warps read whole sectors. Channels-last: grid (column tiles,
 // splits), blocks of up to 32 vector columns x rows (256 threads), splits
-// cutting the N*HW rows. splits fills the chip with ~1024 threads per
-// multiprocessor for any C (or what the kernel's registers let one hold, when
-// fewer: cudaOccupancyMaxActiveBlocksPerMultiprocessor), without giving a
-// block fewer than 4 unrolled iterations per thread. Loads and stores are 16-byte vectors when every
+// cutting the N*HW rows. splits fills the chip with whole waves of ~1024
+// threads per multiprocessor (or what the kernel's registers let one hold, when
+// fewer: cudaOccupancyMaxActiveBlocksPerMultiprocessor): of the counts filling
+// one to four waves, the one whose last wave is fullest, without giving a
+// reduction's block fewer than 4 unrolled iterations per thread (an element
+// pass's, 1). Loads and stores are 16-byte vectors when every
 // pointer involved is 16-byte aligned and HW (channels-first) or C
 // (channels-last) is a multiple of 16 / sizeof(scalar); scalar otherwise.
 // All element offsets are 64-bit. C == 0 launches only a counter increment.

@@ -46,6 +46,9 @@ ForwardWorkspace<acc_t> carve_forward_workspace(void* base, int64_t channels, in
 template <typename scalar_t>
 LaunchPlan moments_plan(const Geometry& g, const scalar_t* input) {
   const int vec = pick_vector_width<scalar_t>(g, {input});
+  if (uses_staged_planes(g, vec)) {
+    return make_staged_plan(g, resident_threads_per_multiprocessor<staged_moments_kernel<scalar_t>, kMaxThreads>());
+  }
   return with_vector_width<scalar_t>(vec, [&](auto v) {
     constexpr int kVec = decltype(v)::value;
     return make_pass_plan<channels_first_moments_kernel<scalar_t, kVec>, channels_last_moments_kernel<scalar_t, kVec>>(
@@ -63,6 +66,11 @@ LaunchPlan forward_moments_plan(const TrainForwardParams<scalar_t, param_t>& p) 
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_moments(const Geometry& g, const LaunchPlan& plan, const scalar_t* input, const int64_t* counter,
                            const ForwardWorkspace<acc_t>& ws, cudaStream_t stream) {
+  if (plan.staged) {
+    return launch_kernel<staged_moments_kernel<scalar_t>, kMaxThreads>(
+        plan.grid, plan.block, stream, input, g, plan.work_per_split, ws.partial_mean, ws.partial_m2,
+        ws.partial_count, counter, ws.counter_snapshot);
+  }
   return with_vector_width<scalar_t>(plan, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
     return launch_for_layout<channels_first_moments_kernel<scalar_t, kVec>,
@@ -103,7 +111,7 @@ cudaError_t launch_normalize(const Geometry& g, const scalar_t* input, const sca
       constexpr int kVec = decltype(v)::value;
       constexpr auto kChannelsFirst = channels_first_normalize_kernel<scalar_t, kVec, Epi>;
       constexpr auto kChannelsLast = channels_last_normalize_kernel<scalar_t, kVec, Epi>;
-      const LaunchPlan plan = make_pass_plan<kChannelsFirst, kChannelsLast>(g, vec);
+      const LaunchPlan plan = make_element_pass_plan<kChannelsFirst, kChannelsLast>(g, vec);
       return launch_for_layout<kChannelsFirst, kChannelsLast>(g, plan, stream, input, residual, output, g,
                                                               plan.work_per_split, args);
     });

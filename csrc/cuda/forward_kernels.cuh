@@ -67,6 +67,51 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// Short planes that are not whole vectors (uses_staged_planes): warp w of
+// block (group, split) takes channel group * kStagedChannels + w over the
+// split's images, through staged_planes_pass.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    staged_moments_kernel(const scalar_t* __restrict__ input, Geometry geometry, int64_t images_per_split,
+                          double* __restrict__ partial_mean, double* __restrict__ partial_m2,
+                          double* __restrict__ partial_count, const int64_t* __restrict__ counter,
+                          int64_t* __restrict__ counter_snapshot) {
+  using acc_t = moments_t<scalar_t>;
+  const int64_t channel = static_cast<int64_t>(blockIdx.x) * kStagedChannels + threadIdx.x / kWarpSize;
+  const bool owns = channel < geometry.C;
+  // K is image 0's first element of the channel, loaded only by a warp that
+  // will fold some: an empty batch (N == 0) still launches this pass (for the
+  // counter snapshot) with a grid of one split, and its input has no element
+  // (a null data pointer: reading it segfaulted; channels_first_moments_kernel
+  // loads K only where a thread has a position).
+  const bool has_images = static_cast<int64_t>(blockIdx.y) * images_per_split < geometry.N;
+  const acc_t shift =
+      owns && has_images ? moments_shift<acc_t>(load_global(input + channel * geometry.HW)) : acc_t(0);
+
+  acc_t mean = acc_t(0), m2 = acc_t(0), count = acc_t(0);
+  const scalar_t* const inputs[1] = {input};
+  staged_planes_pass<scalar_t, 1>(inputs, geometry, images_per_split,
+                                  [&](const scalar_t (&x)[kUnroll][1], int valid_rows) {
+                                    acc_t values[kUnroll][1];
+#pragma unroll
+                                    for (int u = 0; u < kUnroll; ++u) {
+                                      values[u][0] = u < valid_rows ? convert<acc_t>(x[u][0]) - shift : acc_t(0);
+                                    }
+                                    fold_channel_group(values, valid_rows, mean, m2, count);
+                                  });
+
+  warp_merge_moments(mean, m2, count);
+  if (owns && threadIdx.x % kWarpSize == 0) {
+    const int64_t slot = static_cast<int64_t>(blockIdx.y) * geometry.C + channel;
+    store_global(partial_mean + slot, mean);
+    store_global(partial_m2 + slot, m2);
+    store_global(partial_count + slot, count);
+  }
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && counter != nullptr) {
+    store_global(counter_snapshot, load_global(counter) + 1);
+  }
+}
+
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kMaxThreads)
     channels_last_moments_kernel(const scalar_t* __restrict__ input, Geometry geometry,

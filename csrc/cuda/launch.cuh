@@ -4,6 +4,7 @@
 
 #include "device_primitives.cuh"
 #include "epilogues.cuh"
+#include "traversals.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -33,46 +34,113 @@ int pick_vector_width(const Geometry& geometry, std::initializer_list<const void
 }
 
 // Channels-first: grid (C, splits), 1-D blocks over one channel's slice of
-// N x HW/vec vector positions. Channels-last: grid (column tiles, splits),
-// blocks of (block.x vector columns) x (block.y rows); splits cut the N*HW rows.
+// N x HW/vec vector positions; an element pass on scalar accesses (planes not
+// whole vectors) instead walks the flattened tensor, grid (blocks), each
+// block a run of work_per_split consecutive elements (channels_first_element_pass).
+// Channels-last: grid (column tiles, splits), blocks of (block.x vector
+// columns) x (block.y rows); splits cut the N*HW rows.
 struct LaunchPlan {
   dim3 grid;
   dim3 block;
-  int64_t work_per_split = 0;  // vector positions (channels-first) or rows (channels-last)
+  int64_t work_per_split = 0;  // vector positions (channels-first), elements (flattened) or rows (channels-last)
   int64_t splits = 1;
   int vec = 1;
+  // Channels-first reduction on the staged traversal (uses_staged_planes):
+  // grid (channel groups, splits), work_per_split images.
+  bool staged = false;
 };
 
+// What a plan is for: a reduction (a block's partial per split and channel,
+// merged by a finalize pass) or an element pass (nothing to merge).
+enum class PassKind { kReduction, kElement };
+
+// The waves a grid takes go by whole waves: blocks / (ceil(blocks / wave) *
+// wave) of them do work (1: the last wave is full).
+inline double wave_fill(int64_t blocks, int64_t wave) {
+  return static_cast<double>(blocks) / static_cast<double>(ceil_div(blocks, wave) * wave);
+}
+
+struct WorkSplit {
+  int64_t splits = 1;
+  int64_t work_per_split = 0;
+};
+
+// `work` cut into at most `splits` pieces of whole granules (so every thread
+// of a split does the same number of iterations), at least one granule each.
+inline WorkSplit split_work(int64_t work, int64_t splits, int64_t granule) {
+  WorkSplit s;
+  s.work_per_split = std::max<int64_t>(granule, round_up(ceil_div(work, std::max<int64_t>(1, splits)), granule));
+  s.splits = std::max<int64_t>(1, ceil_div(work, s.work_per_split));
+  return s;
+}
+
+// Waves a grid may take to fill its last one better (more blocks, more partials).
+constexpr int64_t kMaxWaves = 4;
+// Fills within this of the best count as equal; the fewest blocks among them win.
+constexpr double kWaveFillTolerance = 1.0 / 32;
+
+// The split of `work` for a grid of `units` x splits blocks, `wave` blocks
+// resident at once, at most max_splits: among the splits that fill one wave
+// (rounded up: the plan before issue 39's fix) and those that fill 1..kMaxWaves
+// whole waves without going over, the one whose last wave is fullest (within
+// kWaveFillTolerance, the fewest blocks). A function of the shape and the
+// grid alone, as the determinism and the workspace's size need.
+inline WorkSplit wave_filling_split(int64_t units, int64_t work, int64_t granule, int64_t max_splits, int64_t wave) {
+  max_splits = std::max<int64_t>(1, std::min(max_splits, kMaxGridY));
+  const auto clamp = [&](int64_t s) { return std::max<int64_t>(1, std::min(s, max_splits)); };
+  WorkSplit candidates[kMaxWaves + 1];
+  double fills[kMaxWaves + 1];
+  candidates[0] = split_work(work, clamp(ceil_div(wave, units)), granule);
+  for (int64_t k = 1; k <= kMaxWaves; ++k) candidates[k] = split_work(work, clamp(k * wave / units), granule);
+  double best = 0.0;
+  for (int64_t i = 0; i <= kMaxWaves; ++i) {
+    fills[i] = wave_fill(units * candidates[i].splits, wave);
+    best = std::max(best, fills[i]);
+  }
+  WorkSplit chosen = candidates[0];
+  bool found = false;
+  for (int64_t i = 0; i <= kMaxWaves; ++i) {
+    if (fills[i] + kWaveFillTolerance < best) continue;
+    if (!found || candidates[i].splits < chosen.splits) chosen = candidates[i];
+    found = true;
+  }
+  return chosen;
+}
+
 // resident_threads: what one multiprocessor holds of the pass's kernel
-// (resident_threads_per_multiprocessor; 0: unknown). The grid is one wave of
-// kTargetThreadsPerMultiprocessor per multiprocessor, or of what the kernel's
-// registers allow when that is fewer (the channels-last reductions of 16-bit
-// types hold 8 channels' double sums per thread).
-inline LaunchPlan make_plan(const Geometry& g, int vec, int resident_threads = kTargetThreadsPerMultiprocessor) {
+// (resident_threads_per_multiprocessor; 0: unknown). The grid aims at whole
+// waves (wave_filling_split) of kTargetThreadsPerMultiprocessor per
+// multiprocessor, or of what the kernel's registers allow when that is fewer
+// (the channels-last reductions of 16-bit types hold 8 channels' double sums
+// per thread). A reduction's thread gets at least kMinIterationsPerThread
+// unrolled iterations (each split adds partials to write and merge); an
+// element pass's, one.
+inline LaunchPlan make_plan(const Geometry& g, int vec, int resident_threads = kTargetThreadsPerMultiprocessor,
+                            PassKind kind = PassKind::kReduction) {
   LaunchPlan plan;
   plan.vec = vec;
   if (g.C <= 0) return plan;  // nothing is launched for C == 0
   const int threads_per_multiprocessor =
       resident_threads > 0 ? std::min(resident_threads, kTargetThreadsPerMultiprocessor)
                            : kTargetThreadsPerMultiprocessor;
-  const int64_t target_threads = static_cast<int64_t>(std::max(g.multiprocessor_count, 1)) *
-                                 threads_per_multiprocessor;
+  const int64_t multiprocessors = std::max(g.multiprocessor_count, 1);
+  const int64_t min_iterations = kind == PassKind::kReduction ? kMinIterationsPerThread : 1;
   if (!g.channels_last) {
-    const int64_t total = g.N * (g.HW / vec);
+    // Flattened: scalar element passes (their warps then read whole sectors
+    // where a channel's planes would leave each warp straddling two of them).
+    const bool flat = kind == PassKind::kElement && vec == 1;
+    const int64_t total = flat ? g.numel() : g.N * (g.HW / vec);
     // Small planes get small blocks rather than idle threads.
     int threads = kMaxThreads;
     while (threads > kWarpSize && threads >= 2 * total) threads /= 2;
-    const int64_t blocks_wanted = std::max<int64_t>(1, target_threads / threads);
-    int64_t splits = ceil_div(blocks_wanted, g.C);
-    const int64_t splits_with_work =
-        ceil_div(total, static_cast<int64_t>(threads) * kUnroll * kMinIterationsPerThread);
-    splits = std::min(splits, std::max<int64_t>(1, splits_with_work));
-    splits = std::max<int64_t>(1, std::min(splits, kMaxGridY));
-    // Whole multiples of the block per split: every thread of a split does the
-    // same number of iterations.
-    plan.work_per_split = std::max<int64_t>(threads, round_up(ceil_div(total, splits), threads));
-    plan.splits = std::max<int64_t>(1, ceil_div(total, plan.work_per_split));
-    plan.grid = dim3(static_cast<unsigned>(g.C), static_cast<unsigned>(plan.splits), 1);
+    const int64_t wave = multiprocessors * std::max(1, threads_per_multiprocessor / threads);
+    const int64_t units = flat ? 1 : g.C;
+    const int64_t splits_with_work = ceil_div(total, static_cast<int64_t>(threads) * kUnroll * min_iterations);
+    const WorkSplit split = wave_filling_split(units, total, threads, splits_with_work, wave);
+    plan.work_per_split = split.work_per_split;
+    plan.splits = split.splits;
+    plan.grid = flat ? dim3(static_cast<unsigned>(plan.splits), 1, 1)
+                     : dim3(static_cast<unsigned>(g.C), static_cast<unsigned>(plan.splits), 1);
     plan.block = dim3(static_cast<unsigned>(threads), 1, 1);
     return plan;
   }
@@ -82,15 +150,36 @@ inline LaunchPlan make_plan(const Geometry& g, int vec, int resident_threads = k
   int block_y = kMaxThreads / block_x;
   while (block_y > 1 && block_y >= 2 * rows) block_y /= 2;
   const int64_t tiles = ceil_div(columns, block_x);
-  const int64_t blocks_wanted = std::max<int64_t>(1, target_threads / (block_x * block_y));
-  int64_t splits = ceil_div(blocks_wanted, tiles);
-  const int64_t splits_with_work = ceil_div(rows, static_cast<int64_t>(block_y) * kUnroll * kMinIterationsPerThread);
-  splits = std::min(splits, std::max<int64_t>(1, splits_with_work));
-  splits = std::max<int64_t>(1, std::min(splits, kMaxGridY));
-  plan.work_per_split = std::max<int64_t>(block_y, round_up(ceil_div(rows, splits), block_y));
-  plan.splits = std::max<int64_t>(1, ceil_div(rows, plan.work_per_split));
+  const int64_t wave = multiprocessors * std::max(1, threads_per_multiprocessor / (block_x * block_y));
+  const int64_t splits_with_work = ceil_div(rows, static_cast<int64_t>(block_y) * kUnroll * min_iterations);
+  const WorkSplit split = wave_filling_split(tiles, rows, block_y, splits_with_work, wave);
+  plan.work_per_split = split.work_per_split;
+  plan.splits = split.splits;
   plan.grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(plan.splits), 1);
   plan.block = dim3(static_cast<unsigned>(block_x), static_cast<unsigned>(block_y), 1);
+  return plan;
+}
+
+// The plan of a staged reduction (uses_staged_planes; traversals.cuh's
+// staged_planes_pass): grid (ceil(C / kStagedChannels), splits), splits
+// cutting the N images, at least a round's images each, filling whole waves.
+inline LaunchPlan make_staged_plan(const Geometry& g, int resident_threads) {
+  LaunchPlan plan;
+  plan.vec = 1;
+  plan.staged = true;
+  if (g.C <= 0) return plan;
+  const int threads_per_multiprocessor =
+      resident_threads > 0 ? std::min(resident_threads, kTargetThreadsPerMultiprocessor)
+                           : kTargetThreadsPerMultiprocessor;
+  const int64_t wave = static_cast<int64_t>(std::max(g.multiprocessor_count, 1)) *
+                       std::max(1, threads_per_multiprocessor / kMaxThreads);
+  const int64_t groups = ceil_div(g.C, static_cast<int64_t>(kStagedChannels));
+  const int64_t images_per_round = kStagedElements / (std::min<int64_t>(g.C, kStagedChannels) * g.HW);
+  const WorkSplit split = wave_filling_split(groups, g.N, 1, ceil_div(g.N, images_per_round), wave);
+  plan.work_per_split = split.work_per_split;
+  plan.splits = split.splits;
+  plan.grid = dim3(static_cast<unsigned>(groups), static_cast<unsigned>(plan.splits), 1);
+  plan.block = dim3(static_cast<unsigned>(kMaxThreads), 1, 1);
   return plan;
 }
 
@@ -147,6 +236,15 @@ LaunchPlan make_pass_plan(const Geometry& g, int vec) {
   const int resident = g.channels_last ? resident_threads_per_multiprocessor<kChannelsLast, kMaxThreads>()
                                        : resident_threads_per_multiprocessor<kChannelsFirst, kMaxThreads>();
   return make_plan(g, vec, resident);
+}
+
+// make_pass_plan for an element pass (PassKind::kElement): the grid
+// channels_first_element_pass and channels_last_element_pass walk.
+template <auto kChannelsFirst, auto kChannelsLast>
+LaunchPlan make_element_pass_plan(const Geometry& g, int vec) {
+  const int resident = g.channels_last ? resident_threads_per_multiprocessor<kChannelsLast, kMaxThreads>()
+                                       : resident_threads_per_multiprocessor<kChannelsFirst, kMaxThreads>();
+  return make_plan(g, vec, resident, PassKind::kElement);
 }
 
 // Epilogues and gradient sources are dispatched by csrc/common/epilogue.h's

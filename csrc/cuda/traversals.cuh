@@ -47,6 +47,41 @@ class PlaneCursor {
   int64_t stride_vectors_;
 };
 
+// Flattened channels-first traversal (scalar element passes): a thread
+// visits elements index, index + stride, ... of the whole N x C x HW tensor;
+// the cursor keeps the channel of the one it is at (and where in its plane),
+// stepping without a division per element.
+class FlatChannelCursor {
+ public:
+  __device__ FlatChannelCursor(int64_t index, int64_t stride, int64_t plane, int64_t channels)
+      : plane_(plane),
+        channels_(channels),
+        within_(index % plane),
+        channel_((index / plane) % channels),
+        stride_within_(stride % plane),
+        stride_channels_((stride / plane) % channels) {}
+
+  __device__ int64_t channel() const { return channel_; }
+
+  __device__ void advance() {
+    within_ += stride_within_;
+    channel_ += stride_channels_;
+    if (within_ >= plane_) {
+      within_ -= plane_;
+      ++channel_;
+    }
+    if (channel_ >= channels_) channel_ -= channels_;  // at most 2C - 1 before
+  }
+
+ private:
+  int64_t plane_;
+  int64_t channels_;
+  int64_t within_;
+  int64_t channel_;
+  int64_t stride_within_;
+  int64_t stride_channels_;
+};
+
 // A channels-first block's share (grid (C, splits), 1-D blocks): vector
 // positions [begin, end) of channel `channel`'s N x HW/kVec, split `split`;
 // a thread starts at begin + threadIdx.x and steps by `stride`.
@@ -76,20 +111,157 @@ struct ChannelsLastShare {
 };
 
 // ---------------------------------------------------------------------------
+// Channels-first reductions over short planes that are not whole vectors
+// (7x7, 14x14 of 16-bit types, primes): a block per channel had each warp
+// request straddle the end of one image's plane and the start of the next's,
+// C * HW elements away (7x7 float32: 74% of the sector bytes used, bfloat16
+// 57%). Staged instead: grid (channel groups, splits), 256 threads, a block
+// owning kStagedChannels consecutive channels, whose planes are one
+// contiguous run per image, and a split's images. Per round the block loads
+// the runs of a few images into shared memory, consecutive threads on
+// consecutive elements (whole sectors), then warp w folds channel
+// first + w's plane of each image from there, lane l taking elements l, l + 32, ...
+constexpr int kStagedChannels = kMaxThreads / kWarpSize;  // a warp per channel
+constexpr int kStagedElements = 2048;                      // per staged tensor and round
+constexpr int64_t kStagedPlaneMax = kStagedElements / kStagedChannels;
+
+// Host: whether a channels-first reduction with vector width vec takes the staged traversal.
+inline bool uses_staged_planes(const Geometry& g, int vec) {
+  return !g.channels_last && vec == 1 && g.HW >= 1 && g.HW <= kStagedPlaneMax;
+}
+
+// visit(values, valid) gets a lane's next values of its warp's channel in one
+// image, values[u][t] from tensor t, the first `valid` of the kUnroll rows
+// set (1..kUnroll); warps past the last channel visit nothing. Every thread
+// must call this (it holds the block's barriers).
+template <typename scalar_t, int kTensors, typename Visit>
+__device__ __forceinline__ void staged_planes_pass(const scalar_t* const (&inputs)[kTensors], const Geometry& g,
+                                                   int64_t images_per_split, Visit&& visit) {
+  __shared__ scalar_t tile[kTensors][kStagedElements];
+  const int64_t first_channel = static_cast<int64_t>(blockIdx.x) * kStagedChannels;
+  const int channels = static_cast<int>(min_index(kStagedChannels, g.C - first_channel));
+  const int plane = static_cast<int>(g.HW);
+  const int run = channels * plane;
+  const int images_per_round = kStagedElements / run;
+  const int64_t image_begin = static_cast<int64_t>(blockIdx.y) * images_per_split;
+  const int64_t image_end = min_index(g.N, image_begin + images_per_split);
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t image_stride = g.C * g.HW;
+  const int64_t run_offset = first_channel * g.HW;
+  // Each image's run is loaded in a window from the 32-element boundary at or
+  // below its start, so a warp's request covers whole sectors whatever the
+  // run's alignment (16-bit 7x7 runs start 16 bytes into a sector every other
+  // image). Lanes outside the run load its nearest element (a sector the
+  // request touches anyway) and keep nothing: every lane issues every load,
+  // as the traffic accounting's grouping assumes.
+  const int window = (run + 2 * kWarpSize - 2) / kWarpSize * kWarpSize;
+  for (int64_t image = image_begin; image < image_end; image += images_per_round) {
+    const int images = static_cast<int>(min_index(images_per_round, image_end - image));
+    const int slots = images * window;
+#pragma unroll 4
+    for (int q = static_cast<int>(threadIdx.x); q < slots; q += static_cast<int>(blockDim.x)) {
+      const int i = q / window;
+      const int64_t start = (image + i) * image_stride + run_offset;
+      const int e = q - i * window - static_cast<int>(static_cast<uint64_t>(start) % kWarpSize);
+      const int at = e < 0 ? 0 : (e < run ? e : run - 1);
+#pragma unroll
+      for (int t = 0; t < kTensors; ++t) {
+        const scalar_t v = load_bundle<scalar_t, 1>(inputs[t] + start + at).v[0];
+        if (at == e) tile[t][i * run + e] = v;
+      }
+    }
+    __syncthreads();
+    if (warp < channels) {
+      for (int at = warp * plane; at < images * run; at += run) {
+        for (int first = 0; first < plane; first += kWarpSize * kUnroll) {
+          scalar_t values[kUnroll][kTensors];
+          int valid = 0;
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int k = first + lane + u * kWarpSize;
+            if (k < plane) {
+#pragma unroll
+              for (int t = 0; t < kTensors; ++t) values[u][t] = tile[t][at + k];
+              valid = u + 1;
+            }
+          }
+          if (valid > 0) visit(values, valid);
+        }
+      }
+    }
+    __syncthreads();  // the round's reads are done before the next overwrites
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Element passes, written once per layout: out = f(in0, in1) element by
 // element, f one channel's per-element op (an Op holding its coefficients),
 // made by Op::of_channel(source, c) from the kernel's coefficient arguments. kInputs is 1 (in0 only: in1 is not
 // read, and f, which ignores it, gets in0 again) or 2. Loads of kSteps groups go
 // before their stores, so kSteps loads are in flight per thread.
 
+// Channels-first on scalar accesses (planes that are not whole vectors, or
+// unaligned pointers): grid (blocks), each block a run of elements_per_block
+// consecutive elements of the flattened tensor, so a warp's lanes read 32
+// consecutive elements (whole sectors) where a channel's blocks would have
+// each warp straddle the end of one image's plane and the start of the
+// next's, C * HW elements away (7x7 planes: 74% of the sector bytes used).
+// An element's channel comes from the cursor; the op is reloaded when it
+// changes (from L1: the coefficients are C-sized).
+template <typename Op, typename scalar_t, int kSteps, int kInputs>
+__device__ __forceinline__ void flat_element_pass(const scalar_t* __restrict__ in0, const scalar_t* __restrict__ in1,
+                                                  scalar_t* __restrict__ out, const Geometry& geometry,
+                                                  int64_t elements_per_block, const typename Op::Source& source) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * elements_per_block;
+  const int64_t end = min_index(geometry.numel(), begin + elements_per_block);
+  const int64_t stride = blockDim.x;
+  int64_t index = begin + threadIdx.x;
+  if (index >= end) return;
+
+  FlatChannelCursor cursor(index, stride, geometry.HW, geometry.C);
+  int64_t op_channel = cursor.channel();
+  Op op = Op::of_channel(source, op_channel);
+  for (; index < end; index += stride * kSteps) {
+    Bundle<scalar_t, 1> a[kSteps], b[kSteps];
+    int64_t channels[kSteps];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      channels[u] = cursor.channel();
+      if (index + u * stride < end) {
+        a[u] = load_bundle<scalar_t, 1>(in0 + index + u * stride);
+        if (kInputs > 1) b[u] = load_bundle<scalar_t, 1>(in1 + index + u * stride);
+      }
+      cursor.advance();
+    }
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      if (index + u * stride < end) {
+        if (channels[u] != op_channel) {
+          op_channel = channels[u];
+          op = Op::of_channel(source, op_channel);
+        }
+        Bundle<scalar_t, 1> y;
+        y.v[0] = op(a[u].v[0], kInputs > 1 ? b[u].v[0] : a[u].v[0]);
+        store_bundle<scalar_t, 1>(out + index + u * stride, y);
+      }
+    }
+  }
+}
+
 // Channels-first: grid (C, splits), a block over one channel's slice of its
-// N x HW/kVec vector positions.
+// N x HW/kVec vector positions; scalar accesses (kVec 1) walk the flattened
+// tensor instead (flat_element_pass, make_plan's PassKind::kElement grid).
 template <typename Op, typename scalar_t, int kVec, int kSteps, int kInputs>
 __device__ __forceinline__ void channels_first_element_pass(const scalar_t* __restrict__ in0,
                                                             const scalar_t* __restrict__ in1,
                                                             scalar_t* __restrict__ out, const Geometry& geometry,
                                                             int64_t vectors_per_split,
                                                             const typename Op::Source& source) {
+  if constexpr (kVec == 1) {
+    flat_element_pass<Op, scalar_t, kSteps, kInputs>(in0, in1, out, geometry, vectors_per_split, source);
+    return;
+  }
   // First: computing an op may call out (eval's double sqrt and division),
   // and the fewer values live across that call, the fewer ptxas spills.
   const Op op = Op::of_channel(source, blockIdx.x);
