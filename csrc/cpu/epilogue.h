@@ -22,8 +22,8 @@ struct VecMath {
   static inline V splat(double v) { return V(static_cast<Acc>(v)); }
   static inline V select(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
   static inline V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
-  // float lanes inline exp, erf, the sigmoids' division and σ (vec.h);
-  // double keeps Sleef's and divides.
+  // float lanes inline exp, expm1, erf, the sigmoids' division and σ
+  // (vec.h); double keeps Sleef's and divides.
   static inline V div(const V& a, const V& b) {
     if constexpr (std::is_same_v<Acc, float>) {
       return divide<kPrecision>(a, b);
@@ -45,7 +45,13 @@ struct VecMath {
       return v.exp();
     }
   }
-  static inline V expm1(const V& v) { return v.expm1(); }
+  static inline V expm1(const V& v) {
+    if constexpr (std::is_same_v<Acc, float>) {
+      return expm1_inlined<kPrecision>(v);
+    } else {
+      return v.expm1();
+    }
+  }
   static inline V erf(const V& v) {
     if constexpr (std::is_same_v<Acc, float>) {
       return erf_inlined<kPrecision>(v);
@@ -106,8 +112,8 @@ struct Grad {
 // activation or the sums over that buffer. The costly activations
 // (kCostlyDerivative) need it: their formulas hold more vectors than fit
 // beside a piece's per-column coefficients and accumulators (up to 24 where
-// AVX2 has 16 registers), or call out of line (Sleef's tanh, expm1 and double
-// exp; the x86-64 ABI saves no vector register across a call), so those would
+// AVX2 has 16 registers), or call out of line (Sleef's tanh, and double lanes'
+// exp and expm1; the x86-64 ABI saves no vector register across a call), so those would
 // be spilled and reloaded on every row (bench/NOTES.md, "Issue 37: exp and
 // erf inlined, pieces staged").
 template <typename A>

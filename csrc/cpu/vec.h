@@ -103,6 +103,17 @@ inline Vectorized<float> clamp_keeping_nan(const Vectorized<float>& x, float low
 #endif
 }
 
+// Whether every lane of v is at least `bound` (a NaN lane is not).
+inline bool all_lanes_at_least(const Vectorized<float>& v, float bound) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cmp_ps_mask(v, _mm512_set1_ps(bound), _CMP_GE_OQ) == 0xFFFF;
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(bound), _CMP_GE_OQ)) == 0xFF;
+#else
+  return (v >= Vectorized<float>(bound)).zero_mask() == 0;
+#endif
+}
+
 // 2^k for integral float lanes k in [-126, 127]: a normal float built from its
 // exponent bits, (k + 127) << 23.
 inline Vectorized<float> power_of_two(const Vectorized<float>& k) {
@@ -121,9 +132,11 @@ struct ExpReduction {
   }
 };
 
-// exp(r) on [-ln2/2, ln2/2] (see exp_inlined for each precision's polynomial).
+// exp(r) − 1 on [-ln2/2, ln2/2] as r + r²·p(r) (see exp_inlined for each
+// precision's polynomial): the r term is exact, so the relative error stays
+// that of p's term as r goes to 0 (where exp(r) − 1 would cancel).
 template <Precision kPrecision>
-inline Vectorized<float> exp_polynomial(const Vectorized<float>& r) {
+inline Vectorized<float> expm1_polynomial(const Vectorized<float>& r) {
   using V = Vectorized<float>;
   V p;
   if constexpr (kPrecision == Precision::kFloat) {
@@ -136,7 +149,13 @@ inline Vectorized<float> exp_polynomial(const Vectorized<float>& r) {
     p = at::vec::fmadd(V(4.127774e-2f), r, V(1.6753514e-1f));
     p = at::vec::fmadd(p, r, V(5.0005114e-1f));
   }
-  return at::vec::fmadd(p, r * r, r) + V(1.0f);
+  return at::vec::fmadd(p, r * r, r);
+}
+
+// exp(r) on [-ln2/2, ln2/2].
+template <Precision kPrecision>
+inline Vectorized<float> exp_polynomial(const Vectorized<float>& r) {
+  return expm1_polynomial<kPrecision>(r) + Vectorized<float>(1.0f);
 }
 
 // exp of float lanes, inlined. at::vec's exp is a call into Sleef (u10), across
@@ -165,6 +184,27 @@ inline Vectorized<float> exp_inlined(const Vectorized<float>& x) {
   return V::blendv(y, V(std::numeric_limits<float>::infinity()), x > V(kHighest));
 }
 
+// exp(x) − 1 of float lanes, inlined (ELU's forward): at::vec's expm1 is
+// Sleef's out-of-line call, which held ELU's passes under issue 37's target
+// (bench/NOTES.md, "Issue 37: ELU's expm1 inlined"). With exp_inlined's
+// reduction x = n ln 2 + r, exp(x) − 1 = 2^n (expm1(r) + 1) − 1
+// = fma(2^n, expm1(r), 2^n − 1): one rounding, 2^n and 2^n − 1 exact for
+// |n| <= 24 (beyond, the −1 or 2^n is below half an ulp of the result), and
+// for |x| < ln2/2 (n = 0) it is expm1(r) itself, whose r term keeps the
+// relative error small near 0 (subnormal x: x). Fast while every lane has
+// |x| <= 86 (|n| <= 124, 2^n one normal factor); a vector with a lane beyond
+// (|x| > 86, inf, NaN: seldom in a normalized tensor) takes Sleef's expm1.
+template <Precision kPrecision = Precision::kFloat>
+inline Vectorized<float> expm1_inlined(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  if (__builtin_expect(all_lanes_at_least(x | V(-0.0f), -86.0f), 1)) {
+    const ExpReduction reduced(x);
+    const V scale = power_of_two(reduced.n);
+    return at::vec::fmadd(scale, expm1_polynomial<kPrecision>(reduced.r), scale - V(1.0f));
+  }
+  return x.expm1();
+}
+
 // 1 / b by the hardware's reciprocal estimate refined by one Newton step
 // (2^-22 relative) for finite b whose reciprocal is normal; a few cycles
 // where the divide takes ~10 and stalls a pass.
@@ -191,17 +231,6 @@ inline Vectorized<float> divide(const Vectorized<float>& a, const Vectorized<flo
                                                     std::numeric_limits<float>::max()));
   }
   return a / b;
-}
-
-// Whether every lane of v is at least `bound` (a NaN lane is not).
-inline bool all_lanes_at_least(const Vectorized<float>& v, float bound) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_cmp_ps_mask(v, _mm512_set1_ps(bound), _CMP_GE_OQ) == 0xFFFF;
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(bound), _CMP_GE_OQ)) == 0xFF;
-#else
-  return (v >= Vectorized<float>(bound)).zero_mask() == 0;
-#endif
 }
 
 // a · σ(v) = a / (1 + exp(−v)) for float lanes: SiLU's forward with a = v,
