@@ -166,8 +166,9 @@ def _relative_errors(value, reference, dtype=torch.float32):
 @pytest.mark.parametrize("name", ["silu", "elu_0.7", "gelu", "gelu_tanh"])
 def test_transcendental_epilogues_hold_relative_accuracy_over_the_whole_range(name, layout, dtype, device):
     """The costly activations evaluate exp, erf and the sigmoids' division with
-    our own vector code on the CPU (csrc/cpu/vec.h: exp_inlined, divide; for
-    bfloat16 and float16 outputs their narrow-output forms): element by
+    our own vector code on the CPU (csrc/cpu/vec.h: exp_inlined, expm1_inlined,
+    divide, times_sigmoid; for bfloat16 and float16 outputs their narrow-output
+    forms): element by
     element, over u from -100 to 100 and the special values, the forward and
     the derivative stay within twice nn's own worst relative error (plus one
     float32 ulp), with NaN and inf where nn has them. Eval with unit statistics
