@@ -274,3 +274,45 @@ def test_resnet_nchw_grids_fill_whole_waves(op, grid):
                 problems.append(f"{shape}: {short_name(launch['kernel'])}: {waves:.2f} waves, the last "
                                 f"{fill:.0%} full (grid {launch['grid']}, block {launch['block']})")
     assert not problems, "\n".join(problems)
+
+
+# Issue 39: the channels-last reductions (moments, grad sums) on ResNet-50's
+# shapes at batch 64 on 132 multiprocessors took as little as 0.19 of a wave
+# (float32 512x7x7: 100 blocks; bfloat16 256x14x14: 98), each thread held to
+# kUnroll * kMinIterationsPerThread rows; launch.cuh's
+# channels_last_reduction_plan lets a thread go down to two rows and blocks
+# narrow to 8 vector columns where the grid would fill less than a wave. Every
+# such launch now fills at least 90% of its waves, but bfloat16 512x7x7: 64
+# vector columns x 3136 rows are 1.5 rows a thread for one wave of 256-thread
+# blocks, so 2 rows (0.74 of a wave) is what whole rows allow (it took 0.09).
+CHANNELS_LAST_WAVE_SHAPES = [(64, 64, 56, 56), (64, 128, 28, 28), (64, 512, 28, 28), (64, 256, 28, 28),
+                             (64, 256, 14, 14), (64, 1024, 14, 14), (64, 512, 14, 14), (64, 512, 7, 7),
+                             (64, 2048, 7, 7)]
+GEOMETRY_BOUND_FILL = {(torch.bfloat16, (64, 512, 7, 7)): 0.7}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["train_forward", "backward"])
+def test_resnet_channels_last_reductions_fill_a_wave(op, dtype, grid):
+    emulated_cuda.configure(132, "forward", 0)
+    problems = []
+    for shape in CHANNELS_LAST_WAVE_SHAPES:
+        C = shape[1]
+        x = torch.zeros(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w, b = params(C, dtype)
+        with emulated_cuda.traffic(every_kth_block=256) as t:
+            if op == "train_forward":
+                ops.batch_norm_train(x, w, b, torch.zeros(C, dtype=w.dtype), torch.ones(C, dtype=w.dtype), None,
+                                     0.1, 1e-5)
+            else:
+                ops.batch_norm_backward(torch.zeros_like(x), x, w, torch.zeros(C, dtype=w.dtype),
+                                        torch.ones(C, dtype=w.dtype), True, 1e-5, [True, True, True])
+        reductions = [launch for launch in t.launches if is_hot(launch) and
+                      ("channels_last_moments" in launch["kernel"] or "channels_last_grad_sums" in launch["kernel"])]
+        assert len(reductions) == 1, [launch["kernel"] for launch in t.launches]
+        fill, waves = wave_fill(reductions[0])
+        want = GEOMETRY_BOUND_FILL.get((dtype, shape), MIN_WAVE_FILL)
+        if fill < want:
+            problems.append(f"{shape}: {short_name(reductions[0]['kernel'])}: {waves:.2f} waves, the last "
+                            f"{fill:.0%} full (grid {reductions[0]['grid']}, block {reductions[0]['block']})")
+    assert not problems, "\n".join(problems)

@@ -107,14 +107,133 @@ inline WorkSplit wave_filling_split(int64_t units, int64_t work, int64_t granule
   return chosen;
 }
 
+// A channels-last grid: blocks of block_x vector columns x block_y rows,
+// tiles of block_x columns, splits of whole block_y rows each cutting the
+// N*HW rows, each thread taking at least min_rows_per_thread of them (where
+// there are that many) and each split at least min_rows_per_split, sized by
+// wave_filling_split.
+inline LaunchPlan channels_last_plan(const Geometry& g, int vec, int threads_per_multiprocessor, int block_x,
+                                     int64_t min_rows_per_thread, int64_t min_rows_per_split = 0) {
+  LaunchPlan plan;
+  plan.vec = vec;
+  const int64_t columns = g.C / vec;
+  const int64_t rows = g.N * g.HW;
+  int block_y = kMaxThreads / block_x;
+  while (block_y > 1 && block_y >= 2 * rows) block_y /= 2;
+  const int64_t tiles = ceil_div(columns, block_x);
+  const int64_t wave = static_cast<int64_t>(std::max(g.multiprocessor_count, 1)) *
+                       std::max(1, threads_per_multiprocessor / (block_x * block_y));
+  const int64_t splits_with_work =
+      ceil_div(rows, std::max(static_cast<int64_t>(block_y) * min_rows_per_thread, min_rows_per_split));
+  const WorkSplit split = wave_filling_split(tiles, rows, block_y, splits_with_work, wave);
+  plan.work_per_split = split.work_per_split;
+  plan.splits = split.splits;
+  plan.grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(plan.splits), 1);
+  plan.block = dim3(static_cast<unsigned>(block_x), static_cast<unsigned>(block_y), 1);
+  return plan;
+}
+
+// Issue 39: a channels-last reduction whose threads each take
+// kUnroll * kMinIterationsPerThread rows leaves most of a wave idle on short
+// planes with few vector columns (ResNet-50 at batch 64 on 132
+// multiprocessors: float32 512x7x7 and bfloat16 256x14x14 ran 100 and 98
+// blocks, 0.19 of a wave). Filling a wave there means fewer rows per thread
+// whatever the block shape (a wave of 256-thread blocks holds 135k threads;
+// float32 512x7x7 has 401k vector positions: 3 each), and more splits: each
+// split writes 3 doubles per channel that the finalize pass reads back.
+// So, where the plan above fills less than a wave (to within
+// kWaveFillTolerance):
+//  - a thread may go down to kMinRowsPerThreadToFill rows (two: one row would
+//    leave a thread's block merge and partial store costing more than its
+//    loads, and would fill no ResNet shape that two rows leave short, since
+//    a wave of those takes 1.5 rows a thread at bfloat16 512x7x7);
+//  - blocks may narrow to kMinFillColumns vector columns (128 bytes of a row,
+//    a whole line per row and warp, and tiles that start on whole sectors):
+//    at a given block count a channel's splits, so its partials, go with the
+//    block width (float32 512x7x7 filled with 32-column blocks writes 131
+//    splits' partials, 1.6 MB beside its 6.3 MB input; with 8-column ones
+//    33 splits, 0.4 MB). Only 16-byte vector columns narrow: a scalar
+//    column of 16-bit type is 2 bytes, and 8 of them would split sectors
+//    between tiles;
+//  - a split keeps at least kMinRowsPerSplitToFill rows, so that its
+//    partials (24 bytes a channel) stay under a fifth of the bytes it reads
+//    of a 16-bit tensor (2 bytes a row and channel), a tenth of a float32
+//    one's. It binds only blocks that cannot narrow (8-row blocks of 32
+//    scalar columns would otherwise split 16 rows at a time).
+// Among those grids (and the plan above): the fullest last wave (within
+// kWaveFillTolerance), then the fewest splits (partials), then the fuller
+// last wave, then the fewest blocks. Shapes the plan above fills keep it. A function of the shape and
+// the multiprocessor count alone, as the determinism and the workspace's size
+// (sized from this plan) need.
+constexpr int64_t kMinRowsPerThreadToFill = 2;
+constexpr int kMinFillColumns = 8;
+constexpr int64_t kMinRowsPerSplitToFill = 64;
+
+inline int64_t plan_blocks(const LaunchPlan& plan) {
+  return static_cast<int64_t>(plan.grid.x) * plan.grid.y * plan.grid.z;
+}
+
+// The blocks of the plan's shape resident at once.
+inline int64_t plan_wave(const LaunchPlan& plan, int64_t multiprocessors, int threads_per_multiprocessor) {
+  const int64_t threads = static_cast<int64_t>(plan.block.x) * plan.block.y * plan.block.z;
+  return multiprocessors * std::max<int64_t>(1, threads_per_multiprocessor / std::max<int64_t>(1, threads));
+}
+
+inline double plan_wave_fill(const LaunchPlan& plan, int64_t multiprocessors, int threads_per_multiprocessor) {
+  return wave_fill(plan_blocks(plan), plan_wave(plan, multiprocessors, threads_per_multiprocessor));
+}
+
+inline LaunchPlan channels_last_reduction_plan(const Geometry& g, int vec, int threads_per_multiprocessor,
+                                               int block_x, const LaunchPlan& plan_at_min_iterations) {
+  const int64_t multiprocessors = std::max(g.multiprocessor_count, 1);
+  // A grid of a wave or more is wave_filling_split's (it fills the last wave).
+  const int64_t blocks = plan_blocks(plan_at_min_iterations);
+  if (blocks >= plan_wave(plan_at_min_iterations, multiprocessors, threads_per_multiprocessor) ||
+      plan_wave_fill(plan_at_min_iterations, multiprocessors, threads_per_multiprocessor) + kWaveFillTolerance >= 1.0) {
+    return plan_at_min_iterations;
+  }
+  LaunchPlan candidates[8];
+  int count = 0;
+  candidates[count++] = plan_at_min_iterations;
+  for (int x = block_x;; x /= 2) {
+    candidates[count++] = channels_last_plan(g, vec, threads_per_multiprocessor, x, kMinRowsPerThreadToFill,
+                                             kMinRowsPerSplitToFill);
+    // Halve while the half is a whole number of 32-byte sectors (an even
+    // count of 16-byte vectors) and at least kMinFillColumns.
+    if (vec == 1 || x % 4 != 0 || x / 2 < kMinFillColumns || count == 8) break;
+  }
+  double best = 0.0;
+  for (int i = 0; i < count; ++i) {
+    best = std::max(best, plan_wave_fill(candidates[i], multiprocessors, threads_per_multiprocessor));
+  }
+  const LaunchPlan* chosen = nullptr;
+  for (int i = 0; i < count; ++i) {
+    if (plan_wave_fill(candidates[i], multiprocessors, threads_per_multiprocessor) + kWaveFillTolerance < best) {
+      continue;
+    }
+    if (chosen == nullptr || candidates[i].splits < chosen->splits) {
+      chosen = &candidates[i];
+      continue;
+    }
+    if (candidates[i].splits > chosen->splits) continue;
+    const double fill = plan_wave_fill(candidates[i], multiprocessors, threads_per_multiprocessor);
+    const double chosen_fill = plan_wave_fill(*chosen, multiprocessors, threads_per_multiprocessor);
+    if (fill > chosen_fill || (fill == chosen_fill && plan_blocks(candidates[i]) < plan_blocks(*chosen))) {
+      chosen = &candidates[i];
+    }
+  }
+  return *chosen;
+}
+
 // resident_threads: what one multiprocessor holds of the pass's kernel
 // (resident_threads_per_multiprocessor; 0: unknown). The grid aims at whole
 // waves (wave_filling_split) of kTargetThreadsPerMultiprocessor per
 // multiprocessor, or of what the kernel's registers allow when that is fewer
 // (the channels-last reductions of 16-bit types hold 8 channels' double sums
 // per thread). A reduction's thread gets at least kMinIterationsPerThread
-// unrolled iterations (each split adds partials to write and merge); an
-// element pass's, one.
+// unrolled iterations (each split adds partials to write and merge), except
+// a channels-last one whose grid would fill less than a wave
+// (channels_last_reduction_plan); an element pass's, one.
 inline LaunchPlan make_plan(const Geometry& g, int vec, int resident_threads = kTargetThreadsPerMultiprocessor,
                             PassKind kind = PassKind::kReduction) {
   LaunchPlan plan;
@@ -147,17 +266,10 @@ inline LaunchPlan make_plan(const Geometry& g, int vec, int resident_threads = k
   const int64_t columns = g.C / vec;
   const int64_t rows = g.N * g.HW;
   const int block_x = static_cast<int>(std::min<int64_t>(columns, kWarpSize));
-  int block_y = kMaxThreads / block_x;
-  while (block_y > 1 && block_y >= 2 * rows) block_y /= 2;
-  const int64_t tiles = ceil_div(columns, block_x);
-  const int64_t wave = multiprocessors * std::max(1, threads_per_multiprocessor / (block_x * block_y));
-  const int64_t splits_with_work = ceil_div(rows, static_cast<int64_t>(block_y) * kUnroll * min_iterations);
-  const WorkSplit split = wave_filling_split(tiles, rows, block_y, splits_with_work, wave);
-  plan.work_per_split = split.work_per_split;
-  plan.splits = split.splits;
-  plan.grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(plan.splits), 1);
-  plan.block = dim3(static_cast<unsigned>(block_x), static_cast<unsigned>(block_y), 1);
-  return plan;
+  const LaunchPlan plan_at_min_iterations =
+      channels_last_plan(g, vec, threads_per_multiprocessor, block_x, kUnroll * min_iterations);
+  if (kind != PassKind::kReduction || rows <= 0) return plan_at_min_iterations;
+  return channels_last_reduction_plan(g, vec, threads_per_multiprocessor, block_x, plan_at_min_iterations);
 }
 
 // The plan of a staged reduction (uses_staged_planes; traversals.cuh's
