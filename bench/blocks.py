@@ -248,8 +248,7 @@ def main(argv=None):
         memory_key, memory_label = "peak_mb", "peak MB"
     if args.shapes:
         shapes = [tuple(int(v) for v in text.split("x")) for text in args.shapes]
-    # The copy bandwidth of this run: the floor's bytes over it are each case's
-    # distance to the floor, which the VM's 2x bandwidth swings leave meaningful.
+    # Measured in every run: FLOOR_PASSES' comment says why.
     if device.type == "cuda":
         copy_bw_gbps, _ = timing.copy_bandwidth_gbps(device)
         copy_bw_source = "device-to-device copy"

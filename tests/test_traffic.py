@@ -251,22 +251,28 @@ def wave_fill(launch, multiprocessors=132, resident_threads=1024):
     return blocks / (-(-blocks // wave) * wave), blocks / wave
 
 
+def sampled_launches(op, x):
+    """The launches of a training forward or a backward of x (zeros: the
+    addresses, not the results, are what is looked at), every 256th block
+    sampled to keep the big grids to seconds."""
+    C = x.shape[1]
+    w, b = params(C, x.dtype)
+    # The running statistics of the forward; the saved mean and invstd of the backward.
+    zeros, ones = torch.zeros(C, dtype=w.dtype), torch.ones(C, dtype=w.dtype)
+    with emulated_cuda.traffic(every_kth_block=256) as t:
+        if op == "train_forward":
+            ops.batch_norm_train(x, w, b, zeros, ones, None, 0.1, 1e-5)
+        else:
+            ops.batch_norm_backward(torch.zeros_like(x), x, w, zeros, ones, True, 1e-5, [True, True, True])
+    return t.launches
+
+
 @pytest.mark.parametrize("op", ["train_forward", "backward"])
 def test_resnet_nchw_grids_fill_whole_waves(op, grid):
     emulated_cuda.configure(132, "forward", 0)
     problems = []
     for shape in WAVE_SHAPES:
-        C = shape[1]
-        x = torch.zeros(shape)
-        w, b = params(C, torch.float32)
-        rm, rv = torch.zeros(C), torch.ones(C)
-        with emulated_cuda.traffic(every_kth_block=256) as t:
-            if op == "train_forward":
-                ops.batch_norm_train(x, w, b, rm, rv, None, 0.1, 1e-5)
-            else:
-                ops.batch_norm_backward(torch.zeros(shape), x, w, torch.zeros(C), torch.ones(C), True, 1e-5,
-                                        [True, True, True])
-        hot = [launch for launch in t.launches if is_hot(launch)]
+        hot = [launch for launch in sampled_launches(op, torch.zeros(shape)) if is_hot(launch)]
         assert len(hot) == 2
         for launch in hot:
             fill, waves = wave_fill(launch)
@@ -297,17 +303,8 @@ def test_resnet_channels_last_reductions_fill_a_wave(op, dtype, grid):
     emulated_cuda.configure(132, "forward", 0)
     problems = []
     for shape in CHANNELS_LAST_WAVE_SHAPES:
-        C = shape[1]
         x = torch.zeros(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        w, b = params(C, dtype)
-        with emulated_cuda.traffic(every_kth_block=256) as t:
-            if op == "train_forward":
-                ops.batch_norm_train(x, w, b, torch.zeros(C, dtype=w.dtype), torch.ones(C, dtype=w.dtype), None,
-                                     0.1, 1e-5)
-            else:
-                ops.batch_norm_backward(torch.zeros_like(x), x, w, torch.zeros(C, dtype=w.dtype),
-                                        torch.ones(C, dtype=w.dtype), True, 1e-5, [True, True, True])
-        reductions = [launch for launch in t.launches if is_hot(launch) and
+        reductions = [launch for launch in sampled_launches(op, x) if is_hot(launch) and
                       ("channels_last_moments" in launch["kernel"] or "channels_last_grad_sums" in launch["kernel"])]
         assert len(reductions) == 1, [launch["kernel"] for launch in t.launches]
         fill, waves = wave_fill(reductions[0])

@@ -202,27 +202,23 @@ inline LaunchPlan channels_last_reduction_plan(const Geometry& g, int vec, int t
     // count of 16-byte vectors) and at least kMinFillColumns.
     if (vec == 1 || x % 4 != 0 || x / 2 < kMinFillColumns || count == 8) break;
   }
+  double fills[8];
   double best = 0.0;
   for (int i = 0; i < count; ++i) {
-    best = std::max(best, plan_wave_fill(candidates[i], multiprocessors, threads_per_multiprocessor));
+    fills[i] = plan_wave_fill(candidates[i], multiprocessors, threads_per_multiprocessor);
+    best = std::max(best, fills[i]);
   }
-  const LaunchPlan* chosen = nullptr;
+  int chosen = -1;
   for (int i = 0; i < count; ++i) {
-    if (plan_wave_fill(candidates[i], multiprocessors, threads_per_multiprocessor) + kWaveFillTolerance < best) {
-      continue;
-    }
-    if (chosen == nullptr || candidates[i].splits < chosen->splits) {
-      chosen = &candidates[i];
-      continue;
-    }
-    if (candidates[i].splits > chosen->splits) continue;
-    const double fill = plan_wave_fill(candidates[i], multiprocessors, threads_per_multiprocessor);
-    const double chosen_fill = plan_wave_fill(*chosen, multiprocessors, threads_per_multiprocessor);
-    if (fill > chosen_fill || (fill == chosen_fill && plan_blocks(candidates[i]) < plan_blocks(*chosen))) {
-      chosen = &candidates[i];
-    }
+    if (fills[i] + kWaveFillTolerance < best) continue;
+    const bool better =
+        chosen < 0 || candidates[i].splits < candidates[chosen].splits ||
+        (candidates[i].splits == candidates[chosen].splits &&
+         (fills[i] > fills[chosen] ||
+          (fills[i] == fills[chosen] && plan_blocks(candidates[i]) < plan_blocks(candidates[chosen]))));
+    if (better) chosen = i;
   }
-  return *chosen;
+  return candidates[chosen];
 }
 
 // resident_threads: what one multiprocessor holds of the pass's kernel
