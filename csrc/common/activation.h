@@ -31,6 +31,8 @@
 //   M::times_sigmoid(a, v)  a · σ(v) = a / (1 + exp(−v)), inf and NaN as that
 //                       formula gives them (a policy may evaluate σ its own way)
 //   M::exp, expm1, erf, tanh, log1p
+//   M::erf_and_gaussian(x) -> ErfAndGaussian<V>  erf(x) and exp(−x²) together
+//                       (a policy whose erf is built on that exp shares it)
 // Comparisons are false for NaN, so each formula's NaN behaviour is the one
 // PyTorch's kernels give (written next to each).
 #pragma once
@@ -230,10 +232,13 @@ struct Gelu : Unparameterized {
   FUSED_BN_HOST_DEVICE static Value<M> forward(const Value<M>& u, const P<M>&) {
     return u * M::splat(0.5) * (M::splat(1) + M::erf(u * M::splat(kSqrtHalf)));
   }
+  // φ(u) is exp(−x²) / √(2π) at x = u / √2, erf's own argument: one exp
+  // for both where the policy's erf evaluates it anyway.
   template <class M>
   FUSED_BN_HOST_DEVICE static Value<M> grad(const Value<M>& g, const Value<M>& u, const P<M>&) {
-    const auto cdf = M::splat(0.5) * (M::splat(1) + M::erf(u * M::splat(kSqrtHalf)));
-    const auto pdf = M::exp(u * u * M::splat(-0.5)) * M::splat(kInvSqrtTwoPi);
+    const auto both = M::erf_and_gaussian(u * M::splat(kSqrtHalf));
+    const auto cdf = M::splat(0.5) * (M::splat(1) + both.erf);
+    const auto pdf = both.gaussian * M::splat(kInvSqrtTwoPi);
     return g * (cdf + u * pdf);
   }
 };
@@ -302,6 +307,13 @@ decltype(auto) with_activation(Activation kind, F&& f) {
   std::abort();  // unreachable
 }
 
+// erf(x) and exp(−x²) (M::erf_and_gaussian).
+template <typename V>
+struct ErfAndGaussian {
+  V erf;
+  V gaussian;
+};
+
 // Scalar math for the activations (the CUDA kernels, the CPU's scalar paths):
 // float or double, host or device.
 template <typename Acc>
@@ -316,6 +328,7 @@ struct ScalarMath {
   FUSED_BN_HOST_DEVICE static V exp(V v);
   FUSED_BN_HOST_DEVICE static V expm1(V v);
   FUSED_BN_HOST_DEVICE static V erf(V v);
+  FUSED_BN_HOST_DEVICE static ErfAndGaussian<V> erf_and_gaussian(V x) { return {erf(x), exp(V(0) - x * x)}; }
   FUSED_BN_HOST_DEVICE static V tanh(V v);
   FUSED_BN_HOST_DEVICE static V log1p(V v);
 };

@@ -59,6 +59,13 @@ struct VecMath {
       return v.erf();
     }
   }
+  static inline common::ErfAndGaussian<V> erf_and_gaussian(const V& x) {
+    if constexpr (std::is_same_v<Acc, float>) {
+      return erf_and_gaussian_inlined<kPrecision>(x);
+    } else {
+      return {x.erf(), (V(0) - x * x).exp()};
+    }
+  }
   static inline V tanh(const V& v) { return v.tanh(); }
   static inline V log1p(const V& v) { return v.log1p(); }
 };

@@ -15,6 +15,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "../common/activation.h"
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
@@ -261,9 +263,10 @@ inline Vectorized<float> times_sigmoid(const Vectorized<float>& a, const Vectori
 
 // erf of float lanes by the formula of at::vec's own (Abramowitz and Stegun
 // 7.1.26, |error| < 1.5e-7: what nn's CPU GELU evaluates), with exp_inlined
-// in place of its Sleef call.
+// in place of its Sleef call; beside it that exp(−x²), which GELU's
+// derivative needs as well (its density at u = x·√2).
 template <Precision kPrecision = Precision::kFloat>
-inline Vectorized<float> erf_inlined(const Vectorized<float>& x) {
+inline common::ErfAndGaussian<Vectorized<float>> erf_and_gaussian_inlined(const Vectorized<float>& x) {
   using V = Vectorized<float>;
   const V sign = x & V(-0.0f);
   const V t = divide<kPrecision>(V(1.0f), at::vec::fmadd(V(0.3275911f), x ^ sign, V(1.0f)));
@@ -272,7 +275,12 @@ inline Vectorized<float> erf_inlined(const Vectorized<float>& x) {
   poly = at::vec::fmadd(poly, t, V(-0.284496736f));
   poly = at::vec::fmadd(poly, t, V(0.254829592f));
   const V gaussian = exp_inlined<kPrecision>((x * x) ^ V(-0.0f));
-  return at::vec::fnmadd(gaussian * t, poly, V(1.0f)) ^ sign;
+  return {at::vec::fnmadd(gaussian * t, poly, V(1.0f)) ^ sign, gaussian};
+}
+
+template <Precision kPrecision = Precision::kFloat>
+inline Vectorized<float> erf_inlined(const Vectorized<float>& x) {
+  return erf_and_gaussian_inlined<kPrecision>(x).erf;
 }
 
 // Streaming stores are weakly ordered: each thread fences its own before the
