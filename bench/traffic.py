@@ -2,7 +2,9 @@
 without a GPU: every global load and store the kernels issue, on the emulated
 GPU (tests/emulated_cuda.py's traffic(); definitions in tests/_traffic.py).
 
-Per op (training forward, eval forward, backward), dtype and layout, on
+Per op (training forward, eval forward, backward, and the backward of the
+add+ReLU epilogue as autograd runs it: g = relu'(y)·dy read off the saved
+output y), dtype and layout, on
 ResNet-50's batch-norm shapes and odd ones: launches, blocks per launch
 against an H100/H200's 132 multiprocessors (waves of what the grid aims to
 keep resident: 1024 threads per multiprocessor), sector efficiency of the
@@ -18,7 +20,9 @@ copy fraction 0.9 (what a copy kernel reaches there) and 3 us per launch
 it, PyTorch's native CUDA batch norm from its pass structure: forward reads x
 twice (statistics, then transform) and writes y, in 2 launches; eval reads x
 once and writes y, 1 launch; backward reads x and dy twice each (reduce, then
-elementwise) and writes dx, 2 launches.
+elementwise) and writes dx, 2 launches; the add+ReLU backward is ReLU's
+backward (reads dy and y, writes g, 1 launch; the add passes g on) and then
+batch norm's on g (x and g twice each, dx), 3 launches.
 
 The emulator runs about a million accesses a second, so batch 64 is recorded
 with block sampling: only every k-th block of each launch runs (the addresses
@@ -59,12 +63,13 @@ RESNET50 = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28
             (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7)]
 # Odd ones: C = 1, 3, 4096; H*W = 1, 7x7 (above), primes.
 ODD = [(1, 56, 56), (3, 224, 224), (4096, 1, 1), (512, 1, 1), (128, 1, 97), (64, 1, 31)]
-OPS = ["train_forward", "eval_forward", "backward"]
+OPS = ["train_forward", "eval_forward", "backward", "backward_add_relu"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LAYOUTS = ["nchw", "channels_last"]
 # PyTorch native CUDA batch norm: (passes read per tensor, written, launches).
 NATIVE = {"train_forward": ({"x": 2}, {"y": 1}, 2), "eval_forward": ({"x": 1}, {"y": 1}, 1),
-          "backward": ({"x": 2, "dy": 2}, {"dx": 1}, 2)}
+          "backward": ({"x": 2, "dy": 2}, {"dx": 1}, 2),
+          "backward_add_relu": ({"x": 2, "dy": 1, "y": 1, "g": 2}, {"g": 1, "dx": 1}, 3)}
 
 
 def git_commit():
@@ -99,6 +104,14 @@ def run(op, shape, layout, dtype, every):
             y = ops.batch_norm_eval(x, w, b, rm, rv, 1e-5)
         return t.launches, {"x": x, "y": y}
     dy = tensor(shape, layout, dtype)
+    if op == "backward_add_relu":
+        # kOutput: the reduction pass reads dy, x and y and writes g (the
+        # residual's gradient), the dx pass reads g and x.
+        y = tensor(shape, layout, dtype)
+        with emulated_cuda.traffic(every) as t:
+            dx, _, _, g = ops.batch_norm_backward(dy, x, w, mean, invstd, True, 1e-5, [True, True, True], b,
+                                                  "relu", [], None, y)
+        return t.launches, {"x": x, "dy": dy, "y": y, "dx": dx, "g": g}
     with emulated_cuda.traffic(every) as t:
         dx = ops.batch_norm_backward(dy, x, w, mean, invstd, True, 1e-5, [True, True, True])[0]
     return t.launches, {"x": x, "dy": dy, "dx": dx}
@@ -196,7 +209,8 @@ def markdown(results, meta):
         f"{COPY_FRACTION}) + {LAUNCH_COST_S * 1e6:.0f} us per launch; H100 SXM {BANDWIDTH['H100 SXM'] / 1e12} TB/s, "
         f"H200 {BANDWIDTH['H200'] / 1e12} TB/s. DRAM bytes: what each launch touches (no L2 reuse between launches). "
         "Native: PyTorch's CUDA batch norm from its pass structure (forward x read twice + y, 2 launches; eval "
-        "x + y, 1 launch; backward x and dy twice + dx, 2 launches). Passes: r = reads, w = writes, per launch "
+        "x + y, 1 launch; backward x and dy twice + dx, 2 launches; backward_add_relu: ReLU's backward (dy, y -> g) "
+        "then batch norm's on g, 3 launches). Passes: r = reads, w = writes, per launch "
         "unique bytes over tensor bytes, summed over the op's launches. Waves: blocks / (132 × blocks resident).",
         "",
         "| op | dtype | layout | shape | launches | blocks (waves) per hot launch | min sector eff. | passes "

@@ -98,6 +98,16 @@ def run_op(op, x, layout, dtype):
             dy, x, w, mean, invstd, True, 1e-5, [True, True, True], b, "relu", [], z))
         return launches, {"x": x, "dy": dy, "z": z, "dx": dx, "dz": dz}, {
             "x": (2, 0), "dy": (1, 0), "z": (1, 0), "dx": (0, 1), "dz": (1, 1)}
+    if op in ("backward_relu_output", "backward_add_relu_output"):
+        # g = relu'(y)·dy read off the forward's output (kOutput, what autograd
+        # saves for relu with or without the add): the reduction pass reads dy,
+        # x, y and writes g (grad_residual); the dx pass reads g and x.
+        residual = z if op == "backward_add_relu_output" else None
+        y, _, _ = ops.batch_norm_train(x, w, b, rm.clone(), rv.clone(), None, 0.1, 1e-5, "relu", [], residual)
+        launches, (dx, _, _, g) = record(lambda: ops.batch_norm_backward(
+            dy, x, w, mean, invstd, True, 1e-5, [True, True, True], b, "relu", [], None, y))
+        return launches, {"x": x, "dy": dy, "y": y, "dx": dx, "g": g}, {
+            "x": (2, 0), "dy": (1, 0), "y": (1, 0), "dx": (0, 1), "g": (1, 1)}
     if op == "eval_backward":
         launches, (dx, _, _, _) = record(lambda: ops.batch_norm_backward(dy, x, w, rm, invstd, False, 1e-5,
                                                                            [True, False, False]))
@@ -231,6 +241,26 @@ def test_unaligned_nchw_planes_read_whole_sectors(op, dtype, multiprocessors, gr
             if eff < MIN_SECTOR_EFFICIENCY:
                 problems.append(f"{shape}: {short_name(launch['kernel'])}: sector efficiency {eff:.1%} "
                                 f"(grid {launch['grid']}, block {launch['block']})")
+    assert not problems, "\n".join(problems)
+
+
+# The grad sums of the sources that read a third tensor and write g (the
+# add+ReLU epilogue's kInputAndResidual: dy, x, z; kOutput: dy, x, y, what
+# autograd saves for relu with or without the add) took the per-channel
+# kernel on these planes (7x7 float32 73.7%, bfloat16 55-60%); they now stage
+# the third tensor too and store g from the shared tile through the loads'
+# 32-element windows: whole sectors, and the passes of the epilogue table.
+@pytest.mark.parametrize("multiprocessors", GRIDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["backward_add_relu", "backward_relu_output", "backward_add_relu_output"])
+def test_unaligned_nchw_planes_epilogue_backward(op, dtype, multiprocessors, grid):
+    problems = []
+    for shape in UNALIGNED_SHAPES:
+        found, launches = check_op(op, shape, "nchw", dtype, multiprocessors)
+        staged = shape[2] * shape[3] % (16 // torch.empty(0, dtype=dtype).element_size()) != 0
+        if staged and not any("staged_grad_sums" in launch["kernel"] for launch in launches):
+            problems.append(f"{shape}: the grad sums did not take staged_grad_sums_kernel")
+        problems += [f"{shape}: {p}" for p in found]
     assert not problems, "\n".join(problems)
 
 

@@ -137,22 +137,30 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (threadIdx.x == 0) args.partials.store(split * geometry.C + channel, sums);
 }
 
-// Short planes that are not whole vectors (uses_staged_planes), for the
-// sources that read dy and x only (the others write g per element), and not
-// for float64 under an activation other than the identity (its FP64 math
-// calls slow-path subroutines, across which kUnroll rows of dy and x made
-// ptxas spill: GELU 72 bytes, ELU 8): warp w of block (group, split) takes
-// channel group * kStagedChannels + w over the split's images, through
-// staged_planes_pass.
+// Short planes that are not whole vectors (uses_staged_planes), for every
+// source but float64 under an activation other than the identity (its FP64
+// math calls slow-path subroutines, across which kUnroll rows of dy and x
+// made ptxas spill: GELU 72 bytes, ELU 8): warp w of block (group, split)
+// takes channel group * kStagedChannels + w over the split's images, through
+// staged_planes_pass, staging dy, x and, where the source reads one, the aux
+// tensor (the residual, or y for kOutput); where the source writes g
+// (kInputAndResidual, kOutput) the pass stores it to grad_residual from the
+// shared tile, through the loads' windows. Shared memory: 2 or 3 tiles of
+// kStagedElements, 24 KB at most (the aux sources are never float64: the
+// identity has kNone only).
 template <typename scalar_t, typename A, GradSource kSource>
-constexpr bool kStagedGradSums = !common::kReadsAux<kSource> && !common::kWritesResidualGrad<kSource> &&
-                                 !(std::is_same_v<scalar_t, double> && !std::is_same_v<A, common::Identity>);
+constexpr bool kStagedGradSums = !(std::is_same_v<scalar_t, double> && !std::is_same_v<A, common::Identity>);
 
 template <typename scalar_t, typename A, GradSource kSource>
 __global__ void __launch_bounds__(kMaxThreads)
     staged_grad_sums_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
                             Geometry geometry, int64_t images_per_split, const GradSumsArgs<scalar_t, A> args) {
   static_assert(kStagedGradSums<scalar_t, A, kSource>, "channels_first_grad_sums_kernel runs this one");
+  constexpr bool kReadsAux = common::kReadsAux<kSource>;
+  constexpr bool kWritesGrad = common::kWritesResidualGrad<kSource>;
+  // dy, x, then the aux tensor where read; g replaces dy in the tile.
+  constexpr int kTensors = kReadsAux ? 3 : 2;
+  constexpr int kAux = kReadsAux ? 2 : 0;  // the transform's aux (dy where none is read)
   const int64_t channel = static_cast<int64_t>(blockIdx.x) * kStagedChannels + threadIdx.x / kWarpSize;
   const bool owns = channel < geometry.C;
   // Warps past the last channel visit nothing; channel 0's values stand in.
@@ -161,17 +169,23 @@ __global__ void __launch_bounds__(kMaxThreads)
   const auto transform = args.source.template of_channel<kSource>(source_channel);
 
   double sums[kGradSums] = {0.0, 0.0, 0.0};
-  const scalar_t* const inputs[2] = {grad_output, input};
-  staged_planes_pass<scalar_t, 2>(inputs, geometry, images_per_split,
-                                  [&](const scalar_t (&v)[kUnroll][2], int valid_rows) {
+  const scalar_t* inputs[kTensors];
+  inputs[0] = grad_output;
+  inputs[1] = input;
+  if constexpr (kReadsAux) inputs[kAux] = args.aux;
+  // written: g's elements (kWritesGrad; the pass passes none otherwise).
+  auto fold = [&](const scalar_t (&v)[kUnroll][kTensors], int valid_rows, scalar_t* written = nullptr) {
 #pragma unroll
-                                    for (int u = 0; u < kUnroll; ++u) {
-                                      if (u < valid_rows) {
-                                        add_grad_sums(sums, transform(v[u][0], v[u][1], v[u][0]), v[u][1],
-                                                      channel_mean);
-                                      }
-                                    }
-                                  });
+    for (int u = 0; u < kUnroll; ++u) {
+      if (u < valid_rows) {
+        const auto g = transform(v[u][0], v[u][1], v[u][kAux]);
+        add_grad_sums(sums, g, v[u][1], channel_mean);
+        if constexpr (kWritesGrad) written[u] = convert<scalar_t>(g);
+      }
+    }
+  };
+  staged_planes_pass<scalar_t, kTensors, kWritesGrad>(inputs, geometry, images_per_split, fold,
+                                                      kWritesGrad ? args.grad_residual : nullptr);
 
   warp_sum(sums);
   if (owns && threadIdx.x % kWarpSize == 0) {

@@ -133,11 +133,18 @@ inline bool uses_staged_planes(const Geometry& g, int vec) {
 // visit(values, valid) gets a lane's next values of its warp's channel in one
 // image, values[u][t] from tensor t, the first `valid` of the kUnroll rows
 // set (1..kUnroll); warps past the last channel visit nothing. Every thread
-// must call this (it holds the block's barriers).
-template <typename scalar_t, int kTensors, typename Visit>
+// must call this (it holds the block's barriers). With kWrites the pass also
+// writes one output element per element visited: visit(values, valid,
+// written) sets written[u] for the valid rows, which go into tensor 0's tile
+// in place of the values read (a lane rewrites only what it read), and
+// after the round's folds the block stores that tile to `output` through the
+// same 32-element windows as the loads (whole sectors too).
+template <typename scalar_t, int kTensors, bool kWrites = false, typename Visit>
 __device__ __forceinline__ void staged_planes_pass(const scalar_t* const (&inputs)[kTensors], const Geometry& g,
-                                                   int64_t images_per_split, Visit&& visit) {
+                                                   int64_t images_per_split, Visit&& visit,
+                                                   scalar_t* __restrict__ output = nullptr) {
   __shared__ scalar_t tile[kTensors][kStagedElements];
+  static_assert(sizeof(tile) <= 48 * 1024, "static shared memory is at most 48 KB a block");
   const int64_t first_channel = static_cast<int64_t>(blockIdx.x) * kStagedChannels;
   const int channels = static_cast<int>(min_index(kStagedChannels, g.C - first_channel));
   const int plane = static_cast<int>(g.HW);
@@ -154,23 +161,33 @@ __device__ __forceinline__ void staged_planes_pass(const scalar_t* const (&input
   // run's alignment (16-bit 7x7 runs start 16 bytes into a sector every other
   // image). Lanes outside the run load its nearest element (a sector the
   // request touches anyway) and keep nothing: every lane issues every load,
-  // as the traffic accounting's grouping assumes.
+  // as the traffic accounting's grouping assumes. The stores of kWrites take
+  // the same windows, a lane outside the run storing its nearest element's
+  // value again (the one that element's own lane stores: same sectors, same
+  // bytes).
   const int window = (run + 2 * kWarpSize - 2) / kWarpSize * kWarpSize;
-  for (int64_t image = image_begin; image < image_end; image += images_per_round) {
-    const int images = static_cast<int>(min_index(images_per_round, image_end - image));
+  // f(i, start, e, at) for each of the round's window slots of this thread:
+  // image + i's run at element `start`, slot e of it (-31..run+30), at the
+  // element it accesses (e clamped into the run).
+  auto for_each_slot = [&](int64_t image, int images, auto&& f) {
     const int slots = images * window;
 #pragma unroll 4
     for (int q = static_cast<int>(threadIdx.x); q < slots; q += static_cast<int>(blockDim.x)) {
       const int i = q / window;
       const int64_t start = (image + i) * image_stride + run_offset;
       const int e = q - i * window - static_cast<int>(static_cast<uint64_t>(start) % kWarpSize);
-      const int at = e < 0 ? 0 : (e < run ? e : run - 1);
+      f(i, start, e, e < 0 ? 0 : (e < run ? e : run - 1));
+    }
+  };
+  for (int64_t image = image_begin; image < image_end; image += images_per_round) {
+    const int images = static_cast<int>(min_index(images_per_round, image_end - image));
+    for_each_slot(image, images, [&](int i, int64_t start, int e, int at) {
 #pragma unroll
       for (int t = 0; t < kTensors; ++t) {
         const scalar_t v = load_bundle<scalar_t, 1>(inputs[t] + start + at).v[0];
         if (at == e) tile[t][i * run + e] = v;
       }
-    }
+    });
     __syncthreads();
     if (warp < channels) {
       for (int at = warp * plane; at < images * run; at += run) {
@@ -186,9 +203,28 @@ __device__ __forceinline__ void staged_planes_pass(const scalar_t* const (&input
               valid = u + 1;
             }
           }
-          if (valid > 0) visit(values, valid);
+          if (valid > 0) {
+            if constexpr (kWrites) {
+              scalar_t written[kUnroll];
+              visit(values, valid, written);
+#pragma unroll
+              for (int u = 0; u < kUnroll; ++u) {
+                if (u < valid) tile[0][at + first + lane + u * kWarpSize] = written[u];
+              }
+            } else {
+              visit(values, valid);
+            }
+          }
         }
       }
+    }
+    if constexpr (kWrites) {
+      __syncthreads();  // every warp's elements are written to the tile
+      for_each_slot(image, images, [&](int i, int64_t start, int, int at) {
+        Bundle<scalar_t, 1> v;
+        v.v[0] = tile[0][i * run + at];
+        store_bundle<scalar_t, 1>(output + start + at, v);
+      });
     }
     __syncthreads();  // the round's reads are done before the next overwrites
   }
