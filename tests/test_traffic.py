@@ -334,9 +334,10 @@ def test_resnet_channels_last_reductions_fill_a_wave(op, dtype, grid):
     problems = []
     for shape in CHANNELS_LAST_WAVE_SHAPES:
         x = torch.zeros(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        reductions = [launch for launch in sampled_launches(op, x) if is_hot(launch) and
+        launches = sampled_launches(op, x)
+        reductions = [launch for launch in launches if is_hot(launch) and
                       ("channels_last_moments" in launch["kernel"] or "channels_last_grad_sums" in launch["kernel"])]
-        assert len(reductions) == 1, [launch["kernel"] for launch in t.launches]
+        assert len(reductions) == 1, [launch["kernel"] for launch in launches]
         fill, waves = wave_fill(reductions[0])
         want = GEOMETRY_BOUND_FILL.get((dtype, shape), MIN_WAVE_FILL)
         if fill < want:
