@@ -363,8 +363,10 @@ EVAL_PARITY_RULE = (f"float64, eager: max|converted - original| <= {FLOAT64_RELA
                     "bit-identical to its unfrozen compiled twin's (else freezing did not take effect)")
 
 
-def run(fused_bn, device, model_names, quick, modes=("eager",), steps=STEPS):
+def run(fused_bn, device, model_names, quick, modes=("eager",), steps=STEPS, rounds=None):
     config = settings(device, quick)
+    if rounds is not None:
+        config["rounds"] = rounds
     eval_steps = [s for s in steps if s != "train"]
     cases, float64_results, references = [], {}, {}
     for name in model_names:
@@ -563,6 +565,13 @@ def write_plot(path, records, title):
     plt.close(fig)
 
 
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N; auto picks cuda when available")
@@ -574,6 +583,9 @@ def main(argv=None):
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS,
                    help="train: forward, backward, SGD step; eval: model.eval() forward under no_grad; "
                         "eval_grad: the eval forward with grad mode on (default: all three)")
+    p.add_argument("--rounds", type=_positive_int, default=None,
+                   help="interleaved rounds per case (default: 3 on the CPU, 5 on a GPU; 2 with --quick); "
+                        "on a noisy machine more rounds narrow the IQRs (one model per run keeps a run short)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     steps = [s for s in STEPS if s in args.steps]
@@ -593,7 +605,7 @@ def main(argv=None):
     if args.compile:
         # Each variant, format and step is a graph of its own, several per model class.
         configure_dynamo()
-    config, records = run(fused_bn, device, args.models, args.quick, modes, steps)
+    config, records = run(fused_bn, device, args.models, args.quick, modes, steps, args.rounds)
     overhead = tiny_layer_overhead_us(fused_bn, device)
     memory_label = "peak MB" if device.type == "cuda" else "saved MB"
     eval_records = [r for r in records if "parity" in r]

@@ -20,7 +20,10 @@ def test_quick_run_reports_every_case(tmp_path):
     doc = os.path.join(ROOT, "docs", "benchmarks.md")
     with open(doc) as f:
         doc_before = f.read()
-    assert models.main(["--device", "cpu", "--quick", "--models", "resnet18", "--out", str(tmp_path)]) == 0
+    # One round (--rounds; --quick alone runs 2): each case then has exactly one
+    # round's steps.
+    assert models.main(["--device", "cpu", "--quick", "--rounds", "1", "--models", "resnet18",
+                        "--out", str(tmp_path)]) == 0
     stems = {p.name for p in tmp_path.iterdir()}
     json_files = [s for s in stems if s.endswith("-models-quick.json")]
     assert len(json_files) == 1
@@ -30,12 +33,13 @@ def test_quick_run_reports_every_case(tmp_path):
         result = json.load(f)
     records = result["records"]
     assert result["meta"]["steps"] == ["train", "eval", "eval_grad"]
+    assert result["meta"]["rounds"] == 1
     assert sorted((r["variant"], r["memory_format"], r["mode"], r["step"], r["freezing"]) for r in records) == sorted(
         (v, f, "eager", s, False) for v in models.VARIANTS for f in models.FORMATS for s in models.STEPS)
     for r in records:
         assert r["model"] == "resnet18"
         assert r["step_ms"] > 0 and math.isfinite(r["speedup"])
-        assert r["samples"] > 0
+        assert r["samples"] == result["meta"]["steps_per_round"]
         # The profiler saw batch-norm ops in every variant: nn's native op in
         # the original, ours (fused ReLU included) after conversion.
         assert 0 < r["bn_share"] < 1 and r["bn_ms"] > 0 and math.isfinite(r["bn_speedup"])
