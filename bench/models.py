@@ -584,8 +584,7 @@ def main(argv=None):
                    help="train: forward, backward, SGD step; eval: model.eval() forward under no_grad; "
                         "eval_grad: the eval forward with grad mode on (default: all three)")
     p.add_argument("--rounds", type=_positive_int, default=None,
-                   help="interleaved rounds per case (default: 3 on the CPU, 5 on a GPU; 2 with --quick); "
-                        "on a noisy machine more rounds narrow the IQRs (one model per run keeps a run short)")
+                   help="interleaved rounds per case (default: 3 on the CPU, 5 on a GPU; quick: 2)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     steps = [s for s in STEPS if s in args.steps]
